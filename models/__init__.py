@@ -1,0 +1,1 @@
+"""rnnserve's model family: pure PyTorch, knows nothing about serving."""

@@ -1,0 +1,1 @@
+"""rnnserve's serving layer: registry, batching, engine, front-ends, metrics."""

@@ -1,0 +1,37 @@
+"""The `rnnserve` command line: serve, train, import-torch."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """Build the top-level parser; each subcommand's module adds its own flags."""
+    parser = argparse.ArgumentParser(
+        prog="rnnserve", description="A model server for recurrent neural networks."
+    )
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    from models import torch_import
+
+    torch_import.add_arguments(
+        sub.add_parser(
+            "import-torch",
+            help="write a repository version from a vanilla PyTorch nn.RNN/LSTM/GRU state_dict",
+        )
+    )
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of the `rnnserve` console script; returns the exit status."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    run = args.run
+    status: int = run(args)
+    return status
+
+
+if __name__ == "__main__":
+    sys.exit(main())
