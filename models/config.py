@@ -7,11 +7,11 @@ size) are checked here, once, for every loader.
 
 from __future__ import annotations
 
-from typing import Annotated, Literal
+from typing import Annotated, Final, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-FORMAT = "rnnserve/v1"
+FORMAT: Final = "rnnserve/v1"
 
 CellType = Literal["rnn", "lstm", "gru"]
 Pooling = Literal["last", "mean", "max"]
@@ -117,10 +117,13 @@ class DecoderSpec(_Strict):
             value = getattr(self, name)
             if value >= self.vocab_size:
                 raise ValueError(
-                    f"decoder.{name} = {value} is outside the vocabulary (vocab_size {self.vocab_size})"
+                    f"decoder.{name} = {value} is outside the vocabulary "
+                    f"(vocab_size {self.vocab_size})"
                 )
         if self.attention == "additive" and self.attention_size is None:
-            raise ValueError("decoder.attention_size is required when decoder.attention is 'additive'")
+            raise ValueError(
+                "decoder.attention_size is required when decoder.attention is 'additive'"
+            )
         if self.attention == "none" and self.attention_size is not None:
             raise ValueError("decoder.attention_size is set but decoder.attention is 'none'")
         return self

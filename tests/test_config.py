@@ -1,4 +1,4 @@
-"""The config.json contract: unknown keys and cross-field mistakes are refused with a clear reason."""
+"""The config.json contract: unknown keys and cross-field mistakes are refused with a reason."""
 
 from typing import Any
 
@@ -48,7 +48,7 @@ def test_decoder_hidden_must_match_encoder_output() -> None:
 
 
 def test_eos_outside_vocab() -> None:
-    with pytest.raises(ValidationError, match="decoder.eos_id = 25"):
+    with pytest.raises(ValidationError, match=r"decoder\.eos_id = 25"):
         ModelConfig.model_validate(_seq2seq(eos_id=25))
 
 

@@ -1,0 +1,114 @@
+"""`SequenceEncoder` (embedding + recurrent layer) and `EncoderModel` (pooling + optional head).
+
+Shapes: N = batch, T = time, F = features, E = encoding size (hidden × directions).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor, nn
+
+from models.config import EncoderSpec, FeaturesInput, InputSpec, ModelConfig, RequestPooling
+from models.recurrent import State, make_rnn, run_rnn, top_layer_final
+
+
+class SequenceEncoder(nn.Module):
+    """Embedding (token/text inputs) then the recurrent layer, stored as `rnn` (PyTorch names)."""
+
+    def __init__(self, input_spec: InputSpec, spec: EncoderSpec) -> None:
+        super().__init__()
+        self.spec = spec
+        self.embedding: nn.Embedding | None = None
+        if isinstance(input_spec, FeaturesInput):
+            rnn_input = input_spec.size
+        else:
+            self.embedding = nn.Embedding(input_spec.vocab_size, input_spec.embedding_size)
+            rnn_input = input_spec.embedding_size
+        self.rnn = make_rnn(
+            spec.cell,
+            rnn_input,
+            spec.hidden_size,
+            spec.num_layers,
+            spec.bidirectional,
+            spec.activation,
+            spec.gru_reset_after,
+        )
+
+    def forward(
+        self, inputs: Tensor, lengths: Tensor, initial_state: State | None = None
+    ) -> tuple[Tensor, State]:
+        """inputs [N, T, F] float or [N, T] int64, lengths [N] → (outputs [N, T, E], state)."""
+        x = self.embedding(inputs) if self.embedding is not None else inputs  # [N, T, F]
+        return run_rnn(self.rnn, x, lengths, initial_state)
+
+
+@dataclass(frozen=True)
+class EncodeOutput:
+    """encodings [N, E] (or [N, T, E] for pooling "none"); scores [N, head.size] or None."""
+
+    encodings: Tensor
+    scores: Tensor | None
+    final_state: State
+
+
+def pool(outputs: Tensor, lengths: Tensor, final: Tensor, pooling: RequestPooling) -> Tensor:
+    """Pool top-layer outputs [N, T, E] over each row's real steps; "last" = `final` [N, E]."""
+    if pooling == "last":
+        return final
+    if pooling == "none":
+        return outputs
+    lengths = lengths.to(outputs.device)
+    real = torch.arange(outputs.shape[1], device=outputs.device)[None, :] < lengths[:, None]
+    if pooling == "mean":
+        return outputs.sum(dim=1) / lengths[:, None].to(outputs.dtype)
+    masked = outputs.masked_fill(~real[:, :, None], float("-inf"))
+    return masked.max(dim=1).values
+
+
+class EncoderModel(nn.Module):
+    """An encode-task model: `encoder` (SequenceEncoder) and optional linear `head`."""
+
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__()
+        self.config = config
+        self.encoder = SequenceEncoder(config.input, config.encoder)
+        self.head: nn.Linear | None = None
+        if config.head is not None:
+            self.head = nn.Linear(config.encoding_size, config.head.size)
+
+    def forward(
+        self,
+        inputs: Tensor,
+        lengths: Tensor,
+        pooling: RequestPooling | None = None,
+        initial_state: State | None = None,
+    ) -> EncodeOutput:
+        """Encode a padded batch; the head always reads the config's default pooling.
+
+        Scores are softmax probabilities when the head has labels, raw outputs otherwise.
+        """
+        outputs, state = self.encoder(inputs, lengths, initial_state)  # [N, T, E]
+        final = top_layer_final(state, self.config.encoder.bidirectional)  # [N, E]
+        requested = pooling or self.config.pooling
+        encodings = pool(outputs, lengths, final, requested)
+        scores: Tensor | None = None
+        if self.head is not None:
+            default = (
+                encodings
+                if requested == self.config.pooling
+                else pool(outputs, lengths, final, self.config.pooling)
+            )
+            scores = self.head(default)  # [N, head.size]
+            assert self.config.head is not None
+            if self.config.head.labels is not None:
+                scores = torch.softmax(scores, dim=-1)
+        return EncodeOutput(encodings=encodings, scores=scores, final_state=state)
+
+
+def collate(sequences: list[Tensor]) -> tuple[Tensor, Tensor]:
+    """Pad sequences ([T_i, F] float or [T_i] int64) into (inputs [N, T, ...], lengths [N] CPU)."""
+    lengths = torch.tensor([s.shape[0] for s in sequences], dtype=torch.int64)
+    inputs = nn.utils.rnn.pad_sequence(sequences, batch_first=True)
+    return inputs, lengths

@@ -1,0 +1,185 @@
+"""`Seq2SeqModel`: encode → decoder initial state → one decoder step at a time (DESIGN §2).
+
+Shapes: N = rows, S = source steps, E = encoder output size (= decoder hidden), V = target vocab,
+L = layers. The decoder's input at each step is concat(embedding(previous token), context).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from models.attention import AdditiveAttention
+from models.config import DecoderSpec, ModelConfig
+from models.decoding import beam_decode, greedy_decode
+from models.encoder import SequenceEncoder
+from models.recurrent import State, cat_states, make_rnn, run_rnn, select_state, top_layer_final
+
+
+@dataclass(frozen=True)
+class DecoderState:
+    """The decoding state of N independent rows.
+
+    hidden: decoder state [L, N, E] (LSTM: (h, c)). context: [N, E], the fixed context (no
+    attention). memory [N, S, E], keys [N, S, A] (= W_k memory) and mask bool [N, S] (real source
+    steps) are set with attention only.
+    """
+
+    hidden: State
+    context: Tensor | None = None
+    memory: Tensor | None = None
+    keys: Tensor | None = None
+    mask: Tensor | None = None
+
+    @property
+    def rows(self) -> int:
+        h = self.hidden[0] if isinstance(self.hidden, tuple) else self.hidden
+        return int(h.shape[1])
+
+    @property
+    def device(self) -> torch.device:
+        h = self.hidden[0] if isinstance(self.hidden, tuple) else self.hidden
+        return h.device
+
+    def select(self, rows: Tensor) -> DecoderState:
+        """Rows `rows` (int64 [K]) of this state, in that order (beams, dropping finished rows)."""
+        rows = rows.to(self.device)
+        return DecoderState(
+            hidden=select_state(self.hidden, rows),
+            context=None if self.context is None else self.context.index_select(0, rows),
+            memory=None if self.memory is None else self.memory.index_select(0, rows),
+            keys=None if self.keys is None else self.keys.index_select(0, rows),
+            mask=None if self.mask is None else self.mask.index_select(0, rows),
+        )
+
+    @staticmethod
+    def cat(states: list[DecoderState]) -> DecoderState:
+        """Join the rows of several states; encoder memory is padded to the longest source."""
+        if not states:
+            raise ValueError("DecoderState.cat needs at least one state")
+        first = states[0]
+        hidden = cat_states([s.hidden for s in states])
+        context = None if first.context is None else torch.cat([_req(s.context) for s in states])
+        if first.memory is None:
+            return DecoderState(hidden=hidden, context=context)
+        longest = max(_req(s.memory).shape[1] for s in states)
+
+        def padded(t: Tensor, value: float | bool) -> Tensor:
+            return F.pad(t, (0, 0, 0, longest - t.shape[1]), value=value)
+
+        return DecoderState(
+            hidden=hidden,
+            context=context,
+            memory=torch.cat([padded(_req(s.memory), 0.0) for s in states]),
+            keys=torch.cat([padded(_req(s.keys), 0.0) for s in states]),
+            # NOTE: the mask is [N, S]: pad its last dim with False so padding is never attended.
+            mask=torch.cat(
+                [F.pad(_req(s.mask), (0, longest - _req(s.mask).shape[1])) for s in states]
+            ),
+        )
+
+
+def _req(t: Tensor | None) -> Tensor:
+    assert t is not None
+    return t
+
+
+class Decoder(nn.Module):
+    """`embedding`, `rnn` (same cell as the encoder), optional `attention`, `output` (logits)."""
+
+    def __init__(self, config: ModelConfig, spec: DecoderSpec) -> None:
+        super().__init__()
+        enc = config.encoder
+        context_size = enc.output_size
+        self.embedding = nn.Embedding(spec.vocab_size, spec.embedding_size)
+        self.rnn = make_rnn(
+            enc.cell,
+            spec.embedding_size + context_size,
+            spec.hidden_size,
+            spec.num_layers,
+            False,
+            enc.activation,
+            enc.gru_reset_after,
+        )
+        self.attention: AdditiveAttention | None = None
+        if spec.attention == "additive":
+            assert spec.attention_size is not None
+            self.attention = AdditiveAttention(spec.hidden_size, context_size, spec.attention_size)
+        self.output = nn.Linear(spec.hidden_size, spec.vocab_size)
+
+
+class Seq2SeqModel(nn.Module):
+    """Encoder-decoder: `encoder` (SequenceEncoder) and `decoder` (Decoder)."""
+
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__()
+        if config.decoder is None:
+            raise ValueError("a seq2seq model needs a decoder section")
+        self.config = config
+        self.decoder_spec: DecoderSpec = config.decoder
+        self.encoder = SequenceEncoder(config.input, config.encoder)
+        self.decoder = Decoder(config, config.decoder)
+
+    def encode(self, inputs: Tensor, lengths: Tensor) -> DecoderState:
+        """Run the encoder; the decoder starts from its final state, layer by layer."""
+        enc = self.config.encoder
+        outputs, final = self.encoder(inputs, lengths)  # [N, S, E]
+        context = top_layer_final(final, enc.bidirectional)  # [N, E]
+        hidden = _merge_directions(final, enc.num_layers, enc.num_directions)
+        if self.decoder.attention is None:
+            return DecoderState(hidden=hidden, context=context)
+        steps = torch.arange(outputs.shape[1], device=outputs.device)
+        mask = steps[None, :] < lengths.to(outputs.device)[:, None]  # [N, S]
+        keys = self.decoder.attention.project_keys(outputs)  # [N, S, A]
+        return DecoderState(hidden=hidden, memory=outputs, keys=keys, mask=mask)
+
+    def step(self, state: DecoderState, tokens: Tensor) -> tuple[Tensor, DecoderState]:
+        """One decoder step for N rows: tokens int64 [N] → (log_probs float32 [N, V], new state)."""
+        dec = self.decoder
+        embedded = dec.embedding(tokens.to(state.device))  # [N, Emb]
+        if dec.attention is None:
+            context = _req(state.context)
+        else:
+            h = state.hidden[0] if isinstance(state.hidden, tuple) else state.hidden
+            context = dec.attention(h[-1], _req(state.keys), _req(state.memory), _req(state.mask))
+        x = torch.cat([embedded, context], dim=-1)[:, None, :]  # [N, 1, Emb + E]
+        ones = torch.ones(tokens.shape[0], dtype=torch.int64)
+        outputs, hidden = run_rnn(dec.rnn, x, ones, state.hidden)  # [N, 1, E]
+        logits = dec.output(outputs[:, 0])  # [N, V]
+        log_probs = torch.log_softmax(logits.float(), dim=-1)
+        return log_probs, replace(state, hidden=hidden)
+
+    def generate(
+        self,
+        inputs: Tensor,
+        lengths: Tensor,
+        max_length: int | None = None,
+        beam_size: int = 1,
+        length_penalty: float = 1.0,
+    ) -> list[list[int]]:
+        """Decode every source (greedy when beam_size = 1); outputs exclude <bos>/<eos>."""
+        limit = max_length if max_length is not None else self.decoder_spec.max_length
+        state = self.encode(inputs, lengths)
+        if beam_size == 1:
+            return greedy_decode(self, state, limit)
+        return beam_decode(self, state, beam_size, limit, length_penalty)
+
+
+def _merge_directions(state: State, layers: int, directions: int) -> State:
+    """Encoder state [L*D, N, H] → decoder state [L, N, D*H] (forward then backward)."""
+
+    def merge(t: Tensor) -> Tensor:
+        n, h = t.shape[1], t.shape[2]
+        return (
+            t.view(layers, directions, n, h)
+            .permute(0, 2, 1, 3)
+            .reshape(layers, n, directions * h)
+            .contiguous()
+        )
+
+    if isinstance(state, tuple):
+        return (merge(state[0]), merge(state[1]))
+    return merge(state)

@@ -1,0 +1,322 @@
+"""Import a vanilla PyTorch nn.RNN / nn.LSTM / nn.GRU state_dict into a repository version.
+
+A user who trained with plain PyTorch, e.g.
+
+    class Net(nn.Module):
+        def __init__(self):
+            self.embedding = nn.Embedding(5000, 64)        # optional
+            self.lstm = nn.LSTM(64, 128, num_layers=2, batch_first=True, bidirectional=True)
+            self.fc = nn.Linear(256, 3)                     # optional head on the encoding
+
+    torch.save(net.state_dict(), "net.pt")
+
+gets a servable encode model with `rnnserve import-torch net.pt --repository repo --name net`
+(or `import_state_dict("net.pt", "repo", "net")`). Cell, sizes, layers and directions are read
+from the weight shapes; the recurrent keys may carry any prefix (`lstm.`, `rnn.`, none). The head
+must read rnnserve's "last" encoding (top layer's final h; bidirectional: concat(forward final,
+backward final)) or the pooling you name. A missing bias (`bias=False`) is imported as zeros.
+`.pt` files are read with `torch.load(weights_only=True)`: no code from the file runs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import shutil
+import sys
+import tempfile
+import warnings
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+from pydantic import ValidationError
+from safetensors.torch import load_file
+from torch import Tensor
+
+from models.checkpoint import CheckpointError, build_model, load, save
+from models.config import ModelConfig
+from models.recurrent import GATES
+
+NAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
+CELL_BY_GATES = {gates: cell for cell, gates in GATES.items()}
+RNN_KEY = re.compile(
+    r"^(?P<prefix>.*?)(?P<kind>weight_ih|weight_hh|bias_ih|bias_hh)_l(?P<layer>\d+)(?P<rev>_reverse)?$"
+)
+
+
+class TorchImportError(ValueError):
+    """The state_dict cannot be mapped to an rnnserve checkpoint; the message says why."""
+
+
+def read_state_dict(path: Path | str) -> dict[str, Tensor]:
+    """Tensors of a `.safetensors` file or a `torch.save`d state_dict (weights_only: runs no code).
+
+    A dict holding a "state_dict" entry (e.g. a Lightning checkpoint) is unwrapped.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise TorchImportError(f"{path}: no such file")
+    if path.suffix == ".safetensors":
+        return dict(load_file(str(path)))
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # NOTE: the refusal below is the one message to show
+            loaded: Any = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # NOTE: weights_only refusals and corrupt files alike
+        reason = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+        raise TorchImportError(
+            f"{path}: not a plain weights-only state_dict (loading it would need to run code "
+            f"or it is corrupt): {reason}"
+        ) from exc
+    if isinstance(loaded, Mapping) and isinstance(loaded.get("state_dict"), Mapping):
+        loaded = loaded["state_dict"]
+    if not isinstance(loaded, Mapping):
+        raise TorchImportError(f"{path}: holds a {type(loaded).__name__}, not a state_dict")
+    tensors = {str(k): v for k, v in loaded.items() if isinstance(v, Tensor)}
+    others = sorted(str(k) for k, v in loaded.items() if not isinstance(v, Tensor))
+    if others:
+        raise TorchImportError(f"{path}: entries that are not tensors: {', '.join(others)}")
+    return tensors
+
+
+def import_state_dict(
+    state_dict_or_path: Mapping[str, Tensor] | Path | str,
+    out_repository: Path | str,
+    name: str,
+    version: int | None = None,
+    *,
+    cell: Literal["rnn", "lstm", "gru"] | None = None,
+    input_size: int | None = None,
+    vocab: list[str] | None = None,
+    tokenizer: Literal["char", "whitespace"] = "char",
+    rnn_prefix: str | None = None,
+    embedding_prefix: str = "embedding.",
+    head_prefix: str = "fc.",
+    labels: list[str] | None = None,
+    pooling: Literal["last", "mean", "max"] = "last",
+    nonlinearity: Literal["tanh", "relu"] | None = None,
+    reset_after: bool | None = None,
+) -> Path:
+    """Write `out_repository/name/<version>` from a vanilla state_dict; returns the new folder.
+
+    `version` None = the next free number; an existing version is never overwritten. `cell` and
+    `input_size` are inferred from the shapes (given ones are checked). With an embedding the
+    input is token ids, or text when `vocab` (JSON-array order, "<pad>" = 0, "<unk>" = 1) is given.
+    `nonlinearity` is needed for a relu nn.RNN (shapes cannot tell); `reset_after=False` marks a
+    GRU of the reset-before form (nn.GRU is reset-after). The written version is loaded back
+    before this returns, so it is known to be servable.
+    """
+    if not NAME_PATTERN.match(name) or ".." in name:
+        raise TorchImportError(
+            f"model name {name!r}: use letters, digits, '-', '_', '.' (no path separators or '..')"
+        )
+    tensors = (
+        read_state_dict(state_dict_or_path)
+        if isinstance(state_dict_or_path, (str, Path))
+        else {k: v.detach().cpu() for k, v in state_dict_or_path.items()}
+    )
+    used: set[str] = set()
+    rnn_weights, prefix = _recurrent_weights(tensors, rnn_prefix)
+    used.update(prefix + key for key in rnn_weights)
+    hidden = rnn_weights["weight_hh_l0"].shape[1]
+    gates, remainder = divmod(rnn_weights["weight_hh_l0"].shape[0], hidden)
+    found_cell = CELL_BY_GATES.get(gates) if remainder == 0 else None
+    if found_cell is None:
+        raise TorchImportError(
+            f"{prefix}weight_hh_l0 has shape {list(rnn_weights['weight_hh_l0'].shape)}: "
+            "not the 1, 3 or 4 gate blocks of nn.RNN, nn.GRU or nn.LSTM"
+        )
+    if cell is not None and cell != found_cell:
+        raise TorchImportError(
+            f"cell {cell!r} was given but the weights have {gates} gate block(s): a {found_cell}"
+        )
+    layers = 1 + max(int(m["layer"]) for m in map(RNN_KEY.match, rnn_weights) if m)
+    bidirectional = "weight_ih_l0_reverse" in rnn_weights
+    first_input = rnn_weights["weight_ih_l0"].shape[1]
+
+    raw: dict[str, Any] = {"format": "rnnserve/v1", "task": "encode", "pooling": pooling}
+    state: dict[str, Tensor] = {}
+    embedding = tensors.get(f"{embedding_prefix}weight")
+    if embedding is not None:
+        used.add(f"{embedding_prefix}weight")
+        state["encoder.embedding.weight"] = embedding
+        raw["input"] = {
+            "type": "tokens",
+            "vocab_size": embedding.shape[0],
+            "embedding_size": embedding.shape[1],
+        }
+        if vocab is not None:
+            raw["input"].update(type="text", tokenizer=tokenizer, vocab="vocab.json")
+    else:
+        if vocab is not None:
+            raise TorchImportError(
+                f"a vocab was given but there is no {embedding_prefix}weight embedding"
+            )
+        if input_size is not None and input_size != first_input:
+            raise TorchImportError(
+                f"input_size {input_size} was given but {prefix}weight_ih_l0 reads {first_input}"
+            )
+        raw["input"] = {"type": "features", "size": first_input}
+    encoder: dict[str, Any] = {
+        "cell": found_cell,
+        "hidden_size": hidden,
+        "num_layers": layers,
+        "bidirectional": bidirectional,
+    }
+    if nonlinearity is not None:
+        encoder["nonlinearity"] = nonlinearity
+    if reset_after is not None:
+        encoder["reset_after"] = reset_after
+    raw["encoder"] = encoder
+    head_weight = tensors.get(f"{head_prefix}weight")
+    if head_weight is not None:
+        used.update(k for k in (f"{head_prefix}weight", f"{head_prefix}bias") if k in tensors)
+        size = head_weight.shape[0]
+        raw["head"] = {"size": size} if labels is None else {"size": size, "labels": labels}
+        state["head.weight"] = head_weight
+        state["head.bias"] = tensors.get(f"{head_prefix}bias", torch.zeros(size))
+    elif labels is not None:
+        raise TorchImportError(f"labels were given but there is no {head_prefix}weight head")
+    leftover = sorted(set(tensors) - used)
+    if leftover:
+        raise TorchImportError(
+            f"tensors that map to nothing: {', '.join(leftover)} "
+            "(set rnn_prefix / embedding_prefix / head_prefix?)"
+        )
+    try:
+        config = ModelConfig.model_validate(raw)
+    except ValidationError as exc:
+        raise TorchImportError(f"the inferred config is invalid: {exc}") from exc
+    for key, value in rnn_weights.items():
+        state[f"encoder.rnn.{key}"] = value
+    for key, shape in _expected_biases(rnn_weights, hidden * gates).items():
+        state.setdefault(f"encoder.rnn.{key}", torch.zeros(shape))
+    model = build_model(config)
+    try:
+        model.load_state_dict({k: v.float() for k, v in state.items()}, strict=True)
+    except RuntimeError as exc:
+        raise TorchImportError(f"weights do not fit the inferred architecture: {exc}") from exc
+    return _write_version(Path(out_repository) / name, version, model, vocab)
+
+
+def _recurrent_weights(
+    tensors: Mapping[str, Tensor], rnn_prefix: str | None
+) -> tuple[dict[str, Tensor], str]:
+    """The recurrent tensors without their prefix, and that prefix."""
+    prefixes = {m["prefix"] for m in map(RNN_KEY.match, tensors) if m}
+    if rnn_prefix is not None:
+        prefixes &= {rnn_prefix}
+    if len(prefixes) != 1:
+        found = ", ".join(sorted(repr(p) for p in prefixes)) or "none"
+        raise TorchImportError(
+            f"expected the weights of exactly one nn.RNN/LSTM/GRU (keys like 'weight_ih_l0'); "
+            f"found prefixes: {found}"
+        )
+    prefix = prefixes.pop()
+    weights = {
+        key[len(prefix) :]: value
+        for key, value in tensors.items()
+        if key.startswith(prefix) and RNN_KEY.match(key[len(prefix) :]) and RNN_KEY.match(key)
+    }
+    for needed in ("weight_ih_l0", "weight_hh_l0"):
+        if needed not in weights:
+            raise TorchImportError(f"missing {prefix}{needed}")
+    return weights, prefix
+
+
+def _expected_biases(weights: Mapping[str, Tensor], rows: int) -> dict[str, tuple[int]]:
+    biases: dict[str, tuple[int]] = {}
+    for key in weights:
+        if key.startswith("weight_ih_"):
+            suffix = key[len("weight_ih_") :]
+            biases[f"bias_ih_{suffix}"] = (rows,)
+            biases[f"bias_hh_{suffix}"] = (rows,)
+    return biases
+
+
+def _write_version(
+    model_dir: Path, version: int | None, model: Any, vocab: list[str] | None
+) -> Path:
+    model_dir.mkdir(parents=True, exist_ok=True)
+    existing = [int(p.name) for p in model_dir.iterdir() if p.is_dir() and p.name.isdigit()]
+    number = version if version is not None else max(existing, default=0) + 1
+    if number < 1:
+        raise TorchImportError(f"version must be ≥ 1, got {number}")
+    target = model_dir / str(number)
+    if target.exists():
+        raise TorchImportError(f"{target} already exists; versions are never overwritten")
+    staging = Path(tempfile.mkdtemp(prefix=f".{number}.importing-", dir=model_dir))
+    try:
+        save(model, staging, vocab=vocab)
+        load(staging)  # NOTE: proves the version is servable before it becomes visible
+        # NOTE: rename is atomic; the server never sees a half-written version.
+        os.rename(staging, target)
+    finally:
+        if staging.exists():
+            shutil.rmtree(staging)
+    return target
+
+
+# ------------------------------------------------------------------------------------------ CLI
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """Add the `rnnserve import-torch` flags; `args.run(args)` does the import."""
+    parser.add_argument(
+        "state_dict", type=Path, help="a torch.save'd state_dict (.pt) or .safetensors"
+    )
+    parser.add_argument("--repository", type=Path, required=True, help="model repository folder")
+    parser.add_argument("--name", required=True, help="model name")
+    parser.add_argument("--version", type=int, default=None, help="default: the next free number")
+    parser.add_argument("--cell", choices=["rnn", "lstm", "gru"], default=None)
+    parser.add_argument("--input-size", type=int, default=None, help="checked against the weights")
+    parser.add_argument("--vocab", type=Path, default=None, help="JSON array of tokens: text input")
+    parser.add_argument("--tokenizer", choices=["char", "whitespace"], default="char")
+    parser.add_argument("--rnn-prefix", default=None, help="default: found from the keys")
+    parser.add_argument("--embedding-prefix", default="embedding.")
+    parser.add_argument("--head-prefix", default="fc.")
+    parser.add_argument("--labels", default=None, help="comma-separated head labels")
+    parser.add_argument("--pooling", choices=["last", "mean", "max"], default="last")
+    parser.add_argument("--nonlinearity", choices=["tanh", "relu"], default=None)
+    parser.add_argument(
+        "--reset-before",
+        action="store_true",
+        help="the GRU applies the reset gate before the recurrent product (not nn.GRU)",
+    )
+    parser.set_defaults(run=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    """Run the import for parsed CLI arguments; one error line on stderr on failure."""
+    try:
+        vocab = None
+        if args.vocab is not None:
+            vocab = json.loads(Path(args.vocab).read_text(encoding="utf-8"))
+            if not isinstance(vocab, list) or not all(isinstance(t, str) for t in vocab):
+                raise TorchImportError(f"{args.vocab}: a vocab must be a JSON array of strings")
+        target = import_state_dict(
+            args.state_dict,
+            args.repository,
+            args.name,
+            args.version,
+            cell=args.cell,
+            input_size=args.input_size,
+            vocab=vocab,
+            tokenizer=args.tokenizer,
+            rnn_prefix=args.rnn_prefix,
+            embedding_prefix=args.embedding_prefix,
+            head_prefix=args.head_prefix,
+            labels=args.labels.split(",") if args.labels else None,
+            pooling=args.pooling,
+            nonlinearity=args.nonlinearity,
+            reset_after=False if args.reset_before else None,
+        )
+    except (TorchImportError, CheckpointError, OSError, json.JSONDecodeError) as exc:
+        print(f"rnnserve import-torch: error: {exc}", file=sys.stderr)
+        return 1
+    print(target)
+    return 0
