@@ -1,0 +1,285 @@
+"""Engine benchmark: batcher throughput and overhead vs direct model calls; continuous vs static
+decoding. Every ratio is measured in the same run, on the same machine and thread settings.
+
+    .venv/bin/python -m bench.engine [--threads N] [--rounds R]   (as a module: bench/ holds
+    files named like packages, e.g. http.py, models.py)
+
+Reference workload (issue 4): 2-layer LSTM, input 32, hidden 256; one sequence per caller,
+lengths uniform 16–128; 64 concurrent callers. Direct and engine rounds alternate so that load
+from other processes hits both. Seq2seq: 1-layer GRU (hidden 128, additive attention), 32
+concurrent callers vs static batches of 32 that run until their longest member ends; output
+lengths set per request by max_length (random weights rarely emit <eos>), two mixes: "skewed"
+(3 in 4 short, 4–12 tokens; 1 in 4 long, 48–64) and "uniform" (4–64).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import statistics
+import string
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from prometheus_client import CollectorRegistry
+
+from models.checkpoint import build_model, save
+from models.config import ModelConfig
+from models.decoding import greedy_decode
+from models.encoder import EncoderModel
+from models.seq2seq import Seq2SeqModel
+from service.engine import Engine
+from service.metrics import Metrics
+from service.settings import Settings
+from service.types import EncodeRequest, GenerateRequest
+
+CALLERS = 64
+FEATURES = 32
+VOCAB = ["<pad>", "<bos>", "<eos>", "<unk>", *string.ascii_lowercase]
+
+
+def encoder_config() -> ModelConfig:
+    return ModelConfig.model_validate(
+        {
+            "format": "rnnserve/v1",
+            "task": "encode",
+            "input": {"type": "features", "size": FEATURES},
+            "encoder": {"cell": "lstm", "hidden_size": 256, "num_layers": 2},
+            "serving": {"max_batch_size": 64, "max_delay_ms": 2.0, "max_queue_size": 4096},
+        }
+    )
+
+
+def tiny_config() -> ModelConfig:
+    return ModelConfig.model_validate(
+        {
+            "format": "rnnserve/v1",
+            "task": "encode",
+            "input": {"type": "features", "size": FEATURES},
+            "encoder": {"cell": "lstm", "hidden_size": 16, "num_layers": 1},
+        }
+    )
+
+
+def seq2seq_config() -> ModelConfig:
+    return ModelConfig.model_validate(
+        {
+            "format": "rnnserve/v1",
+            "task": "seq2seq",
+            "input": {"type": "tokens", "vocab_size": len(VOCAB), "embedding_size": 32},
+            "encoder": {"cell": "gru", "hidden_size": 128, "num_layers": 1},
+            "decoder": {
+                "hidden_size": 128,
+                "num_layers": 1,
+                "embedding_size": 32,
+                "vocab_size": len(VOCAB),
+                "attention": "additive",
+                "attention_size": 64,
+                "bos_id": 1,
+                "eos_id": 2,
+                "max_length": 64,
+            },
+        }
+    )
+
+
+def write(repository: Path, name: str, config: ModelConfig) -> Path:
+    torch.manual_seed(0)
+    return save(build_model(config), repository / name / "1")
+
+
+def median_ms(samples: list[float]) -> float:
+    return statistics.median(samples) * 1000
+
+
+def direct_packed(model: EncoderModel, seqs: list[np.ndarray]) -> float:
+    """Sequences per second of direct packed batch-64 model calls (FIFO order, no engine)."""
+    start = time.perf_counter()
+    for i in range(0, len(seqs), CALLERS):
+        chunk = [torch.from_numpy(s) for s in seqs[i : i + CALLERS]]
+        lengths = torch.tensor([len(s) for s in chunk])
+        with torch.inference_mode():
+            model(torch.nn.utils.rnn.pad_sequence(chunk, batch_first=True), lengths)
+    return len(seqs) / (time.perf_counter() - start)
+
+
+def split_sorted(model: EncoderModel, seqs: list[np.ndarray], parts: int) -> float:
+    """Sequences per second when each batch of 64 is sorted by length and run as `parts`
+    calls of similar lengths (the length-bucketing alternative to one packed call)."""
+    start = time.perf_counter()
+    for i in range(0, len(seqs), CALLERS):
+        batch = sorted(seqs[i : i + CALLERS], key=len)
+        size = len(batch) // parts
+        for k in range(parts):
+            chunk = [torch.from_numpy(s) for s in batch[k * size : (k + 1) * size]]
+            lengths = torch.tensor([len(s) for s in chunk])
+            with torch.inference_mode():
+                model(torch.nn.utils.rnn.pad_sequence(chunk, batch_first=True), lengths)
+    return len(seqs) / (time.perf_counter() - start)
+
+
+async def engine_closed_loop(engine: Engine, seqs: list[np.ndarray]) -> float:
+    """Sequences per second of CALLERS concurrent callers, one sequence per request."""
+    queue = list(reversed(seqs))
+
+    async def caller() -> None:
+        while queue:
+            seq = queue.pop()
+            await engine.encode(EncodeRequest("enc", [seq], "features"))
+
+    start = time.perf_counter()
+    await asyncio.gather(*(caller() for _ in range(CALLERS)))
+    return len(seqs) / (time.perf_counter() - start)
+
+
+async def one_caller(
+    engine: Engine, model: EncoderModel, seq: np.ndarray, count: int, name: str = "enc"
+) -> tuple[float, float]:
+    """Median latency (ms) of one sequence alone: direct model call vs engine.encode, alternated
+    `count` times on the same sequence."""
+    direct, served = [], []
+    lengths = torch.tensor([len(seq)])
+    for _ in range(count):
+        start = time.perf_counter()
+        with torch.inference_mode():
+            model(torch.from_numpy(seq)[None], lengths)
+        direct.append(time.perf_counter() - start)
+        start = time.perf_counter()
+        await engine.encode(EncodeRequest(name, [seq], "features"))
+        served.append(time.perf_counter() - start)
+    return median_ms(direct), median_ms(served)
+
+
+def static_decoding(model: Seq2SeqModel, sources: list[np.ndarray], limits: list[int]) -> float:
+    """Useful tokens per second with static batches of 32 (each runs to its longest limit)."""
+    tokens = 0
+    start = time.perf_counter()
+    for i in range(0, len(sources), 32):
+        chunk = [torch.from_numpy(s) for s in sources[i : i + 32]]
+        lengths = torch.tensor([len(s) for s in chunk])
+        batch_limits = limits[i : i + 32]
+        with torch.inference_mode():
+            state = model.encode(torch.nn.utils.rnn.pad_sequence(chunk, batch_first=True), lengths)
+            outputs = greedy_decode(model, state, max(batch_limits))
+        tokens += sum(min(len(o), limit) for o, limit in zip(outputs, batch_limits, strict=True))
+    return tokens / (time.perf_counter() - start)
+
+
+async def continuous_decoding(
+    engine: Engine, sources: list[np.ndarray], limits: list[int]
+) -> float:
+    """Useful tokens per second with 32 concurrent callers through the decode scheduler."""
+    work = list(reversed(list(zip(sources, limits, strict=True))))
+    produced = 0
+
+    async def caller() -> None:
+        nonlocal produced
+        while work:
+            source, limit = work.pop()
+            result = await engine.generate(
+                GenerateRequest("s2s", [source], "tokens", max_length=limit)
+            )
+            produced += len(result.outputs[0].tokens)
+
+    start = time.perf_counter()
+    await asyncio.gather(*(caller() for _ in range(32)))
+    return produced / (time.perf_counter() - start)
+
+
+async def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument(
+        "--threads",
+        type=int,
+        default=None,
+        help="intra-op threads (default: the server default, cores − 1)",
+    )
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--sequences", type=int, default=512)
+    args = parser.parse_args()
+
+    rng = np.random.default_rng(0)
+    seqs = [
+        rng.standard_normal((int(n), FEATURES)).astype(np.float32)
+        for n in rng.integers(16, 129, args.sequences)
+    ]
+    sources = [rng.integers(4, len(VOCAB), int(n)) for n in rng.integers(5, 30, 256)]
+    mixes = {
+        "skewed": [
+            int(rng.integers(48, 65)) if rng.random() < 0.25 else int(rng.integers(4, 13))
+            for _ in sources
+        ],
+        "uniform": [int(n) for n in rng.integers(4, 65, len(sources))],
+    }
+
+    with tempfile.TemporaryDirectory() as tmp:
+        repository = Path(tmp)
+        write(repository, "enc", encoder_config())
+        write(repository, "s2s", seq2seq_config())
+        write(repository, "tiny", tiny_config())
+        settings = Settings(repository=repository, device="cpu", cpu_threads=args.threads)
+        engine = Engine(settings, Metrics(CollectorRegistry()))
+        await engine.start()
+        encoder = engine.registry.resolve("enc").loaded.model  # type: ignore[union-attr]
+        seq2seq = engine.registry.resolve("s2s").loaded.model  # type: ignore[union-attr]
+        assert isinstance(encoder, EncoderModel) and isinstance(seq2seq, Seq2SeqModel)
+        print(
+            f"cores {os.cpu_count()}, torch intra-op threads {torch.get_num_threads()}, "
+            f"engine cpu_threads {engine.cpu_threads}, {args.sequences} sequences × "
+            f"{args.rounds} rounds"
+        )
+
+        direct_packed(encoder, seqs[:CALLERS])  # warm-up of the direct path
+        direct_rates, engine_rates, split2, split4 = [], [], [], []
+        for _ in range(args.rounds):
+            direct_rates.append(direct_packed(encoder, seqs))
+            engine_rates.append(await engine_closed_loop(engine, seqs))
+            split2.append(split_sorted(encoder, seqs, 2))
+            split4.append(split_sorted(encoder, seqs, 4))
+        direct_rate = statistics.median(direct_rates)
+        engine_rate = statistics.median(engine_rates)
+        print(
+            f"batch shape (direct): packed 64 mixed {direct_rate:.0f} seq/s, sorted 2×32 "
+            f"{statistics.median(split2):.0f} seq/s, sorted 4×16 {statistics.median(split4):.0f} "
+            "seq/s"
+        )
+        print(
+            f"encode throughput: direct packed batch-64 {direct_rate:.0f} seq/s, engine "
+            f"({CALLERS} callers) {engine_rate:.0f} seq/s, ratio {engine_rate / direct_rate:.2f}"
+        )
+        for steps in (16, 72):
+            direct_ms, served_ms = await one_caller(
+                engine, encoder, seqs[0][:1].repeat(steps, 0), 300
+            )
+            print(
+                f"1 caller, {steps} steps: direct {direct_ms:.3f} ms, engine {served_ms:.3f} ms, "
+                f"overhead {served_ms - direct_ms:.3f} ms (medians of 300)"
+            )
+        tiny = engine.registry.resolve("tiny").loaded.model  # type: ignore[union-attr]
+        assert isinstance(tiny, EncoderModel)
+        direct_ms, served_ms = await one_caller(engine, tiny, seqs[0][:8], 300, "tiny")
+        print(
+            f"1 caller, tiny model (LSTM hidden 16, 8 steps): direct {direct_ms:.3f} ms, engine "
+            f"{served_ms:.3f} ms, overhead {served_ms - direct_ms:.3f} ms (medians of 300)"
+        )
+        for mix, limits in mixes.items():
+            static_rates, continuous_rates = [], []
+            for _ in range(args.rounds):
+                static_rates.append(static_decoding(seq2seq, sources, limits))
+                continuous_rates.append(await continuous_decoding(engine, sources, limits))
+            static_rate = statistics.median(static_rates)
+            continuous_rate = statistics.median(continuous_rates)
+            print(
+                f"seq2seq ({mix} output lengths): static batches of 32 {static_rate:.0f} tok/s, "
+                f"continuous {continuous_rate:.0f} tok/s, ratio "
+                f"{continuous_rate / static_rate:.2f}"
+            )
+        await engine.drain(5.0)
+
+
+if __name__ == "__main__":
+    asyncio.run(main())

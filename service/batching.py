@@ -1,0 +1,390 @@
+"""The encode batcher: one per model version; a bounded queue of sequences → model calls.
+
+Shape (Ray Serve's batching, plus what an RNN server needs):
+- `submit` admits a request's sequences as items (one per sequence) or rejects at once with
+  `Overloaded(retry_after_s)` when the bounded queue is full; never partially.
+- One background task forms batches. A batch starts when the device is idle (no idle waiting:
+  a lone request runs at once), or when it is full (`max_batch_size` sequences or the cost budget
+  in total real time steps), or `max_delay` after its first item. While this batcher's previous
+  batch is still running, items keep joining the next one (running it earlier would only queue it
+  behind the same device); so batches grow under load and stay small when idle.
+- Expired (deadline) and cancelled (client gone) items are dropped before compute, never computed.
+- The batch's rows run in one model call, sorted by length (packed); each row may start from its
+  own `initial_state` and hand back its `final_state` (streaming sessions).
+- Results go only to futures not already done; an exception reaches every item of its batch and
+  nothing else. `drain` stops admitting, finishes what was admitted, then stops.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from models.config import RequestPooling
+from models.encoder import EncoderModel, pool
+from models.recurrent import State, top_layer_final
+from service.errors import ComputeError, DeadlineExceeded, Draining, Overloaded, ServiceError
+from service.executor import DeviceExecutor
+from service.metrics import Metrics
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True, slots=True)
+class Row:
+    """The result of one sequence: encoding [E] (or [T, E] for pooling "none")."""
+
+    encoding: np.ndarray
+    scores: np.ndarray | None = None
+    # This row's final state, [L*D, H] per tensor (LSTM: (h, c)), when the item asked for it.
+    final_state: State | None = None
+
+
+@dataclass(eq=False, slots=True)
+class Item:
+    """One sequence waiting in a batcher: int64 [T] ids or float32 [T, F] features."""
+
+    sequence: np.ndarray
+    future: asyncio.Future[Row]
+    pooling: RequestPooling | None = None
+    deadline: float | None = None  # time.monotonic() seconds
+    initial_state: State | None = None  # this row's state, [L*D, H] per tensor
+    return_state: bool = False
+    enqueued: float = field(default_factory=time.monotonic)
+    length: int = field(init=False)  # time steps of `sequence`
+
+    def __post_init__(self) -> None:
+        self.length = int(self.sequence.shape[0])
+
+
+ComputeFn = Callable[[list[Item]], list[Row]]
+
+
+class Batcher:
+    """Batches the items of one model version and runs them on the device executor."""
+
+    def __init__(
+        self,
+        model: str,
+        version: int,
+        executor: DeviceExecutor,
+        compute: ComputeFn,
+        metrics: Metrics,
+        *,
+        max_batch_size: int,
+        max_delay_s: float,
+        max_queue_size: int,
+        max_batch_timesteps: int,
+    ) -> None:
+        self.model = model
+        self.version = version
+        self.max_batch_size = max_batch_size
+        self.max_delay_s = max_delay_s
+        self.max_queue_size = max_queue_size
+        self.max_batch_timesteps = max_batch_timesteps
+        self._executor = executor
+        self._compute = compute
+        self._metrics = metrics
+        self._labels = (model, str(version))
+        labels = self._labels
+        # NOTE: metric children are looked up once; `labels()` costs microseconds per call.
+        self._m_depth = metrics.queue_depth.labels(*labels, "encode")
+        self._m_queue = metrics.queue_duration.labels(*labels)
+        self._m_compute = metrics.compute_duration.labels(*labels, "encode")
+        self._m_size = metrics.batch_size.labels(*labels, "encode")
+        self._m_steps = metrics.batch_timesteps.labels(*labels)
+        self._m_efficiency = metrics.padding_efficiency.labels(*labels)
+        self._m_calls = metrics.model_calls_total.labels(*labels, "encode")
+        self._queue: deque[Item] = deque()
+        self._queued_steps = 0
+        self._closed = False
+        self._running = False
+        self._batch_seconds = 0.01  # moving average, for the retry hint
+        self._wakeup: asyncio.Event | None = None
+        self._task: asyncio.Task[None] | None = None
+        self._idle_batch: asyncio.Event | None = None
+
+    # -- lifecycle -------------------------------------------------------------------------
+
+    def start(self) -> None:
+        """Create the asyncio objects and the batching task (inside the running loop)."""
+        self._wakeup = asyncio.Event()
+        self._idle_batch = asyncio.Event()
+        self._idle_batch.set()
+        self._executor.on_idle(self._wakeup.set)
+        self._task = asyncio.get_running_loop().create_task(
+            self._run(), name=f"batcher-{self.model}-{self.version}"
+        )
+        self._task.add_done_callback(self._task_done)
+
+    def _task_done(self, task: asyncio.Task[None]) -> None:
+        # NOTE: the batching task only ends by cancellation; if a bug ends it, fail what is
+        # queued (and refuse more) rather than leave callers waiting forever.
+        if task.cancelled() or task.exception() is None:
+            return
+        log.error(
+            "model %s version %s: batcher stopped: %r", self.model, self.version, task.exception()
+        )
+        self._closed = True
+        self._fail_queued(
+            ComputeError(f"model {self.model} version {self.version}: internal error")
+        )
+
+    async def warm_up(self, sequence: np.ndarray) -> None:
+        """Run one sequence through the compute path on the device (outside any metric)."""
+        future: asyncio.Future[Row] = asyncio.get_running_loop().create_future()
+        await self._executor.run(self._compute, [Item(sequence, future)])
+
+    @property
+    def queue_depth(self) -> int:
+        """Sequences admitted and not yet in a batch."""
+        return len(self._queue)
+
+    async def drain(self) -> None:
+        """Stop admitting; finish every admitted item; then stop the task."""
+        self._closed = True
+        assert self._wakeup is not None and self._idle_batch is not None
+        self._wakeup.set()
+        while self._queue or self._running:
+            self._wakeup.set()
+            await asyncio.sleep(0.001)
+        await self.stop()
+
+    async def stop(self) -> None:
+        """Stop at once: queued items fail with `Draining`."""
+        self._closed = True
+        if self._wakeup is not None:
+            self._executor.remove_idle_listener(self._wakeup.set)
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+            self._task = None
+        self._fail_queued(Draining(f"model {self.model} version {self.version} is unloading"))
+
+    # -- admission -------------------------------------------------------------------------
+
+    def submit(self, items: list[Item]) -> None:
+        """Admit all of `items` or none: `Overloaded` when the queue cannot take them."""
+        if self._closed:
+            raise Draining(f"model {self.model} version {self.version} is not taking requests")
+        if len(self._queue) + len(items) > self.max_queue_size:
+            batches_ahead = len(self._queue) / self.max_batch_size + 1
+            raise Overloaded(
+                f"model {self.model} version {self.version}: queue full "
+                f"({len(self._queue)} of {self.max_queue_size} sequences waiting)",
+                retry_after_s=round(max(0.05, self._batch_seconds * batches_ahead), 3),
+            )
+        for item in items:
+            self._queue.append(item)
+            self._queued_steps += item.length
+        self._m_depth.set(len(self._queue))
+        assert self._wakeup is not None
+        self._wakeup.set()
+
+    # -- the batching task -----------------------------------------------------------------
+
+    def _full(self) -> bool:
+        return (
+            len(self._queue) >= self.max_batch_size
+            or self._queued_steps >= self.max_batch_timesteps
+        )
+
+    async def _run(self) -> None:
+        assert self._wakeup is not None
+        while True:
+            if not self._queue:
+                self._wakeup.clear()
+                await self._wakeup.wait()
+                continue
+            close_at = self._queue[0].enqueued + self.max_delay_s
+            if not (self._executor.idle or self._full() or time.monotonic() >= close_at):
+                self._wakeup.clear()
+                with contextlib.suppress(TimeoutError):
+                    async with asyncio.timeout(max(0.0, close_at - time.monotonic())):
+                        await self._wakeup.wait()
+                continue
+            batch = self._take()
+            if batch:
+                self._running = True
+                try:
+                    await self._dispatch(batch)
+                finally:
+                    self._running = False
+                # NOTE: one loop turn lets callers whose results were just set submit again,
+                # so that they join the next batch instead of trickling in one at a time.
+                await asyncio.sleep(0)
+
+    def _take(self) -> list[Item]:
+        """Pop the next batch (FIFO up to the size and cost limits), dropping dead items."""
+        now = time.monotonic()
+        batch: list[Item] = []
+        steps = 0
+        while self._queue and len(batch) < self.max_batch_size:
+            item = self._queue[0]
+            if batch and steps + item.length > self.max_batch_timesteps:
+                break
+            self._queue.popleft()
+            self._queued_steps -= item.length
+            if not self._drop_if_dead(item, now):
+                batch.append(item)
+                steps += item.length
+        self._m_depth.set(len(self._queue))
+        return batch
+
+    def purge(self) -> None:
+        """Drop queued items that expired or whose client has gone (frees their queue space)."""
+        now = time.monotonic()
+        alive: deque[Item] = deque()
+        for item in self._queue:
+            if not self._drop_if_dead(item, now):
+                alive.append(item)
+        self._queue = alive
+        self._queued_steps = sum(item.length for item in alive)
+        self._m_depth.set(len(alive))
+
+    def _drop_if_dead(self, item: Item, now: float) -> bool:
+        # NOTE: the deadline is checked first: a waiter that gave up at its deadline has also
+        # cancelled its future, and that drop is a deadline, not a client gone.
+        if item.deadline is not None and item.deadline <= now:
+            self._metrics.dropped_total.labels(*self._labels, "deadline").inc()
+            if not item.future.done():
+                item.future.set_exception(
+                    DeadlineExceeded(
+                        f"deadline passed after {now - item.enqueued:.3f} s in the queue "
+                        f"of model {self.model} version {self.version}; not computed"
+                    )
+                )
+            return True
+        if item.future.done():
+            self._metrics.dropped_total.labels(*self._labels, "cancelled").inc()
+            return True
+        return False
+
+    async def _dispatch(self, batch: list[Item]) -> None:
+        now = time.monotonic()
+        for item in batch:
+            self._m_queue.observe(now - item.enqueued)
+        try:
+            rows, seconds = await self._executor.run(self._compute, batch)
+            if len(rows) != len(batch):
+                raise RuntimeError(f"{len(rows)} results for {len(batch)} sequences")
+        except Exception as exc:
+            log.exception("model %s version %s: batch failed", self.model, self.version)
+            error = (
+                exc
+                if isinstance(exc, ServiceError)
+                else ComputeError(
+                    f"model {self.model} version {self.version} failed on a batch of "
+                    f"{len(batch)}: {type(exc).__name__}"
+                )
+            )
+            for item in batch:
+                if not item.future.done():
+                    item.future.set_exception(error)
+            return
+        self._batch_seconds = 0.8 * self._batch_seconds + 0.2 * seconds
+        self._observe(batch, seconds)
+        for item, row in zip(batch, rows, strict=True):
+            if not item.future.done():
+                item.future.set_result(row)
+
+    def _observe(self, batch: list[Item], seconds: float) -> None:
+        real = sum(item.length for item in batch)
+        computed = max(item.length for item in batch) * len(batch)
+        self._m_compute.observe(seconds)
+        self._m_size.observe(len(batch))
+        self._m_steps.observe(real)
+        self._m_efficiency.observe(real / computed)
+        self._m_calls.inc()
+
+    def _fail_queued(self, error: ServiceError) -> None:
+        while self._queue:
+            item = self._queue.popleft()
+            if not item.future.done():
+                item.future.set_exception(error)
+        self._queued_steps = 0
+        self._m_depth.set(0)
+
+
+# -- the model call (runs on the executor thread) -------------------------------------------
+
+
+def _stack_states(rows: list[State | None], like: State) -> State:
+    """Per-row states ([L*D, H], or None = zeros) → a batch state [L*D, N, H] like `like`
+    (same device and dtype)."""
+    if isinstance(like, tuple):
+        h0, c0 = like
+        hs = [r[0].to(h0) if isinstance(r, tuple) else h0 for r in rows]
+        cs = [r[1].to(c0) if isinstance(r, tuple) else c0 for r in rows]
+        return (torch.stack(hs, dim=1), torch.stack(cs, dim=1))
+    assert isinstance(like, Tensor)
+    return torch.stack([r.to(like) if isinstance(r, Tensor) else like for r in rows], dim=1)
+
+
+def _row_state(state: State, row: int) -> State:
+    if isinstance(state, tuple):
+        return (state[0][:, row].clone(), state[1][:, row].clone())
+    return state[:, row].clone()
+
+
+def make_encode_compute(
+    model: EncoderModel, device: torch.device, dtype: torch.dtype, sizes: tuple[int, int]
+) -> ComputeFn:
+    """A compute function for an `EncoderModel` on `device`.
+
+    `sizes` = (layers × directions, hidden) of the encoder state, for rows without an initial
+    state. All rows run in one model call, sorted by length (longest first); when the rows ask
+    for different poolings, the call keeps every step ("none") and each row is pooled after.
+    """
+    states, hidden = sizes
+    config = model.config
+    is_lstm = config.encoder.cell == "lstm"
+
+    def compute(items: list[Item]) -> list[Row]:
+        order = sorted(range(len(items)), key=lambda i: -items[i].length)
+        chosen = [items[i] for i in order]
+        lengths = torch.tensor([item.length for item in chosen], dtype=torch.int64)
+        tensors = [torch.from_numpy(item.sequence) for item in chosen]
+        inputs = torch.nn.utils.rnn.pad_sequence(tensors, batch_first=True).to(device)
+        if inputs.is_floating_point():
+            inputs = inputs.to(dtype)
+        initial: State | None = None
+        if any(item.initial_state is not None for item in chosen):
+            zero = torch.zeros(states, hidden, device=device, dtype=dtype)
+            like: State = (zero, zero) if is_lstm else zero
+            initial = _stack_states([item.initial_state for item in chosen], like)
+        wanted = {item.pooling or config.pooling for item in chosen}
+        shared = next(iter(wanted)) if len(wanted) == 1 else "none"
+        out = model(inputs, lengths, shared, initial)  # encodings [N, E] or [N, T, E]
+        pooled: dict[str, np.ndarray] = {shared: out.encodings.float().cpu().numpy()}
+        if shared == "none":
+            final = top_layer_final(out.final_state, config.encoder.bidirectional)  # [N, E]
+            for pooling in wanted - {"none"}:
+                rows = pool(out.encodings, lengths, final, pooling)  # [N, E]
+                pooled[pooling] = rows.float().cpu().numpy()
+        # NOTE: the head always reads the config's default pooling, whatever a row asked.
+        scores = out.scores.float().cpu().numpy() if out.scores is not None else None
+        results: list[Row | None] = [None] * len(items)
+        for position, (index, item) in enumerate(zip(order, chosen, strict=True)):
+            pooling = item.pooling or config.pooling
+            encoding = pooled[pooling][position]
+            if pooling == "none":
+                encoding = encoding[: item.length]
+            results[index] = Row(
+                encoding=encoding,
+                scores=scores[position] if scores is not None else None,
+                final_state=_row_state(out.final_state, position) if item.return_state else None,
+            )
+        return [row for row in results if row is not None]
+
+    return compute

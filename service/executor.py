@@ -1,0 +1,126 @@
+"""`DeviceExecutor`: the one compute thread of a device; the event loop never blocks on a model.
+
+Every model call of a device (encode batches, decode steps, warm-up) runs here, one at a time and
+in submission order, under `torch.inference_mode()`. Batchers ask `idle` to decide whether to run
+at once (no idle waiting) and subscribe to `on_idle` to hear when the device frees up.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from typing import ParamSpec, TypeVar
+
+import torch
+
+P = ParamSpec("P")
+T = TypeVar("T")
+
+
+class DeviceExecutor:
+    """A single worker thread per device; `run` awaits a call made on it."""
+
+    def __init__(self, device: torch.device, threads: int | None = None) -> None:
+        self.device = device
+        self.threads = threads
+        self.calls = 0
+        self._pending = 0
+        self._pool: ThreadPoolExecutor | None = None
+        self._idle_listeners: list[Callable[[], None]] = []
+
+    def start(self) -> None:
+        """Start the worker thread (idempotent)."""
+        if self._pool is None:
+            self._pool = ThreadPoolExecutor(
+                max_workers=1,
+                thread_name_prefix=f"rnnserve-{self.device}",
+                initializer=self._init_thread,
+            )
+
+    def _init_thread(self) -> None:
+        # NOTE: intra-op threads are set from the worker itself as well: with OpenMP the
+        # setting is per calling thread, and this is the only thread that computes.
+        if self.threads is not None:
+            torch.set_num_threads(self.threads)
+
+    @property
+    def idle(self) -> bool:
+        """True when no call is running or waiting on this device."""
+        return self._pending == 0
+
+    @property
+    def pending(self) -> int:
+        """Calls submitted and not finished (running + waiting)."""
+        return self._pending
+
+    def on_idle(self, listener: Callable[[], None]) -> None:
+        """Call `listener` on the event loop each time the device becomes idle."""
+        self._idle_listeners.append(listener)
+
+    def remove_idle_listener(self, listener: Callable[[], None]) -> None:
+        """Stop calling `listener`."""
+        if listener in self._idle_listeners:
+            self._idle_listeners.remove(listener)
+
+    async def run(self, fn: Callable[P, T], *args: P.args, **kwargs: P.kwargs) -> tuple[T, float]:
+        """Run `fn(*args)` on the device thread; return its result and its compute seconds."""
+        if self._pool is None:
+            raise RuntimeError("DeviceExecutor.run before start()")
+        loop = asyncio.get_running_loop()
+        future: asyncio.Future[tuple[T, float]] = loop.create_future()
+        self._pending += 1
+        try:
+            self._pool.submit(self._call, loop, future, fn, args, kwargs)
+        except BaseException:
+            self._pending -= 1
+            raise
+        return await future
+
+    def _call(
+        self,
+        loop: asyncio.AbstractEventLoop,
+        future: asyncio.Future[tuple[T, float]],
+        fn: Callable[..., T],
+        args: tuple[object, ...],
+        kwargs: dict[str, object],
+    ) -> None:
+        start = time.perf_counter()
+        try:
+            with torch.inference_mode():
+                result = fn(*args, **kwargs)
+            if self.device.type == "cuda":
+                torch.cuda.synchronize(self.device)
+        except BaseException as exc:
+            loop.call_soon_threadsafe(self._finish, future, None, exc)
+            return
+        self.calls += 1
+        loop.call_soon_threadsafe(self._finish, future, (result, time.perf_counter() - start), None)
+
+    def _finish(
+        self,
+        future: asyncio.Future[tuple[T, float]],
+        result: tuple[T, float] | None,
+        exc: BaseException | None,
+    ) -> None:
+        # NOTE: one wake-up of the loop per call. The count drops when the thread is done, not
+        # when the awaiting task is (a cancelled waiter must not make a busy device look idle),
+        # and before the waiter resumes, so that it already sees `idle`.
+        self._pending -= 1
+        if self._pending == 0:
+            for listener in tuple(self._idle_listeners):
+                listener()
+        if future.done():
+            return
+        if exc is not None:
+            future.set_exception(exc)
+        else:
+            assert result is not None
+            future.set_result(result)
+
+    def shutdown(self) -> None:
+        """Stop the worker thread after the calls already submitted."""
+        if self._pool is not None:
+            self._pool.shutdown(wait=True)
+            self._pool = None

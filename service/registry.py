@@ -1,0 +1,396 @@
+"""The model registry: repository scan, version policy, load / unload / reload, states.
+
+A version goes LOADING → READY (weights checked, placed on the device, its batcher or decode
+scheduler started, one warm-up batch run) or → FAILED (the reason kept); UNLOADING while it
+drains. Only READY versions take traffic. A new build of a version is made completely beside the
+one serving and swapped in atomically; requests admitted by the old one finish on it. A failed
+load leaves whatever was serving untouched; one bad checkpoint never stops the others.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import re
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+import torch
+
+from models import checkpoint
+from models.checkpoint import LoadedModel
+from models.config import ModelConfig
+from models.encoder import EncoderModel
+from service.batching import Batcher, make_encode_compute
+from service.decoding import DecodeScheduler
+from service.errors import Conflict, InvalidInput, NotFound, NotReady
+from service.executor import DeviceExecutor
+from service.metrics import Metrics
+from service.settings import Settings
+from service.types import ModelInfo, VersionInfo
+
+log = logging.getLogger(__name__)
+
+VersionState = Literal["LOADING", "READY", "FAILED", "UNLOADING"]
+_NAME = re.compile(r"^[A-Za-z0-9_.-]+$")
+
+
+def check_model_name(name: str) -> str:
+    """A model name is letters, digits, '-', '_', '.' (no separators, not '.' or '..')."""
+    if not _NAME.match(name) or name in {".", ".."}:
+        raise InvalidInput(
+            "model", f"invalid model name {name!r} (letters, digits, '-', '_', '.' only)"
+        )
+    return name
+
+
+def select_versions(available: list[int], policy: str) -> list[int]:
+    """The versions a policy picks from `available` (ascending)."""
+    ordered = sorted(available)
+    if policy == "all":
+        return ordered
+    if policy == "latest":
+        return ordered[-1:]
+    kind, _, arg = policy.partition(":")
+    if kind == "latest":
+        return ordered[-int(arg) :]
+    wanted = {int(v) for v in arg.split(",")}
+    return [v for v in ordered if v in wanted]
+
+
+@dataclass(eq=False)
+class ModelVersion:
+    """One build of one version of a model, and what serves it."""
+
+    name: str
+    version: int
+    path: Path
+    state: VersionState = "LOADING"
+    reason: str | None = None
+    load_seconds: float | None = None
+    loaded: LoadedModel | None = None
+    batcher: Batcher | None = None
+    decoder: DecodeScheduler | None = None
+    architecture: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def config(self) -> ModelConfig:
+        assert self.loaded is not None
+        return self.loaded.config
+
+    def info(self) -> VersionInfo:
+        return VersionInfo(self.version, self.state, self.reason, self.load_seconds)
+
+
+def architecture(config: ModelConfig) -> dict[str, Any]:
+    """What a client may know of a model's architecture (JSON-ready)."""
+    arch: dict[str, Any] = {
+        "task": config.task,
+        "input": config.input.model_dump(),
+        "encoder": config.encoder.model_dump(exclude_none=True),
+        "pooling": config.pooling,
+        "encoding_size": config.encoding_size,
+        "serving": config.serving.model_dump(),
+    }
+    if config.head is not None:
+        arch["head"] = config.head.model_dump(exclude_none=True)
+    if config.decoder is not None:
+        arch["decoder"] = config.decoder.model_dump(exclude_none=True)
+    return arch
+
+
+class Registry:
+    """Every model version the server knows, and the only code that loads or unloads them."""
+
+    def __init__(
+        self,
+        settings: Settings,
+        metrics: Metrics,
+        executor: DeviceExecutor,
+        dtype: torch.dtype = torch.float32,
+    ) -> None:
+        self.settings = settings
+        self.repository = Path(settings.repository)
+        self._metrics = metrics
+        self._executor = executor
+        self._dtype = dtype
+        # name → version → the build serving it (READY or UNLOADING) or its failed/loading record
+        self._versions: dict[str, dict[int, ModelVersion]] = {}
+        self._building: dict[str, dict[int, ModelVersion]] = {}
+        self._failures: dict[str, str] = {}
+        self._locks: dict[str, asyncio.Lock] = {}
+
+    # -- the repository --------------------------------------------------------------------
+
+    def scan(self) -> dict[str, list[int]]:
+        """Model names → version numbers found on disk (invalid names are skipped, logged)."""
+        found: dict[str, list[int]] = {}
+        if not self.repository.is_dir():
+            log.error("model repository %s is not a folder", self.repository)
+            return found
+        for folder in sorted(self.repository.iterdir()):
+            if not folder.is_dir() or folder.name.startswith("."):
+                continue
+            if not _NAME.match(folder.name):
+                log.warning("skipping %s: not a valid model name", folder)
+                continue
+            found[folder.name] = self._versions_on_disk(folder)
+        return found
+
+    def _versions_on_disk(self, folder: Path) -> list[int]:
+        if not folder.is_dir():
+            return []
+        return sorted(
+            int(child.name)
+            for child in folder.iterdir()
+            if child.is_dir() and child.name.isdigit() and int(child.name) > 0
+        )
+
+    def wanted_versions(self, name: str) -> list[int]:
+        """The versions of `name` on disk that its version policy selects."""
+        return select_versions(
+            self._versions_on_disk(self.repository / name), self.settings.policy_for(name)
+        )
+
+    # -- lookups ---------------------------------------------------------------------------
+
+    def names(self) -> list[str]:
+        """Every model name known (serving, loading, or failed)."""
+        return sorted(set(self._versions) | set(self._building) | set(self._failures))
+
+    def resolve(self, name: str, version: int | None = None) -> ModelVersion:
+        """The READY build of `name` (its highest READY version when `version` is None)."""
+        versions = self._versions.get(name)
+        if version is None:
+            ready = [v for v in (versions or {}).values() if v.state == "READY"]
+            if ready:
+                return max(ready, key=lambda v: v.version)
+        else:
+            entry = (versions or {}).get(version)
+            if entry is not None and entry.state == "READY":
+                return entry
+        if name not in self.names():
+            raise NotFound(f"model {name!r} is not known")
+        label = f"model {name!r}" + ("" if version is None else f" version {version}")
+        entry = self._entry(name, version)
+        if entry is None:
+            raise NotFound(f"{label} is not loaded")
+        reason = f": {entry.reason}" if entry.reason else ""
+        raise NotReady(f"{label} is {entry.state}{reason}")
+
+    def _entry(self, name: str, version: int | None) -> ModelVersion | None:
+        merged = {**self._building.get(name, {}), **self._versions.get(name, {})}
+        if not merged:
+            return None
+        if version is None:
+            return merged[max(merged)]
+        return merged.get(version)
+
+    def model_info(self, name: str, version: int | None = None) -> ModelInfo:
+        """Versions, states and architecture of `name` (NotFound when unknown)."""
+        if name not in self.names():
+            raise NotFound(f"model {name!r} is not known")
+        merged = {**self._building.get(name, {}), **self._versions.get(name, {})}
+        if version is not None:
+            if version not in merged:
+                raise NotFound(f"model {name!r} has no version {version}")
+            merged = {version: merged[version]}
+        infos = [merged[v].info() for v in sorted(merged)]
+        ready = [e for e in merged.values() if e.state == "READY"]
+        candidates = ready or list(merged.values())
+        arch = dict(max(candidates, key=lambda e: e.version).architecture) if candidates else {}
+        if name in self._failures and not ready:
+            arch.setdefault("error", self._failures[name])
+        return ModelInfo(name=name, versions=infos, architecture=arch)
+
+    def ready_names(self) -> set[str]:
+        """Names with at least one READY version."""
+        return {
+            name
+            for name, versions in self._versions.items()
+            if any(v.state == "READY" for v in versions.values())
+        }
+
+    def serving(self) -> list[ModelVersion]:
+        """Every READY build."""
+        return [v for vs in self._versions.values() for v in vs.values() if v.state == "READY"]
+
+    # -- lifecycle -------------------------------------------------------------------------
+
+    def _lock(self, name: str) -> asyncio.Lock:
+        if name not in self._locks:
+            self._locks[name] = asyncio.Lock()
+        return self._locks[name]
+
+    async def load(self, name: str, version: int | None = None) -> None:
+        """Load `version` of `name` (None: the versions its policy selects) beside what serves.
+
+        Raises NotFound when nothing on disk matches, NotReady when every build failed.
+        """
+        check_model_name(name)
+        async with self._lock(name):
+            versions = [version] if version is not None else self.wanted_versions(name)
+            on_disk = self._versions_on_disk(self.repository / name)
+            if not versions or any(v not in on_disk for v in versions):
+                missing = "any version" if not versions else f"version {versions}"
+                problem = f"model {name!r} has no {missing} in the repository"
+                self._failures[name] = problem
+                raise NotFound(problem)
+            results = [await self._build_and_swap(name, v) for v in versions]
+            if not any(results):
+                raise NotReady(f"model {name!r} failed to load: {self._failures.get(name)}")
+
+    async def reload(self, name: str) -> None:
+        """Rebuild the policy's versions of `name`, swap them in, then unload the others."""
+        check_model_name(name)
+        async with self._lock(name):
+            versions = self.wanted_versions(name)
+            if not versions:
+                raise NotFound(f"model {name!r} has no version in the repository")
+            results = [await self._build_and_swap(name, v) for v in versions]
+            if not any(results):
+                raise NotReady(f"model {name!r} failed to reload: {self._failures.get(name)}")
+            stale = [v for v in self._versions.get(name, {}) if v not in versions]
+            for version in stale:
+                await self._unload(name, version)
+
+    async def unload(self, name: str, version: int | None = None) -> None:
+        """Drain and unload `version` of `name` (None: every version)."""
+        check_model_name(name)
+        async with self._lock(name):
+            known = self._versions.get(name, {})
+            if not known:
+                raise NotFound(f"model {name!r} is not loaded")
+            if version is not None and version not in known:
+                raise NotFound(f"model {name!r} version {version} is not loaded")
+            for v in [version] if version is not None else list(known):
+                await self._unload(name, v)
+            self._failures.pop(name, None)
+
+    async def close(self) -> None:
+        """Drain and unload everything."""
+        for name in list(self._versions):
+            async with self._lock(name):
+                for version in list(self._versions.get(name, {})):
+                    await self._unload(name, version)
+
+    async def _unload(self, name: str, version: int) -> None:
+        entry = self._versions[name][version]
+        entry.state = "UNLOADING"
+        self._metrics.set_model_state(name, version, "UNLOADING")
+        await _drain(entry)
+        del self._versions[name][version]
+        if not self._versions[name]:
+            del self._versions[name]
+        self._metrics.set_model_state(name, version, None)
+        log.info("unloaded model %s version %s", name, version)
+
+    async def _build_and_swap(self, name: str, version: int) -> bool:
+        if self._building.get(name, {}).get(version) is not None:
+            raise Conflict(f"model {name!r} version {version} is already loading")
+        entry = ModelVersion(name, version, self.repository / name / str(version))
+        self._building.setdefault(name, {})[version] = entry
+        previous = self._versions.get(name, {}).get(version)
+        if previous is not None and previous.state == "FAILED":
+            previous = None  # NOTE: a failed record is replaced by this attempt's outcome
+        if previous is None:
+            self._metrics.set_model_state(name, version, "LOADING")
+        log.info("loading model %s version %s from %s", name, version, entry.path)
+        start = time.perf_counter()
+        try:
+            await self._build(entry)
+        except Exception as exc:
+            entry.state = "FAILED"
+            entry.reason = str(exc) or type(exc).__name__
+            self._failures[name] = entry.reason
+            log.error("model %s version %s failed to load: %s", name, version, entry.reason)
+            await _drain(entry)
+            del self._building[name][version]
+            if not self._building[name]:
+                del self._building[name]
+            if previous is None:
+                # NOTE: a failed version with nothing serving is kept to report its reason.
+                self._versions.setdefault(name, {})[version] = entry
+                self._metrics.set_model_state(name, version, "FAILED")
+            return False
+        entry.load_seconds = time.perf_counter() - start
+        entry.state = "READY"
+        del self._building[name][version]
+        if not self._building[name]:
+            del self._building[name]
+        # NOTE: the swap is one dict assignment on the loop: each request sees the old build or
+        # the new one, never neither; the old one drains what it already admitted.
+        self._versions.setdefault(name, {})[version] = entry
+        self._failures.pop(name, None)
+        self._metrics.set_model_state(name, version, "READY")
+        self._metrics.model_load_duration.labels(name, str(version)).observe(entry.load_seconds)
+        log.info("model %s version %s READY in %.3f s", name, version, entry.load_seconds)
+        if previous is not None:
+            previous.state = "UNLOADING"
+            await _drain(previous)
+            log.info("model %s version %s: previous build drained", name, version)
+        return True
+
+    async def _build(self, entry: ModelVersion) -> None:
+        loaded = await asyncio.to_thread(
+            checkpoint.load, entry.path, self._executor.device, self._dtype
+        )
+        entry.loaded = loaded
+        config = loaded.config
+        entry.architecture = architecture(config)
+        serving = config.serving
+        if isinstance(loaded.model, EncoderModel):
+            encoder = config.encoder
+            entry.batcher = Batcher(
+                entry.name,
+                entry.version,
+                self._executor,
+                make_encode_compute(
+                    loaded.model,
+                    self._executor.device,
+                    self._dtype,
+                    (encoder.num_layers * encoder.num_directions, encoder.hidden_size),
+                ),
+                self._metrics,
+                max_batch_size=serving.max_batch_size,
+                max_delay_s=serving.max_delay_ms / 1000.0,
+                max_queue_size=serving.max_queue_size,
+                max_batch_timesteps=self.settings.max_batch_timesteps
+                or serving.max_batch_size * 128,
+            )
+            entry.batcher.start()
+            if self.settings.warmup:
+                await entry.batcher.warm_up(_warm_input(config))
+        else:
+            entry.decoder = DecodeScheduler(
+                entry.name,
+                entry.version,
+                loaded.model,
+                self._executor,
+                self._metrics,
+                max_slots=self.settings.max_decode_slots,
+                max_queue=self.settings.max_decode_queue,
+                max_batch_size=serving.max_batch_size,
+                join_fraction=self.settings.decode_join_fraction,
+                max_wait_steps=self.settings.decode_max_wait_steps,
+            )
+            entry.decoder.start()
+            if self.settings.warmup:
+                await entry.decoder.warm_up(_warm_input(config))
+
+
+def _warm_input(config: ModelConfig) -> np.ndarray:
+    size = getattr(config.input, "size", None)
+    if size is not None:
+        return np.zeros((2, size), dtype=np.float32)
+    return np.zeros(2, dtype=np.int64)
+
+
+async def _drain(entry: ModelVersion) -> None:
+    if entry.batcher is not None:
+        await entry.batcher.drain()
+    if entry.decoder is not None:
+        await entry.decoder.drain()

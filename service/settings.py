@@ -1,0 +1,220 @@
+"""`Settings`: every server option, from `RNNSERVE_*` environment variables (and CLI flags).
+
+Each field is documented with `Field(description=...)`; `service/cli.py` turns every field into a
+`--flag` (underscores become dashes). Values are checked here, once, with messages that name the
+setting, so a bad deployment fails at start-up and not at the first request.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Annotated, Literal
+
+import torch
+from pydantic import Field, SecretStr, field_validator, model_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+
+DType = Literal["float32", "float16", "bfloat16"]
+
+_DEVICE = re.compile(r"^(auto|cpu|cuda|cuda:\d+)$")
+_POLICY = re.compile(r"^(latest|latest:[1-9]\d*|all|specific:[1-9]\d*(,[1-9]\d*)*)$")
+_MODEL_NAME = re.compile(r"^[A-Za-z0-9_.-]+$")
+
+
+def check_version_policy(policy: str) -> str:
+    """Return `policy` if it is `latest`, `latest:N`, `all` or `specific:V1,V2`; else raise."""
+    if not _POLICY.match(policy):
+        raise ValueError(
+            f"version policy {policy!r} must be 'latest', 'latest:N', 'all' or 'specific:1,3'"
+        )
+    return policy
+
+
+class Settings(BaseSettings):
+    """Server configuration (12-factor): environment variables `RNNSERVE_<FIELD>`, then flags."""
+
+    model_config = SettingsConfigDict(env_prefix="RNNSERVE_", extra="forbid", frozen=True)
+
+    repository: Path = Field(
+        default=Path("model-repository"),
+        description="Model repository folder: <name>/<version>/config.json + model.safetensors.",
+    )
+    host: str = Field(default="127.0.0.1", description="Address both servers bind.")
+    http_port: int = Field(default=8000, ge=0, le=65535, description="HTTP (REST) port; 0 = any.")
+    grpc_port: int = Field(default=8001, ge=0, le=65535, description="gRPC port; 0 = any.")
+    device: str = Field(
+        default="auto",
+        description="Where models run: auto (CUDA when available, else CPU), cpu, cuda, cuda:N.",
+    )
+    dtype: DType = Field(
+        default="float32",
+        description="Weight and activation dtype; float16/bfloat16 only on a GPU.",
+    )
+    cpu_threads: int | None = Field(
+        default=None,
+        ge=1,
+        le=1024,
+        description=(
+            "torch intra-op threads for CPU compute. Default: one thread less than the cores "
+            "(at least 1), so the event loop and front-ends keep a core (see bench/RESULTS.md)."
+        ),
+    )
+    models: Annotated[list[str] | None, NoDecode] = Field(
+        default=None,
+        description="Names of the models to load at start-up (comma separated); default: all.",
+    )
+    version_policy: str = Field(
+        default="latest",
+        description="Which versions to load: latest, latest:N, all, or specific:1,3.",
+    )
+    version_policies: dict[str, str] = Field(
+        default_factory=dict,
+        description='Per-model overrides of version_policy, e.g. {"tagger": "all"} (JSON).',
+    )
+    strict_readiness: bool = Field(
+        default=True,
+        description="Ready only when every configured model is READY (else: at least one).",
+    )
+    log_format: Literal["text", "json"] = Field(default="text", description="Log line format.")
+    log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"] = Field(
+        default="INFO", description="Lowest level logged."
+    )
+    drain_grace_s: float = Field(
+        default=30.0,
+        ge=0.0,
+        description="On SIGTERM: seconds admitted work may take to finish before exit.",
+    )
+    management_enabled: bool = Field(
+        default=False, description="Expose load/unload/reload endpoints."
+    )
+    management_token: SecretStr | None = Field(
+        default=None, description="Bearer token required by management endpoints when set."
+    )
+    max_body_bytes: int = Field(
+        default=64 * 1024 * 1024, ge=1024, description="Largest HTTP request body accepted."
+    )
+    grpc_max_message_bytes: int = Field(
+        default=64 * 1024 * 1024, ge=1024, description="Largest gRPC message (in and out)."
+    )
+    max_sequences_per_request: int = Field(
+        default=1024, ge=1, description="Most sequences one request may carry."
+    )
+    max_text_length: int = Field(
+        default=100_000, ge=1, description="Longest text input, in characters."
+    )
+    max_beam_size: int = Field(default=16, ge=1, le=256, description="Largest beam_size accepted.")
+    max_decode_slots: int = Field(
+        default=256,
+        ge=1,
+        description="Rows (greedy requests + beams) in one model's running decode batch.",
+    )
+    max_decode_queue: int = Field(
+        default=1024,
+        ge=1,
+        description="Sequences waiting for a decode slot before generate is refused (Overloaded).",
+    )
+    decode_join_fraction: float = Field(
+        default=0.25,
+        gt=0.0,
+        le=1.0,
+        description=(
+            "Waiting generate requests join a running decode batch once they number this "
+            "fraction of its requests (grouped: encoding one costs about as much as many)."
+        ),
+    )
+    decode_max_wait_steps: int = Field(
+        default=8,
+        ge=0,
+        description="…or once the oldest has waited this many decode steps (0: join at once).",
+    )
+    max_batch_timesteps: int | None = Field(
+        default=None,
+        ge=1,
+        description=(
+            "Cost budget of one encode batch in total real time steps; default: "
+            "max_batch_size × 128."
+        ),
+    )
+    default_timeout_s: float | None = Field(
+        default=None, gt=0.0, description="Deadline of requests that set none; empty = none."
+    )
+    warmup: bool = Field(
+        default=True, description="Run one warm-up batch before a version becomes READY."
+    )
+
+    @field_validator("device")
+    @classmethod
+    def _device(cls, value: str) -> str:
+        if not _DEVICE.match(value):
+            raise ValueError(f"device {value!r} must be auto, cpu, cuda or cuda:N")
+        return value
+
+    @field_validator("version_policy")
+    @classmethod
+    def _policy(cls, value: str) -> str:
+        return check_version_policy(value)
+
+    @field_validator("version_policies")
+    @classmethod
+    def _policies(cls, value: dict[str, str]) -> dict[str, str]:
+        for name, policy in value.items():
+            if not _MODEL_NAME.match(name) or name in {".", ".."}:
+                raise ValueError(f"version_policies: invalid model name {name!r}")
+            check_version_policy(policy)
+        return value
+
+    @field_validator("models", mode="before")
+    @classmethod
+    def _split_models(cls, value: object) -> object:
+        # NOTE: environment variables and flags give "a,b"; JSON lists pass through.
+        if isinstance(value, str):
+            return [part.strip() for part in value.split(",") if part.strip()]
+        return value
+
+    @field_validator("models")
+    @classmethod
+    def _model_names(cls, value: list[str] | None) -> list[str] | None:
+        for name in value or []:
+            if not _MODEL_NAME.match(name) or name in {".", ".."}:
+                raise ValueError(
+                    f"models: invalid model name {name!r} (letters, digits, '-', '_', '.')"
+                )
+        return value
+
+    @model_validator(mode="after")
+    def _half_needs_gpu(self) -> Settings:
+        if self.dtype != "float32" and self.device == "cpu":
+            raise ValueError(f"dtype {self.dtype} needs a GPU; device is cpu (use float32)")
+        return self
+
+    def policy_for(self, model: str) -> str:
+        """The version policy of `model` (its override, else the default)."""
+        return self.version_policies.get(model, self.version_policy)
+
+    def torch_device(self) -> torch.device:
+        """Resolve `device` (auto → cuda when available) and check that it exists."""
+        if self.device == "auto":
+            device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        else:
+            device = torch.device(self.device)
+        if device.type == "cuda":
+            if not torch.cuda.is_available():
+                raise ValueError(f"device {self.device}: CUDA is not available on this machine")
+            if device.index is not None and device.index >= torch.cuda.device_count():
+                raise ValueError(
+                    f"device {self.device}: only {torch.cuda.device_count()} CUDA device(s)"
+                )
+        if device.type == "cpu" and self.dtype != "float32":
+            raise ValueError(f"dtype {self.dtype} needs a GPU; device {self.device} is the CPU")
+        return device
+
+    def torch_dtype(self) -> torch.dtype:
+        """The torch dtype of `dtype`."""
+        return {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}[
+            self.dtype
+        ]
+
+    def intra_op_threads(self, cores: int) -> int:
+        """torch intra-op threads for a machine with `cores` cores."""
+        return self.cpu_threads if self.cpu_threads is not None else max(1, cores - 1)

@@ -1,0 +1,168 @@
+"""Input checks of the engine, before anything joins a batch (one bad item never fails a batch).
+
+Every error is `InvalidInput(field, message)`; fields use the wire's vocabulary (`inputs[3]`,
+`tokens[0][17]`, `texts[2]`, `beam_size`), messages name the limit.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from models.config import FeaturesInput, ModelConfig, TextInput, TokensInput
+from models.tokenizer import Tokenizer
+from service.errors import InvalidInput
+from service.types import InputKind, Sequence
+
+FIELD_OF_KIND: dict[str, str] = {"features": "inputs", "tokens": "tokens", "text": "texts"}
+POOLINGS = ("last", "mean", "max", "none")
+
+
+def model_kind(config: ModelConfig) -> InputKind:
+    """The input kind a model reads."""
+    if isinstance(config.input, FeaturesInput):
+        return "features"
+    if isinstance(config.input, TokensInput):
+        return "tokens"
+    return "text"
+
+
+def check_task(name: str, config: ModelConfig, task: str) -> None:
+    """`InvalidInput("model")` when `name` is not a model of `task` (encode / seq2seq)."""
+    if config.task != task:
+        use = "encode" if config.task == "encode" else "generate"
+        article = "an" if config.task == "encode" else "a"
+        raise InvalidInput("model", f"model {name!r} is {article} {config.task} model; use {use}")
+
+
+def check_timeout(timeout_s: float | None) -> None:
+    """Deadlines are positive and finite."""
+    if timeout_s is not None and not (0 < timeout_s < float("inf")):
+        raise InvalidInput("timeout_ms", f"must be a positive number, got {timeout_s * 1000:g}")
+
+
+def check_pooling(pooling: str | None) -> None:
+    """Pooling is one of last, mean, max, none."""
+    if pooling is not None and pooling not in POOLINGS:
+        raise InvalidInput("pooling", f"must be one of {', '.join(POOLINGS)}; got {pooling!r}")
+
+
+def sequences(
+    config: ModelConfig,
+    tokenizer: Tokenizer | None,
+    kind: InputKind,
+    items: list[Sequence],
+    *,
+    max_sequences: int,
+    max_text_length: int,
+    field_offset: int = 0,
+) -> list[np.ndarray]:
+    """Check a request's sequences against the model; return model-ready arrays.
+
+    Features → float32 [T, F]; tokens and text → int64 [T] (text tokenized here).
+    """
+    field = FIELD_OF_KIND.get(kind)
+    if field is None:
+        raise InvalidInput("kind", f"unknown input kind {kind!r}")
+    expected = model_kind(config)
+    if kind != expected:
+        raise InvalidInput(
+            field,
+            f"this model reads {expected} input; send '{FIELD_OF_KIND[expected]}' instead",
+        )
+    if not items:
+        raise InvalidInput(field, "at least one sequence is required")
+    if len(items) > max_sequences:
+        raise InvalidInput(
+            field, f"{len(items)} sequences in one request; the limit is {max_sequences}"
+        )
+    limit = config.serving.max_sequence_length
+    out: list[np.ndarray] = []
+    for index, item in enumerate(items):
+        name = f"{field}[{index + field_offset}]"
+        if isinstance(config.input, FeaturesInput):
+            array = _features(name, item, config.input.size)
+        elif isinstance(config.input, TokensInput):
+            array = _tokens(name, item, config.input.vocab_size)
+        else:
+            array = _text(name, item, config.input, tokenizer, max_text_length)
+        if array.shape[0] == 0:
+            raise InvalidInput(name, "empty sequence; at least one step is required")
+        if array.shape[0] > limit:
+            raise InvalidInput(
+                name, f"{array.shape[0]} steps; this model's max_sequence_length is {limit}"
+            )
+        out.append(array)
+    return out
+
+
+def _features(name: str, item: Sequence, size: int) -> np.ndarray:
+    if isinstance(item, str):
+        raise InvalidInput(name, "expected a [time, features] array of numbers, got a string")
+    array = np.asarray(item)
+    if array.ndim != 2:
+        if array.ndim == 1 and array.shape[0] == 0:
+            raise InvalidInput(name, "empty sequence; at least one step is required")
+        raise InvalidInput(name, f"expected a [time, {size}] array, got {array.ndim} dimension(s)")
+    if array.shape[1] != size:
+        raise InvalidInput(
+            name,
+            f"each step must have {size} features (the model's input size), got {array.shape[1]}",
+        )
+    if not (np.issubdtype(array.dtype, np.floating) or np.issubdtype(array.dtype, np.integer)):
+        raise InvalidInput(name, f"expected numbers, got {array.dtype}")
+    array = np.ascontiguousarray(array, dtype=np.float32)
+    if not np.isfinite(array).all():
+        step = int(np.argwhere(~np.isfinite(array))[0][0])
+        raise InvalidInput(f"{name}[{step}]", "NaN or infinite value (features must be finite)")
+    return array
+
+
+def _tokens(name: str, item: Sequence, vocab_size: int) -> np.ndarray:
+    if isinstance(item, str):
+        raise InvalidInput(name, "expected a list of token ids, got a string")
+    array = np.asarray(item)
+    if array.ndim != 1:
+        raise InvalidInput(name, f"expected a list of token ids, got {array.ndim} dimension(s)")
+    if array.shape[0] and not np.issubdtype(array.dtype, np.integer):
+        raise InvalidInput(name, f"token ids must be integers, got {array.dtype}")
+    array = np.ascontiguousarray(array, dtype=np.int64)
+    bad = np.flatnonzero((array < 0) | (array >= vocab_size))
+    if bad.size:
+        step = int(bad[0])
+        raise InvalidInput(
+            f"{name}[{step}]",
+            f"token id {int(array[step])} is outside [0, {vocab_size}) (the vocabulary size)",
+        )
+    return array
+
+
+def _text(
+    name: str, item: Sequence, spec: TextInput, tokenizer: Tokenizer | None, max_chars: int
+) -> np.ndarray:
+    if not isinstance(item, str):
+        raise InvalidInput(name, "expected a string")
+    if len(item) > max_chars:
+        raise InvalidInput(name, f"{len(item)} characters; the limit is {max_chars}")
+    if tokenizer is None:
+        raise InvalidInput(name, "this model has no tokenizer for text input")
+    ids = np.asarray(tokenizer.encode(item), dtype=np.int64)
+    if ids.shape[0] == 0:
+        raise InvalidInput(name, f"empty text (no {spec.tokenizer} tokens)")
+    return ids
+
+
+def generate_limits(
+    config: ModelConfig, beam_size: int, max_length: int | None, max_beam_size: int
+) -> int:
+    """Check beam_size and max_length of a generate request; return the length limit to use."""
+    assert config.decoder is not None
+    if not 1 <= beam_size <= max_beam_size:
+        raise InvalidInput("beam_size", f"must be between 1 and {max_beam_size}, got {beam_size}")
+    limit = config.decoder.max_length
+    if max_length is None:
+        return limit
+    if not 1 <= max_length <= limit:
+        raise InvalidInput(
+            "max_length", f"must be between 1 and {limit} (this model's limit), got {max_length}"
+        )
+    return max_length

@@ -1,0 +1,81 @@
+"""Shared fixtures: a fresh model repository, an injected metrics registry, a real engine.
+
+Keep this small and generic; test modules add their own fixtures.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import threading
+from collections.abc import AsyncIterator, Awaitable, Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+from prometheus_client import CollectorRegistry
+
+from service.engine import Engine
+from service.metrics import Metrics
+from service.settings import Settings
+
+StartEngine = Callable[..., Awaitable[Engine]]
+
+
+@pytest.fixture
+def repository(tmp_path: Path) -> Path:
+    """An empty model repository folder (tests write real checkpoints into it)."""
+    path = tmp_path / "repository"
+    path.mkdir()
+    return path
+
+
+@pytest.fixture
+def metrics() -> Metrics:
+    """Metrics on their own CollectorRegistry (never the global one)."""
+    return Metrics(CollectorRegistry())
+
+
+@pytest.fixture
+async def start_engine(repository: Path, metrics: Metrics) -> AsyncIterator[StartEngine]:
+    """`await start_engine(**settings)`: a started Engine on `repository` (CPU, 1 thread),
+    drained at the end of the test."""
+    engines: list[Engine] = []
+
+    async def start(**overrides: Any) -> Engine:
+        options: dict[str, Any] = {
+            "repository": repository,
+            "device": "cpu",
+            "cpu_threads": 1,
+            "drain_grace_s": 2.0,
+        }
+        options.update(overrides)
+        engine = Engine(Settings(**options), metrics)
+        await engine.start()
+        engines.append(engine)
+        return engine
+
+    yield start
+    for engine in engines:
+        if not engine.draining:
+            await engine.drain(2.0)
+
+
+def sample(metrics: Metrics, name: str, **labels: str) -> float:
+    """The value of one sample of the injected registry (0 when it was never set)."""
+    value = metrics.registry.get_sample_value(name, labels)
+    return 0.0 if value is None else value
+
+
+@contextlib.asynccontextmanager
+async def device_held(engine: Engine) -> AsyncIterator[None]:
+    """Keep the engine's device thread busy (a real job on the executor) until the block ends."""
+    release = threading.Event()
+    job = asyncio.ensure_future(engine.executor.run(release.wait, 30.0))
+    await asyncio.sleep(0)  # the job is submitted once its task first runs
+    assert not engine.executor.idle
+    try:
+        yield
+    finally:
+        release.set()
+        await job

@@ -1,0 +1,327 @@
+"""The encode batcher through the engine's public API, with real tiny checkpoints."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from models import checkpoint
+from service.batching import Item
+from service.engine import Engine
+from service.errors import ComputeError, DeadlineExceeded, Overloaded
+from service.metrics import Metrics
+from service.types import EncodeRequest
+from tests.conftest import StartEngine, device_held, sample
+from tests.factories import write_model
+
+FEATURES = 8
+
+
+def features(lengths: list[int], seed: int) -> list[np.ndarray]:
+    rng = np.random.default_rng(seed)
+    return [rng.standard_normal((n, FEATURES)).astype(np.float32) for n in lengths]
+
+
+def request(model: str, seqs: list[np.ndarray], **kwargs: object) -> EncodeRequest:
+    return EncodeRequest(model=model, sequences=list(seqs), kind="features", **kwargs)  # type: ignore[arg-type]
+
+
+def calls(metrics: Metrics, model: str, version: int = 1) -> float:
+    return sample(
+        metrics, "rnnserve_model_calls_total", model=model, version=str(version), kind="encode"
+    )
+
+
+def batches(metrics: Metrics, model: str) -> tuple[float, float]:
+    """(number of batches, total sequences) recorded by rnnserve_batch_size."""
+    labels = {"model": model, "version": "1", "kind": "encode"}
+    return (
+        sample(metrics, "rnnserve_batch_size_count", **labels),
+        sample(metrics, "rnnserve_batch_size_sum", **labels),
+    )
+
+
+def reference(repository: Path, name: str, seqs: list[np.ndarray]) -> np.ndarray:
+    """Each sequence encoded alone, straight from the checkpoint (no engine)."""
+    loaded = checkpoint.load(repository / name / "1")
+    out = []
+    with torch.inference_mode():
+        for seq in seqs:
+            x = torch.from_numpy(seq)[None]
+            out.append(loaded.model(x, torch.tensor([len(seq)])).encodings[0].numpy())
+    return np.stack(out)
+
+
+async def test_batch_invariance_alone_together_interleaved(
+    repository: Path, start_engine: StartEngine
+) -> None:
+    write_model(repository, "m", cell="gru", num_layers=2, bidirectional=True, input_size=FEATURES)
+    engine = await start_engine()
+    lengths = [1, 9, 4, 17, 2, 33, 8, 8, 5, 12]
+    seqs = features(lengths, seed=1)
+    expected = reference(repository, "m", seqs)
+
+    alone = np.stack([(await engine.encode(request("m", [s]))).encodings[0] for s in seqs])
+    together = (await engine.encode(request("m", seqs))).encodings
+    # Concurrent callers, each sending a few sequences in a different order.
+    order = np.random.default_rng(2).permutation(len(seqs))
+
+    async def caller(indices: list[int]) -> list[tuple[int, np.ndarray]]:
+        result = await engine.encode(request("m", [seqs[i] for i in indices]))
+        return list(zip(indices, result.encodings, strict=True))
+
+    groups = [[int(i) for i in order[k : k + 3]] for k in range(0, len(seqs), 3)]
+    interleaved_pairs = [p for ps in await asyncio.gather(*map(caller, groups)) for p in ps]
+    interleaved = np.stack([e for _, e in sorted(interleaved_pairs, key=lambda p: p[0])])
+
+    # NOTE: BLAS may round the last bit differently for another batch size, hence 1e-6.
+    for got in (alone, together, interleaved):
+        assert isinstance(got, np.ndarray)
+        np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-6)
+
+
+async def test_many_sequences_split_into_batches_and_reassembled_in_order(
+    repository: Path, start_engine: StartEngine, metrics: Metrics
+) -> None:
+    write_model(repository, "m", input_size=FEATURES, serving={"max_batch_size": 4})
+    engine = await start_engine()
+    seqs = features([3, 1, 7, 2, 9, 4, 6, 5, 8, 2, 3], seed=3)
+    before = batches(metrics, "m")
+    result = await engine.encode(request("m", seqs))
+    count, total = (a - b for a, b in zip(batches(metrics, "m"), before, strict=True))
+    assert total == len(seqs) and count >= 3  # ≤ 4 per batch
+    np.testing.assert_allclose(result.encodings, reference(repository, "m", seqs), atol=1e-6)
+
+
+async def test_cost_budget_closes_a_batch(
+    repository: Path, start_engine: StartEngine, metrics: Metrics
+) -> None:
+    write_model(repository, "m", input_size=FEATURES)
+    engine = await start_engine(max_batch_timesteps=20)
+    seqs = features([10, 10, 10, 10], seed=4)
+    before = batches(metrics, "m")
+    async with device_held(engine):
+        task = asyncio.ensure_future(engine.encode(request("m", seqs)))
+        await asyncio.sleep(0.01)
+    await task
+    count, total = (a - b for a, b in zip(batches(metrics, "m"), before, strict=True))
+    assert (count, total) == (2, 4)
+
+
+async def test_lone_request_does_not_wait_for_max_delay(
+    repository: Path, start_engine: StartEngine
+) -> None:
+    write_model(repository, "m", input_size=FEATURES, serving={"max_delay_ms": 5000.0})
+    engine = await start_engine()
+    start = time.monotonic()
+    await engine.encode(request("m", features([5], seed=5)))
+    assert time.monotonic() - start < 1.0  # no idle waiting: the device was free
+
+
+async def test_max_delay_closes_the_batch_while_the_device_is_busy(
+    repository: Path, start_engine: StartEngine, metrics: Metrics
+) -> None:
+    write_model(repository, "m", input_size=FEATURES, serving={"max_delay_ms": 100.0})
+    engine = await start_engine()
+    before = batches(metrics, "m")
+    async with device_held(engine):
+        first = asyncio.ensure_future(engine.encode(request("m", features([3], seed=6))))
+        await asyncio.sleep(0.02)
+        joins = asyncio.ensure_future(engine.encode(request("m", features([4], seed=7))))
+        await asyncio.sleep(0.3)  # past max_delay: that batch is closed and waits for the device
+        later = asyncio.ensure_future(engine.encode(request("m", features([5], seed=8))))
+        await asyncio.sleep(0.02)
+    await asyncio.gather(first, joins, later)
+    count, total = (a - b for a, b in zip(batches(metrics, "m"), before, strict=True))
+    assert (count, total) == (2, 3)
+
+
+async def test_full_queue_rejects_at_once_with_a_retry_hint(
+    repository: Path, start_engine: StartEngine
+) -> None:
+    write_model(
+        repository,
+        "m",
+        input_size=FEATURES,
+        serving={"max_queue_size": 3, "max_delay_ms": 10_000.0},
+    )
+    engine = await start_engine()
+    async with device_held(engine):
+        queued = asyncio.ensure_future(engine.encode(request("m", features([2, 2], seed=9))))
+        await asyncio.sleep(0.01)
+        start = time.monotonic()
+        with pytest.raises(Overloaded) as caught:
+            await engine.encode(request("m", features([2, 2], seed=10)))
+        assert time.monotonic() - start < 0.1
+        assert caught.value.retry_after_s > 0
+        assert "queue full" in str(caught.value)
+        one_more = asyncio.ensure_future(engine.encode(request("m", features([2], seed=11))))
+        await asyncio.sleep(0.01)
+    assert len((await queued).encodings) == 2
+    assert len((await one_more).encodings) == 1
+
+
+async def test_expired_and_cancelled_items_are_never_computed(
+    repository: Path, start_engine: StartEngine, metrics: Metrics
+) -> None:
+    write_model(repository, "m", input_size=FEATURES, serving={"max_delay_ms": 10_000.0})
+    engine = await start_engine()
+    computed = calls(metrics, "m")
+    async with device_held(engine):
+        with pytest.raises(DeadlineExceeded):
+            await engine.encode(request("m", features([3, 4], seed=12), timeout_s=0.05))
+        cancelled = asyncio.ensure_future(engine.encode(request("m", features([5], seed=13))))
+        await asyncio.sleep(0.01)
+        cancelled.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await cancelled
+    await asyncio.sleep(0.05)
+    assert calls(metrics, "m") == computed
+    labels = {"model": "m", "version": "1"}
+    assert sample(metrics, "rnnserve_dropped_sequences_total", **labels, reason="deadline") == 2
+    assert sample(metrics, "rnnserve_dropped_sequences_total", **labels, reason="cancelled") == 1
+    assert engine.registry.resolve("m").batcher.queue_depth == 0  # type: ignore[union-attr]
+    # The batcher still serves afterwards.
+    assert len((await engine.encode(request("m", features([2], seed=14)))).encodings) == 1
+    assert calls(metrics, "m") == computed + 1
+
+
+async def test_an_exception_reaches_its_batch_and_nothing_else(
+    repository: Path, start_engine: StartEngine
+) -> None:
+    write_model(repository, "a", input_size=FEATURES, serving={"max_delay_ms": 10_000.0})
+    write_model(repository, "b", input_size=FEATURES, seed=1)
+    engine = await start_engine()
+    batcher = engine.registry.resolve("a").batcher
+    assert batcher is not None
+    loop = asyncio.get_running_loop()
+    # A row of the wrong width reaches the real model only by skipping the engine's validation.
+    broken = Item(np.zeros((3, FEATURES + 1), np.float32), loop.create_future())
+    sound = Item(features([3], seed=15)[0], loop.create_future())
+    async with device_held(engine):
+        batcher.submit([broken, sound])
+        other_model = asyncio.ensure_future(engine.encode(request("b", features([4], seed=16))))
+        await asyncio.sleep(0.01)
+    for item in (broken, sound):
+        with pytest.raises(ComputeError, match="model a version 1 failed"):
+            await item.future
+    assert len((await other_model).encodings) == 1
+    assert len((await engine.encode(request("a", features([3], seed=15)))).encodings) == 1
+
+
+async def test_drain_finishes_admitted_work_then_refuses(
+    repository: Path, start_engine: StartEngine
+) -> None:
+    write_model(repository, "m", input_size=FEATURES, serving={"max_delay_ms": 10_000.0})
+    engine: Engine = await start_engine()
+    async with device_held(engine):
+        admitted = asyncio.ensure_future(engine.encode(request("m", features([3, 3], seed=17))))
+        await asyncio.sleep(0.01)
+        drained = asyncio.ensure_future(engine.drain(5.0))
+        await asyncio.sleep(0.01)
+        assert not engine.ready
+    await drained
+    assert len((await admitted).encodings) == 2
+
+
+async def test_rows_with_their_own_initial_state_share_a_batch(
+    repository: Path, start_engine: StartEngine, metrics: Metrics
+) -> None:
+    path = write_model(repository, "m", input_size=FEATURES, num_layers=2, cell="gru")
+    engine = await start_engine()
+    whole, plain = features([9, 6], seed=18)
+    first = await engine.encode_chunk("m", 1, whole[:5], "features", None, None, "internal")
+    before = batches(metrics, "m")
+    async with device_held(engine):
+        chunk = asyncio.ensure_future(
+            engine.encode_chunk("m", 1, whole[5:], "features", first.final_state, None, "internal")
+        )
+        other = asyncio.ensure_future(engine.encode(request("m", [plain])))
+        await asyncio.sleep(0.01)
+    chunk_out, other_out = await chunk, await other
+    count, total = (a - b for a, b in zip(batches(metrics, "m"), before, strict=True))
+    assert (count, total) == (1, 2)  # one model call for both rows (poolings "none" and "last")
+    loaded = checkpoint.load(path)
+    with torch.inference_mode():
+        steps = loaded.model(torch.from_numpy(whole)[None], torch.tensor([9]), "none")
+    np.testing.assert_allclose(
+        chunk_out.outputs, steps.encodings[0, 5:].numpy(), rtol=1e-5, atol=1e-6
+    )
+    np.testing.assert_allclose(
+        other_out.encodings, reference(repository, "m", [plain]), rtol=1e-5, atol=1e-6
+    )
+
+
+async def test_mixed_poolings_share_one_model_call(
+    repository: Path, start_engine: StartEngine, metrics: Metrics
+) -> None:
+    path = write_model(
+        repository, "m", input_size=FEATURES, bidirectional=True, head=["a", "b", "c"], seed=3
+    )
+    engine = await start_engine()
+    seqs = features([7, 3], seed=19)
+    poolings = ("last", "mean", "max", "none")
+    before = calls(metrics, "m")
+    async with device_held(engine):
+        tasks = [
+            asyncio.ensure_future(engine.encode(request("m", seqs, pooling=p))) for p in poolings
+        ]
+        await asyncio.sleep(0.01)
+    results = await asyncio.gather(*tasks)
+    assert calls(metrics, "m") == before + 1
+    loaded = checkpoint.load(path)
+    lengths = torch.tensor([7, 3])
+    padded = torch.nn.utils.rnn.pad_sequence([torch.from_numpy(s) for s in seqs], True)
+    for pooling, result in zip(poolings, results, strict=True):
+        with torch.inference_mode():
+            expected = loaded.model(padded, lengths, pooling)  # type: ignore[arg-type]
+        assert expected.scores is not None and result.scores is not None
+        np.testing.assert_allclose(result.scores, expected.scores.numpy(), rtol=1e-5, atol=1e-6)
+        if pooling == "none":
+            for i, n in enumerate((7, 3)):
+                np.testing.assert_allclose(
+                    result.encodings[i], expected.encodings[i, :n].numpy(), rtol=1e-5, atol=1e-6
+                )
+        else:
+            np.testing.assert_allclose(
+                result.encodings, expected.encodings.numpy(), rtol=1e-5, atol=1e-6
+            )
+
+
+@pytest.fixture
+async def property_engine(repository: Path, start_engine: StartEngine) -> Engine:
+    """One engine for every example of a property test (examples share the model)."""
+    write_model(repository, "p", input_size=FEATURES, cell="lstm", num_layers=2, seed=5)
+    return await start_engine()
+
+
+@settings(
+    max_examples=15,
+    deadline=None,
+    suppress_health_check=[HealthCheck.function_scoped_fixture],
+)
+@given(
+    lengths=st.lists(st.integers(1, 40), min_size=1, max_size=12),
+    split=st.integers(1, 4),
+    seed=st.integers(0, 2**16),
+)
+async def test_property_batching_never_changes_a_result(
+    repository: Path, property_engine: Engine, lengths: list[int], split: int, seed: int
+) -> None:
+    engine = property_engine
+    seqs = features(lengths, seed=seed)
+    expected = reference(repository, "p", seqs)
+    # Any grouping of the same sequences into concurrent requests gives the same encodings.
+    groups = [list(range(len(seqs)))[k::split] for k in range(split)]
+    results = await asyncio.gather(
+        *(engine.encode(request("p", [seqs[i] for i in g])) for g in groups if g)
+    )
+    for group, result in zip([g for g in groups if g], results, strict=True):
+        np.testing.assert_allclose(result.encodings, expected[group], rtol=1e-5, atol=1e-6)

@@ -1,0 +1,175 @@
+"""The continuous-batching decode scheduler through the engine, with real seq2seq checkpoints."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from models import checkpoint
+from service.errors import DeadlineExceeded, InvalidInput, Overloaded
+from service.metrics import Metrics
+from service.types import EncodeRequest, GenerateRequest, GenerateResult, TokenEvent
+from tests.conftest import StartEngine, device_held, sample
+from tests.factories import CHAR_VOCAB, write_model
+
+SOURCES = ["hello", "ab", "a longer source text", "xyz"]
+
+
+def offline(path: Path, texts: list[str], beam_size: int, max_length: int) -> list[list[int]]:
+    """Seq2SeqModel.generate straight from the checkpoint: one batch, no server."""
+    loaded = checkpoint.load(path)
+    ids = [torch.tensor([CHAR_VOCAB.index(c) for c in t]) for t in texts]
+    lengths = torch.tensor([len(i) for i in ids])
+    with torch.inference_mode():
+        return loaded.model.generate(  # type: ignore[union-attr]
+            torch.nn.utils.rnn.pad_sequence(ids, batch_first=True),
+            lengths,
+            max_length=max_length,
+            beam_size=beam_size,
+        )
+
+
+@pytest.mark.parametrize(("cell", "attention"), [("lstm", True), ("gru", False)])
+async def test_scheduled_decoding_equals_offline_generate(
+    repository: Path, start_engine: StartEngine, cell: str, attention: bool
+) -> None:
+    path = write_model(
+        repository, "s2s", task="seq2seq", input_type="text", cell=cell, attention=attention
+    )
+    engine = await start_engine()
+    for beam in (1, 3):
+        expected = offline(path, SOURCES, beam, 12)
+        # Each source from its own concurrent caller: rows join and leave a shared batch.
+        results = await asyncio.gather(
+            *(
+                engine.generate(
+                    GenerateRequest("s2s", [text], "text", max_length=12, beam_size=beam)
+                )
+                for text in SOURCES
+            )
+        )
+        assert [r.outputs[0].tokens for r in results] == expected
+        together = await engine.generate(
+            GenerateRequest("s2s", SOURCES, "text", max_length=12, beam_size=beam)
+        )
+        assert [o.tokens for o in together.outputs] == expected
+        assert together.outputs[0].text is not None
+
+
+async def test_a_short_request_finishes_before_an_earlier_long_one(
+    repository: Path, start_engine: StartEngine
+) -> None:
+    write_model(repository, "s2s", task="seq2seq", input_type="text", max_length=400)
+    engine = await start_engine()
+    finished: list[str] = []
+    long_started = asyncio.Event()
+
+    async def long() -> None:
+        async for event in engine.generate_stream(GenerateRequest("s2s", ["abc"], "text")):
+            if isinstance(event, TokenEvent) and event.token >= 0:
+                long_started.set()
+            if isinstance(event, GenerateResult):
+                assert len(event.outputs[0].tokens) > 100  # still decoding when short finished
+        finished.append("long")
+
+    async def short() -> None:
+        await long_started.wait()
+        await engine.generate(GenerateRequest("s2s", ["xy"], "text", max_length=3))
+        finished.append("short")
+
+    await asyncio.gather(long(), short())
+    assert finished == ["short", "long"]
+
+
+async def test_stream_gives_every_greedy_token_then_the_result(
+    repository: Path, start_engine: StartEngine
+) -> None:
+    write_model(repository, "s2s", task="seq2seq", input_type="text", attention=True)
+    engine = await start_engine()
+    events = [
+        e async for e in engine.generate_stream(GenerateRequest("s2s", ["ab", "cde"], "text"))
+    ]
+    result = events[-1]
+    assert isinstance(result, GenerateResult)
+    tokens = [e for e in events[:-1] if isinstance(e, TokenEvent)]
+    for index, output in enumerate(result.outputs):
+        assert [e.token for e in tokens if e.index == index] == output.tokens
+        assert "".join(e.text or "" for e in tokens if e.index == index) == output.text
+    beam = [
+        e async for e in engine.generate_stream(GenerateRequest("s2s", ["ab"], "text", beam_size=2))
+    ]
+    assert len(beam) == 1 and isinstance(beam[0], GenerateResult)  # beam search: final only
+
+
+async def test_deadline_during_decoding_frees_the_slots(
+    repository: Path, start_engine: StartEngine, metrics: Metrics
+) -> None:
+    write_model(repository, "s2s", task="seq2seq", input_type="text", max_length=100_000)
+    engine = await start_engine()
+    start = time.monotonic()
+    with pytest.raises(DeadlineExceeded):
+        await engine.generate(GenerateRequest("s2s", ["abc"], "text", timeout_s=0.2))
+    assert time.monotonic() - start < 1.0
+    await asyncio.sleep(0.05)
+    labels = {"model": "s2s", "version": "1"}
+    assert sample(metrics, "rnnserve_decode_slots_in_use", **labels) == 0
+    steps = sample(metrics, "rnnserve_model_calls_total", **labels, kind="decode")
+    await asyncio.sleep(0.05)
+    assert sample(metrics, "rnnserve_model_calls_total", **labels, kind="decode") == steps
+
+
+async def test_cancelled_before_admission_is_never_encoded(
+    repository: Path, start_engine: StartEngine, metrics: Metrics
+) -> None:
+    write_model(repository, "s2s", task="seq2seq", input_type="text")
+    engine = await start_engine()
+    labels = {"model": "s2s", "version": "1"}
+    async with device_held(engine):
+        task = asyncio.ensure_future(engine.generate(GenerateRequest("s2s", ["ab"], "text")))
+        await asyncio.sleep(0.01)
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+    await asyncio.sleep(0.05)
+    # The scheduler's first step was already queued behind the held device; the cancelled row
+    # is dropped at its first step boundary and never decoded further.
+    assert sample(metrics, "rnnserve_model_calls_total", **labels, kind="decode") <= 1
+    assert sample(metrics, "rnnserve_decode_slots_in_use", **labels) == 0
+
+
+async def test_generate_limits_and_decode_queue(
+    repository: Path, start_engine: StartEngine
+) -> None:
+    write_model(repository, "s2s", task="seq2seq", input_type="text", max_length=20)
+    engine = await start_engine(max_beam_size=8, max_decode_queue=2, max_decode_slots=4)
+    with pytest.raises(InvalidInput, match="beam_size: must be between 1 and 4, got 5"):
+        await engine.generate(GenerateRequest("s2s", ["ab"], "text", beam_size=5))
+    with pytest.raises(InvalidInput, match="max_length: must be between 1 and 20"):
+        await engine.generate(GenerateRequest("s2s", ["ab"], "text", max_length=21))
+    with pytest.raises(InvalidInput, match="model: model 's2s' is a seq2seq model; use generate"):
+        await engine.encode(EncodeRequest("s2s", ["ab"], "text"))
+    with pytest.raises(Overloaded, match="decode queue full"):
+        await engine.generate(GenerateRequest("s2s", ["a", "b", "c"], "text"))
+
+
+async def test_rows_never_exceed_the_decode_slots(
+    repository: Path, start_engine: StartEngine, metrics: Metrics
+) -> None:
+    path = write_model(repository, "s2s", task="seq2seq", input_type="text", attention=True)
+    engine = await start_engine(max_decode_slots=3)
+    requests = [
+        GenerateRequest("s2s", [text], "text", max_length=6, beam_size=beam)
+        for text, beam in zip(SOURCES, (1, 2, 3, 1), strict=True)
+    ]
+    results = await asyncio.gather(*(engine.generate(r) for r in requests))
+    for request, result in zip(requests, results, strict=True):
+        assert [result.outputs[0].tokens] == offline(path, request.sequences, request.beam_size, 6)  # type: ignore[arg-type]
+    labels = {"model": "s2s", "version": "1", "kind": "decode"}
+    steps = sample(metrics, "rnnserve_batch_size_count", **labels)
+    assert steps > 0
+    assert sample(metrics, "rnnserve_batch_size_bucket", **labels, le="4.0") == steps
+    assert sample(metrics, "rnnserve_batch_size_bucket", **labels, le="2.0") < steps

@@ -1,0 +1,71 @@
+"""Settings: environment variables, validation messages, device and thread resolution."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+from pydantic import ValidationError
+
+from service.settings import Settings
+
+
+def test_environment_variables_are_read(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("RNNSERVE_REPOSITORY", "/tmp/repo")
+    monkeypatch.setenv("RNNSERVE_HTTP_PORT", "9000")
+    monkeypatch.setenv("RNNSERVE_MODELS", "tagger, seq.v2")
+    monkeypatch.setenv("RNNSERVE_VERSION_POLICIES", '{"tagger": "specific:1,3"}')
+    settings = Settings()
+    assert settings.repository == Path("/tmp/repo")
+    assert settings.http_port == 9000
+    assert settings.models == ["tagger", "seq.v2"]
+    assert settings.policy_for("tagger") == "specific:1,3"
+    assert settings.policy_for("other") == "latest"
+
+
+@pytest.mark.parametrize("policy", ["latest", "latest:2", "all", "specific:1", "specific:1,3"])
+def test_good_version_policies(policy: str) -> None:
+    assert Settings(version_policy=policy).version_policy == policy
+
+
+@pytest.mark.parametrize("policy", ["newest", "latest:0", "specific:", "specific:a", "all:2"])
+def test_bad_version_policy_names_the_forms(policy: str) -> None:
+    with pytest.raises(ValidationError, match="latest:N"):
+        Settings(version_policy=policy)
+
+
+@pytest.mark.parametrize("device", ["gpu", "cuda:x", "cpu0", ""])
+def test_bad_device(device: str) -> None:
+    with pytest.raises(ValidationError, match="device"):
+        Settings(device=device)
+
+
+def test_half_precision_is_refused_on_cpu() -> None:
+    with pytest.raises(ValidationError, match="float16 needs a GPU"):
+        Settings(device="cpu", dtype="float16")
+    if not torch.cuda.is_available():
+        with pytest.raises(ValueError, match="bfloat16 needs a GPU"):
+            Settings(device="auto", dtype="bfloat16").torch_device()
+
+
+def test_bad_model_name_is_refused() -> None:
+    with pytest.raises(ValidationError, match="invalid model name"):
+        Settings(models=["../etc"])
+
+
+def test_unknown_setting_is_an_error() -> None:
+    with pytest.raises(ValidationError):
+        Settings(http_prot=1)  # type: ignore[call-arg]
+
+
+def test_thread_default_leaves_a_core_for_the_loop() -> None:
+    assert Settings().intra_op_threads(1) == 1
+    assert Settings().intra_op_threads(2) == 1
+    assert Settings().intra_op_threads(8) == 7
+    assert Settings(cpu_threads=3).intra_op_threads(2) == 3
+
+
+def test_every_field_is_documented() -> None:
+    for name, info in Settings.model_fields.items():
+        assert info.description, name
