@@ -1,0 +1,386 @@
+"""HTTP front-end benchmark (run as a module: `python -m bench.http`; as a script, bench/http.py
+would shadow the standard library's `http` package).
+
+The reference workload: a 2-layer LSTM (input 32, hidden 256), one sequence per request, lengths
+uniform in 16–128 ("varied") or all 64 ("fixed"). A real `rnnserve serve` process is driven by
+wrk (a separate load generator; `apt-get install wrk`) over loopback, with a Lua script posting
+pre-built bodies: rnnserve's JSON API and the V2 binary tensor extension, at 1, 16 and 64
+connections. Throughput is reported as a ratio of direct batch-64 model calls measured in the same
+run (right before and after each server run, averaged); latency p50/p99 come from wrk, the mean
+batch size from the server's own rnnserve_batch_size histogram. A plain per-request FastAPI
+server (model called in the handler, same JSON codec) is the 1-client latency reference. The
+JSON codec cost per request is measured against the plain-Python path (json + pydantic + tolist).
+
+    .venv/bin/python -m bench.http [--duration 8] [--threads 1] [--sequences 128] [--repeats 3]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import timeit
+from pathlib import Path
+from typing import Any
+
+import httpx
+import numpy as np
+import orjson
+import torch
+import uvicorn
+from fastapi import FastAPI, Request, Response
+from prometheus_client.parser import text_string_to_metric_families
+
+from models import checkpoint
+from models.config import ModelConfig
+from models.encoder import collate
+
+INPUT, HIDDEN, LAYERS = 32, 256, 2
+MODEL = "lstm"
+CONCURRENCY = (1, 16, 64)
+
+LUA = r"""
+local bodies, hlens, idx, path = {}, {}, 0, "/"
+init = function(args)
+  local dir = args[1]
+  path = args[2]
+  for line in io.lines(dir .. "/index.txt") do
+    local name, hl = line:match("(%S+) (%S+)")
+    local f = io.open(dir .. "/" .. name, "rb")
+    bodies[#bodies + 1] = f:read("*a")
+    f:close()
+    hlens[#hlens + 1] = hl
+  end
+  idx = math.random(#bodies)
+end
+request = function()
+  idx = idx % #bodies + 1
+  local headers = {}
+  if hlens[idx] ~= "0" then
+    headers["Inference-Header-Content-Length"] = hlens[idx]
+  else
+    headers["Content-Type"] = "application/json"
+  end
+  return wrk.format("POST", path, headers, bodies[idx])
+end
+done = function(summary, latency, requests)
+  local e = summary.errors
+  io.write(string.format(
+    '\nRESULT {"requests": %d, "duration_us": %d, "status_errors": %d, "socket_errors": %d, ' ..
+    '"p50_us": %d, "p99_us": %d}\n',
+    summary.requests, summary.duration, e.status, e.connect + e.read + e.write + e.timeout,
+    latency:percentile(50), latency:percentile(99)))
+end
+"""
+
+
+def reference_config() -> ModelConfig:
+    """The reference model's config (serving: batches of up to 64, 2 ms delay)."""
+    return ModelConfig.model_validate(
+        {
+            "format": "rnnserve/v1",
+            "task": "encode",
+            "input": {"type": "features", "size": INPUT},
+            "encoder": {"cell": "lstm", "hidden_size": HIDDEN, "num_layers": LAYERS},
+            "serving": {"max_batch_size": 64, "max_delay_ms": 2.0, "max_queue_size": 4096},
+        }
+    )
+
+
+def write_reference_model(repository: Path) -> Path:
+    """Write the reference checkpoint (random weights, seed 0) through the real save()."""
+    torch.manual_seed(0)
+    model = checkpoint.build_model(reference_config())
+    return checkpoint.save(model, repository / MODEL / "1")
+
+
+def workload(kind: str, count: int, seed: int) -> list[np.ndarray]:
+    """`count` float32 [T, 32] sequences: T uniform in 16..128 (varied) or 64 (fixed)."""
+    rng = np.random.default_rng(seed)
+    lengths = rng.integers(16, 129, count) if kind == "varied" else np.full(count, 64)
+    return [rng.standard_normal((int(n), INPUT)).astype(np.float32) for n in lengths]
+
+
+def direct_rate(path: Path, sequences: list[np.ndarray], repeats: int) -> float:
+    """Median sequences/s of direct batch-64 model calls (no server) over `sequences`."""
+    model = checkpoint.load(path).model
+    batches = [
+        collate([torch.from_numpy(s) for s in sequences[i : i + 64]])
+        for i in range(0, len(sequences), 64)
+    ]
+
+    def run() -> None:
+        with torch.inference_mode():
+            for inputs, lengths in batches:
+                model(inputs, lengths)
+
+    run()
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        run()
+        times.append(time.perf_counter() - start)
+    return len(sequences) / statistics.median(times)
+
+
+def write_bodies(folder: Path, sequences: list[np.ndarray], mode: str) -> None:
+    """One request body per sequence, plus index.txt ("file header-length", 0 = plain JSON)."""
+    folder.mkdir(parents=True)
+    lines = []
+    for i, seq in enumerate(sequences):
+        if mode == "json":
+            body, header_length = (
+                orjson.dumps({"inputs": [seq]}, option=orjson.OPT_SERIALIZE_NUMPY),
+                0,
+            )
+        else:
+            head = orjson.dumps(
+                {
+                    "inputs": [
+                        {
+                            "name": "INPUT",
+                            "datatype": "FP32",
+                            "shape": [1, *seq.shape],
+                            "parameters": {"binary_data_size": seq.nbytes},
+                        }
+                    ],
+                    "parameters": {"binary_data_output": True},
+                }
+            )
+            body, header_length = head + seq.tobytes(), len(head)
+        (folder / f"{i}.bin").write_bytes(body)
+        lines.append(f"{i}.bin {header_length}")
+    (folder / "index.txt").write_text("\n".join(lines) + "\n")
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port: int = s.getsockname()[1]
+        return port
+
+
+def start(command: list[str], url: str, env: dict[str, str]) -> subprocess.Popen[bytes]:
+    """Start a server process and wait until `url` answers 200."""
+    proc = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL)
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"server exited with {proc.returncode}: {command}")
+        try:
+            if httpx.get(url, timeout=1).status_code == 200:
+                return proc
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.2)
+    proc.kill()
+    raise RuntimeError(f"server did not become ready: {command}")
+
+
+def stop(proc: subprocess.Popen[bytes]) -> None:
+    proc.terminate()
+    try:
+        proc.wait(30)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
+
+
+def wrk(
+    url: str, path: str, bodies: Path, script: Path, clients: int, seconds: float
+) -> dict[str, Any]:
+    """Run wrk (1 thread, `clients` connections) and return its RESULT line."""
+    command = [
+        "wrk", "-t1", f"-c{clients}", f"-d{round(seconds)}s", "--timeout", "10s",
+        "-s", str(script), url, "--", str(bodies), path,
+    ]  # fmt: skip
+    out = subprocess.run(command, capture_output=True, text=True, timeout=seconds + 60, check=True)
+    line = next(x for x in out.stdout.splitlines() if x.startswith("RESULT "))
+    result: dict[str, Any] = json.loads(line[len("RESULT ") :])
+    result["rate"] = result["requests"] / (result["duration_us"] / 1e6)
+    return result
+
+
+def batch_totals(url: str) -> tuple[float, float]:
+    """(sequences, model calls) so far, from the server's rnnserve_batch_size histogram."""
+    total = calls = 0.0
+    for family in text_string_to_metric_families(httpx.get(f"{url}/metrics").text):
+        if family.name != "rnnserve_batch_size":
+            continue
+        for sample in family.samples:
+            if sample.name.endswith("_sum"):
+                total += sample.value
+            elif sample.name.endswith("_count"):
+                calls += sample.value
+    return total, calls
+
+
+def codec_costs(sequence: np.ndarray, number: int = 200) -> dict[str, float]:
+    """Median µs per request to parse one sequence and serialise one 256-float encoding."""
+    from pydantic import TypeAdapter
+
+    from service import codecs
+    from service.http_common import parse_body
+    from service.rest import request_sequences
+    from service.rest_schemas import EncodeBody
+
+    body = orjson.dumps({"inputs": [sequence]}, option=orjson.OPT_SERIALIZE_NUMPY)
+    encoding = np.random.default_rng(0).standard_normal((1, HIDDEN)).astype(np.float32)
+    adapter = TypeAdapter(list[list[list[float]]])
+
+    def plain() -> None:
+        value = adapter.validate_python(json.loads(body)["inputs"])
+        np.array(value[0], dtype=np.float32)
+        json.dumps({"model": MODEL, "version": 1, "encodings": encoding.tolist()}).encode()
+
+    def fast() -> None:
+        request_sequences(parse_body(EncodeBody, body), 1024)
+        codecs.dumps({"model": MODEL, "version": 1, "encodings": encoding})
+
+    out = {}
+    for name, fn in (("plain", plain), ("fast", fast)):
+        runs = timeit.repeat(fn, number=number, repeat=7)
+        out[name] = statistics.median(runs) / number * 1e6
+    return out
+
+
+def serve_per_request(repository: Path, port: int, threads: int) -> None:
+    """A plain per-request FastAPI server: the model is called in the handler, no batching."""
+    torch.set_num_threads(threads)
+    model = checkpoint.load(repository / MODEL / "1").model
+    app = FastAPI()
+
+    @app.get("/readyz")
+    async def ready() -> Response:
+        return Response(b"ok")
+
+    @app.post("/encode")
+    async def encode(request: Request) -> Response:
+        value = orjson.loads(await request.body())["inputs"]
+        inputs = torch.tensor(value, dtype=torch.float32)
+        lengths = torch.tensor([inputs.shape[1]] * inputs.shape[0])
+        with torch.inference_mode():
+            out = model(inputs, lengths).encodings.numpy()
+        payload = {"model": MODEL, "version": 1, "encodings": out}
+        return Response(orjson.dumps(payload, option=orjson.OPT_SERIALIZE_NUMPY))
+
+    uvicorn.run(app, host="127.0.0.1", port=port, log_level="warning", access_log=False)
+
+
+def main() -> None:
+    """Run every measurement and print the tables (Markdown) for bench/RESULTS.md."""
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--duration", type=float, default=8.0, help="seconds per wrk run")
+    parser.add_argument("--threads", type=int, default=1, help="torch intra-op threads")
+    parser.add_argument("--sequences", type=int, default=128, help="distinct bodies per workload")
+    parser.add_argument("--repeats", type=int, default=3, help="direct-call repeats per run")
+    parser.add_argument("--per-request-server", nargs=2, metavar=("REPOSITORY", "PORT"))
+    args = parser.parse_args()
+    if args.per_request_server:
+        serve_per_request(
+            Path(args.per_request_server[0]), int(args.per_request_server[1]), args.threads
+        )
+        return
+    torch.set_num_threads(args.threads)
+    print(f"load average at start: {os.getloadavg()[0]:.1f} on {os.cpu_count()} CPUs")
+    with tempfile.TemporaryDirectory() as tmp:
+        root = Path(tmp)
+        path = write_reference_model(root / "repository")
+        script = root / "post.lua"
+        script.write_text(LUA)
+        sets = {
+            kind: workload(kind, args.sequences, seed=i)
+            for i, kind in enumerate(("varied", "fixed"))
+        }
+        for kind, seqs in sets.items():
+            for mode in ("json", "binary"):
+                write_bodies(root / f"{kind}-{mode}", seqs, mode)
+
+        costs = codec_costs(sets["fixed"][0])
+        print(
+            f"\ncodec, one 64×32 sequence in + one 256-float encoding out: plain Python "
+            f"{costs['plain']:.0f} µs, rnnserve codecs {costs['fast']:.0f} µs "
+            f"({costs['plain'] / costs['fast']:.1f}× faster)"
+        )
+
+        env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+        port = free_port()
+        url = f"http://127.0.0.1:{port}"
+        command = [
+            sys.executable, "-m", "service.cli", "serve", "--repository", str(root / "repository"),
+            "--http-port", str(port), "--grpc-port", "0", "--device", "cpu",
+            "--cpu-threads", str(args.threads), "--log-level", "WARNING",
+        ]  # fmt: skip
+        server = start(command, f"{url}/readyz", env)
+        rows = []
+        print(f"\n{TABLE_HEAD}", flush=True)
+        try:
+            paths = {"json": f"/v1/models/{MODEL}/encode", "binary": f"/v2/models/{MODEL}/infer"}
+            wrk(url, paths["json"], root / "varied-json", script, 16, 3)  # warm-up
+            for kind, seqs in sets.items():
+                for mode in ("json", "binary"):
+                    for clients in CONCURRENCY:
+                        # NOTE: direct calls are measured right before and after each server
+                        # run, so that every ratio pairs figures of the same (shared, noisy) time.
+                        first = direct_rate(path, seqs, args.repeats)
+                        bodies = root / f"{kind}-{mode}"
+                        before = batch_totals(url)
+                        r = wrk(url, paths[mode], bodies, script, clients, args.duration)
+                        after = batch_totals(url)
+                        limit = (first + direct_rate(path, seqs, args.repeats)) / 2
+                        r["batch"] = (after[0] - before[0]) / max(1.0, after[1] - before[1])
+                        rows.append((kind, mode, clients, r))
+                        print(table_row(kind, mode, clients, r, limit), flush=True)
+        finally:
+            stop(server)
+
+        baseline_port = free_port()
+        baseline_url = f"http://127.0.0.1:{baseline_port}"
+        command = [
+            sys.executable, "-m", "bench.http", "--threads", str(args.threads),
+            "--per-request-server", str(root / "repository"), str(baseline_port),
+        ]  # fmt: skip
+        baseline = start(command, f"{baseline_url}/readyz", env)
+        print(f"\n{LATENCY_HEAD}")
+        try:
+            for kind in sets:
+                r = wrk(baseline_url, "/encode", root / f"{kind}-json", script, 1, args.duration)
+                ours = next(x for k, m, c, x in rows if k == kind and m == "json" and c == 1)
+                errors = r["status_errors"] + r["socket_errors"]
+                print(
+                    f"| {kind} | {r['p50_us'] / 1000:.2f} | {ours['p50_us'] / 1000:.2f} | "
+                    f"{(ours['p50_us'] - r['p50_us']) / 1000:+.2f} | {errors} |"
+                )
+        finally:
+            stop(baseline)
+
+
+TABLE_HEAD = (
+    "| workload | protocol | clients | req/s | direct batch-64 seq/s | ratio | p50 ms | p99 ms "
+    "| mean batch | errors |\n|---|---|---:|---:|---:|---:|---:|---:|---:|---:|"
+)
+LATENCY_HEAD = (
+    "| workload | per-request server p50 ms (1 client) | rnnserve JSON p50 ms (1 client) "
+    "| difference ms | errors (per-request) |\n|---|---:|---:|---:|---:|"
+)
+
+
+def table_row(kind: str, mode: str, clients: int, r: dict[str, Any], limit: float) -> str:
+    """One Markdown row of the throughput table."""
+    protocol = "JSON" if mode == "json" else "V2 binary"
+    errors = r["status_errors"] + r["socket_errors"]
+    p50, p99 = r["p50_us"] / 1000, r["p99_us"] / 1000
+    return (
+        f"| {kind} | {protocol} | {clients} | {r['rate']:.1f} | {limit:.1f} | "
+        f"{r['rate'] / limit:.2f} | {p50:.1f} | {p99:.1f} | {r['batch']:.1f} | {errors} |"
+    )
+
+
+if __name__ == "__main__":
+    main()

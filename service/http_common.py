@@ -1,0 +1,173 @@
+"""Helpers shared by the two HTTP front-ends (service/rest.py, service/v2_rest.py).
+
+JSON answers via orjson, raw-read bodies checked against their pydantic models, OpenAPI entries
+for raw-read bodies, the management guard, and per-request metrics.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hmac
+import re
+import time
+from collections.abc import Awaitable, Callable, Iterator
+from contextlib import contextmanager
+from typing import Any, TypeVar
+
+from fastapi import Request
+from fastapi.responses import Response
+from pydantic import BaseModel, ValidationError
+
+from service import codecs, http_errors, rest_schemas
+from service.engine import Engine
+from service.errors import InvalidInput, PermissionDenied, ServiceError, Unauthenticated
+from service.metrics import Metrics, outcome_of
+from service.settings import Settings
+
+_MODEL_NAME = re.compile(r"^[A-Za-z0-9_.-]{1,200}$")
+_B = TypeVar("_B", bound=BaseModel)
+_T = TypeVar("_T")
+
+
+class ClientDisconnectedError(Exception):
+    """The client closed the connection before its answer was ready (the work was cancelled)."""
+
+
+async def unless_disconnected(request: Request, work: Awaitable[_T]) -> _T:
+    """Await `work`, cancelling it when the client disconnects first.
+
+    The engine then drops the request's queued items before compute (DESIGN §3: work whose
+    client has gone is never computed). Call after the body has been read.
+    """
+    task = asyncio.ensure_future(work)
+    watcher = asyncio.ensure_future(_disconnected(request))
+    try:
+        await asyncio.wait((task, watcher), return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        watcher.cancel()
+    if not task.done():
+        task.cancel()
+        raise ClientDisconnectedError
+    return task.result()
+
+
+async def _disconnected(request: Request) -> None:
+    # NOTE: once the body is read, the server's receive() only returns on disconnect.
+    while (await request.receive())["type"] != "http.disconnect":
+        pass
+
+
+def json_response(value: Any, status: int = 200) -> Response:
+    """A JSON answer serialised by orjson (numpy arrays included)."""
+    return Response(codecs.dumps(value), status_code=status, media_type="application/json")
+
+
+def documented_body(model: type[BaseModel], binary: bool = False) -> dict[str, Any]:
+    """`openapi_extra` describing a request body that the route reads raw."""
+    schema = {"$ref": f"#/components/schemas/{model.__name__}"}
+    content: dict[str, Any] = {"application/json": {"schema": schema}}
+    if binary:
+        content["application/octet-stream"] = {
+            "schema": {"type": "string", "format": "binary"},
+            "description": "JSON header of Inference-Header-Content-Length bytes, then tensors.",
+        }
+    return {"requestBody": {"required": True, "content": content}}
+
+
+def errors_doc(v2: bool, *statuses: int) -> dict[int | str, dict[str, Any]]:
+    """The `responses` entries for error statuses of a route."""
+    model = rest_schemas.V2ErrorBody if v2 else rest_schemas.ErrorBody
+    return {status: {"model": model} for status in statuses}
+
+
+def parse_body(model: type[_B], body: bytes) -> _B:
+    """Parse and check a JSON body against `model`; problems become InvalidInput naming fields."""
+    value = codecs.loads(body) if body else {}
+    if not isinstance(value, dict):
+        raise InvalidInput("body", "expected a JSON object")
+    try:
+        return model.model_validate(value)
+    except ValidationError as exc:
+        raise http_errors.validation_error(exc) from None
+
+
+def check_model_name(name: str) -> None:
+    """Management takes repository names only: no paths, no URLs."""
+    if not _MODEL_NAME.match(name) or name in {".", ".."}:
+        raise InvalidInput(
+            "name", "a model name is 1–200 letters, digits, '-', '_' or '.', and not '.' or '..'"
+        )
+
+
+def management_guard(settings: Settings, request: Request) -> None:
+    """Allow a management call only when enabled and carrying the configured bearer token."""
+    if not settings.management_enabled:
+        raise PermissionDenied("management endpoints are disabled (RNNSERVE_MANAGEMENT_ENABLED)")
+    token = settings.management_token
+    if token is None:
+        raise PermissionDenied("management is enabled but no RNNSERVE_MANAGEMENT_TOKEN is set")
+    header = request.headers.get("authorization", "")
+    scheme, _, given = header.partition(" ")
+    if scheme.lower() != "bearer" or not hmac.compare_digest(
+        given.strip().encode(), token.get_secret_value().encode()
+    ):
+        raise Unauthenticated("management calls need 'Authorization: Bearer <token>'")
+
+
+class RequestObserver:
+    """Records requests in the metrics (outcome from the exception, if any).
+
+    A failed request for a model the server does not know is recorded with empty model and
+    version labels, so that made-up names cannot grow the number of metric series.
+    """
+
+    def __init__(self, metrics: Metrics, protocol: str, known: Callable[[str], bool]) -> None:
+        self.metrics = metrics
+        self.protocol = protocol
+        self.known = known
+
+    def record(
+        self,
+        model: str,
+        version: int | None,
+        endpoint: str,
+        error: BaseException | None,
+        seconds: float,
+    ) -> None:
+        """Count one answered request."""
+        if error is not None and not self.known(model):
+            model, version = "", None
+        if isinstance(error, ClientDisconnectedError):
+            error = asyncio.CancelledError()
+        self.metrics.observe_request(
+            model, version, self.protocol, endpoint, outcome_of(error), seconds
+        )
+
+    @contextmanager
+    def observe(self, model: str, version: int | None, endpoint: str) -> Iterator[dict[str, Any]]:
+        """Time the block; the caller may set `labels["version"]` once the answer is known, or
+        `labels["record"] = False` when the request is recorded elsewhere (streams)."""
+        labels: dict[str, Any] = {"version": version, "record": True}
+        start = time.perf_counter()
+        error: BaseException | None = None
+        try:
+            yield labels
+        except BaseException as exc:
+            error = exc
+            raise
+        finally:
+            if labels["record"]:
+                self.record(model, labels["version"], endpoint, error, time.perf_counter() - start)
+
+
+def known_model(engine: Engine) -> Callable[[str], bool]:
+    """A check whether the engine knows a model name (for metric labels of failed requests)."""
+
+    def known(name: str) -> bool:
+        try:
+            engine.model_info(name)
+        except ServiceError:
+            return False
+        return True
+
+    return known

@@ -1,0 +1,322 @@
+"""Pydantic v2 models of every HTTP request and response body (rnnserve API and V2), with examples.
+
+The big number arrays (`inputs`, `tokens`, `texts`, V2 `data`) are declared with their full type for
+the OpenAPI document but marked `SkipValidation`: service/codecs.py turns them into numpy arrays
+in one C call each and names the offending element when they are malformed.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, SkipValidation, model_validator
+
+RequestPooling = Literal["last", "mean", "max", "none"]
+
+FeatureBatch = Annotated[list[list[list[float]]] | None, SkipValidation]
+TokenBatch = Annotated[list[list[int]] | None, SkipValidation]
+TextBatch = Annotated[list[str] | None, SkipValidation]
+
+_FEATURES_EXAMPLE: list[Any] = [[[0.1, -0.2, 0.3], [0.0, 0.5, -0.1]]]
+
+
+class _Body(BaseModel):
+    # NOTE: unknown keys are an error so that a misspelt option is reported, not ignored.
+    model_config = ConfigDict(extra="forbid")
+
+
+# ---------------------------------------------------------------- errors
+
+
+class ErrorDetail(BaseModel):
+    type: str = Field(description="Error class: InvalidInput, NotFound, Overloaded, …")
+    message: str = Field(description="What went wrong, naming the field and the limit.")
+    field: str | None = Field(default=None, description="The offending request field, if any.")
+
+
+class ErrorBody(BaseModel):
+    """Error body of rnnserve's API (every status ≥ 400)."""
+
+    model_config = ConfigDict(
+        json_schema_extra={
+            "examples": [
+                {
+                    "error": {
+                        "type": "InvalidInput",
+                        "message": "inputs[2][5]: expected 32 features, got 31",
+                        "field": "inputs[2][5]",
+                    }
+                }
+            ]
+        }
+    )
+    error: ErrorDetail
+
+
+class V2ErrorBody(BaseModel):
+    """Error body of the Open Inference Protocol endpoints."""
+
+    model_config = ConfigDict(json_schema_extra={"examples": [{"error": "model 'x' not found"}]})
+    error: str
+
+
+# ---------------------------------------------------------------- rnnserve API: inference
+
+
+class _Inputs(_Body):
+    inputs: FeatureBatch = Field(
+        default=None, description="Feature sequences: [sequence][step][feature] floats."
+    )
+    tokens: TokenBatch = Field(default=None, description="Token-id sequences: [sequence][step].")
+    texts: TextBatch = Field(default=None, description="Text inputs, one string per sequence.")
+    timeout_ms: float | None = Field(
+        default=None, gt=0, le=3_600_000, description="Deadline; past it the answer is 504."
+    )
+
+    @model_validator(mode="after")
+    def _exactly_one(self) -> _Inputs:
+        given = [n for n in ("inputs", "tokens", "texts") if getattr(self, n) is not None]
+        if len(given) != 1:
+            raise ValueError(
+                f"exactly one of 'inputs', 'tokens', 'texts' is required, got {given or 'none'}"
+            )
+        return self
+
+
+class EncodeBody(_Inputs):
+    """Body of `POST /v1/models/{name}/encode`."""
+
+    model_config = ConfigDict(
+        json_schema_extra={
+            "examples": [
+                {"inputs": _FEATURES_EXAMPLE, "pooling": "last"},
+                {"tokens": [[5, 17, 3], [8, 2]]},
+                {"texts": ["hello world"], "timeout_ms": 500},
+            ]
+        }
+    )
+    pooling: RequestPooling | None = Field(
+        default=None, description="Pooling over time; default: the model's; none = per step."
+    )
+
+
+class EncodeResponse(BaseModel):
+    """Answer of encode: one encoding per sequence (per-step lists for pooling `none`)."""
+
+    model_config = ConfigDict(
+        json_schema_extra={
+            "examples": [
+                {
+                    "model": "tagger",
+                    "version": 1,
+                    "encodings": [[0.12, -0.4, 0.9]],
+                    "labels": ["positive"],
+                    "scores": [[0.8, 0.2]],
+                }
+            ]
+        }
+    )
+    model: str
+    version: int
+    encodings: list[list[float]] | list[list[list[float]]]
+    labels: list[str] | None = Field(default=None, description="Arg-max label (labelled head).")
+    scores: list[list[float]] | None = Field(default=None, description="Head outputs.")
+
+
+class GenerateBody(_Inputs):
+    """Body of `POST /v1/models/{name}/generate` (seq2seq models)."""
+
+    model_config = ConfigDict(
+        json_schema_extra={
+            "examples": [
+                {"texts": ["hello"], "max_length": 32, "beam_size": 1, "stream": False},
+                {"tokens": [[5, 6, 7]], "beam_size": 4},
+            ]
+        }
+    )
+    max_length: int | None = Field(default=None, ge=1, le=100_000, description="Token limit.")
+    beam_size: int = Field(default=1, ge=1, le=256, description="1 = greedy decoding.")
+    stream: bool = Field(
+        default=False,
+        description="Answer with server-sent events: `token` events, then one `result` event.",
+    )
+
+
+class GeneratedOutput(BaseModel):
+    tokens: list[int]
+    text: str | None = None
+
+
+class GenerateResponse(BaseModel):
+    """Answer of generate (also the data of the final `result` event when streaming)."""
+
+    model_config = ConfigDict(
+        json_schema_extra={
+            "examples": [
+                {"model": "translit", "version": 2, "outputs": [{"tokens": [7, 9], "text": "ab"}]}
+            ]
+        }
+    )
+    model: str
+    version: int
+    outputs: list[GeneratedOutput]
+
+
+class TokenEventData(BaseModel):
+    """Data of one `token` server-sent event of a streamed generation."""
+
+    index: int = Field(description="Which input sequence the token belongs to.")
+    token: int
+    text: str | None = None
+
+
+# ---------------------------------------------------------------- rnnserve API: models, health
+
+
+class VersionStatus(BaseModel):
+    version: int
+    state: Literal["LOADING", "READY", "FAILED", "UNLOADING", "UNAVAILABLE"]
+    reason: str | None = Field(default=None, description="Why a version failed or is unavailable.")
+    load_seconds: float | None = None
+
+
+class ModelStatus(BaseModel):
+    """A model: its versions with their states, and the architecture of its serving version."""
+
+    model_config = ConfigDict(
+        json_schema_extra={
+            "examples": [
+                {
+                    "name": "tagger",
+                    "versions": [{"version": 1, "state": "READY", "load_seconds": 0.4}],
+                    "architecture": {"task": "encode", "cell": "lstm", "num_layers": 2},
+                }
+            ]
+        }
+    )
+    name: str
+    versions: list[VersionStatus]
+    architecture: dict[str, Any]
+
+
+class ModelList(BaseModel):
+    models: list[ModelStatus]
+
+
+class Health(BaseModel):
+    status: Literal["ok", "unavailable"]
+
+
+class ManagementResult(BaseModel):
+    """Answer of a management call: the model's status after the operation."""
+
+    action: Literal["load", "unload", "reload"]
+    model: ModelStatus | None = Field(default=None, description="None after a full unload.")
+
+
+# ---------------------------------------------------------------- Open Inference Protocol (V2)
+
+
+class V2ServerMetadata(BaseModel):
+    name: str
+    version: str
+    extensions: list[str]
+
+
+class V2TensorMetadata(BaseModel):
+    name: str
+    datatype: str
+    shape: list[int] = Field(description="-1 marks a variable dimension.")
+
+
+class V2ModelMetadata(BaseModel):
+    model_config = ConfigDict(
+        json_schema_extra={
+            "examples": [
+                {
+                    "name": "tagger",
+                    "versions": ["1"],
+                    "platform": "rnnserve",
+                    "inputs": [
+                        {"name": "INPUT", "datatype": "FP32", "shape": [-1, -1, 32]},
+                        {"name": "LENGTHS", "datatype": "INT64", "shape": [-1]},
+                    ],
+                    "outputs": [{"name": "ENCODING", "datatype": "FP32", "shape": [-1, 256]}],
+                }
+            ]
+        }
+    )
+    name: str
+    versions: list[str]
+    platform: str
+    inputs: list[V2TensorMetadata]
+    outputs: list[V2TensorMetadata]
+
+
+class V2RequestInput(BaseModel):
+    name: str
+    shape: list[int]
+    datatype: str
+    parameters: dict[str, Any] | None = None
+    data: Annotated[list[Any] | None, SkipValidation] = Field(
+        default=None, description="Row-major flattened (or nested) values; absent in binary mode."
+    )
+
+
+class V2RequestOutput(BaseModel):
+    name: str
+    parameters: dict[str, Any] | None = None
+
+
+class V2InferRequest(BaseModel):
+    """A V2 inference request (JSON; or JSON header + binary tensors, see the extension)."""
+
+    model_config = ConfigDict(
+        json_schema_extra={
+            "examples": [
+                {
+                    "inputs": [
+                        {
+                            "name": "INPUT",
+                            "shape": [1, 2, 3],
+                            "datatype": "FP32",
+                            "data": [0.1, -0.2, 0.3, 0.0, 0.5, -0.1],
+                        }
+                    ],
+                    "outputs": [{"name": "ENCODING"}],
+                }
+            ]
+        }
+    )
+    id: str | None = None
+    parameters: dict[str, Any] | None = None
+    inputs: list[V2RequestInput]
+    outputs: list[V2RequestOutput] | None = None
+
+
+class V2ResponseOutput(BaseModel):
+    name: str
+    shape: list[int]
+    datatype: str
+    parameters: dict[str, Any] | None = None
+    data: list[Any] | None = None
+
+
+class V2InferResponse(BaseModel):
+    model_name: str
+    model_version: str | None = None
+    id: str | None = None
+    parameters: dict[str, Any] | None = None
+    outputs: list[V2ResponseOutput]
+
+
+class V2RepositoryIndexBody(BaseModel):
+    repository_name: str | None = None
+    ready: bool | None = Field(default=None, description="true: only READY models.")
+
+
+class V2RepositoryEntry(BaseModel):
+    name: str
+    version: str | None = None
+    state: str | None = None
+    reason: str | None = None

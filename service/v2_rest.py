@@ -1,0 +1,461 @@
+"""The Open Inference Protocol (KServe V2) over REST, with Triton's binary tensor data extension.
+
+Tensor names (DESIGN §3): inputs `INPUT` (FP32 [batch, time, features]) or `TOKENS` (INT64
+[batch, time]) or `TEXT` (BYTES [batch]), optional `LENGTHS` (INT64 [batch]); outputs `ENCODING`
+(FP32 [batch, size]; [batch, time, size] zero-padded for pooling "none"), plus `SCORES` (FP32
+[batch, head]) and `LABELS` (BYTES [batch]) for a model with a head; seq2seq: `OUTPUT_TOKENS`
+(INT64 [batch, time], padded with -1), `OUTPUT_LENGTHS` (INT64 [batch]) and, for text models,
+`OUTPUT_TEXT` (BYTES [batch]). Request parameters: `pooling`, `max_length`, `beam_size`,
+`timeout_ms`, `binary_data_output`. The body is read raw, so a missing Content-Type is fine.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+from fastapi import APIRouter, Request
+from fastapi.responses import Response
+
+from models.config import ModelConfig
+from service import codecs, http_common, rest_schemas
+from service.engine import Engine
+from service.errors import InvalidInput, NotFound
+from service.metrics import Metrics
+from service.settings import Settings
+from service.types import (
+    EncodeRequest,
+    EncodeResult,
+    GenerateRequest,
+    GenerateResult,
+    InputKind,
+    Sequence,
+)
+from service.types import Protocol as WireProtocol
+
+PROTOCOL: WireProtocol = "v2-rest"
+SERVER_NAME = "rnnserve"
+SERVER_VERSION = "0.1.0"
+EXTENSIONS = ["binary_tensor_data", "model_repository"]
+_MAIN_INPUT: dict[str, tuple[str, InputKind]] = {
+    "features": ("INPUT", "features"),
+    "tokens": ("TOKENS", "tokens"),
+    "text": ("TEXT", "text"),
+}
+_FLOATS = {"FP16", "FP32", "FP64"}
+_INTS = {"INT8", "INT16", "INT32", "INT64", "UINT8", "UINT16", "UINT32"}
+
+
+def input_metadata(config: ModelConfig) -> list[dict[str, Any]]:
+    """The V2 input tensors a model takes."""
+    spec = config.input
+    if spec.type == "features":
+        main = {"name": "INPUT", "datatype": "FP32", "shape": [-1, -1, spec.size]}
+    elif spec.type == "tokens":
+        main = {"name": "TOKENS", "datatype": "INT64", "shape": [-1, -1]}
+    else:
+        main = {"name": "TEXT", "datatype": "BYTES", "shape": [-1]}
+    return [main, {"name": "LENGTHS", "datatype": "INT64", "shape": [-1]}]
+
+
+def output_metadata(config: ModelConfig) -> list[dict[str, Any]]:
+    """The V2 output tensors a model answers with."""
+    if config.task == "seq2seq":
+        outputs = [
+            {"name": "OUTPUT_TOKENS", "datatype": "INT64", "shape": [-1, -1]},
+            {"name": "OUTPUT_LENGTHS", "datatype": "INT64", "shape": [-1]},
+        ]
+        if config.decoder is not None and config.decoder.vocab is not None:
+            outputs.append({"name": "OUTPUT_TEXT", "datatype": "BYTES", "shape": [-1]})
+        return outputs
+    outputs = [{"name": "ENCODING", "datatype": "FP32", "shape": [-1, config.encoding_size]}]
+    if config.head is not None:
+        outputs.append({"name": "SCORES", "datatype": "FP32", "shape": [-1, config.head.size]})
+        if config.head.labels is not None:
+            outputs.append({"name": "LABELS", "datatype": "BYTES", "shape": [-1]})
+    return outputs
+
+
+def model_metadata(name: str, version: int, config: ModelConfig) -> dict[str, Any]:
+    """The V2 model metadata object."""
+    return {
+        "name": name,
+        "versions": [str(version)],
+        "platform": "rnnserve",
+        "inputs": input_metadata(config),
+        "outputs": output_metadata(config),
+    }
+
+
+def infer_sequences(
+    tensors: list[codecs.V2Tensor], config: ModelConfig, limit: int
+) -> tuple[InputKind, list[Sequence]]:
+    """Turn the V2 input tensors into the engine's per-sequence arrays or strings."""
+    main_name, kind = _MAIN_INPUT[config.input.type]
+    main: tuple[int, codecs.V2Tensor] | None = None
+    lengths: tuple[int, codecs.V2Tensor] | None = None
+    for i, tensor in enumerate(tensors):
+        if tensor.name == main_name and main is None:
+            main = (i, tensor)
+        elif tensor.name == "LENGTHS" and lengths is None and kind != "text":
+            lengths = (i, tensor)
+        else:
+            allowed = main_name if kind == "text" else f"{main_name} and optional LENGTHS"
+            raise InvalidInput(
+                f"inputs[{i}].name", f"unexpected input {tensor.name!r}; this model takes {allowed}"
+            )
+    if main is None:
+        raise InvalidInput("inputs", f"input {main_name!r} is required by this model")
+    i, tensor = main
+    where = f"inputs[{i}]"
+    if kind == "text":
+        return kind, _texts(tensor, where, limit)
+    expected_ndim, allowed_types = (3, _FLOATS) if kind == "features" else (2, _INTS)
+    if tensor.datatype not in allowed_types:
+        raise InvalidInput(
+            f"{where}.datatype",
+            f"{main_name} must be {sorted(allowed_types)}, got {tensor.datatype}",
+        )
+    data = tensor.data
+    assert isinstance(data, np.ndarray)
+    if data.ndim != expected_ndim:
+        dims = "[batch, time, features]" if kind == "features" else "[batch, time]"
+        raise InvalidInput(f"{where}.shape", f"{main_name} must be {dims}, got {tensor.shape}")
+    batch, steps = data.shape[0], data.shape[1]
+    if batch == 0:
+        raise InvalidInput(f"{where}.shape", "the batch needs at least 1 sequence, got 0")
+    if batch > limit:
+        raise InvalidInput(f"{where}.shape", f"at most {limit} sequences per request, got {batch}")
+    data = data.astype(np.float32 if kind == "features" else np.int64, copy=False)
+    if lengths is None:
+        return kind, list(data)
+    j, length_tensor = lengths
+    values = length_tensor.data
+    assert isinstance(values, np.ndarray)
+    if length_tensor.datatype not in _INTS or values.shape != (batch,):
+        raise InvalidInput(
+            f"inputs[{j}]",
+            f"LENGTHS must be integers of shape [{batch}], got {length_tensor.shape}",
+        )
+    for b, n in enumerate(values.tolist()):
+        if not 1 <= n <= steps:
+            raise InvalidInput(f"inputs[{j}].data[{b}]", f"length must be in 1..{steps}, got {n}")
+    return kind, [data[b, :n] for b, n in enumerate(values.tolist())]
+
+
+def _texts(tensor: codecs.V2Tensor, where: str, limit: int) -> list[Sequence]:
+    if tensor.datatype != "BYTES":
+        raise InvalidInput(f"{where}.datatype", f"TEXT must be BYTES, got {tensor.datatype}")
+    shape = tensor.shape
+    if not (len(shape) == 1 or (len(shape) == 2 and shape[1] == 1)) or shape[0] == 0:
+        raise InvalidInput(f"{where}.shape", f"TEXT must be [batch] (or [batch, 1]), got {shape}")
+    if shape[0] > limit:
+        raise InvalidInput(
+            f"{where}.shape", f"at most {limit} sequences per request, got {shape[0]}"
+        )
+    assert isinstance(tensor.data, list)
+    texts: list[Sequence] = []
+    for b, raw in enumerate(tensor.data):
+        try:
+            texts.append(raw.decode("utf-8"))
+        except UnicodeDecodeError:
+            raise InvalidInput(f"{where}.data[{b}]", "TEXT elements must be UTF-8") from None
+    return texts
+
+
+def _parameter(
+    params: dict[str, Any], name: str, kinds: tuple[type, ...], default: Any = None
+) -> Any:
+    """A request parameter of one of `kinds` (booleans only where `bool` is asked for)."""
+    value = params.get(name)
+    if value is None:
+        return default
+    if isinstance(value, bool) != (bool in kinds) or not isinstance(value, kinds):
+        names = " or ".join(k.__name__ for k in kinds)
+        raise InvalidInput(f"parameters.{name}", f"expected {names}, got {value!r}")
+    return value
+
+
+def encode_outputs(result: EncodeResult) -> list[codecs.V2Output]:
+    """ENCODING (+ SCORES, LABELS) tensors of an encode result."""
+    encodings = result.encodings
+    if isinstance(encodings, list):
+        # pooling "none": [batch, time, size], zeros past each sequence's length.
+        longest = max(e.shape[0] for e in encodings)
+        size = encodings[0].shape[1]
+        padded = np.zeros((len(encodings), longest, size), dtype=np.float32)
+        for b, e in enumerate(encodings):
+            padded[b, : e.shape[0]] = e
+        encodings = padded
+    outputs = [codecs.V2Output("ENCODING", "FP32", encodings, list(encodings.shape))]
+    if result.scores is not None:
+        outputs.append(codecs.V2Output("SCORES", "FP32", result.scores, list(result.scores.shape)))
+    if result.labels is not None:
+        labels = [label.encode() for label in result.labels]
+        outputs.append(codecs.V2Output("LABELS", "BYTES", labels, [len(labels)]))
+    return outputs
+
+
+def generate_outputs(result: GenerateResult) -> list[codecs.V2Output]:
+    """OUTPUT_TOKENS (padded with -1), OUTPUT_LENGTHS (+ OUTPUT_TEXT) of a generate result."""
+    n = len(result.outputs)
+    lengths = np.array([len(o.tokens) for o in result.outputs], dtype=np.int64)
+    tokens = np.full((n, int(lengths.max(initial=0))), -1, dtype=np.int64)
+    for b, o in enumerate(result.outputs):
+        tokens[b, : len(o.tokens)] = o.tokens
+    outputs = [
+        codecs.V2Output("OUTPUT_TOKENS", "INT64", tokens, list(tokens.shape)),
+        codecs.V2Output("OUTPUT_LENGTHS", "INT64", lengths, [n]),
+    ]
+    if result.outputs and all(o.text is not None for o in result.outputs):
+        texts = [(o.text or "").encode() for o in result.outputs]
+        outputs.append(codecs.V2Output("OUTPUT_TEXT", "BYTES", texts, [n]))
+    return outputs
+
+
+def select_outputs(
+    header: dict[str, Any], outputs: list[codecs.V2Output]
+) -> tuple[list[codecs.V2Output], set[str]]:
+    """Keep the requested outputs (all when none are named) and find which go binary."""
+    params = header.get("parameters") or {}
+    if not isinstance(params, dict):
+        raise InvalidInput("parameters", "expected an object")
+    all_binary = _parameter(params, "binary_data_output", (bool,), False)
+    requested = header.get("outputs")
+    if requested is None:
+        return outputs, ({o.name for o in outputs} if all_binary else set())
+    if not isinstance(requested, list):
+        raise InvalidInput("outputs", "expected a list of {name, parameters}")
+    by_name = {o.name: o for o in outputs}
+    chosen: list[codecs.V2Output] = []
+    binary: set[str] = set()
+    for k, spec in enumerate(requested):
+        name = spec.get("name") if isinstance(spec, dict) else None
+        if not isinstance(name, str) or name not in by_name:
+            raise InvalidInput(
+                f"outputs[{k}].name", f"unknown output {name!r}; this model has {sorted(by_name)}"
+            )
+        spec_params = spec.get("parameters") or {}
+        if not isinstance(spec_params, dict):
+            raise InvalidInput(f"outputs[{k}].parameters", "expected an object")
+        if _parameter(spec_params, "binary_data", (bool,), all_binary):
+            binary.add(name)
+        chosen.append(by_name[name])
+    return chosen, binary
+
+
+def create_router(engine: Engine, settings: Settings, metrics: Metrics) -> APIRouter:
+    """The V2 REST routes: health, metadata, infer, and the model repository extension."""
+    router = APIRouter(tags=["open inference protocol (v2)"])
+    observer = http_common.RequestObserver(metrics, PROTOCOL, http_common.known_model(engine))
+    bad = http_common.errors_doc(True, 400, 404, 413, 503, 504)
+
+    @router.get("/v2/health/live", responses={503: {"description": "Not live"}})
+    async def server_live() -> Response:
+        """200 while the process answers."""
+        return Response(status_code=200 if engine.live else 503)
+
+    @router.get("/v2/health/ready", responses={503: {"description": "Not ready"}})
+    async def server_ready() -> Response:
+        """200 when the server is ready for inference (same rule as /readyz)."""
+        return Response(status_code=200 if engine.ready else 503)
+
+    @router.get("/v2", response_model=rest_schemas.V2ServerMetadata)
+    async def server_metadata() -> Response:
+        """Server name, version and protocol extensions."""
+        return http_common.json_response(
+            {"name": SERVER_NAME, "version": SERVER_VERSION, "extensions": EXTENSIONS}
+        )
+
+    def metadata(name: str, version: int | None) -> Response:
+        resolved, config = engine.model_config(name, version)
+        return http_common.json_response(model_metadata(name, resolved, config))
+
+    def ready(name: str, version: int | None) -> Response:
+        info = engine.model_info(name, version)
+        states = [v for v in info.versions if version is None or v.version == version]
+        if not any(v.state == "READY" for v in states):
+            return Response(status_code=503)
+        return Response(status_code=200)
+
+    meta_doc: dict[str, Any] = {
+        "response_model": rest_schemas.V2ModelMetadata,
+        "responses": http_common.errors_doc(True, 404, 503),
+    }
+    ready_doc: dict[str, Any] = {"responses": {**http_common.errors_doc(True, 404), 503: {}}}
+
+    @router.get("/v2/models/{name}", **meta_doc)
+    async def model_meta(name: str) -> Response:
+        """Inputs and outputs of the model's serving version."""
+        return metadata(name, None)
+
+    @router.get("/v2/models/{name}/versions/{version}", **meta_doc)
+    async def model_version_meta(name: str, version: int) -> Response:
+        """Inputs and outputs of one version."""
+        return metadata(name, version)
+
+    @router.get("/v2/models/{name}/ready", **ready_doc)
+    async def model_ready(name: str) -> Response:
+        """200 when a version of the model is READY, 503 otherwise."""
+        return ready(name, None)
+
+    @router.get("/v2/models/{name}/versions/{version}/ready", **ready_doc)
+    async def model_version_ready(name: str, version: int) -> Response:
+        """200 when this version is READY, 503 otherwise."""
+        return ready(name, version)
+
+    async def infer(name: str, version: int | None, request: Request) -> Response:
+        with observer.observe(name, version, "infer") as labels:
+            header, tail = codecs.split_v2_body(
+                await request.body(), request.headers.get(codecs.HEADER_LENGTH)
+            )
+            tensors = codecs.decode_v2_inputs(header, tail)
+            resolved, config = engine.model_config(name, version)
+            labels["version"] = resolved
+            kind, sequences = infer_sequences(tensors, config, settings.max_sequences_per_request)
+            params = header.get("parameters") or {}
+            if not isinstance(params, dict):
+                raise InvalidInput("parameters", "expected an object")
+            timeout_ms = _parameter(params, "timeout_ms", (int, float))
+            if timeout_ms is not None and timeout_ms <= 0:
+                raise InvalidInput("parameters.timeout_ms", "must be > 0")
+            timeout_s = None if timeout_ms is None else timeout_ms / 1000
+            outputs: list[codecs.V2Output]
+            if config.task == "seq2seq":
+                typed_generate = GenerateRequest(
+                    model=name,
+                    sequences=sequences,
+                    kind=kind,
+                    version=resolved,
+                    max_length=_parameter(params, "max_length", (int,)),
+                    beam_size=_parameter(params, "beam_size", (int,), 1),
+                    timeout_s=timeout_s,
+                    protocol=PROTOCOL,
+                    endpoint="infer",
+                )
+                result = await http_common.unless_disconnected(
+                    request, engine.generate(typed_generate)
+                )
+                outputs = generate_outputs(result)
+            else:
+                pooling = _parameter(params, "pooling", (str,))
+                if pooling not in (None, "last", "mean", "max", "none"):
+                    raise InvalidInput("parameters.pooling", "expected last, mean, max or none")
+                typed_encode = EncodeRequest(
+                    model=name,
+                    sequences=sequences,
+                    kind=kind,
+                    version=resolved,
+                    pooling=pooling,
+                    timeout_s=timeout_s,
+                    protocol=PROTOCOL,
+                    endpoint="infer",
+                )
+                encoded = await http_common.unless_disconnected(
+                    request, engine.encode(typed_encode)
+                )
+                outputs = encode_outputs(encoded)
+            chosen, binary = select_outputs(header, outputs)
+            answer: dict[str, Any] = {"model_name": name, "model_version": str(resolved)}
+            if isinstance(header.get("id"), str):
+                answer["id"] = header["id"]
+            body, header_length = codecs.encode_v2_response(answer, chosen, binary)
+            if header_length is None:
+                return Response(body, media_type="application/json")
+            return Response(
+                body,
+                media_type="application/octet-stream",
+                headers={codecs.HEADER_LENGTH: str(header_length)},
+            )
+
+    infer_doc: dict[str, Any] = {
+        "response_model": rest_schemas.V2InferResponse,
+        "responses": bad,
+        "openapi_extra": http_common.documented_body(rest_schemas.V2InferRequest, binary=True),
+    }
+
+    @router.post("/v2/models/{name}/infer", **infer_doc)
+    async def infer_latest(name: str, request: Request) -> Response:
+        """Run inference on the model's serving version (JSON or binary tensors)."""
+        return await infer(name, None, request)
+
+    @router.post("/v2/models/{name}/versions/{version}/infer", **infer_doc)
+    async def infer_version(name: str, version: int, request: Request) -> Response:
+        """Run inference on one version."""
+        return await infer(name, version, request)
+
+    repo_doc: dict[str, Any] = {
+        "tags": ["open inference protocol (v2): model repository"],
+        "responses": http_common.errors_doc(True, 400, 401, 403, 404, 409, 503),
+    }
+
+    @router.post(
+        "/v2/repository/index",
+        response_model=list[rest_schemas.V2RepositoryEntry],
+        openapi_extra=http_common.documented_body(rest_schemas.V2RepositoryIndexBody),
+        **repo_doc,
+    )
+    async def repository_index(request: Request) -> Response:
+        """Every model version known to the server, with its state."""
+        http_common.management_guard(settings, request)
+        body = await request.body()
+        query = (
+            http_common.parse_body(rest_schemas.V2RepositoryIndexBody, body)
+            if body.strip()
+            else None
+        )
+        entries = []
+        for info in engine.list_models():
+            for v in info.versions:
+                if query is not None and query.ready and v.state != "READY":
+                    continue
+                entry: dict[str, Any] = {"name": info.name, "version": str(v.version)}
+                entry["state"] = v.state
+                if v.reason:
+                    entry["reason"] = v.reason
+                entries.append(entry)
+        return http_common.json_response(entries)
+
+    def loaded(name: str) -> bool:
+        try:
+            info = engine.model_info(name)
+        except NotFound:
+            return False
+        return any(v.state == "READY" for v in info.versions)
+
+    async def repository_action(action: str, name: str, request: Request) -> Response:
+        http_common.management_guard(settings, request)
+        http_common.check_model_name(name)
+        body = await request.body()
+        value = codecs.loads(body) if body.strip() else {}
+        if not isinstance(value, dict):
+            raise InvalidInput("body", "expected a JSON object")
+        params = value.get("parameters") or {}
+        unknown = sorted(set(params) - {"unload_dependents"}) if isinstance(params, dict) else [""]
+        if unknown:
+            # NOTE: Triton's load parameters can carry model files or a config; loading only
+            # ever reads the configured repository, by name.
+            raise InvalidInput(
+                "parameters", f"unsupported load/unload parameters {unknown} (names only)"
+            )
+        with observer.observe(name, None, f"repository_{action}"):
+            if action == "unload":
+                await engine.unload(name)
+            elif loaded(name):
+                # NOTE: as Triton (and the V2 gRPC front-end): loading a loaded model reloads it.
+                await engine.reload(name)
+            else:
+                await engine.load(name)
+        return Response(status_code=200)
+
+    @router.post("/v2/repository/models/{name}/load", **repo_doc)
+    async def repository_load(name: str, request: Request) -> Response:
+        """Load (or reload) a model from the repository by name."""
+        return await repository_action("load", name, request)
+
+    @router.post("/v2/repository/models/{name}/unload", **repo_doc)
+    async def repository_unload(name: str, request: Request) -> Response:
+        """Unload every version of a model."""
+        return await repository_action("unload", name, request)
+
+    return router

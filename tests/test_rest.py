@@ -1,0 +1,381 @@
+"""rnnserve's REST API against a real uvicorn server and real checkpoints."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import numpy as np
+import orjson
+import pytest
+import torch
+
+from models import checkpoint
+from service import errors
+from service.http_errors import HTTP_STATUS
+from tests.test_rest_helpers import (
+    TOKEN,
+    LiveServer,
+    live_server,
+    metric_value,
+    write_test_repository,
+)
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LiveServer]:
+    repository = tmp_path_factory.mktemp("rest-repository")
+    write_test_repository(repository)
+    with live_server(repository) as live:
+        yield live
+
+
+@pytest.fixture(scope="module")
+def client(server: LiveServer) -> Iterator[httpx.Client]:
+    with httpx.Client(base_url=server.url, timeout=30) as c:
+        yield c
+
+
+def reference_encode(
+    repository: Path, name: str, version: int, seqs: list[np.ndarray], pooling: str | None = None
+) -> tuple[np.ndarray, np.ndarray | None]:
+    """The model's own answer, computed directly from the checkpoint."""
+    loaded = checkpoint.load(repository / name / str(version))
+    tensors = [torch.from_numpy(s) for s in seqs]
+    lengths = torch.tensor([len(s) for s in seqs], dtype=torch.int64)
+    padded = torch.nn.utils.rnn.pad_sequence(tensors, batch_first=True)
+    with torch.inference_mode():
+        out = loaded.model(padded, lengths, pooling=pooling)
+    scores = None if out.scores is None else out.scores.numpy()
+    return out.encodings.numpy(), scores
+
+
+def error_of(response: httpx.Response) -> dict[str, str]:
+    body = response.json()
+    assert set(body) == {"error"}, body
+    detail: dict[str, str] = body["error"]
+    assert isinstance(detail["message"], str) and "Traceback" not in detail["message"]
+    return detail
+
+
+# ---------------------------------------------------------------- inference
+
+
+def test_encode_features_matches_the_model(client: httpx.Client, server: LiveServer) -> None:
+    rng = np.random.default_rng(0)
+    seqs = [rng.standard_normal((n, 8)).astype(np.float32) for n in (3, 7, 1)]
+    r = client.post("/v1/models/feat/encode", json={"inputs": [s.tolist() for s in seqs]})
+    assert r.status_code == 200, r.text
+    body = r.json()
+    assert body["model"] == "feat" and body["version"] == 2
+    expected, scores = reference_encode(server.repository, "feat", 2, seqs)
+    np.testing.assert_allclose(np.array(body["encodings"]), expected, rtol=1e-4, atol=1e-5)
+    assert scores is not None
+    np.testing.assert_allclose(np.array(body["scores"]), scores, rtol=1e-4, atol=1e-5)
+    assert body["labels"] == [["neg", "pos"][i] for i in scores.argmax(axis=1)]
+
+
+def test_encode_version_and_pooling_none(client: httpx.Client, server: LiveServer) -> None:
+    seqs = [np.full((n, 8), 0.25, dtype=np.float32) for n in (2, 4)]
+    r = client.post(
+        "/v1/models/feat/versions/1/encode",
+        json={"inputs": [s.tolist() for s in seqs], "pooling": "none"},
+    )
+    assert r.status_code == 200, r.text
+    body = r.json()
+    assert body["version"] == 1
+    assert [len(e) for e in body["encodings"]] == [2, 4]
+    expected, _ = reference_encode(server.repository, "feat", 1, seqs, pooling="none")
+    np.testing.assert_allclose(np.array(body["encodings"][1]), expected[1], rtol=1e-4, atol=1e-5)
+
+
+def test_encode_tokens_and_texts(client: httpx.Client) -> None:
+    r = client.post("/v1/models/tok/encode", json={"tokens": [[1, 2, 3], [4]], "pooling": "mean"})
+    assert r.status_code == 200, r.text
+    assert len(r.json()["encodings"]) == 2 and len(r.json()["encodings"][0]) == 16
+    r = client.post("/v1/models/words/encode", json={"texts": ["hello there", "ok"]})
+    assert r.status_code == 200, r.text
+    assert len(r.json()["encodings"][0]) == 32  # bidirectional: hidden × 2
+
+
+def test_generate_and_stream_agree(client: httpx.Client) -> None:
+    r = client.post("/v1/models/translit/generate", json={"texts": ["abc", "hello"]})
+    assert r.status_code == 200, r.text
+    outputs = r.json()["outputs"]
+    assert len(outputs) == 2 and all(len(o["tokens"]) <= 8 for o in outputs)
+    assert all(isinstance(o["text"], str) for o in outputs)
+
+    events: list[tuple[str, dict[str, object]]] = []
+    with client.stream(
+        "POST", "/v1/models/translit/generate", json={"texts": ["abc", "hello"], "stream": True}
+    ) as stream:
+        assert stream.status_code == 200
+        assert stream.headers["content-type"].startswith("text/event-stream")
+        for block in stream.iter_text():
+            events.extend(parse_sse(block))
+    kinds = [k for k, _ in events]
+    assert kinds[-1] == "result" and set(kinds[:-1]) <= {"token"}
+    final = events[-1][1]
+    assert final["outputs"] == outputs
+    for index, out in enumerate(outputs):
+        streamed = [d["token"] for k, d in events if k == "token" and d["index"] == index]
+        assert streamed == out["tokens"]
+
+
+def parse_sse(text: str) -> list[tuple[str, dict[str, object]]]:
+    out = []
+    for block in text.strip().split("\n\n"):
+        if not block:
+            continue
+        lines = dict(line.split(": ", 1) for line in block.splitlines())
+        out.append((lines["event"], orjson.loads(lines["data"])))
+    return out
+
+
+def test_stream_errors_before_the_first_token_get_their_status(client: httpx.Client) -> None:
+    r = client.post("/v1/models/nope/generate", json={"texts": ["a"], "stream": True})
+    assert r.status_code == 404
+    assert error_of(r)["type"] == "NotFound"
+
+
+# ---------------------------------------------------------------- models, health, metrics, docs
+
+
+def test_models_list_and_describe(client: httpx.Client) -> None:
+    r = client.get("/v1/models")
+    assert r.status_code == 200
+    names = {m["name"] for m in r.json()["models"]}
+    assert {"feat", "tok", "words", "translit", "broken"} <= names
+    feat = client.get("/v1/models/feat").json()
+    assert sorted(v["version"] for v in feat["versions"]) == [1, 2]
+    assert all(v["state"] == "READY" for v in feat["versions"])
+    assert feat["architecture"]
+    broken = client.get("/v1/models/broken").json()
+    assert broken["versions"][0]["state"] == "FAILED"
+    assert broken["versions"][0]["reason"]
+    assert client.get("/v1/models/feat/versions/1").status_code == 200
+    assert client.get("/v1/models/feat/versions/9").status_code == 404
+
+
+def test_health_ready_and_metrics(client: httpx.Client) -> None:
+    assert client.get("/healthz").json() == {"status": "ok"}
+    # Relaxed readiness in this fixture: the broken model does not make the server unready.
+    assert client.get("/readyz").status_code == 200
+    client.post("/v1/models/feat/encode", json={"inputs": [[[0.0] * 8]]})
+    text = client.get("/metrics").text
+    assert 'rnnserve_requests_total{endpoint="encode",model="feat",outcome="success"' in text
+    assert 'protocol="rest"' in text
+
+
+def test_docs_work_offline(client: httpx.Client) -> None:
+    html = client.get("/docs").text
+    assert "http://" not in html and "https://" not in html
+    assert "/docs/static/swagger-ui-bundle.js" in html
+    assert client.get("/docs/static/swagger-ui-bundle.js").status_code == 200
+    assert client.get("/docs/static/swagger-ui.css").status_code == 200
+    spec = client.get("/openapi.json").json()
+    encode = spec["paths"]["/v1/models/{name}/encode"]["post"]
+    ref = encode["requestBody"]["content"]["application/json"]["schema"]["$ref"]
+    schema = spec["components"]["schemas"][ref.rsplit("/", 1)[1]]
+    assert schema["examples"] and "inputs" in schema["properties"]
+    assert "422" not in encode["responses"] and "400" in encode["responses"]
+    for path in ("/v2/models/{name}/infer", "/v1/models/{name}/generate", "/readyz", "/metrics"):
+        assert path in spec["paths"]
+
+
+# ---------------------------------------------------------------- errors
+
+
+@pytest.mark.parametrize(
+    ("path", "body", "status", "field", "fragment"),
+    [
+        ("/v1/models/nope/encode", {"inputs": [[[1.0]]]}, 404, None, "nope"),
+        ("/v1/models/feat/versions/7/encode", {"inputs": [[[1.0] * 8]]}, 404, None, "7"),
+        ("/v1/models/feat/encode", {"inputs": [[[1.0] * 8]] * 9}, 400, "inputs", "8"),
+        ("/v1/models/short/encode", {"inputs": [[[1.0] * 4] * 17]}, 400, "inputs[0]", "16"),
+        ("/v1/models/feat/encode", {"inputs": [[[1.0] * 7]]}, 400, "inputs[0]", "8 features"),
+        (
+            "/v1/models/feat/encode",
+            {"inputs": [[[1.0] * 8], [[1.0] * 8, [1.0] * 7]]},
+            400,
+            "inputs[1][1]",
+            "expected 8 features, got 7",
+        ),
+        ("/v1/models/feat/encode", {"inputs": [[[1.0] * 7 + [1e39]]]}, 400, "inputs[0][0][7]", ""),
+        ("/v1/models/feat/encode", {"inputs": [[1.0] * 8]}, 400, "inputs[0][0]", "list"),
+        ("/v1/models/feat/encode", {"inputs": [[["x"] * 8]]}, 400, "inputs[0][0][0]", "string"),
+        ("/v1/models/tok/encode", {"tokens": [[1, 20]]}, 400, "tokens[0][1]", "20"),
+        ("/v1/models/tok/encode", {"tokens": [[1, -1]]}, 400, "tokens[0][1]", ""),
+        ("/v1/models/words/encode", {"texts": ["x" * 41]}, 400, "texts[0]", "40"),
+        ("/v1/models/feat/encode", {"tokens": [[1]]}, 400, "tokens", "inputs"),
+        ("/v1/models/feat/encode", {"inputs": [[[1.0] * 8]], "pooling": "sum"}, 400, "pooling", ""),
+        ("/v1/models/feat/encode", {"inputs": [[[1.0] * 8]], "polling": "x"}, 400, "polling", ""),
+        ("/v1/models/feat/encode", {}, 400, "body", "exactly one"),
+        ("/v1/models/feat/generate", {"inputs": [[[1.0] * 8]]}, 400, "model", "encode"),
+        ("/v1/models/translit/generate", {"texts": ["a"], "beam_size": 0}, 400, "beam_size", ""),
+        ("/v1/models/broken/encode", {"inputs": [[[1.0] * 4]]}, 503, None, ""),
+    ],
+)
+def test_errors_name_field_and_limit(
+    client: httpx.Client,
+    path: str,
+    body: dict[str, object],
+    status: int,
+    field: str | None,
+    fragment: str,
+) -> None:
+    r = client.post(path, json=body)
+    assert r.status_code == status, r.text
+    detail = error_of(r)
+    if field is not None:
+        assert detail["field"] == field
+        assert detail["message"].startswith(f"{field}: ")
+    assert fragment in detail["message"]
+
+
+def test_bad_json_and_bad_path_parameters(client: httpx.Client) -> None:
+    r = client.post("/v1/models/feat/encode", content=b'{"inputs": [[[NaN]]]}')
+    assert r.status_code == 400 and error_of(r)["field"] == "body"
+    r = client.post("/v1/models/feat/versions/abc/encode", json={"inputs": [[[1.0] * 8]]})
+    assert r.status_code == 400
+    assert error_of(r)["field"] == "path.version"
+    r = client.get("/v1/no/such/route")
+    assert r.status_code == 404 and error_of(r)["type"] == "HTTPError"
+
+
+def test_body_size_limit_declared_and_chunked(client: httpx.Client, server: LiveServer) -> None:
+    limit = server.settings.max_body_bytes
+    big = b'{"inputs": [[[' + b"0.0," * (limit // 4) + b"0.0]]]}"
+    r = client.post("/v1/models/feat/encode", content=big)
+    assert r.status_code == 413
+    assert str(limit) in error_of(r)["message"]
+
+    def chunks() -> Iterator[bytes]:
+        yield big[: limit // 2]
+        yield big[limit // 2 :]
+
+    r = client.post("/v1/models/feat/encode", content=chunks())
+    assert r.status_code == 413
+    assert str(limit) in error_of(r)["message"]
+
+
+async def test_overloaded_is_503_with_retry_after(server: LiveServer) -> None:
+    body = {"inputs": [[[0.5] * 4]]}
+    async with httpx.AsyncClient(base_url=server.url, timeout=30) as c:
+        answers = await asyncio.gather(
+            *(c.post("/v1/models/slow/encode", json=body) for _ in range(6))
+        )
+    statuses = sorted(r.status_code for r in answers)
+    assert 200 in statuses and 503 in statuses, statuses
+    refused = next(r for r in answers if r.status_code == 503)
+    assert int(refused.headers["retry-after"]) >= 1
+    assert error_of(refused)["type"] == "Overloaded"
+
+
+def test_deadline_is_504(client: httpx.Client) -> None:
+    # One microsecond: gone before any batch can start, whatever the load.
+    r = client.post("/v1/models/slow/encode", json={"inputs": [[[0.5] * 4]], "timeout_ms": 0.001})
+    assert r.status_code == 504, r.text
+    assert error_of(r)["type"] == "DeadlineExceeded"
+
+
+async def test_client_gone_is_never_computed(server: LiveServer) -> None:
+    async with httpx.AsyncClient(base_url=server.url, timeout=60) as c:
+        before = (await c.get("/metrics")).text
+        # Keep the device busy with one long call (one sequence: a batch's step budget is
+        # max_batch_size × 128), so that the next request waits in its queue.
+        busy = asyncio.create_task(
+            c.post("/v1/models/heavy/encode", json={"tokens": [[1, 2, 3, 4] * 2000]})
+        )
+        await asyncio.sleep(0.05)
+        body = orjson.dumps({"inputs": [[[0.5] * 4]]})
+        _reader, writer = await asyncio.open_connection("127.0.0.1", server.port)
+        writer.write(
+            b"POST /v1/models/slow/encode HTTP/1.1\r\nHost: test\r\n"
+            b"Content-Length: %d\r\n\r\n%s" % (len(body), body)
+        )
+        await writer.drain()
+        await asyncio.sleep(0.05)
+        writer.close()
+        assert (await busy).status_code == 200
+        await asyncio.sleep(0.1)
+        after = (await c.get("/metrics")).text
+    cancelled = {"model": "slow", "protocol": "rest", "outcome": "cancelled"}
+    assert metric_value(after, "rnnserve_requests_total", **cancelled) == 1 + metric_value(
+        before, "rnnserve_requests_total", **cancelled
+    )
+    computed = {"model": "slow"}
+    assert metric_value(after, "rnnserve_batch_size_sum", **computed) == metric_value(
+        before, "rnnserve_batch_size_sum", **computed
+    )
+
+
+def test_every_core_error_has_an_http_status() -> None:
+    assert set(errors.ALL_ERRORS) <= set(HTTP_STATUS)
+    assert HTTP_STATUS[errors.InvalidInput] == 400
+    assert HTTP_STATUS[errors.NotFound] == 404
+    assert HTTP_STATUS[errors.Overloaded] == 503
+    assert HTTP_STATUS[errors.DeadlineExceeded] == 504
+    assert HTTP_STATUS[errors.NotReady] == 503
+
+
+# ---------------------------------------------------------------- management
+
+
+def test_management_is_off_by_default(client: httpx.Client) -> None:
+    r = client.post("/v1/management/models/feat/reload", headers={"Authorization": "Bearer x"})
+    assert r.status_code == 403
+    assert error_of(r)["type"] == "PermissionDenied"
+
+
+def test_management_with_token(tmp_path: Path) -> None:
+    from tests.factories import write_model
+
+    write_model(tmp_path, "m", 1, input_size=4)
+    with (
+        live_server(tmp_path, management_enabled=True, management_token=TOKEN) as live,
+        httpx.Client(base_url=live.url, timeout=30) as c,
+    ):
+        auth = {"Authorization": f"Bearer {TOKEN}"}
+        assert c.post("/v1/management/models/m/unload").status_code == 401
+        wrong = c.post("/v1/management/models/m/unload", headers={"Authorization": "Bearer no"})
+        assert wrong.status_code == 401 and wrong.headers["www-authenticate"] == "Bearer"
+        r = c.post("/v1/management/models/m/unload", headers=auth)
+        assert r.status_code == 200, r.text
+        assert c.post("/v1/models/m/encode", json={"inputs": [[[1.0] * 4]]}).status_code in (
+            404,
+            503,
+        )
+        r = c.post("/v1/management/models/m/load", headers=auth)
+        assert r.status_code == 200, r.text
+        assert r.json()["model"]["versions"][0]["state"] == "READY"
+        assert c.post("/v1/models/m/encode", json={"inputs": [[[1.0] * 4]]}).status_code == 200
+        assert c.post("/v1/management/models/m/reload", headers=auth).status_code == 200
+        r = c.post("/v1/management/models/m/versions/1/unload", headers=auth)
+        assert r.status_code == 200, r.text
+        assert c.get("/v1/models/m/versions/1").status_code in (200, 404)
+        r = c.post("/v1/management/models/m/versions/1/load", headers=auth)
+        assert r.status_code == 200, r.text
+        assert c.post("/v1/models/m/versions/1/encode", json={"inputs": [[[1.0] * 4]]}).is_success
+        # Names only: no paths, no URLs.
+        for name in ("..", "%2E%2E", "a%2Fb", "http%3A%2F%2Fx"):
+            r = c.post(f"/v1/management/models/{name}/load", headers=auth)
+            assert r.status_code in (400, 404), (name, r.status_code)
+        assert c.post("/v1/management/models/absent/load", headers=auth).status_code == 404
+
+
+def test_draining_refuses_new_work(tmp_path: Path) -> None:
+    from tests.factories import write_model
+
+    write_model(tmp_path, "m", 1, input_size=4)
+    with live_server(tmp_path) as live, httpx.Client(base_url=live.url, timeout=30) as c:
+        assert c.get("/readyz").status_code == 200
+        live.call(live.engine.drain(0.1))
+        assert c.get("/readyz").status_code == 503
+        assert c.get("/healthz").status_code == 200
+        r = c.post("/v1/models/m/encode", json={"inputs": [[[1.0] * 4]]})
+        assert r.status_code == 503, r.text
+        assert r.headers["retry-after"] and error_of(r)["type"] in ("Draining", "NotReady")
+        assert c.get("/v2/health/ready").status_code == 503

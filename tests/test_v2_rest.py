@@ -1,0 +1,255 @@
+"""The Open Inference Protocol (V2) REST endpoints against a real server, with Triton's client."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import httpx
+import numpy as np
+import orjson
+import pytest
+import tritonclient.http as triton
+from tritonclient.utils import InferenceServerException
+
+from service import codecs
+from tests.test_rest_helpers import TOKEN, LiveServer, live_server, write_test_repository
+
+AUTH = {"Authorization": f"Bearer {TOKEN}"}
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LiveServer]:
+    repository = tmp_path_factory.mktemp("v2-repository")
+    write_test_repository(repository)
+    with live_server(repository, management_enabled=True, management_token=TOKEN) as live:
+        yield live
+
+
+@pytest.fixture(scope="module")
+def client(server: LiveServer) -> Iterator[triton.InferenceServerClient]:
+    c = triton.InferenceServerClient(url=f"127.0.0.1:{server.port}")
+    yield c
+    c.close()
+
+
+@pytest.fixture(scope="module")
+def http(server: LiveServer) -> Iterator[httpx.Client]:
+    with httpx.Client(base_url=server.url, timeout=30) as c:
+        yield c
+
+
+def rest_encode(http: httpx.Client, model: str, seqs: list[np.ndarray], version: int) -> np.ndarray:
+    r = http.post(
+        f"/v1/models/{model}/versions/{version}/encode", json={"inputs": [s.tolist() for s in seqs]}
+    )
+    assert r.status_code == 200, r.text
+    return np.array(r.json()["encodings"], dtype=np.float32)
+
+
+def test_health_and_metadata(client: triton.InferenceServerClient) -> None:
+    assert client.is_server_live()
+    assert client.is_server_ready()
+    assert client.is_model_ready("feat")
+    assert client.is_model_ready("feat", model_version="1")
+    assert not client.is_model_ready("broken")
+    assert not client.is_model_ready("feat", model_version="9")
+    server = client.get_server_metadata()
+    assert server["name"] == "rnnserve" and "binary_tensor_data" in server["extensions"]
+    meta = client.get_model_metadata("feat")
+    assert meta["versions"] == ["2"]
+    assert {"name": "INPUT", "datatype": "FP32", "shape": [-1, -1, 8]} in meta["inputs"]
+    assert [o["name"] for o in meta["outputs"]] == ["ENCODING", "SCORES", "LABELS"]
+    seq2seq = client.get_model_metadata("translit", model_version="1")
+    assert [i["name"] for i in seq2seq["inputs"]] == ["TEXT", "LENGTHS"]
+    assert [o["name"] for o in seq2seq["outputs"]] == [
+        "OUTPUT_TOKENS",
+        "OUTPUT_LENGTHS",
+        "OUTPUT_TEXT",
+    ]
+    with pytest.raises(InferenceServerException, match="nope"):
+        client.get_model_metadata("nope")
+
+
+@pytest.mark.parametrize("binary", [False, True], ids=["json", "binary"])
+def test_infer_features_with_lengths(
+    client: triton.InferenceServerClient, http: httpx.Client, binary: bool
+) -> None:
+    rng = np.random.default_rng(3)
+    batch = rng.standard_normal((3, 6, 8)).astype(np.float32)
+    lengths = np.array([6, 2, 4], dtype=np.int64)
+    inputs = [
+        triton.InferInput("INPUT", [3, 6, 8], "FP32"),
+        triton.InferInput("LENGTHS", [3], "INT64"),
+    ]
+    inputs[0].set_data_from_numpy(batch, binary_data=binary)
+    inputs[1].set_data_from_numpy(lengths, binary_data=binary)
+    outputs = [
+        triton.InferRequestedOutput(name, binary_data=binary)
+        for name in ("ENCODING", "SCORES", "LABELS")
+    ]
+    result = client.infer("feat", inputs, model_version="1", outputs=outputs)
+    encoding = result.as_numpy("ENCODING")
+    assert encoding.dtype == np.float32 and encoding.shape == (3, 16)
+    expected = rest_encode(http, "feat", [batch[b, :n] for b, n in enumerate(lengths)], 1)
+    np.testing.assert_allclose(encoding, expected, rtol=1e-5, atol=1e-6)
+    scores = result.as_numpy("SCORES")
+    labels = [x.decode() if isinstance(x, bytes) else x for x in result.as_numpy("LABELS")]
+    assert labels == [["neg", "pos"][i] for i in scores.argmax(axis=1)]
+    assert result.get_response()["model_version"] == "1"
+
+
+@pytest.mark.parametrize("binary", [False, True], ids=["json", "binary"])
+def test_infer_seq2seq_text(
+    client: triton.InferenceServerClient, http: httpx.Client, binary: bool
+) -> None:
+    texts = np.array([b"abc", b"hello"], dtype=np.object_)
+    inp = triton.InferInput("TEXT", [2], "BYTES")
+    inp.set_data_from_numpy(texts, binary_data=binary)
+    names = ("OUTPUT_TOKENS", "OUTPUT_LENGTHS", "OUTPUT_TEXT")
+    outputs = [triton.InferRequestedOutput(n, binary_data=binary) for n in names]
+    result = client.infer("translit", [inp], outputs=outputs)
+    expected = http.post("/v1/models/translit/generate", json={"texts": ["abc", "hello"]}).json()
+    tokens = result.as_numpy("OUTPUT_TOKENS")
+    lengths = result.as_numpy("OUTPUT_LENGTHS")
+    text = [t.decode() if isinstance(t, bytes) else t for t in result.as_numpy("OUTPUT_TEXT")]
+    for b, out in enumerate(expected["outputs"]):
+        assert tokens[b, : lengths[b]].tolist() == out["tokens"]
+        assert (tokens[b, lengths[b] :] == -1).all()
+        assert text[b] == out["text"]
+
+
+def test_infer_tokens_json_default_outputs(client: triton.InferenceServerClient) -> None:
+    inp = triton.InferInput("TOKENS", [2, 3], "INT64")
+    inp.set_data_from_numpy(np.array([[1, 2, 3], [4, 5, 6]], dtype=np.int64), binary_data=False)
+    result = client.infer("tok", [inp])
+    assert result.as_numpy("ENCODING").shape == (2, 16)
+
+
+def test_binary_request_without_content_type(http: httpx.Client) -> None:
+    batch = np.ones((1, 2, 8), dtype=np.float32)
+    head = orjson.dumps(
+        {
+            "inputs": [
+                {
+                    "name": "INPUT",
+                    "datatype": "FP32",
+                    "shape": [1, 2, 8],
+                    "parameters": {"binary_data_size": batch.nbytes},
+                }
+            ],
+            "parameters": {"binary_data_output": True},
+        }
+    )
+    r = http.post(
+        "/v2/models/feat/infer",
+        content=head + batch.tobytes(),
+        headers={codecs.HEADER_LENGTH: str(len(head))},
+    )
+    assert "content-type" not in r.request.headers
+    assert r.status_code == 200, r.text
+    n = int(r.headers[codecs.HEADER_LENGTH])
+    header, tail = codecs.split_v2_body(r.content, str(n))
+    decoded = {t.name: t.data for t in codecs.decode_v2_inputs({"inputs": header["outputs"]}, tail)}
+    expected = rest_encode(http, "feat", [batch[0]], 2)
+    assert isinstance(decoded["ENCODING"], np.ndarray)
+    np.testing.assert_allclose(decoded["ENCODING"], expected, rtol=1e-5, atol=1e-6)
+
+
+def tensor(name: str, datatype: str, shape: list[int], data: list[object]) -> dict[str, object]:
+    return {"name": name, "datatype": datatype, "shape": shape, "data": data}
+
+
+def body(*inputs: dict[str, object], **extra: object) -> dict[str, object]:
+    return {"inputs": list(inputs), **extra}
+
+
+ONE_STEP = tensor("INPUT", "FP32", [1, 1, 8], [0.0] * 8)
+
+
+@pytest.mark.parametrize(
+    ("model", "request_body", "status", "fragment"),
+    [
+        ("nope", body(tensor("INPUT", "FP32", [1], [1])), 404, "nope"),
+        ("feat", body(tensor("X", "FP32", [1], [1])), 400, "INPUT"),
+        ("feat", body(tensor("INPUT", "FP32", [1, 1, 7], [0] * 7)), 400, "8"),
+        ("feat", body(tensor("INPUT", "FP32", [1, 8], [0] * 8)), 400, "[batch, time, features]"),
+        ("feat", body(tensor("INPUT", "FP32", [9, 1, 8], [0] * 72)), 400, "at most 8"),
+        ("feat", body(tensor("INPUT", "FP32", [1, 1, 8], [0] * 9)), 400, "holds 8 elements"),
+        ("tok", body(tensor("TOKENS", "INT64", [1, 2], [1, 99])), 400, "99"),
+        ("short", body(tensor("INPUT", "FP32", [1, 17, 4], [0] * 68)), 400, "16"),
+        ("words", body(tensor("TEXT", "BYTES", [1], ["x" * 41])), 400, "40"),
+        ("broken", body(tensor("INPUT", "FP32", [1, 1, 4], [0] * 4)), 503, ""),
+        ("feat", body(ONE_STEP, outputs=[{"name": "Y"}]), 400, "Y"),
+        ("feat", body(ONE_STEP, tensor("LENGTHS", "INT64", [1], [3])), 400, "1..1"),
+        ("feat", body(ONE_STEP, parameters={"pooling": "sum"}), 400, "parameters.pooling"),
+        ("feat", body(ONE_STEP, parameters={"timeout_ms": "soon"}), 400, "parameters.timeout_ms"),
+    ],
+)
+def test_infer_errors(
+    http: httpx.Client, model: str, request_body: dict[str, object], status: int, fragment: str
+) -> None:
+    r = http.post(f"/v2/models/{model}/infer", content=orjson.dumps(request_body))
+    assert r.status_code == status, r.text
+    error = r.json()
+    assert set(error) == {"error"} and isinstance(error["error"], str)
+    assert fragment in error["error"]
+
+
+def test_deadline_is_504(http: httpx.Client) -> None:
+    body = {"inputs": [ONE_STEP], "parameters": {"timeout_ms": 0.001}}
+    r = http.post("/v2/models/feat/infer", content=orjson.dumps(body))
+    assert r.status_code == 504
+    assert isinstance(r.json()["error"], str)
+
+
+def test_nan_in_binary_features_is_rejected(http: httpx.Client) -> None:
+    batch = np.zeros((1, 2, 8), dtype=np.float32)
+    batch[0, 1, 3] = np.nan
+    head = orjson.dumps(
+        {
+            "inputs": [
+                {
+                    "name": "INPUT",
+                    "datatype": "FP32",
+                    "shape": [1, 2, 8],
+                    "parameters": {"binary_data_size": batch.nbytes},
+                }
+            ]
+        }
+    )
+    r = http.post(
+        "/v2/models/feat/infer",
+        content=head + batch.tobytes(),
+        headers={codecs.HEADER_LENGTH: str(len(head))},
+    )
+    assert r.status_code == 400
+    assert "NaN" in r.json()["error"]
+
+
+def test_repository_extension(client: triton.InferenceServerClient, http: httpx.Client) -> None:
+    assert http.post("/v2/repository/index").status_code == 401
+    index = client.get_model_repository_index(headers=AUTH)
+    states = {(e["name"], e["version"]): e["state"] for e in index}
+    assert states[("feat", "1")] == "READY" and states[("broken", "1")] == "FAILED"
+    client.unload_model("tok", headers=AUTH)
+    assert not client.is_model_ready("tok")
+    client.load_model("tok", headers=AUTH)
+    assert client.is_model_ready("tok")
+    r = http.post(
+        "/v2/repository/models/tok/load",
+        headers=AUTH,
+        content=orjson.dumps({"parameters": {"file:1/model.safetensors": "AAAA"}}),
+    )
+    assert r.status_code == 400 and "parameters" in r.json()["error"]
+    r = http.post("/v2/repository/models/..%2Fetc/load", headers=AUTH)
+    assert r.status_code in (400, 404)
+
+
+def test_v2_metrics_protocol_label(
+    http: httpx.Client, client: triton.InferenceServerClient
+) -> None:
+    inp = triton.InferInput("TOKENS", [1, 2], "INT64")
+    inp.set_data_from_numpy(np.array([[1, 2]], dtype=np.int64))
+    client.infer("tok", [inp])
+    text = http.get("/metrics").text
+    assert 'protocol="v2-rest"' in text and 'endpoint="infer"' in text
