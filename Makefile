@@ -40,5 +40,8 @@ format: $(STAMP)
 serve: $(STAMP)
 	$(BIN)/rnnserve serve --repository $(REPOSITORY) --host $(HOST) --http-port $(HTTP_PORT) --grpc-port $(GRPC_PORT)
 
+proto: $(STAMP)
+	$(BIN)/python scripts/gen_proto.py
+
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache

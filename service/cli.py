@@ -21,6 +21,18 @@ def build_parser() -> argparse.ArgumentParser:
             help="write a repository version from a vanilla PyTorch nn.RNN/LSTM/GRU state_dict",
         )
     )
+
+    from models.training import cli as train_cli
+
+    train_cli.add_arguments(
+        sub.add_parser("train", help="train a bundled task into a new repository version")
+    )
+
+    from service import main as serve_main
+
+    serve_main.add_arguments(
+        sub.add_parser("serve", help="serve a model repository over REST (HTTP) and gRPC")
+    )
     return parser
 
 

@@ -1,0 +1,318 @@
+"""gRPC throughput and latency of `rnnserve serve` against direct batch-64 model calls.
+
+Reference workload: a 2-layer LSTM (input 32, hidden 256), one sequence per request, lengths
+uniform in 16..128. For each service (rnnserve.v1 Encode; V2 ModelInfer with raw contents) and
+each concurrency (1, 16, 64), a separate load-generating process (this script with --client)
+keeps that many calls in flight for --duration seconds and reports throughput, p50 and p99.
+The baseline is measured in the same run: the same checkpoint called directly in this process
+with batches of 64 such sequences, on the same number of CPU threads as the server.
+
+    .venv/bin/python -m bench.grpc [--duration 5] [--threads N] [--device cpu]
+
+(As a module: run as a file, its folder would come first on sys.path and this file and
+bench/http.py would shadow the grpc and http packages.)
+
+Prints a Markdown table (paste into bench/RESULTS.md) and writes JSON with --json PATH.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parent.parent
+
+INPUT, HIDDEN, LAYERS = 32, 256, 2
+MIN_LEN, MAX_LEN = 16, 128
+BATCH = 64
+MODEL = "reference"
+
+
+def _lengths(rng: np.random.Generator, n: int) -> list[int]:
+    return [int(t) for t in rng.integers(MIN_LEN, MAX_LEN + 1, n)]
+
+
+def write_reference(repository: Path) -> Path:
+    """The reference checkpoint (random weights, fixed seed) in repository/reference/1."""
+    import torch
+
+    from models.checkpoint import build_model, save
+    from models.config import ModelConfig
+
+    config = ModelConfig.model_validate(
+        {
+            "format": "rnnserve/v1",
+            "task": "encode",
+            "input": {"type": "features", "size": INPUT},
+            "encoder": {"cell": "lstm", "hidden_size": HIDDEN, "num_layers": LAYERS},
+            "serving": {"max_batch_size": BATCH, "max_delay_ms": 2.0, "max_queue_size": 4096},
+        }
+    )
+    torch.manual_seed(0)
+    return save(build_model(config), repository / MODEL / "1")
+
+
+def direct_baseline(folder: Path, threads: int, device: str, seconds: float) -> dict[str, float]:
+    """Sequences/s of direct batch-64 calls of the loaded checkpoint (median batch time)."""
+    import torch
+
+    from models.checkpoint import load
+    from models.encoder import collate
+
+    torch.set_num_threads(threads)
+    loaded = load(folder, device=device)
+    rng = np.random.default_rng(1)
+    times: list[float] = []
+    end = time.perf_counter() + seconds
+    with torch.inference_mode():
+        while time.perf_counter() < end or len(times) < 5:
+            batch = [torch.randn(t, INPUT) for t in _lengths(rng, BATCH)]
+            inputs, lengths = collate(batch)
+            start = time.perf_counter()
+            out = loaded.model(inputs.to(device), lengths)  # type: ignore[operator]
+            out.encodings.cpu()
+            times.append(time.perf_counter() - start)
+    median = statistics.median(times[1:])
+    return {"batch_s": median, "sequences_per_s": BATCH / median, "batches": len(times)}
+
+
+# --- the load-generating process ---------------------------------------------------------------
+
+
+def _requests(service: str, n: int) -> list[Any]:
+    from service._proto.inference import grpc_service_pb2 as v2
+    from service._proto.rnnserve.v1 import rnnserve_pb2 as pb
+
+    rng = np.random.default_rng(2)
+    messages: list[Any] = []
+    for t in _lengths(rng, n):
+        x = rng.normal(size=(t, INPUT)).astype(np.float32)
+        if service == "v1":
+            message = pb.EncodeRequest(model=MODEL)
+            message.inputs.sequences.add(shape=x.shape, values=x.ravel().tolist())
+        else:
+            message = v2.ModelInferRequest(model_name=MODEL)
+            message.inputs.add(name="INPUT", datatype="FP32", shape=[1, t, INPUT])
+            message.raw_input_contents.append(x.astype("<f4").tobytes())
+        messages.append(message)
+    return messages
+
+
+async def _load(port: int, service: str, concurrency: int, duration: float) -> dict[str, Any]:
+    import grpc
+
+    from service._proto.inference import grpc_service_pb2_grpc as v2_grpc
+    from service._proto.rnnserve.v1 import rnnserve_pb2_grpc as pb_grpc
+
+    messages = _requests(service, 512)
+    async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
+        call = (
+            pb_grpc.RnnServeStub(channel).Encode
+            if service == "v1"
+            else v2_grpc.GRPCInferenceServiceStub(channel).ModelInfer
+        )
+        latencies: list[float] = []
+        errors = 0
+        warmup_end = time.perf_counter() + min(1.0, duration / 4)
+        end = warmup_end + duration
+
+        async def worker(k: int) -> None:
+            nonlocal errors
+            i = k
+            while (now := time.perf_counter()) < end:
+                try:
+                    await call(messages[i % len(messages)], timeout=30)
+                except grpc.aio.AioRpcError:
+                    errors += 1
+                done = time.perf_counter()
+                if now >= warmup_end:
+                    latencies.append(done - now)
+                i += concurrency
+
+        await asyncio.gather(*(worker(k) for k in range(concurrency)))
+    latencies.sort()
+    return {
+        "requests": len(latencies),
+        "errors": errors,
+        "throughput": len(latencies) / duration,
+        "p50_ms": 1000 * latencies[len(latencies) // 2],
+        "p99_ms": 1000 * latencies[min(len(latencies) - 1, int(len(latencies) * 0.99))],
+    }
+
+
+def client_main(args: argparse.Namespace) -> int:
+    """--client: generate load and print one JSON line."""
+    result = asyncio.run(_load(args.port, args.service, args.concurrency, args.duration))
+    print(json.dumps(result), flush=True)
+    return 0
+
+
+# --- orchestration -----------------------------------------------------------------------------
+
+
+def _start_server(
+    repository: Path, threads: int, device: str
+) -> tuple[subprocess.Popen[str], int, int]:
+    """The server subprocess, its gRPC port and its HTTP port (read from the startup summary)."""
+    process = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "service.cli",
+            "serve",
+            "--repository",
+            str(repository),
+            "--http-port",
+            "0",
+            "--grpc-port",
+            "0",
+            "--cpu-threads",
+            str(threads),
+            "--device",
+            device,
+            "--log-format",
+            "json",
+        ],
+        cwd=ROOT,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    port: list[int] = []
+    lines: list[str] = []
+    ready = threading.Event()
+
+    def read() -> None:
+        assert process.stderr is not None
+        for line in process.stderr:
+            lines.append(line)
+            if '"server.ready"' in line:
+                summary = json.loads(line)
+                port.extend([summary["grpc_port"], summary["http_port"]])
+                ready.set()
+        ready.set()
+
+    # NOTE: keeps reading stderr after startup so the server never blocks on a full pipe.
+    threading.Thread(target=read, daemon=True).start()
+    if not ready.wait(120) or not port:
+        process.kill()
+        raise SystemExit("the server did not become ready:\n" + "".join(lines[-20:]))
+    return process, port[0], port[1]
+
+
+def _batches(http_port: int) -> tuple[float, float, float]:
+    """(model calls, sequences, compute seconds) of the reference model so far (/metrics)."""
+    import httpx
+
+    text = httpx.get(f"http://127.0.0.1:{http_port}/metrics", timeout=30).text
+    names = (
+        "rnnserve_batch_size_count",
+        "rnnserve_batch_size_sum",
+        "rnnserve_compute_duration_seconds_sum",
+    )
+    values = dict.fromkeys(names, 0.0)
+    for line in text.splitlines():
+        name = line.split("{", 1)[0]
+        if name in values and f'model="{MODEL}"' in line:
+            values[name] += float(line.rsplit(" ", 1)[1])
+    return values[names[0]], values[names[1]], values[names[2]]
+
+
+def _client(port: int, service: str, level: int, duration: float) -> dict[str, Any]:
+    """One measurement by a separate load-generating process."""
+    command = [sys.executable, "-m", "bench.grpc", "--client", "--port", str(port)]
+    command += ["--service", service, "--concurrency", str(level), "--duration", str(duration)]
+    out = subprocess.run(
+        command, cwd=ROOT, capture_output=True, text=True, check=True, timeout=duration * 4 + 60
+    )
+    row: dict[str, Any] = json.loads(out.stdout.strip().splitlines()[-1])
+    return row | {"service": service, "concurrency": level}
+
+
+def main() -> int:
+    """Run the whole benchmark (or, with --client, one load generator)."""
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--client", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--port", type=int, default=0, help=argparse.SUPPRESS)
+    parser.add_argument("--service", choices=["v1", "v2"], default="v1", help=argparse.SUPPRESS)
+    parser.add_argument("--concurrency", type=int, default=1, help=argparse.SUPPRESS)
+    parser.add_argument("--duration", type=float, default=5.0, help="seconds per measurement")
+    parser.add_argument("--threads", type=int, default=max(1, (os.cpu_count() or 2) - 1))
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--levels", default="1,16,64", help="concurrency levels")
+    parser.add_argument("--json", type=Path, help="also write the results here")
+    args = parser.parse_args()
+    if not __package__:
+        raise SystemExit("run from the repository root as a module: python -m bench.grpc")
+    if args.client:
+        return client_main(args)
+
+    # NOTE: the machine may be shared, so the baseline is measured before the load and after
+    # each level (the server idle meanwhile), and ratios use the median of those runs.
+    with tempfile.TemporaryDirectory() as tmp:
+        repository = Path(tmp)
+        folder = write_reference(repository)
+        baselines = [direct_baseline(folder, args.threads, args.device, args.duration)]
+        process, port, http_port = _start_server(repository, args.threads, args.device)
+        rows: list[dict[str, Any]] = []
+        try:
+            # NOTE: services alternate within each level so that load changes hit both alike.
+            for level in (int(x) for x in args.levels.split(",")):
+                for service in ("v1", "v2"):
+                    calls, sequences, busy = _batches(http_port)
+                    row = _client(port, service, level, args.duration)
+                    calls_after, sequences_after, busy_after = _batches(http_port)
+                    done = max(1.0, sequences_after - sequences)
+                    row["mean_batch"] = (sequences_after - sequences) / max(
+                        1.0, calls_after - calls
+                    )
+                    # Device time per sequence inside the server (batch compute ÷ sequences).
+                    row["compute_ms_per_seq"] = 1000 * (busy_after - busy) / done
+                    rows.append(row)
+                    print(json.dumps(row), file=sys.stderr, flush=True)
+                baselines.append(direct_baseline(folder, args.threads, args.device, args.duration))
+        finally:
+            process.terminate()
+            process.wait(60)
+    direct = statistics.median(b["sequences_per_s"] for b in baselines)
+    for row in rows:
+        row["ratio"] = row["throughput"] / direct
+
+    names = {"v1": "rnnserve.v1 Encode", "v2": "V2 ModelInfer (raw)"}
+    runs = ", ".join(f"{b['sequences_per_s']:.0f}" for b in baselines)
+    print(
+        f"direct batch-{BATCH} calls ({args.threads} thread(s), {args.device}): median "
+        f"{direct:.0f} seq/s = {1000 / direct:.2f} ms/seq, of runs {runs} (before the server "
+        "ran and after each level)\n"
+    )
+    print(
+        "| service | clients | req/s | p50 ms | p99 ms | errors | mean batch "
+        "| compute ms/seq | ratio to direct |"
+    )
+    print("|---|---:|---:|---:|---:|---:|---:|---:|---:|")
+    for row in rows:
+        print(
+            f"| {names[row['service']]} | {row['concurrency']} | {row['throughput']:.0f} | "
+            f"{row['p50_ms']:.1f} | {row['p99_ms']:.1f} | {row['errors']} | "
+            f"{row['mean_batch']:.1f} | {row['compute_ms_per_seq']:.2f} | {row['ratio']:.2f} |"
+        )
+    if args.json:
+        args.json.write_text(
+            json.dumps({"direct_seq_per_s": direct, "baselines": baselines, "rows": rows})
+        )
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,384 @@
+"""The gRPC front-end: rnnserve.v1 servicer, health, reflection, and the grpc.aio server.
+
+Servicers only convert (service/grpc_convert.py) and call the engine; every core error leaves
+through one table (`grpc_convert.GRPC_STATUS`). `GrpcServer` wires both services (this one and
+the Open Inference Protocol's, service/v2_grpc.py), `grpc.health.v1` and reflection.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hmac
+import logging
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import TYPE_CHECKING, Any, NoReturn, TypeVar
+
+import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_health.v1._async import HealthServicer
+from grpc_reflection.v1alpha import reflection
+
+from service import errors, grpc_convert
+from service._proto.inference import grpc_service_pb2 as v2_pb
+from service._proto.rnnserve.v1 import rnnserve_pb2 as pb
+from service._proto.rnnserve.v1 import rnnserve_pb2_grpc
+from service.metrics import Metrics, outcome_of
+from service.settings import Settings
+
+if TYPE_CHECKING:
+    from service.engine import Engine
+
+log = logging.getLogger(__name__)
+
+T = TypeVar("T")
+
+SERVICE_NAME = pb.DESCRIPTOR.services_by_name["RnnServe"].full_name
+V2_SERVICE_NAME = v2_pb.DESCRIPTOR.services_by_name["GRPCInferenceService"].full_name
+SERVING = health_pb2.HealthCheckResponse.SERVING
+NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
+HEALTH_POLL_S = 0.1
+
+
+def deadline_of(context: grpc.aio.ServicerContext[Any, Any]) -> float | None:
+    """Seconds left before the call's gRPC deadline (None: the client set none)."""
+    remaining = context.time_remaining()
+    return None if remaining is None else max(0.0, remaining)
+
+
+async def abort_with(context: grpc.aio.ServicerContext[Any, Any], exc: BaseException) -> NoReturn:
+    """End the call with the status of `exc`: its table entry, or INTERNAL without details."""
+    if isinstance(exc, errors.ServiceError):
+        code, message = grpc_convert.grpc_status(exc)
+        if isinstance(exc, errors.Overloaded):
+            context.set_trailing_metadata((("retry-after", f"{exc.retry_after_s:g}"),))
+        await context.abort(code, message)
+    log.exception("unexpected error in a gRPC handler", exc_info=exc)
+    await context.abort(grpc.StatusCode.INTERNAL, "internal error (see the server log)")
+    raise AssertionError("unreachable: context.abort raises")
+
+
+class CallRecorder:
+    """Times one call, records its metrics once, and maps its errors to gRPC statuses."""
+
+    def __init__(self, metrics: Metrics, protocol: str) -> None:
+        self.metrics = metrics
+        self.protocol = protocol
+
+    async def run(
+        self,
+        context: grpc.aio.ServicerContext[Any, Any],
+        model: str,
+        endpoint: str,
+        call: Callable[[], Awaitable[T]],
+        version: Callable[[T], int | str | None] = lambda _: None,
+    ) -> T:
+        """Await `call()`; on a ServiceError abort with its status (the metrics say why)."""
+        start = time.perf_counter()
+        try:
+            result = await call()
+        except asyncio.CancelledError as exc:
+            self.metrics.observe_request(
+                model, None, self.protocol, endpoint, outcome_of(exc), time.perf_counter() - start
+            )
+            raise
+        except Exception as exc:
+            self.metrics.observe_request(
+                model, None, self.protocol, endpoint, outcome_of(exc), time.perf_counter() - start
+            )
+            await abort_with(context, exc)
+        self.metrics.observe_request(
+            model, version(result), self.protocol, endpoint, "success", time.perf_counter() - start
+        )
+        return result
+
+    def observe(
+        self,
+        model: str,
+        version: int | None,
+        endpoint: str,
+        exc: BaseException | None,
+        seconds: float,
+    ) -> None:
+        """Record a call whose errors the caller handles itself (streams)."""
+        self.metrics.observe_request(
+            model, version, self.protocol, endpoint, outcome_of(exc), seconds
+        )
+
+
+def check_management(settings: Settings, context: grpc.aio.ServicerContext[Any, Any]) -> None:
+    """Raise unless management is enabled and, when a token is set, the call carries it."""
+    if not settings.management_enabled:
+        raise errors.PermissionDenied(
+            "management RPCs are disabled (start the server with --management-enabled)"
+        )
+    if settings.management_token is None:
+        return
+    expected = f"Bearer {settings.management_token.get_secret_value()}"
+    given = dict(context.invocation_metadata() or ()).get("authorization", "")
+    if not isinstance(given, str) or not hmac.compare_digest(given.encode(), expected.encode()):
+        raise errors.Unauthenticated(
+            "management RPCs need the metadata 'authorization: Bearer <token>'"
+        )
+
+
+class RnnServeServicer(rnnserve_pb2_grpc.RnnServeServicer):
+    """rnnserve.v1.RnnServe on the engine."""
+
+    def __init__(self, engine: Engine, settings: Settings, metrics: Metrics) -> None:
+        self.engine = engine
+        self.settings = settings
+        self.calls = CallRecorder(metrics, "grpc")
+
+    async def Encode(  # noqa: N802 (gRPC method names)
+        self, request: pb.EncodeRequest, context: grpc.aio.ServicerContext[Any, Any]
+    ) -> pb.EncodeResponse:
+        async def call() -> pb.EncodeResponse:
+            core = grpc_convert.encode_request_from_proto(request, deadline_of(context))
+            return grpc_convert.encode_result_to_proto(await self.engine.encode(core))
+
+        return await self.calls.run(context, request.model, "encode", call, lambda r: r.version)
+
+    async def Generate(  # noqa: N802
+        self, request: pb.GenerateRequest, context: grpc.aio.ServicerContext[Any, Any]
+    ) -> pb.GenerateResponse:
+        async def call() -> pb.GenerateResponse:
+            core = grpc_convert.generate_request_from_proto(request, deadline_of(context))
+            return grpc_convert.generate_result_to_proto(await self.engine.generate(core))
+
+        return await self.calls.run(context, request.model, "generate", call, lambda r: r.version)
+
+    async def GenerateStream(  # noqa: N802
+        self, request: pb.GenerateRequest, context: grpc.aio.ServicerContext[Any, Any]
+    ) -> AsyncIterator[pb.GenerateStreamResponse]:
+        start = time.perf_counter()
+        version: int | None = None
+        try:
+            core = grpc_convert.generate_request_from_proto(
+                request, deadline_of(context), endpoint="generate_stream"
+            )
+            events = self.engine.generate_stream(core)
+            try:
+                async for event in events:
+                    message = grpc_convert.stream_event_to_proto(event)
+                    if message.HasField("result"):
+                        version = message.result.version
+                    yield message
+            finally:
+                # NOTE: closed explicitly, so a client that goes away stops its decoding now.
+                close = getattr(events, "aclose", None)
+                if close is not None:
+                    await close()
+        except asyncio.CancelledError as exc:
+            self.calls.observe(
+                request.model, version, "generate_stream", exc, time.perf_counter() - start
+            )
+            raise
+        except Exception as exc:
+            self.calls.observe(
+                request.model, version, "generate_stream", exc, time.perf_counter() - start
+            )
+            await abort_with(context, exc)
+        else:
+            self.calls.observe(
+                request.model, version, "generate_stream", None, time.perf_counter() - start
+            )
+
+    async def ListModels(  # noqa: N802
+        self, request: pb.ListModelsRequest, context: grpc.aio.ServicerContext[Any, Any]
+    ) -> pb.ListModelsResponse:
+        async def call() -> pb.ListModelsResponse:
+            models = self.engine.list_models()
+            return pb.ListModelsResponse(
+                models=[grpc_convert.model_info_to_proto(m) for m in models]
+            )
+
+        return await self.calls.run(context, "", "list_models", call)
+
+    async def GetModel(  # noqa: N802
+        self, request: pb.GetModelRequest, context: grpc.aio.ServicerContext[Any, Any]
+    ) -> pb.ModelInfo:
+        async def call() -> pb.ModelInfo:
+            return grpc_convert.model_info_to_proto(self.engine.model_info(request.name))
+
+        return await self.calls.run(context, request.name, "get_model", call)
+
+    async def LoadModel(  # noqa: N802
+        self, request: pb.LoadModelRequest, context: grpc.aio.ServicerContext[Any, Any]
+    ) -> pb.ModelInfo:
+        async def call() -> pb.ModelInfo:
+            check_management(self.settings, context)
+            version = request.version if request.HasField("version") else None
+            await self.engine.load(request.name, version)
+            return grpc_convert.model_info_to_proto(self.engine.model_info(request.name))
+
+        return await self.calls.run(context, request.name, "load", call)
+
+    async def UnloadModel(  # noqa: N802
+        self, request: pb.UnloadModelRequest, context: grpc.aio.ServicerContext[Any, Any]
+    ) -> pb.UnloadModelResponse:
+        async def call() -> pb.UnloadModelResponse:
+            check_management(self.settings, context)
+            version = request.version if request.HasField("version") else None
+            await self.engine.unload(request.name, version)
+            return pb.UnloadModelResponse()
+
+        return await self.calls.run(context, request.name, "unload", call)
+
+    async def ReloadModel(  # noqa: N802
+        self, request: pb.ReloadModelRequest, context: grpc.aio.ServicerContext[Any, Any]
+    ) -> pb.ModelInfo:
+        async def call() -> pb.ModelInfo:
+            check_management(self.settings, context)
+            await self.engine.reload(request.name)
+            return grpc_convert.model_info_to_proto(self.engine.model_info(request.name))
+
+        return await self.calls.run(context, request.name, "reload", call)
+
+    # -- streaming sessions (service/session_grpc.py) --
+
+    async def StreamSession(  # noqa: N802
+        self,
+        requests: AsyncIterator[pb.SessionRequest],
+        context: grpc.aio.ServicerContext[Any, Any],
+    ) -> AsyncIterator[pb.SessionResponse]:
+        from service import session_grpc
+
+        # NOTE: grpc.aio streams only from an async generator function, so this one re-yields.
+        replies = session_grpc.stream_session(self.engine.sessions, self.calls, requests, context)
+        async for reply in replies:
+            yield reply
+
+    async def StreamChunk(  # noqa: N802
+        self, request: pb.StreamChunkRequest, context: grpc.aio.ServicerContext[Any, Any]
+    ) -> pb.SessionChunkResult:
+        from service import session_grpc
+
+        return await session_grpc.stream_chunk(self.engine.sessions, self.calls, request, context)
+
+
+class HealthReporter:
+    """Keeps `grpc.health.v1` in step with the engine: "" and each service follow readiness,
+    each model name follows "has a READY version"; NOT_SERVING for good once draining."""
+
+    def __init__(self, engine: Engine, servicer: HealthServicer) -> None:
+        self.engine = engine
+        self.servicer = servicer
+        self._known: dict[str, int] = {}
+        self._task: asyncio.Task[None] | None = None
+
+    async def update(self) -> None:
+        """Publish the current statuses (only the changed ones)."""
+        ready = self.engine.ready and not self.engine.draining
+        overall = SERVING if ready else NOT_SERVING
+        statuses = {"": overall, SERVICE_NAME: overall, V2_SERVICE_NAME: overall}
+        for info in self.engine.list_models():
+            serving = ready and any(v.state == "READY" for v in info.versions)
+            statuses[info.name] = SERVING if serving else NOT_SERVING
+        for name in self._known.keys() - statuses.keys():
+            statuses[name] = NOT_SERVING
+        for name, status in statuses.items():
+            if self._known.get(name) != status:
+                await self.servicer.set(name, status)
+                self._known[name] = status
+
+    async def _run(self) -> None:
+        while True:
+            try:
+                await self.update()
+            except Exception:
+                log.exception("health update failed")
+            await asyncio.sleep(HEALTH_POLL_S)
+
+    def start(self) -> None:
+        """Start following the engine (inside the running loop)."""
+        self._task = asyncio.get_running_loop().create_task(self._run(), name="grpc-health")
+
+    async def shut_down(self) -> None:
+        """NOT_SERVING everywhere, permanently (drain started)."""
+        await self.servicer.enter_graceful_shutdown()
+
+    async def stop(self) -> None:
+        """Stop following the engine."""
+        if self._task is not None:
+            self._task.cancel()
+            await asyncio.gather(self._task, return_exceptions=True)
+            self._task = None
+
+
+class GrpcServer:
+    """Both gRPC services, health and reflection on one grpc.aio server bound to host:port."""
+
+    def __init__(self, engine: Engine, settings: Settings, metrics: Metrics) -> None:
+        self.engine = engine
+        self.settings = settings
+        self.metrics = metrics
+        self.port: int | None = None
+        self.server: grpc.aio.Server | None = None
+        self.health: HealthReporter | None = None
+
+    async def start(self) -> int:
+        """Build, bind and start the server (inside the running loop); returns the bound port."""
+        from service import v2_grpc
+        from service._proto.inference import grpc_service_pb2_grpc
+
+        limit = self.settings.grpc_max_message_bytes
+        server = grpc.aio.server(
+            options=[
+                ("grpc.max_send_message_length", limit),
+                ("grpc.max_receive_message_length", limit),
+                ("grpc.so_reuseport", 0),
+            ]
+        )
+        rnnserve_pb2_grpc.add_RnnServeServicer_to_server(
+            RnnServeServicer(self.engine, self.settings, self.metrics), server
+        )
+        grpc_service_pb2_grpc.add_GRPCInferenceServiceServicer_to_server(
+            v2_grpc.InferenceServicer(self.engine, self.settings, self.metrics), server
+        )
+        health_servicer = HealthServicer()
+        # NOTE: the library starts "" as SERVING; nothing is ready before the models load.
+        await health_servicer.set("", NOT_SERVING)
+        health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+        reflection.enable_server_reflection(
+            (
+                SERVICE_NAME,
+                V2_SERVICE_NAME,
+                health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
+                reflection.SERVICE_NAME,
+            ),
+            server,
+        )
+        address = f"{self.settings.host}:{self.settings.grpc_port}"
+        try:
+            port = server.add_insecure_port(address)
+        except RuntimeError as exc:
+            raise OSError(f"gRPC cannot bind {address} (in use, or not an address here)") from exc
+        await server.start()
+        self.server, self.port = server, port
+        self.health = HealthReporter(self.engine, health_servicer)
+        self.health.start()
+        return port
+
+    async def refresh_health(self) -> None:
+        """Publish the engine's current state to the health service now (not at the next poll)."""
+        if self.health is not None:
+            await self.health.update()
+
+    async def begin_drain(self) -> None:
+        """Readiness off at once (every health service NOT_SERVING)."""
+        if self.health is not None:
+            await self.health.stop()
+            await self.health.shut_down()
+
+    async def stop(self, grace_s: float | None) -> None:
+        """Stop accepting calls; let running ones finish for up to `grace_s` seconds."""
+        if self.health is not None:
+            await self.health.stop()
+        if self.server is not None:
+            await self.server.stop(grace_s)
+
+
+def create_grpc_server(engine: Engine, settings: Settings, metrics: Metrics) -> GrpcServer:
+    """The gRPC front-end of `engine` (call `await server.start()` inside the loop)."""
+    return GrpcServer(engine, settings, metrics)

@@ -1,0 +1,251 @@
+"""The Open Inference Protocol (KServe V2) gRPC servicer: `inference.GRPCInferenceService`.
+
+An encoder answers ModelInfer with ENCODING (+ SCORES, LABELS with a head); a seq2seq model with
+OUTPUT_TOKENS, OUTPUT_LENGTHS (+ OUTPUT_TEXT). Outputs always travel as raw contents (as
+Triton's do); inputs may be raw or typed. Tensor conversion lives in service/grpc_convert.py.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import AsyncIterable, AsyncIterator
+from importlib import metadata
+from typing import TYPE_CHECKING, Any, TypeAlias
+
+import grpc
+
+from service import errors, grpc_convert
+from service._proto.inference import grpc_service_pb2 as v2
+from service._proto.inference import grpc_service_pb2_grpc
+from service.grpc_api import CallRecorder, check_management, deadline_of
+from service.metrics import Metrics
+from service.settings import Settings
+
+if TYPE_CHECKING:
+    from service.engine import Engine
+
+log = logging.getLogger(__name__)
+
+Context: TypeAlias = grpc.aio.ServicerContext[Any, Any]
+SERVER_NAME = "rnnserve"
+
+
+def _server_version() -> str:
+    try:
+        return metadata.version("rnnserve")
+    except metadata.PackageNotFoundError:
+        return "0.0.0"
+
+
+def _version(text: str, field: str = "model_version") -> int | None:
+    """A V2 version string ("" = the server's choice) as the engine's int version."""
+    if not text:
+        return None
+    if not text.isdigit() or int(text) < 1:
+        raise errors.InvalidInput(field, f"must be a positive integer, got {text!r}")
+    return int(text)
+
+
+class InferenceServicer(grpc_service_pb2_grpc.GRPCInferenceServiceServicer):
+    """inference.GRPCInferenceService on the engine."""
+
+    def __init__(self, engine: Engine, settings: Settings, metrics: Metrics) -> None:
+        self.engine = engine
+        self.settings = settings
+        self.calls = CallRecorder(metrics, "v2-grpc")
+
+    async def ServerLive(  # noqa: N802 (gRPC method names)
+        self, request: v2.ServerLiveRequest, context: Context
+    ) -> v2.ServerLiveResponse:
+        return v2.ServerLiveResponse(live=self.engine.live)
+
+    async def ServerReady(  # noqa: N802
+        self, request: v2.ServerReadyRequest, context: Context
+    ) -> v2.ServerReadyResponse:
+        return v2.ServerReadyResponse(ready=self.engine.ready and not self.engine.draining)
+
+    async def ModelReady(  # noqa: N802
+        self, request: v2.ModelReadyRequest, context: Context
+    ) -> v2.ModelReadyResponse:
+        async def call() -> v2.ModelReadyResponse:
+            version = _version(request.version, "version")
+            try:
+                info = self.engine.model_info(request.name)
+            except errors.NotFound:
+                return v2.ModelReadyResponse(ready=False)
+            ready = any(v.state == "READY" and version in (None, v.version) for v in info.versions)
+            return v2.ModelReadyResponse(ready=ready and not self.engine.draining)
+
+        return await self.calls.run(context, request.name, "model_ready", call)
+
+    async def ServerMetadata(  # noqa: N802
+        self, request: v2.ServerMetadataRequest, context: Context
+    ) -> v2.ServerMetadataResponse:
+        return v2.ServerMetadataResponse(
+            name=SERVER_NAME, version=_server_version(), extensions=["model_repository"]
+        )
+
+    async def ModelMetadata(  # noqa: N802
+        self, request: v2.ModelMetadataRequest, context: Context
+    ) -> v2.ModelMetadataResponse:
+        async def call() -> v2.ModelMetadataResponse:
+            version, config = self.engine.model_config(
+                request.name, _version(request.version, "version")
+            )
+            info = self.engine.model_info(request.name)
+            inputs, outputs = grpc_convert.v2_tensor_metadata(config)
+            return v2.ModelMetadataResponse(
+                name=request.name,
+                versions=[str(v.version) for v in info.versions if v.state == "READY"]
+                or [str(version)],
+                platform=SERVER_NAME,
+                inputs=inputs,
+                outputs=outputs,
+            )
+
+        return await self.calls.run(context, request.name, "model_metadata", call)
+
+    async def _infer(
+        self, request: v2.ModelInferRequest, deadline_s: float | None, endpoint: str
+    ) -> v2.ModelInferResponse:
+        version, config = self.engine.model_config(
+            request.model_name, _version(request.model_version)
+        )
+        if config.task == "seq2seq":
+            generate = grpc_convert.v2_generate_request(
+                request, config, version, deadline_s, endpoint=endpoint
+            )
+            generated = await self.engine.generate(generate)
+            return grpc_convert.v2_infer_response(
+                request, generated.version, grpc_convert.v2_generate_outputs(generated)
+            )
+        encode = grpc_convert.v2_encode_request(
+            request, config, version, deadline_s, endpoint=endpoint
+        )
+        encoded = await self.engine.encode(encode)
+        return grpc_convert.v2_infer_response(
+            request, encoded.version, grpc_convert.v2_encode_outputs(encoded)
+        )
+
+    async def ModelInfer(  # noqa: N802
+        self, request: v2.ModelInferRequest, context: Context
+    ) -> v2.ModelInferResponse:
+        async def call() -> v2.ModelInferResponse:
+            return await self._infer(request, deadline_of(context), "infer")
+
+        return await self.calls.run(
+            context, request.model_name, "infer", call, lambda r: r.model_version
+        )
+
+    async def ModelStreamInfer(  # noqa: N802
+        self, request_iterator: AsyncIterable[v2.ModelInferRequest], context: Context
+    ) -> AsyncIterator[v2.ModelStreamInferResponse]:
+        # NOTE: requests run concurrently (so they can share batches); answers go out in order
+        # of completion, and a failed request answers with error_message instead of failing the
+        # stream, as Triton does.
+        answers: asyncio.Queue[v2.ModelStreamInferResponse | None] = asyncio.Queue()
+        running: set[asyncio.Task[None]] = set()
+
+        async def one(request: v2.ModelInferRequest) -> None:
+            start = time.perf_counter()
+            try:
+                response = await self._infer(request, deadline_of(context), "stream_infer")
+            except asyncio.CancelledError as exc:
+                self.calls.observe(
+                    request.model_name, None, "stream_infer", exc, time.perf_counter() - start
+                )
+                raise
+            except Exception as exc:
+                self.calls.observe(
+                    request.model_name, None, "stream_infer", exc, time.perf_counter() - start
+                )
+                if isinstance(exc, errors.ServiceError):
+                    message = exc.message
+                else:
+                    log.exception("unexpected error in ModelStreamInfer", exc_info=exc)
+                    message = "internal error (see the server log)"
+                failed = v2.ModelInferResponse(
+                    model_name=request.model_name,
+                    model_version=request.model_version,
+                    id=request.id,
+                )
+                await answers.put(
+                    v2.ModelStreamInferResponse(error_message=message, infer_response=failed)
+                )
+                return
+            self.calls.observe(
+                request.model_name,
+                int(response.model_version),
+                "stream_infer",
+                None,
+                time.perf_counter() - start,
+            )
+            await answers.put(v2.ModelStreamInferResponse(infer_response=response))
+
+        async def read() -> None:
+            try:
+                async for request in request_iterator:
+                    task = asyncio.get_running_loop().create_task(one(request))
+                    running.add(task)
+                    task.add_done_callback(running.discard)
+                await asyncio.gather(*running)
+            finally:
+                # NOTE: always, so the writer below never waits for answers that cannot come.
+                answers.put_nowait(None)
+
+        reader = asyncio.get_running_loop().create_task(read())
+        try:
+            while (answer := await answers.get()) is not None:
+                yield answer
+            await reader
+        finally:
+            for task in (reader, *running):
+                task.cancel()
+
+    async def RepositoryIndex(  # noqa: N802
+        self, request: v2.RepositoryIndexRequest, context: Context
+    ) -> v2.RepositoryIndexResponse:
+        async def call() -> v2.RepositoryIndexResponse:
+            index = v2.RepositoryIndexResponse()
+            for info in self.engine.list_models():
+                for v in info.versions:
+                    if request.ready and v.state != "READY":
+                        continue
+                    index.models.add(
+                        name=info.name, version=str(v.version), state=v.state, reason=v.reason or ""
+                    )
+            return index
+
+        return await self.calls.run(context, "", "repository_index", call)
+
+    async def RepositoryModelLoad(  # noqa: N802
+        self, request: v2.RepositoryModelLoadRequest, context: Context
+    ) -> v2.RepositoryModelLoadResponse:
+        async def call() -> v2.RepositoryModelLoadResponse:
+            check_management(self.settings, context)
+            try:
+                loaded = any(
+                    v.state == "READY" for v in self.engine.model_info(request.model_name).versions
+                )
+            except errors.NotFound:
+                loaded = False
+            # NOTE: V2 "load" of a loaded model means reload (Triton's semantics).
+            if loaded:
+                await self.engine.reload(request.model_name)
+            else:
+                await self.engine.load(request.model_name)
+            return v2.RepositoryModelLoadResponse()
+
+        return await self.calls.run(context, request.model_name, "repository_load", call)
+
+    async def RepositoryModelUnload(  # noqa: N802
+        self, request: v2.RepositoryModelUnloadRequest, context: Context
+    ) -> v2.RepositoryModelUnloadResponse:
+        async def call() -> v2.RepositoryModelUnloadResponse:
+            check_management(self.settings, context)
+            await self.engine.unload(request.model_name)
+            return v2.RepositoryModelUnloadResponse()
+
+        return await self.calls.run(context, request.model_name, "repository_unload", call)
