@@ -8,6 +8,11 @@ Shape (Ray Serve's batching, plus what an RNN server needs):
   in total real time steps), or `max_delay` after its first item. While this batcher's previous
   batch is still running, items keep joining the next one (running it earlier would only queue it
   behind the same device); so batches grow under load and stay small when idle.
+- Regrouping: when a batch finishes, the callers whose requests it completed are expected back
+  (closed-loop clients). If fewer rows are queued than were queued then plus those callers' rows
+  (at most `max_batch_size`), the next batch waits for them — at most `regroup_fraction` of the
+  finished batch's compute time and `regroup_max_s` — and starts as soon as they are there.
+  Without it, clients over a network settle into halves that take turns on an idle device.
 - Expired (deadline) and cancelled (client gone) items are dropped before compute, never computed.
 - The batch's rows run in one model call, sorted by length (packed); each row may start from its
   own `initial_state` and hand back its `final_state` (streaming sessions).
@@ -50,6 +55,14 @@ class Row:
 
 
 @dataclass(eq=False, slots=True)
+class _Request:
+    """The items of one `submit` call: their caller is back once the last of them is done."""
+
+    rows: int
+    remaining: int
+
+
+@dataclass(eq=False, slots=True)
 class Item:
     """One sequence waiting in a batcher: int64 [T] ids or float32 [T, F] features."""
 
@@ -61,6 +74,7 @@ class Item:
     return_state: bool = False
     enqueued: float = field(default_factory=time.monotonic)
     length: int = field(init=False)  # time steps of `sequence`
+    request: _Request | None = field(default=None, repr=False)  # set by `Batcher.submit`
 
     def __post_init__(self) -> None:
         self.length = int(self.sequence.shape[0])
@@ -84,6 +98,8 @@ class Batcher:
         max_delay_s: float,
         max_queue_size: int,
         max_batch_timesteps: int,
+        regroup_fraction: float = 1.0,
+        regroup_max_s: float = 0.1,
     ) -> None:
         self.model = model
         self.version = version
@@ -91,6 +107,8 @@ class Batcher:
         self.max_delay_s = max_delay_s
         self.max_queue_size = max_queue_size
         self.max_batch_timesteps = max_batch_timesteps
+        self.regroup_fraction = regroup_fraction
+        self.regroup_max_s = regroup_max_s
         self._executor = executor
         self._compute = compute
         self._metrics = metrics
@@ -109,6 +127,10 @@ class Batcher:
         self._closed = False
         self._running = False
         self._batch_seconds = 0.01  # moving average, for the retry hint
+        # Regrouping after a batch: wait (while the device is idle) until this many rows are
+        # queued, but not past `_regroup_until` (time.monotonic()); 0 = no wait.
+        self._regroup_rows = 0
+        self._regroup_until = 0.0
         self._wakeup: asyncio.Event | None = None
         self._task: asyncio.Task[None] | None = None
         self._idle_batch: asyncio.Event | None = None
@@ -184,7 +206,9 @@ class Batcher:
                 f"({len(self._queue)} of {self.max_queue_size} sequences waiting)",
                 retry_after_s=round(max(0.05, self._batch_seconds * batches_ahead), 3),
             )
+        request = _Request(len(items), len(items))
         for item in items:
+            item.request = request
             self._queue.append(item)
             self._queued_steps += item.length
         self._m_depth.set(len(self._queue))
@@ -199,6 +223,18 @@ class Batcher:
             or self._queued_steps >= self.max_batch_timesteps
         )
 
+    def _wait_until(self) -> float | None:
+        """When the queued items should start (time.monotonic()); None = now."""
+        if self._full():
+            return None
+        now = time.monotonic()
+        if not self._executor.idle:
+            close_at = self._queue[0].enqueued + self.max_delay_s
+            return close_at if now < close_at else None
+        if len(self._queue) < self._regroup_rows and now < self._regroup_until and not self._closed:
+            return self._regroup_until
+        return None
+
     async def _run(self) -> None:
         assert self._wakeup is not None
         while True:
@@ -206,13 +242,14 @@ class Batcher:
                 self._wakeup.clear()
                 await self._wakeup.wait()
                 continue
-            close_at = self._queue[0].enqueued + self.max_delay_s
-            if not (self._executor.idle or self._full() or time.monotonic() >= close_at):
+            until = self._wait_until()
+            if until is not None:
                 self._wakeup.clear()
                 with contextlib.suppress(TimeoutError):
-                    async with asyncio.timeout(max(0.0, close_at - time.monotonic())):
+                    async with asyncio.timeout(max(0.0, until - time.monotonic())):
                         await self._wakeup.wait()
                 continue
+            self._regroup_rows = 0
             batch = self._take()
             if batch:
                 self._running = True
@@ -294,9 +331,29 @@ class Batcher:
             return
         self._batch_seconds = 0.8 * self._batch_seconds + 0.2 * seconds
         self._observe(batch, seconds)
+        returning = 0
         for item, row in zip(batch, rows, strict=True):
             if not item.future.done():
                 item.future.set_result(row)
+            request = item.request
+            if request is not None:
+                request.remaining -= 1
+                if request.remaining == 0:
+                    returning += request.rows
+        self._plan_regroup(returning, seconds)
+
+    def _plan_regroup(self, returning: int, seconds: float) -> None:
+        """After a batch that completed requests of `returning` rows in `seconds` of compute:
+        expect those callers back, and let the next batch wait a bounded time for them."""
+        # NOTE: the wait is bounded by a fraction of the batch's own compute time, so that even
+        # when nobody comes back the device stays busy ≥ 1 / (1 + fraction) of the time; a
+        # lone caller (batch of 1, nothing queued) expects 1 row, finds it, and never waits.
+        wait = min(self.regroup_fraction * seconds, self.regroup_max_s)
+        if self._closed or returning == 0 or wait <= 0:
+            self._regroup_rows = 0
+            return
+        self._regroup_rows = min(self.max_batch_size, len(self._queue) + returning)
+        self._regroup_until = time.monotonic() + wait
 
     def _observe(self, batch: list[Item], seconds: float) -> None:
         real = sum(item.length for item in batch)

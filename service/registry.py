@@ -360,6 +360,8 @@ class Registry:
                 max_queue_size=serving.max_queue_size,
                 max_batch_timesteps=self.settings.max_batch_timesteps
                 or serving.max_batch_size * 128,
+                regroup_fraction=self.settings.regroup_fraction,
+                regroup_max_s=self.settings.regroup_max_ms / 1000.0,
             )
             entry.batcher.start()
             if self.settings.warmup:

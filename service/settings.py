@@ -136,11 +136,49 @@ class Settings(BaseSettings):
             "max_batch_size × 128."
         ),
     )
+    regroup_fraction: float = Field(
+        default=1.0,
+        ge=0.0,
+        le=4.0,
+        description=(
+            "After an encode batch completes requests, the next batch may wait (device idle) for "
+            "those callers to come back — closed-loop clients — for at most this fraction of "
+            "the finished batch's compute time; it starts as soon as they are back. 0 = never "
+            "wait (a lone caller never waits either way; see docs/internals.md)."
+        ),
+    )
+    regroup_max_ms: float = Field(
+        default=100.0,
+        ge=0.0,
+        le=10_000.0,
+        description="Upper bound of that wait in milliseconds (whatever the compute time).",
+    )
     default_timeout_s: float | None = Field(
         default=None, gt=0.0, description="Deadline of requests that set none; empty = none."
     )
     warmup: bool = Field(
         default=True, description="Run one warm-up batch before a version becomes READY."
+    )
+    # -- streaming sessions (service/sessions.py) --
+    state_key: SecretStr | None = Field(
+        default=None,
+        description=(
+            "HMAC key of portable state tokens (at least 16 bytes); replicas must share it. "
+            "Unset: a random per-process key, so tokens survive no restart and no other replica."
+        ),
+    )
+    state_token_ttl_s: float | None = Field(
+        default=None, gt=0.0, description="Lifetime of a state token in seconds; empty = none."
+    )
+    max_sessions: int = Field(
+        default=10_000,
+        ge=1,
+        description="Server-held streaming sessions open at once; over it new ones are refused.",
+    )
+    session_idle_timeout_s: float = Field(
+        default=300.0,
+        gt=0.0,
+        description="A server-held session idle this long is closed (its next chunk: expired).",
     )
 
     @field_validator("device")

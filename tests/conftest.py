@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import torch
 from prometheus_client import CollectorRegistry
 
 from service.engine import Engine
@@ -20,6 +21,10 @@ from service.metrics import Metrics
 from service.settings import Settings
 
 StartEngine = Callable[..., Awaitable[Engine]]
+
+# NOTE: one intra-op thread for everything the suite computes in this process: on 2 shared
+# cores more threads make tests slower and their timings unstable (bench/RESULTS.md, Engine).
+torch.set_num_threads(1)
 
 
 @pytest.fixture

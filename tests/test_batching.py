@@ -325,3 +325,109 @@ async def test_property_batching_never_changes_a_result(
     )
     for group, result in zip([g for g in groups if g], results, strict=True):
         np.testing.assert_allclose(result.encodings, expected[group], rtol=1e-5, atol=1e-6)
+
+
+# -- regrouping: closed-loop callers come back to full batches (service/batching.py) ----------
+
+
+def histogram(metrics: Metrics, name: str, model: str, **labels: str) -> tuple[float, float]:
+    """(count, sum) of a histogram of the injected registry for version 1 of `model`."""
+    labels = {"model": model, "version": "1", **labels}
+    return sample(metrics, f"{name}_count", **labels), sample(metrics, f"{name}_sum", **labels)
+
+
+def since(now: tuple[float, float], before: tuple[float, float]) -> tuple[float, float]:
+    return now[0] - before[0], now[1] - before[1]
+
+
+async def closed_loop(
+    engine: Engine, callers: int, rounds: int, seqs: list[np.ndarray], back_s: float
+) -> None:
+    """`callers` concurrent clients, each sending one sequence, then coming back after a
+    random pause of up to `back_s` (a network round trip), `rounds` times."""
+    rng = np.random.default_rng(callers)
+    pauses = rng.uniform(0.0, back_s, (callers, rounds))
+
+    async def caller(index: int) -> None:
+        for r in range(rounds):
+            await engine.encode(request("m", [seqs[(index + r) % len(seqs)]]))
+            await asyncio.sleep(float(pauses[index, r]))
+
+    await asyncio.gather(*(caller(i) for i in range(callers)))
+
+
+async def test_a_lone_caller_never_waits_for_others(
+    repository: Path, start_engine: StartEngine, metrics: Metrics
+) -> None:
+    # A slow-ish model and the largest wait allowed: a wrongly held lone caller would queue
+    # for 4× the compute time of its previous batch.
+    write_model(repository, "m", input_size=FEATURES, hidden_size=256)
+    engine = await start_engine(regroup_fraction=4.0, regroup_max_ms=10_000.0)
+    seq = features([300], seed=20)[0]
+    queue_before = histogram(metrics, "rnnserve_queue_duration_seconds", "m")
+    compute_before = histogram(metrics, "rnnserve_compute_duration_seconds", "m", kind="encode")
+    for _ in range(10):
+        await engine.encode(request("m", [seq]))
+    queued, queue_s = since(
+        histogram(metrics, "rnnserve_queue_duration_seconds", "m"), queue_before
+    )
+    computed, compute_s = since(
+        histogram(metrics, "rnnserve_compute_duration_seconds", "m", kind="encode"),
+        compute_before,
+    )
+    assert queued == computed == 10  # one batch of 1 per call
+    # NOTE: compared with the compute time of the same calls, so that machine load cancels.
+    assert queue_s / queued < 0.5 * compute_s / computed
+
+
+async def test_closed_loop_callers_form_batches_of_their_number(
+    repository: Path, start_engine: StartEngine, metrics: Metrics
+) -> None:
+    write_model(repository, "m", input_size=FEATURES, hidden_size=64)
+    seqs = features([120] * 16, seed=21)
+    callers, rounds = 12, 12
+    means = {}
+    for fraction in (0.0, 4.0):
+        engine = await start_engine(regroup_fraction=fraction, regroup_max_ms=1000.0)
+        before = histogram(metrics, "rnnserve_batch_size", "m", kind="encode")
+        await closed_loop(engine, callers, rounds, seqs, back_s=0.002)
+        count, total = since(histogram(metrics, "rnnserve_batch_size", "m", kind="encode"), before)
+        assert total == callers * rounds
+        means[fraction] = total / count
+        await engine.drain(2.0)
+    # With regrouping the clients come back to one batch; without it they split up.
+    assert means[4.0] >= 0.75 * callers, means
+    assert means[4.0] > means[0.0], means
+
+
+@pytest.mark.parametrize("max_ms", [10_000.0, 4.0])
+async def test_waiting_for_returning_callers_never_exceeds_its_bound(
+    repository: Path, start_engine: StartEngine, metrics: Metrics, max_ms: float
+) -> None:
+    write_model(repository, "m", input_size=FEATURES, hidden_size=256)
+    fraction = 1.0
+    engine = await start_engine(regroup_fraction=fraction, regroup_max_ms=max_ms)
+    seqs = features([300] * 4, seed=22)
+    compute_before = histogram(metrics, "rnnserve_compute_duration_seconds", "m", kind="encode")
+    # Four callers in one batch; then only one of them comes back.
+    await asyncio.gather(*(engine.encode(request("m", [s])) for s in seqs))
+    computed, compute_s = since(
+        histogram(metrics, "rnnserve_compute_duration_seconds", "m", kind="encode"),
+        compute_before,
+    )
+    assert computed == 1
+    bound = min(fraction * compute_s, max_ms / 1000.0)
+    queue_before = histogram(metrics, "rnnserve_queue_duration_seconds", "m")
+    start = time.monotonic()
+    await engine.encode(request("m", seqs[:1]))
+    elapsed = time.monotonic() - start
+    queued, waited = since(histogram(metrics, "rnnserve_queue_duration_seconds", "m"), queue_before)
+    assert queued == 1
+    # It waited for the three others (about the bound), then ran alone.
+    assert 0.5 * bound <= waited <= bound + 0.03, (waited, bound)
+    assert elapsed >= waited
+    # And the next batch of one expects only its own caller back: no wait.
+    queue_before = histogram(metrics, "rnnserve_queue_duration_seconds", "m")
+    await engine.encode(request("m", seqs[:1]))
+    _, again = since(histogram(metrics, "rnnserve_queue_duration_seconds", "m"), queue_before)
+    assert again < 0.5 * bound, (again, bound)
