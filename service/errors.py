@@ -66,8 +66,8 @@ class ComputeError(ServiceError):
     """The model failed while computing a batch; every item of that batch gets this error."""
 
 
-# NOTE: the transport tables (service/rest.py, service/grpc_api.py) must cover every class above;
-# tests/test_error_tables.py checks that each subclass of ServiceError has an entry.
+# NOTE: the transport tables (service/http_errors.py, service/grpc_convert.py) must cover every
+# class above; tests/test_error_tables.py checks that each subclass of ServiceError has an entry.
 ALL_ERRORS: tuple[type[ServiceError], ...] = (
     NotFound,
     InvalidInput,

@@ -107,13 +107,16 @@ class CallRecorder:
 
 
 def check_management(settings: Settings, context: grpc.aio.ServicerContext[Any, Any]) -> None:
-    """Raise unless management is enabled and, when a token is set, the call carries it."""
+    """Raise unless management is enabled and the call carries the configured bearer token."""
     if not settings.management_enabled:
         raise errors.PermissionDenied(
             "management RPCs are disabled (start the server with --management-enabled)"
         )
     if settings.management_token is None:
-        return
+        # NOTE: same rule as REST: enabling management without a token is refused, not open.
+        raise errors.PermissionDenied(
+            "management is enabled but no RNNSERVE_MANAGEMENT_TOKEN is set"
+        )
     expected = f"Bearer {settings.management_token.get_secret_value()}"
     given = dict(context.invocation_metadata() or ()).get("authorization", "")
     if not isinstance(given, str) or not hmac.compare_digest(given.encode(), expected.encode()):

@@ -320,6 +320,21 @@ async def test_management_disabled_and_message_size_limit(tmp_path: Path) -> Non
         await server.stop(0)
 
 
+async def test_management_enabled_without_token_is_refused(tmp_path: Path) -> None:
+    settings = Settings(repository=tmp_path, grpc_port=0, device="cpu", management_enabled=True)
+    metrics = Metrics(CollectorRegistry())
+    server = create_grpc_server(Engine(settings, metrics), settings, metrics)
+    port = await server.start()
+    try:
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
+            stub = pb_grpc.RnnServeStub(channel)
+            code, details = await _code(stub.LoadModel(pb.LoadModelRequest(name="x")))
+            assert code == grpc.StatusCode.PERMISSION_DENIED
+            assert "RNNSERVE_MANAGEMENT_TOKEN" in details
+    finally:
+        await server.stop(0)
+
+
 # --- errors ------------------------------------------------------------------------------------
 
 
