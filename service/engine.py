@@ -35,6 +35,7 @@ from service.errors import DeadlineExceeded, Draining
 from service.executor import DeviceExecutor
 from service.metrics import Metrics
 from service.registry import ModelVersion, Registry, check_model_name
+from service.sessions import SessionManager
 from service.settings import Settings
 from service.types import (
     EncodeRequest,
@@ -77,6 +78,8 @@ class Engine:
         self._inflight = 0
         self._idle: asyncio.Event | None = None
         self._inflight_gauges: dict[str, Any] = {}
+        # Streaming sessions (service/sessions.py); the engine is their StreamBackend.
+        self.sessions = SessionManager.from_settings(self, settings, metrics)
 
     # -- lifecycle -------------------------------------------------------------------------
 
@@ -89,6 +92,7 @@ class Engine:
             raise ValueError(f"model repository {self.registry.repository} is not a folder")
         self.executor.start()
         self._idle = asyncio.Event()
+        await self.sessions.start()
         names = self.settings.models or sorted(self.registry.scan())
         self.required = list(names)
         log.info(
@@ -139,6 +143,7 @@ class Engine:
                         await self._idle.wait()
         if self._inflight:
             log.warning("drain: %d requests still running after %.1f s", self._inflight, grace)
+        await self.sessions.stop()
         await self.registry.close()
         await asyncio.to_thread(self.executor.shutdown)
         log.info("engine drained")

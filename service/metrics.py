@@ -173,6 +173,25 @@ class Metrics:
             (*model, "reason"),
             registry=registry,
         )
+        # -- streaming sessions (service/sessions.py) --
+        self.sessions_expired_total = Counter(
+            "rnnserve_sessions_expired",
+            "Server-held streaming sessions closed by the idle timeout.",
+            ("model",),
+            registry=registry,
+        )
+        self.sessions_refused_total = Counter(
+            "rnnserve_sessions_refused",
+            "Streaming sessions refused, by reason (limit, not_streamable).",
+            ("model", "reason"),
+            registry=registry,
+        )
+        self.session_chunks_total = Counter(
+            "rnnserve_session_chunks",
+            "Streamed chunks answered, by mode (session: server-held; token: portable state).",
+            ("model", "mode"),
+            registry=registry,
+        )
 
     def observe_request(
         self,

@@ -426,7 +426,8 @@ def create_app(
 ) -> FastAPI:
     """The HTTP application: rnnserve API, V2 REST, health, metrics, management, `/docs`.
 
-    With `sessions`, the streaming-session routes (service/session_rest.py) are included too.
+    The streaming-session routes (service/session_rest.py) serve `sessions`, by default the
+    engine's own `engine.sessions`.
     """
     app = FastAPI(
         title="rnnserve",
@@ -445,10 +446,9 @@ def create_app(
     app.include_router(create_ops_router(engine, metrics))
     app.include_router(create_router(engine, settings, metrics))
     app.include_router(v2_rest.create_router(engine, settings, metrics))
-    if sessions is not None:
-        from service.session_rest import create_session_router
+    from service.session_rest import create_session_router
 
-        app.include_router(create_session_router(sessions, metrics))
+    app.include_router(create_session_router(sessions or engine.sessions, metrics))
     add_offline_docs(app)
     install_openapi(app)
     return app

@@ -1,0 +1,166 @@
+"""The REST session routes in-process (httpx over ASGI) on the real engine: answers and errors."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import numpy as np
+import pytest
+from fastapi import FastAPI
+
+from service.rest import create_app
+from service.sessions import SessionManager
+from service.settings import Settings
+from tests.factories import write_model
+from tests.test_sessions import Served
+
+
+@pytest.fixture(scope="module")
+def served(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Served]:
+    repository: Path = tmp_path_factory.mktemp("repository")
+    write_model(repository, "tagger", cell="lstm", num_layers=2, pooling="mean", head=["a", "b"])
+    write_model(repository, "tokens", cell="gru", input_type="tokens", reset_after=False)
+    write_model(repository, "bidirectional", cell="gru", bidirectional=True)
+    server = Served(repository)
+    yield server
+    server.close()
+
+
+def _app(served: Served, sessions: SessionManager) -> FastAPI:
+    return create_app(served.engine, Settings(repository=Path(".")), served.metrics, sessions)
+
+
+def _calls(served: Served, sessions: SessionManager, *calls: tuple[str, str, Any]) -> list[Any]:
+    """Run HTTP calls in order on the engine's loop; return (status, json, headers) of each."""
+
+    async def go() -> list[Any]:
+        transport = httpx.ASGITransport(app=_app(served, sessions))
+        out = []
+        async with httpx.AsyncClient(transport=transport, base_url="http://test") as client:
+            for method, url, body in calls:
+                reply = await client.request(method, url, json=body)
+                out.append((reply.status_code, reply.json(), reply.headers))
+        return out
+
+    return served.run(go())
+
+
+def _features(length: int, seed: int) -> list[list[float]]:
+    return np.random.default_rng(seed).standard_normal((length, 8)).astype(np.float32).tolist()
+
+
+def test_session_over_rest_equals_whole_encode(served: Served) -> None:
+    sequence = _features(23, 1)
+    (status, opened, _), *_ = _calls(
+        served, served.sessions, ("POST", "/v1/models/tagger/sessions", {"return_state": True})
+    )
+    assert status == 201 and opened["steps"] == 0 and opened["pooling"] == "mean"
+    sid = opened["session_id"]
+    chunks = [sequence[:5], sequence[5:6], sequence[6:23]]
+    replies = _calls(
+        served,
+        served.sessions,
+        *[("POST", f"/v1/sessions/{sid}/chunks", {"inputs": c}) for c in chunks],
+        ("POST", "/v1/models/tagger/encode", {"inputs": [sequence]}),
+        ("GET", f"/v1/sessions/{sid}", None),
+        ("DELETE", f"/v1/sessions/{sid}", None),
+        ("POST", f"/v1/sessions/{sid}/chunks", {"inputs": chunks[0]}),
+    )
+    *chunked, whole, looked, closed, gone = replies
+    assert [r[0] for r in chunked] == [200, 200, 200]
+    assert [r[1]["steps"] for r in chunked] == [5, 6, 23]
+    last = chunked[-1][1]
+    np.testing.assert_allclose(last["encoding"], whole[1]["encodings"][0], rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(last["scores"], whole[1]["scores"][0], rtol=1e-4, atol=1e-5)
+    assert last["label"] == whole[1]["labels"][0]
+    assert isinstance(last["state_token"], str)
+    assert looked[0] == 200 and looked[1]["steps"] == 23
+    assert closed[0] == 200
+    assert gone[0] == 404 and gone[1]["error"]["type"] == "NotFound"
+
+
+def test_stateless_stream_carries_state_in_the_token(served: Served) -> None:
+    tokens = [3, 1, 4, 1, 5, 9, 2, 6, 5, 3, 5]
+    token = None
+    result: dict[str, Any] = {}
+    for start in range(0, len(tokens), 4):
+        body: dict[str, Any] = {"tokens": tokens[start : start + 4], "pooling": "max"}
+        if token is not None:
+            body["state_token"] = token
+        ((status, result, _),) = _calls(
+            served, served.sessions, ("POST", "/v1/models/tokens/stream", body)
+        )
+        assert status == 200
+        token = result["state_token"]
+    ((_, whole, _),) = _calls(
+        served,
+        served.sessions,
+        ("POST", "/v1/models/tokens/encode", {"tokens": [tokens], "pooling": "max"}),
+    )
+    assert result["steps"] == len(tokens)
+    np.testing.assert_allclose(result["encoding"], whole["encodings"][0], rtol=1e-4, atol=1e-5)
+
+
+def test_refusals_map_to_clear_http_errors(served: Served) -> None:
+    ((_, first, _),) = _calls(
+        served, served.sessions, ("POST", "/v1/models/tokens/stream", {"tokens": [1, 2]})
+    )
+    token = first["state_token"]
+    tampered = token[:-3] + ("A" if token[-3] != "A" else "B") + token[-2:]
+    replies = _calls(
+        served,
+        served.sessions,
+        ("POST", "/v1/models/bidirectional/sessions", {}),
+        ("POST", "/v1/models/tagger/stream", {"inputs": [[0.0] * 8], "state_token": token}),
+        ("POST", "/v1/models/tokens/stream", {"tokens": [1], "state_token": tampered}),
+        ("POST", "/v1/models/tokens/stream", {"tokens": [1], "state_token": token[:20]}),
+        ("POST", "/v1/models/tagger/stream", {"inputs": [[0.0] * 7]}),
+        ("POST", "/v1/models/tagger/stream", {"inputs": [[0.0] * 8], "tokens": [1]}),
+        ("POST", "/v1/models/tagger/stream", {"inputs": [[0.0] * 8], "pooling": "sum"}),
+        ("POST", "/v1/models/nope/sessions", {}),
+        ("POST", "/v1/sessions/not-a-session/chunks", {"tokens": [1]}),
+    )
+    statuses = [r[0] for r in replies]
+    assert statuses == [400, 400, 400, 400, 400, 400, 400, 404, 404]
+    bi, wrong_model, tampered_reply, truncated, width, both, pooling, _, _ = (
+        r[1]["error"] for r in replies
+    )
+    assert bi["field"] == "model" and "bidirectional" in bi["message"]
+    assert wrong_model["field"] == "state_token" and "tokens" in wrong_model["message"]
+    assert tampered_reply["field"] == "state_token"
+    assert "tampered" in tampered_reply["message"] or "canonical" in tampered_reply["message"]
+    assert truncated["field"] == "state_token"
+    assert width["field"].startswith("inputs") and "8" in width["message"]
+    assert "exactly one" in both["message"]
+    assert pooling["field"] == "pooling"
+
+
+def test_session_limit_answers_503_with_retry_after(served: Served) -> None:
+    sessions = served.manager(max_sessions=1)
+    replies = _calls(
+        served,
+        sessions,
+        ("POST", "/v1/models/tagger/sessions", {}),
+        ("POST", "/v1/models/tagger/sessions", {}),
+    )
+    assert [r[0] for r in replies] == [201, 503]
+    assert "max_sessions" in replies[1][1]["error"]["message"]
+    assert float(replies[1][2]["retry-after"]) >= 1
+    served.run(sessions.stop())
+
+
+def test_expired_session_answers_404_expired(served: Served) -> None:
+    sessions = served.manager(idle_timeout_s=0.05)
+    ((_, opened, _),) = _calls(served, sessions, ("POST", "/v1/models/tagger/sessions", {}))
+    served.run(asyncio.sleep(0.2))
+    ((status, body, _),) = _calls(
+        served,
+        sessions,
+        ("POST", f"/v1/sessions/{opened['session_id']}/chunks", {"inputs": [[0.0] * 8]}),
+    )
+    assert status == 404 and "expired" in body["error"]["message"]
+    served.run(sessions.stop())
