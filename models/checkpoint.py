@@ -151,7 +151,11 @@ def save(
         name: tensor.detach().to("cpu", torch.float32).contiguous()
         for name, tensor in model.state_dict().items()
     }
-    save_file(tensors, str(directory / WEIGHTS_FILE), metadata={"format": "rnnserve/v1"})
+    weights = directory / WEIGHTS_FILE
+    save_file(tensors, str(weights), metadata={"format": "rnnserve/v1"})
+    # NOTE: safetensors creates the file 0600; a server running as another user (the image's
+    # non-root user over a mounted repository) must be able to read it.
+    weights.chmod(0o644)
     # NOTE: config.json is written last so a half-written folder never looks complete.
     _write_json(directory / CONFIG_FILE, config.model_dump(mode="json", exclude_none=True))
     return directory

@@ -484,6 +484,24 @@ def test_probes_and_ports_match_the_server(target: str, monkeypatch: pytest.Monk
     assert (live["path"], port_number(live["port"])) == (live_path, settings.http_port)
     startup = container["startupProbe"]["grpc"]
     assert (startup["port"], startup.get("service", "")) == (settings.grpc_port, "")
+    routes = http_get_routes()
+    assert {ready_path, live_path} <= routes, f"probe paths missing from the app: {routes}"
+
+
+def http_get_routes() -> set[str]:
+    """GET paths of the real REST app the server runs (built over an empty repository)."""
+    from prometheus_client import CollectorRegistry
+
+    from service.engine import Engine
+    from service.metrics import Metrics
+    from service.rest import create_app
+
+    settings = Settings(repository=Path("."), device="cpu")
+    metrics = Metrics(CollectorRegistry())
+    app = create_app(Engine(settings, metrics), settings, metrics)
+    # NOTE: the OpenAPI document, not app.routes: newer FastAPI keeps included routers nested.
+    paths: dict[str, dict[str, Any]] = app.openapi()["paths"]
+    return {path for path, operations in paths.items() if "get" in operations}
 
 
 @pytest.mark.parametrize("target", TARGETS)
