@@ -206,6 +206,12 @@ class V2Output:
     shape: list[int]
 
 
+def parameters_of(spec: dict[str, Any]) -> Any:
+    """`spec["parameters"]`, {} when absent or null; any other non-object stays to be refused."""
+    params = spec.get("parameters")
+    return {} if params is None else params
+
+
 def split_v2_body(body: bytes, header_length: str | None) -> tuple[dict[str, Any], bytes]:
     """Split a V2 request body into its JSON header (an object) and the binary tail."""
     if header_length is None:
@@ -240,7 +246,7 @@ def decode_v2_inputs(header: dict[str, Any], tail: bytes) -> list[V2Tensor]:
         name = spec.get("name")
         datatype = spec.get("datatype")
         shape = spec.get("shape")
-        params = spec.get("parameters") or {}
+        params = parameters_of(spec)
         if not isinstance(name, str):
             raise InvalidInput(f"{where}.name", "expected a string")
         if not isinstance(datatype, str) or (datatype not in V2_DTYPES and datatype != "BYTES"):

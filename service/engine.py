@@ -31,7 +31,7 @@ from models.config import ModelConfig
 from service import validation
 from service.batching import Item, Row
 from service.decoding import Job
-from service.errors import DeadlineExceeded, Draining
+from service.errors import DeadlineExceeded, Draining, InvalidInput
 from service.executor import DeviceExecutor
 from service.metrics import Metrics
 from service.registry import ModelVersion, Registry, check_model_name
@@ -243,7 +243,10 @@ class Engine:
         entry = self.registry.resolve(model, version)
         validation.check_task(model, entry.config, "encode")
         timeout = self._timeout(timeout_s)
-        (array,) = self._sequences(entry, kind, [sequence])
+        try:
+            (array,) = self._sequences(entry, kind, [sequence])
+        except InvalidInput as exc:
+            raise _chunk_error(exc) from None
         state = None
         if initial_state is not None:
             parts = tuple(torch.from_numpy(np.ascontiguousarray(s)) for s in initial_state)
@@ -424,3 +427,15 @@ async def _get(events: asyncio.Queue[TokenEvent | None], deadline: float) -> Tok
             return await events.get()
     except TimeoutError:
         raise DeadlineExceeded("no result within the request's deadline") from None
+
+
+def _chunk_error(exc: InvalidInput) -> InvalidInput:
+    """Name a chunk's fields as sent (`inputs`, `tokens`, `text`: one sequence), not `texts[0]`."""
+    if type(exc) is not InvalidInput:
+        return exc
+    message = str(exc)[len(exc.field) + 2 :].replace("'texts'", "'text'")
+    for batch, chunk in (("inputs", "inputs"), ("tokens", "tokens"), ("texts", "text")):
+        if exc.field == batch or exc.field.startswith(batch + "["):
+            rest = exc.field[len(batch) :]
+            return InvalidInput(chunk + rest.removeprefix("[0]"), message)
+    return InvalidInput(exc.field, message)

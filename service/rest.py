@@ -387,8 +387,11 @@ def install_openapi(app: FastAPI) -> None:
         schema = get_openapi(
             title=app.title, version=app.version, description=app.description, routes=app.routes
         )
+        from service.session_rest import ChunkBody, SessionBody, StreamBody
+
+        models: tuple[type[BaseModel], ...] = (*REQUEST_MODELS, SessionBody, ChunkBody, StreamBody)
         _, defs = models_json_schema(
-            [(m, "validation") for m in REQUEST_MODELS],
+            [(m, "validation") for m in models],
             ref_template="#/components/schemas/{model}",
         )
         components = schema.setdefault("components", {}).setdefault("schemas", {})

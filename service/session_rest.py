@@ -17,11 +17,12 @@ from collections.abc import Callable
 from typing import Annotated, Any, Literal
 
 import numpy as np
-from fastapi import APIRouter, Response
+from fastapi import APIRouter, Request, Response
 from pydantic import BaseModel, ConfigDict, Field, SkipValidation, model_validator
 
 from service import codecs, rest_schemas
 from service.errors import InvalidInput
+from service.http_common import documented_body, parse_body
 from service.metrics import Metrics, outcome_of
 from service.sessions import ChunkResult, SessionInfo, SessionManager
 from service.types import InputKind, Sequence
@@ -177,6 +178,12 @@ def _chunk(result: ChunkResult) -> dict[str, Any]:
     return out
 
 
+def _optional(extra: dict[str, Any]) -> dict[str, Any]:
+    """`documented_body` for a body that may be left out."""
+    extra["requestBody"]["required"] = False
+    return extra
+
+
 def create_session_router(sessions: SessionManager, metrics: Metrics | None = None) -> APIRouter:
     """The session routes over `sessions`; requests are counted in `metrics` when given."""
     router = APIRouter(tags=["streaming sessions"])
@@ -237,9 +244,10 @@ def create_session_router(sessions: SessionManager, metrics: Metrics | None = No
         status_code=201,
         responses=errors,
         summary="Open a streaming session",
+        openapi_extra=_optional(documented_body(SessionBody)),
     )
-    async def open_session(name: str, body: SessionBody | None = None) -> Response:
-        return _open(name, None, body or SessionBody())
+    async def open_session(name: str, request: Request) -> Response:
+        return _open(name, None, parse_body(SessionBody, await request.body()))
 
     @router.post(
         "/v1/models/{name}/versions/{version}/sessions",
@@ -247,19 +255,20 @@ def create_session_router(sessions: SessionManager, metrics: Metrics | None = No
         status_code=201,
         responses=errors,
         summary="Open a streaming session on one version",
+        openapi_extra=_optional(documented_body(SessionBody)),
     )
-    async def open_session_version(
-        name: str, version: int, body: SessionBody | None = None
-    ) -> Response:
-        return _open(name, version, body or SessionBody())
+    async def open_session_version(name: str, version: int, request: Request) -> Response:
+        return _open(name, version, parse_body(SessionBody, await request.body()))
 
     @router.post(
         "/v1/sessions/{session_id}/chunks",
         response_model=ChunkResponse,
         responses=errors,
         summary="Send the next chunk of a session",
+        openapi_extra=documented_body(ChunkBody),
     )
-    async def send_chunk(session_id: str, body: ChunkBody) -> Response:
+    async def send_chunk(session_id: str, request: Request) -> Response:
+        body = parse_body(ChunkBody, await request.body())
         info = sessions.peek(session_id)
         model, version = (info.model, info.version) if info is not None else ("", None)
         with _Observe(model, version, "session_chunk"):
@@ -296,17 +305,19 @@ def create_session_router(sessions: SessionManager, metrics: Metrics | None = No
         response_model=ChunkResponse,
         responses=errors,
         summary="Encode one chunk statelessly (state in and out as a portable token)",
+        openapi_extra=documented_body(StreamBody),
     )
-    async def stream(name: str, body: StreamBody) -> Response:
-        return await _stream(name, None, body)
+    async def stream(name: str, request: Request) -> Response:
+        return await _stream(name, None, parse_body(StreamBody, await request.body()))
 
     @router.post(
         "/v1/models/{name}/versions/{version}/stream",
         response_model=ChunkResponse,
         responses=errors,
         summary="Encode one chunk statelessly on one version",
+        openapi_extra=documented_body(StreamBody),
     )
-    async def stream_version(name: str, version: int, body: StreamBody) -> Response:
-        return await _stream(name, version, body)
+    async def stream_version(name: str, version: int, request: Request) -> Response:
+        return await _stream(name, version, parse_body(StreamBody, await request.body()))
 
     return router

@@ -217,7 +217,7 @@ def select_outputs(
     header: dict[str, Any], outputs: list[codecs.V2Output]
 ) -> tuple[list[codecs.V2Output], set[str]]:
     """Keep the requested outputs (all when none are named) and find which go binary."""
-    params = header.get("parameters") or {}
+    params = codecs.parameters_of(header)
     if not isinstance(params, dict):
         raise InvalidInput("parameters", "expected an object")
     all_binary = _parameter(params, "binary_data_output", (bool,), False)
@@ -235,7 +235,7 @@ def select_outputs(
             raise InvalidInput(
                 f"outputs[{k}].name", f"unknown output {name!r}; this model has {sorted(by_name)}"
             )
-        spec_params = spec.get("parameters") or {}
+        spec_params = codecs.parameters_of(spec)
         if not isinstance(spec_params, dict):
             raise InvalidInput(f"outputs[{k}].parameters", "expected an object")
         if _parameter(spec_params, "binary_data", (bool,), all_binary):
@@ -313,7 +313,7 @@ def create_router(engine: Engine, settings: Settings, metrics: Metrics) -> APIRo
             resolved, config = engine.model_config(name, version)
             labels["version"] = resolved
             kind, sequences = infer_sequences(tensors, config, settings.max_sequences_per_request)
-            params = header.get("parameters") or {}
+            params = codecs.parameters_of(header)
             if not isinstance(params, dict):
                 raise InvalidInput("parameters", "expected an object")
             timeout_ms = _parameter(params, "timeout_ms", (int, float))
@@ -430,7 +430,7 @@ def create_router(engine: Engine, settings: Settings, metrics: Metrics) -> APIRo
         value = codecs.loads(body) if body.strip() else {}
         if not isinstance(value, dict):
             raise InvalidInput("body", "expected a JSON object")
-        params = value.get("parameters") or {}
+        params = codecs.parameters_of(value)
         unknown = sorted(set(params) - {"unload_dependents"}) if isinstance(params, dict) else [""]
         if unknown:
             # NOTE: Triton's load parameters can carry model files or a config; loading only

@@ -139,6 +139,60 @@ def test_refusals_map_to_clear_http_errors(served: Served) -> None:
     assert pooling["field"] == "pooling"
 
 
+def test_session_routes_read_json_whatever_the_content_type(served: Served) -> None:
+    """`curl -d '{...}'` sends form Content-Type; like encode, the JSON body is still read."""
+    form = {"Content-Type": "application/x-www-form-urlencoded"}
+
+    async def go() -> list[tuple[int, Any]]:
+        transport = httpx.ASGITransport(app=_app(served, served.sessions))
+        out: list[tuple[int, Any]] = []
+        async with httpx.AsyncClient(transport=transport, base_url="http://test") as client:
+
+            async def post(url: str, content: bytes, headers: dict[str, str]) -> Any:
+                reply = await client.post(url, content=content, headers=headers)
+                out.append((reply.status_code, reply.json()))
+                return reply.json()
+
+            chunk = b'{"inputs": [[0.5, 0.5, 0.5, 0.5, 0.5, 0.5, 0.5, 0.5]]}'
+            opened = await post("/v1/models/tagger/sessions", b'{"pooling": "max"}', form)
+            await post("/v1/models/tagger/sessions", b"", {})
+            await post(f"/v1/sessions/{opened['session_id']}/chunks", chunk, form)
+            await post("/v1/models/tagger/stream", chunk, form)
+            await post("/v1/models/tagger/versions/1/stream", chunk, {})
+            await post("/v1/models/tagger/stream", b"[1]", form)
+            await post("/v1/models/tagger/stream", b"", form)
+            await client.delete(f"/v1/sessions/{opened['session_id']}")
+        return out
+
+    replies = served.run(go())
+    assert [status for status, _ in replies] == [201, 201, 200, 200, 200, 400, 400]
+    assert replies[0][1]["pooling"] == "max" and replies[1][1]["steps"] == 0
+    assert replies[2][1]["steps"] == 1 and replies[3][1]["steps"] == 1
+    assert replies[5][1]["error"] == {
+        "type": "InvalidInput",
+        "message": "body: expected a JSON object",
+        "field": "body",
+    }
+    assert "exactly one" in replies[6][1]["error"]["message"]
+
+
+def test_chunk_errors_name_the_chunk_fields(served: Served) -> None:
+    """A chunk is one sequence in `inputs`/`tokens`/`text`: no batch index, no `texts`."""
+    replies = _calls(
+        served,
+        served.sessions,
+        ("POST", "/v1/models/tokens/stream", {"text": "abc"}),
+        ("POST", "/v1/models/tagger/stream", {"inputs": [[0.0] * 7]}),
+        ("POST", "/v1/models/tagger/stream", {"inputs": [[0.0] * 8, [0.0] * 7]}),
+    )
+    assert [r[0] for r in replies] == [400, 400, 400]
+    kind, width, step = (r[1]["error"] for r in replies)
+    assert kind["field"] == "text"
+    assert kind["message"] == "text: this model reads tokens input; send 'tokens' instead"
+    assert width["field"] == "inputs" and width["message"].startswith("inputs: ")
+    assert step["field"] == "inputs[1]" and "8" in step["message"]
+
+
 def test_session_limit_answers_503_with_retry_after(served: Served) -> None:
     sessions = served.manager(max_sessions=1)
     replies = _calls(

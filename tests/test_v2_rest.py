@@ -183,6 +183,15 @@ ONE_STEP = tensor("INPUT", "FP32", [1, 1, 8], [0.0] * 8)
         ("feat", body(ONE_STEP, tensor("LENGTHS", "INT64", [1], [3])), 400, "1..1"),
         ("feat", body(ONE_STEP, parameters={"pooling": "sum"}), 400, "parameters.pooling"),
         ("feat", body(ONE_STEP, parameters={"timeout_ms": "soon"}), 400, "parameters.timeout_ms"),
+        ("feat", body(ONE_STEP, parameters=[]), 400, "parameters: expected an object"),
+        ("feat", body(ONE_STEP, parameters=""), 400, "parameters: expected an object"),
+        (
+            "feat",
+            body(ONE_STEP, outputs=[{"name": "ENCODING", "parameters": 0}]),
+            400,
+            "outputs[0]",
+        ),
+        ("feat", body({**ONE_STEP, "parameters": []}), 400, "inputs[0].parameters"),
     ],
 )
 def test_infer_errors(
