@@ -144,9 +144,9 @@ def save(
         )
     directory.mkdir(parents=True, exist_ok=True)
     if vocab_name is not None and vocab is not None:
-        _write_json(_vocab_path(directory, vocab_name), vocab)
+        write_json(_vocab_path(directory, vocab_name), vocab)
     if target_name is not None and target_vocab is not None:
-        _write_json(_vocab_path(directory, target_name), target_vocab)
+        write_json(_vocab_path(directory, target_name), target_vocab)
     tensors = {
         name: tensor.detach().to("cpu", torch.float32).contiguous()
         for name, tensor in model.state_dict().items()
@@ -157,11 +157,12 @@ def save(
     # non-root user over a mounted repository) must be able to read it.
     weights.chmod(0o644)
     # NOTE: config.json is written last so a half-written folder never looks complete.
-    _write_json(directory / CONFIG_FILE, config.model_dump(mode="json", exclude_none=True))
+    write_json(directory / CONFIG_FILE, config.model_dump(mode="json", exclude_none=True))
     return directory
 
 
-def _write_json(path: Path, value: Any) -> None:
+def write_json(path: Path, value: Any) -> None:
+    """Write pretty UTF-8 JSON with a trailing newline."""
     path.write_text(json.dumps(value, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
 
 

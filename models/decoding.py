@@ -144,6 +144,8 @@ def beam_decode(
     tokens = torch.full((state.rows,), spec.bos_id, dtype=torch.int64, device=state.device)
     while owners:
         log_probs, state = model.step(state, tokens)
+        # NOTE: one device-to-host copy per step for all requests, not one per request.
+        log_probs = log_probs.detach().to("cpu", torch.float64)
         rows: list[Tensor] = []
         next_tokens: list[Tensor] = []
         next_owners: list[int] = []

@@ -220,7 +220,7 @@ def _train_into(
         baselines = task.baselines()
         report = _report(args, task, hyper, name, version, result, test, baselines, parameters)
         report["checkpoint_bytes"] = output.folder_bytes(staging)
-        output.write_json(staging / "metrics.json", report)
+        checkpoint.write_json(staging / "metrics.json", report)
         final = output.publish(staging, model_dir, version)
     except BaseException:
         output.discard(staging)

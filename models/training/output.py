@@ -8,14 +8,12 @@ sees a half-written version, and an existing version is never overwritten.
 from __future__ import annotations
 
 import contextlib
-import json
 import os
 import re
 import secrets
 import shutil
 import tempfile
 from pathlib import Path
-from typing import Any
 
 from models.training.errors import TrainingError
 
@@ -114,11 +112,6 @@ def remove_if_empty(model_dir: Path) -> None:
     # NOTE: rmdir fails on a folder that holds anything (other versions): that one stays.
     with contextlib.suppress(OSError):
         model_dir.rmdir()
-
-
-def write_json(path: Path, value: dict[str, Any]) -> None:
-    """Write pretty UTF-8 JSON with a trailing newline."""
-    path.write_text(json.dumps(value, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
 
 
 def folder_bytes(folder: Path) -> int:

@@ -138,6 +138,26 @@ def _shuffled(count: int, generator: torch.Generator, batch_size: int) -> Iterat
         yield order[start : start + batch_size]
 
 
+def _text_batches(
+    ids: list[Tensor], targets: Tensor, generator: torch.Generator, batch_size: int
+) -> Iterator[Batch]:
+    """One epoch of shuffled, padded batches of token-id sequences and their targets."""
+    for rows in _shuffled(len(ids), generator, batch_size):
+        inputs, lengths = collate([ids[i] for i in rows.tolist()])
+        yield Batch(inputs, lengths, targets[rows])
+
+
+def _eval_batches(
+    tokenizer: Tokenizer, texts: list[str], device: torch.device
+) -> Iterator[tuple[Tensor, Tensor]]:
+    """(inputs [N, T] on `device`, lengths [N]) of `texts`, EVAL_BATCH texts at a time."""
+    for start in range(0, len(texts), EVAL_BATCH):
+        # NOTE: a text with no known character still needs one step: <unk>.
+        ids = [torch.tensor(tokenizer.encode(t) or [1]) for t in texts[start : start + EVAL_BATCH]]
+        inputs, lengths = collate(ids)
+        yield inputs.to(device), lengths
+
+
 def device_of(model: Model) -> torch.device:
     """The device the model's weights are on."""
     return next(model.parameters()).device
@@ -212,9 +232,7 @@ class SurnamesTask(Task):
         return len(self.train)
 
     def batches(self, generator: torch.Generator, batch_size: int) -> Iterator[Batch]:
-        for rows in _shuffled(len(self.train), generator, batch_size):
-            inputs, lengths = collate([self._train_ids[i] for i in rows.tolist()])
-            yield Batch(inputs, lengths, self._train_labels[rows])
+        return _text_batches(self._train_ids, self._train_labels, generator, batch_size)
 
     def logits(self, model: Model, inputs: Tensor, lengths: Tensor) -> Tensor:
         """Head logits [N, labels] (the model's own scores are softmax probabilities)."""
@@ -233,12 +251,8 @@ class SurnamesTask(Task):
         """Top label index of each name."""
         predicted: list[int] = []
         with torch.inference_mode():
-            for start in range(0, len(names), EVAL_BATCH):
-                chunk = names[start : start + EVAL_BATCH]
-                # NOTE: a name with no known character still needs one step: <unk>.
-                ids = [torch.tensor(self.tokenizer.encode(n) or [1]) for n in chunk]
-                inputs, lengths = collate(ids)
-                logits = self.logits(model, inputs.to(device_of(model)), lengths)
+            for inputs, lengths in _eval_batches(self.tokenizer, names, device_of(model)):
+                logits = self.logits(model, inputs, lengths)
                 predicted.extend(logits.argmax(-1).tolist())
         return predicted
 
@@ -340,9 +354,7 @@ class DatesTask(Task):
         return len(self.train)
 
     def batches(self, generator: torch.Generator, batch_size: int) -> Iterator[Batch]:
-        for rows in _shuffled(len(self.train), generator, batch_size):
-            inputs, lengths = collate([self._train_ids[i] for i in rows.tolist()])
-            yield Batch(inputs, lengths, self._train_targets[rows])
+        return _text_batches(self._train_ids, self._train_targets, generator, batch_size)
 
     def step(self, model: Model, batch: Batch) -> StepResult:
         assert isinstance(model, Seq2SeqModel)
@@ -350,15 +362,17 @@ class DatesTask(Task):
         targets = batch.targets  # [N, U]
         previous = torch.full_like(targets[:, 0], self.target_vocab.index(BOS))
         losses: list[Tensor] = []
-        correct = 0.0
+        hits: list[Tensor] = []
         # NOTE: teacher forcing through the model's own `step`, the computation serving runs.
         for position in range(targets.shape[1]):
             log_probs, state = model.step(state, previous)  # [N, V]
             expected = targets[:, position]
             losses.append(F.nll_loss(log_probs, expected))
-            correct += float((log_probs.argmax(-1) == expected).sum().item())
+            hits.append(log_probs.argmax(-1) == expected)
             previous = expected
         loss = torch.stack(losses).mean()
+        # NOTE: one device sync per batch, not one per target position.
+        correct = float(torch.stack(hits).sum().item())
         return StepResult(loss, correct, targets.numel())
 
     def translate(self, model: Model, sources: list[str]) -> list[str]:
@@ -366,11 +380,8 @@ class DatesTask(Task):
         assert isinstance(model, Seq2SeqModel)
         outputs: list[str] = []
         with torch.inference_mode():
-            for start in range(0, len(sources), EVAL_BATCH):
-                chunk = sources[start : start + EVAL_BATCH]
-                ids = [torch.tensor(self.tokenizer.encode(s) or [1]) for s in chunk]
-                inputs, lengths = collate(ids)
-                for tokens in model.generate(inputs.to(device_of(model)), lengths):
+            for inputs, lengths in _eval_batches(self.tokenizer, sources, device_of(model)):
+                for tokens in model.generate(inputs, lengths):
                     outputs.append(self.target_tokenizer.decode(tokens))
         return outputs
 
