@@ -111,9 +111,7 @@ class Batcher:
         self.regroup_max_s = regroup_max_s
         self._executor = executor
         self._compute = compute
-        self._metrics = metrics
-        self._labels = (model, str(version))
-        labels = self._labels
+        labels = (model, str(version))
         # NOTE: metric children are looked up once; `labels()` costs microseconds per call.
         self._m_depth = metrics.queue_depth.labels(*labels, "encode")
         self._m_queue = metrics.queue_duration.labels(*labels)
@@ -122,6 +120,8 @@ class Batcher:
         self._m_steps = metrics.batch_timesteps.labels(*labels)
         self._m_efficiency = metrics.padding_efficiency.labels(*labels)
         self._m_calls = metrics.model_calls_total.labels(*labels, "encode")
+        self._m_dropped_deadline = metrics.dropped_total.labels(*labels, "deadline")
+        self._m_dropped_cancelled = metrics.dropped_total.labels(*labels, "cancelled")
         self._queue: deque[Item] = deque()
         self._queued_steps = 0
         self._closed = False
@@ -133,15 +133,12 @@ class Batcher:
         self._regroup_until = 0.0
         self._wakeup: asyncio.Event | None = None
         self._task: asyncio.Task[None] | None = None
-        self._idle_batch: asyncio.Event | None = None
 
     # -- lifecycle -------------------------------------------------------------------------
 
     def start(self) -> None:
         """Create the asyncio objects and the batching task (inside the running loop)."""
         self._wakeup = asyncio.Event()
-        self._idle_batch = asyncio.Event()
-        self._idle_batch.set()
         self._executor.on_idle(self._wakeup.set)
         self._task = asyncio.get_running_loop().create_task(
             self._run(), name=f"batcher-{self.model}-{self.version}"
@@ -174,7 +171,7 @@ class Batcher:
     async def drain(self) -> None:
         """Stop admitting; finish every admitted item; then stop the task."""
         self._closed = True
-        assert self._wakeup is not None and self._idle_batch is not None
+        assert self._wakeup is not None
         self._wakeup.set()
         while self._queue or self._running:
             self._wakeup.set()
@@ -293,7 +290,7 @@ class Batcher:
         # NOTE: the deadline is checked first: a waiter that gave up at its deadline has also
         # cancelled its future, and that drop is a deadline, not a client gone.
         if item.deadline is not None and item.deadline <= now:
-            self._metrics.dropped_total.labels(*self._labels, "deadline").inc()
+            self._m_dropped_deadline.inc()
             if not item.future.done():
                 item.future.set_exception(
                     DeadlineExceeded(
@@ -303,7 +300,7 @@ class Batcher:
                 )
             return True
         if item.future.done():
-            self._metrics.dropped_total.labels(*self._labels, "cancelled").inc()
+            self._m_dropped_cancelled.inc()
             return True
         return False
 

@@ -97,11 +97,11 @@ class DecodeScheduler:
         self._m_queue = metrics.queue_duration.labels(*labels)
         self._m_dropped_cancelled = metrics.dropped_total.labels(*labels, "cancelled")
         self._m_dropped_deadline = metrics.dropped_total.labels(*labels, "deadline")
+        self._m_depth = metrics.queue_depth.labels(*labels, "decode")
+        self._m_slots = metrics.decode_slots_in_use.labels(*labels)
         self._network = network
         self._spec = network.decoder_spec
         self._executor = executor
-        self._metrics = metrics
-        self._labels = (model, str(version))
         self._waiting: deque[Job] = deque()
         self._running: list[Job] = []  # in row order
         self._state: DecoderState | None = None
@@ -209,8 +209,8 @@ class DecodeScheduler:
         self._wakeup.set()
 
     def _gauges(self) -> None:
-        self._metrics.queue_depth.labels(*self._labels, "decode").set(len(self._waiting))
-        self._metrics.decode_slots_in_use.labels(*self._labels).set(self.slots_in_use)
+        self._m_depth.set(len(self._waiting))
+        self._m_slots.set(self.slots_in_use)
 
     # -- the scheduling task ---------------------------------------------------------------
 

@@ -34,7 +34,7 @@ from service.decoding import Job
 from service.errors import DeadlineExceeded, Draining, InvalidInput
 from service.executor import DeviceExecutor
 from service.metrics import Metrics
-from service.registry import ModelVersion, Registry, check_model_name
+from service.registry import ModelVersion, Registry
 from service.sessions import SessionManager
 from service.settings import Settings
 from service.types import (
@@ -181,16 +181,16 @@ class Engine:
     async def load(self, name: str, version: int | None = None) -> None:
         """Load a model (its policy's versions) or one version, beside what serves."""
         self._check_admitting()
-        await self.registry.load(check_model_name(name), version)
+        await self.registry.load(name, version)
 
     async def unload(self, name: str, version: int | None = None) -> None:
         """Drain and unload a model or one version."""
-        await self.registry.unload(check_model_name(name), version)
+        await self.registry.unload(name, version)
 
     async def reload(self, name: str) -> None:
         """Rebuild from disk and swap atomically; in-flight requests finish on the old build."""
         self._check_admitting()
-        await self.registry.reload(check_model_name(name))
+        await self.registry.reload(name)
 
     # -- encode ----------------------------------------------------------------------------
 

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import re
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -29,18 +28,17 @@ from service.decoding import DecodeScheduler
 from service.errors import Conflict, InvalidInput, NotFound, NotReady
 from service.executor import DeviceExecutor
 from service.metrics import Metrics
-from service.settings import Settings
+from service.settings import Settings, is_model_name
 from service.types import ModelInfo, VersionInfo
 
 log = logging.getLogger(__name__)
 
 VersionState = Literal["LOADING", "READY", "FAILED", "UNLOADING"]
-_NAME = re.compile(r"^[A-Za-z0-9_.-]+$")
 
 
 def check_model_name(name: str) -> str:
     """A model name is letters, digits, '-', '_', '.' (no separators, not '.' or '..')."""
-    if not _NAME.match(name) or name in {".", ".."}:
+    if not is_model_name(name):
         raise InvalidInput(
             "model", f"invalid model name {name!r} (letters, digits, '-', '_', '.' only)"
         )
@@ -134,7 +132,7 @@ class Registry:
         for folder in sorted(self.repository.iterdir()):
             if not folder.is_dir() or folder.name.startswith("."):
                 continue
-            if not _NAME.match(folder.name):
+            if not is_model_name(folder.name):
                 log.warning("skipping %s: not a valid model name", folder)
                 continue
             found[folder.name] = self._versions_on_disk(folder)

@@ -22,6 +22,11 @@ _POLICY = re.compile(r"^(latest|latest:[1-9]\d*|all|specific:[1-9]\d*(,[1-9]\d*)
 _MODEL_NAME = re.compile(r"^[A-Za-z0-9_.-]+$")
 
 
+def is_model_name(name: str) -> bool:
+    """Letters, digits, '-', '_', '.' only (no separators), and not '.' or '..'."""
+    return bool(_MODEL_NAME.match(name)) and name not in {".", ".."}
+
+
 def check_version_policy(policy: str) -> str:
     """Return `policy` if it is `latest`, `latest:N`, `all` or `specific:V1,V2`; else raise."""
     if not _POLICY.match(policy):
@@ -197,7 +202,7 @@ class Settings(BaseSettings):
     @classmethod
     def _policies(cls, value: dict[str, str]) -> dict[str, str]:
         for name, policy in value.items():
-            if not _MODEL_NAME.match(name) or name in {".", ".."}:
+            if not is_model_name(name):
                 raise ValueError(f"version_policies: invalid model name {name!r}")
             check_version_policy(policy)
         return value
@@ -214,7 +219,7 @@ class Settings(BaseSettings):
     @classmethod
     def _model_names(cls, value: list[str] | None) -> list[str] | None:
         for name in value or []:
-            if not _MODEL_NAME.match(name) or name in {".", ".."}:
+            if not is_model_name(name):
                 raise ValueError(
                     f"models: invalid model name {name!r} (letters, digits, '-', '_', '.')"
                 )
