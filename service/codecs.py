@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import math
 import struct
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -371,7 +372,7 @@ def unpack_bytes(raw: bytes, where: str) -> list[bytes]:
     return items
 
 
-def pack_bytes(items: list[bytes]) -> bytes:
+def pack_bytes(items: Iterable[bytes]) -> bytes:
     """Join BYTES elements, each prefixed with its 4-byte little-endian length."""
     return b"".join(_LEN.pack(len(b)) + b for b in items)
 

@@ -21,6 +21,7 @@ from models.config import ModelConfig, TextInput, TokensInput
 from service import errors
 from service._proto.inference import grpc_service_pb2 as v2
 from service._proto.rnnserve.v1 import rnnserve_pb2 as pb
+from service.codecs import V2_DTYPES, pack_bytes
 from service.types import (
     EncodeRequest,
     EncodeResult,
@@ -239,21 +240,6 @@ def model_info_to_proto(info: ModelInfo) -> pb.ModelInfo:
 
 # --- Open Inference Protocol (V2) tensors -----------------------------------------------------
 
-# V2 datatype → little-endian numpy dtype (BYTES is handled apart).
-V2_DTYPES: dict[str, np.dtype[Any]] = {
-    "BOOL": np.dtype("?"),
-    "UINT8": np.dtype("<u1"),
-    "UINT16": np.dtype("<u2"),
-    "UINT32": np.dtype("<u4"),
-    "UINT64": np.dtype("<u8"),
-    "INT8": np.dtype("<i1"),
-    "INT16": np.dtype("<i2"),
-    "INT32": np.dtype("<i4"),
-    "INT64": np.dtype("<i8"),
-    "FP16": np.dtype("<f2"),
-    "FP32": np.dtype("<f4"),
-    "FP64": np.dtype("<f8"),
-}
 # The InferTensorContents field of each datatype (FP16 has none: raw contents only).
 _CONTENTS_FIELD = {
     "BOOL": "bool_contents",
@@ -296,7 +282,7 @@ def decode_bytes(raw: bytes, count: int, field: str) -> list[bytes]:
 
 def encode_bytes(items: Iterable[bytes]) -> bytes:
     """Raw BYTES contents: each element prefixed by its 4-byte little-endian length."""
-    return b"".join(_LENGTH.pack(len(item)) + item for item in items)
+    return pack_bytes(items)
 
 
 def _shape(shape: Sequence[int], field: str) -> tuple[int, ...]:

@@ -19,6 +19,7 @@ import numpy as np
 from service import errors
 from service._proto.rnnserve.v1 import rnnserve_pb2 as pb
 from service.grpc_api import CallRecorder, abort_with, deadline_of
+from service.grpc_convert import float_values
 from service.sessions import ChunkResult, SessionManager, StreamPooling
 from service.types import InputKind, Sequence
 
@@ -49,8 +50,7 @@ def chunk_from_proto(chunk: pb.SessionChunk) -> tuple[Sequence, InputKind]:
                 f"has {len(chunk.inputs.values)} numbers but shape {shape} needs "
                 f"{shape[0] * shape[1]}",
             )
-        values = np.array(chunk.inputs.values, dtype=np.float32)
-        return values.reshape(shape[0], shape[1]), "features"
+        return float_values(chunk.inputs).reshape(shape[0], shape[1]), "features"
     if which == "tokens":
         return np.array(chunk.tokens.ids, dtype=np.int64), "tokens"
     if which == "text":

@@ -8,6 +8,7 @@ Triton's do); inputs may be raw or typed. Tensor conversion lives in service/grp
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import time
 from collections.abc import AsyncIterable, AsyncIterator
@@ -32,6 +33,7 @@ Context: TypeAlias = grpc.aio.ServicerContext[Any, Any]
 SERVER_NAME = "rnnserve"
 
 
+@functools.cache
 def _server_version() -> str:
     try:
         return metadata.version("rnnserve")
