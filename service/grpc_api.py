@@ -19,7 +19,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_health.v1._async import HealthServicer
 from grpc_reflection.v1alpha import reflection
 
-from service import errors, grpc_convert
+from service import errors, grpc_convert, metric_labels
 from service._proto.inference import grpc_service_pb2 as v2_pb
 from service._proto.rnnserve.v1 import rnnserve_pb2 as pb
 from service._proto.rnnserve.v1 import rnnserve_pb2_grpc
@@ -59,11 +59,15 @@ async def abort_with(context: grpc.aio.ServicerContext[Any, Any], exc: BaseExcep
 
 
 class CallRecorder:
-    """Times one call, records its metrics once, and maps its errors to gRPC statuses."""
+    """Times one call, records its metrics once, and maps its errors to gRPC statuses.
 
-    def __init__(self, metrics: Metrics, protocol: str) -> None:
+    Failed calls for unknown models get blank labels, as REST's (service/metric_labels.py).
+    """
+
+    def __init__(self, metrics: Metrics, protocol: str, known: metric_labels.Known) -> None:
         self.metrics = metrics
         self.protocol = protocol
+        self.known = known
 
     async def run(
         self,
@@ -71,25 +75,19 @@ class CallRecorder:
         model: str,
         endpoint: str,
         call: Callable[[], Awaitable[T]],
-        version: Callable[[T], int | str | None] = lambda _: None,
+        version: Callable[[T], int | None] = lambda _: None,
     ) -> T:
         """Await `call()`; on a ServiceError abort with its status (the metrics say why)."""
         start = time.perf_counter()
         try:
             result = await call()
         except asyncio.CancelledError as exc:
-            self.metrics.observe_request(
-                model, None, self.protocol, endpoint, outcome_of(exc), time.perf_counter() - start
-            )
+            self.observe(model, None, endpoint, exc, time.perf_counter() - start)
             raise
         except Exception as exc:
-            self.metrics.observe_request(
-                model, None, self.protocol, endpoint, outcome_of(exc), time.perf_counter() - start
-            )
+            self.observe(model, None, endpoint, exc, time.perf_counter() - start)
             await abort_with(context, exc)
-        self.metrics.observe_request(
-            model, version(result), self.protocol, endpoint, "success", time.perf_counter() - start
-        )
+        self.observe(model, version(result), endpoint, None, time.perf_counter() - start)
         return result
 
     def observe(
@@ -100,7 +98,8 @@ class CallRecorder:
         exc: BaseException | None,
         seconds: float,
     ) -> None:
-        """Record a call whose errors the caller handles itself (streams)."""
+        """Record one call (`run` does; streams, which handle their errors, call it directly)."""
+        model, version = metric_labels.request_labels(self.known, model, version, exc)
         self.metrics.observe_request(
             model, version, self.protocol, endpoint, outcome_of(exc), seconds
         )
@@ -131,7 +130,7 @@ class RnnServeServicer(rnnserve_pb2_grpc.RnnServeServicer):
     def __init__(self, engine: Engine, settings: Settings, metrics: Metrics) -> None:
         self.engine = engine
         self.settings = settings
-        self.calls = CallRecorder(metrics, "grpc")
+        self.calls = CallRecorder(metrics, "grpc", metric_labels.known_model(engine))
 
     async def Encode(  # noqa: N802 (gRPC method names)
         self, request: pb.EncodeRequest, context: grpc.aio.ServicerContext[Any, Any]

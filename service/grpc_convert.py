@@ -17,11 +17,11 @@ import grpc
 import numpy as np
 from google.protobuf import struct_pb2
 
-from models.config import ModelConfig, TextInput, TokensInput
-from service import errors
+from models.config import ModelConfig
+from service import errors, v2_common, validation
 from service._proto.inference import grpc_service_pb2 as v2
 from service._proto.rnnserve.v1 import rnnserve_pb2 as pb
-from service.codecs import V2_DTYPES, pack_bytes
+from service.codecs import V2_DTYPES, V2Output, pack_bytes
 from service.types import (
     EncodeRequest,
     EncodeResult,
@@ -62,7 +62,7 @@ def grpc_status(error: errors.ServiceError) -> tuple[grpc.StatusCode, str]:
 
 # --- rnnserve.v1 ------------------------------------------------------------------------------
 
-_POOLINGS = ("last", "mean", "max", "none")
+_POOLINGS = validation.POOLINGS
 PoolingName = Literal["last", "mean", "max", "none"]
 
 
@@ -145,11 +145,17 @@ def _sequences(message: pb.EncodeRequest | pb.GenerateRequest) -> tuple[list[Seq
 
 
 def _timeout(timeout_ms: int, deadline_s: float | None) -> float | None:
-    """The tighter of the message's timeout_ms and the call's gRPC deadline."""
-    own = timeout_ms / 1000.0 if timeout_ms > 0 else None
-    if own is None:
+    """The tighter of the message's timeout_ms (0: unset, as proto3 sends it) and the call's
+    gRPC deadline."""
+    if timeout_ms:
+        validation.check_timeout_ms(timeout_ms)
+    return _tighter(timeout_ms / 1000.0 if timeout_ms else None, deadline_s)
+
+
+def _tighter(own_s: float | None, deadline_s: float | None) -> float | None:
+    if own_s is None:
         return deadline_s
-    return own if deadline_s is None else min(own, deadline_s)
+    return own_s if deadline_s is None else min(own_s, deadline_s)
 
 
 def encode_request_from_proto(
@@ -417,21 +423,14 @@ def v2_sequences(config: ModelConfig, tensors: dict[str, Tensor]) -> tuple[list[
     return [array[i, :n] for i, n in enumerate(lengths)], "tokens"
 
 
-def _param(request: v2.ModelInferRequest, name: str) -> Any:
-    if name not in request.parameters:
-        return None
-    param = request.parameters[name]
-    which = param.WhichOneof("parameter_choice")
-    return None if which is None else getattr(param, which)
-
-
-def _int_param(request: v2.ModelInferRequest, name: str) -> int | None:
-    value = _param(request, name)
-    if value is None:
-        return None
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise errors.InvalidInput(f"parameters.{name}", f"must be an integer, got {value!r}")
-    return value
+def v2_parameters(request: v2.ModelInferRequest) -> dict[str, Any]:
+    """The request's parameters as plain values (bool, int, float or str)."""
+    values: dict[str, Any] = {}
+    for name, param in request.parameters.items():
+        which = param.WhichOneof("parameter_choice")
+        if which is not None:
+            values[name] = getattr(param, which)
+    return values
 
 
 def v2_encode_request(
@@ -444,18 +443,14 @@ def v2_encode_request(
 ) -> EncodeRequest:
     """An EncodeRequest from a V2 infer request (parameters: pooling, timeout_ms)."""
     sequences, kind = v2_sequences(config, decode_v2_inputs(request))
-    pooling = _param(request, "pooling")
-    if pooling is not None and pooling not in _POOLINGS:
-        raise errors.InvalidInput(
-            "parameters.pooling", f"{pooling!r} is not one of {', '.join(_POOLINGS)}"
-        )
+    params = v2_parameters(request)
     return EncodeRequest(
         model=request.model_name,
         sequences=sequences,
         kind=kind,
         version=version,
-        pooling=cast(PoolingName | None, pooling),
-        timeout_s=_timeout(max(0, _int_param(request, "timeout_ms") or 0), deadline_s),
+        pooling=v2_common.pooling(params),
+        timeout_s=_tighter(v2_common.timeout_s(params), deadline_s),
         protocol=protocol,
         endpoint=endpoint,
     )
@@ -471,87 +466,37 @@ def v2_generate_request(
 ) -> GenerateRequest:
     """A GenerateRequest from a V2 infer request (parameters: max_length, beam_size, timeout_ms)."""
     sequences, kind = v2_sequences(config, decode_v2_inputs(request))
+    params = v2_parameters(request)
+    max_length, beam_size = v2_common.generate_options(params)
     return GenerateRequest(
         model=request.model_name,
         sequences=sequences,
         kind=kind,
         version=version,
-        max_length=_int_param(request, "max_length"),
-        beam_size=_int_param(request, "beam_size") or 1,
-        timeout_s=_timeout(max(0, _int_param(request, "timeout_ms") or 0), deadline_s),
+        max_length=max_length,
+        beam_size=beam_size,
+        timeout_s=_tighter(v2_common.timeout_s(params), deadline_s),
         protocol=protocol,
         endpoint=endpoint,
     )
 
 
-def _pad(rows: Sequence[np.ndarray], fill: float) -> np.ndarray:
-    time = max((len(r) for r in rows), default=0)
-    first = rows[0] if rows else np.zeros((0,), np.float32)
-    out = np.full((len(rows), time, *first.shape[1:]), fill, dtype=first.dtype)
-    for i, row in enumerate(rows):
-        out[i, : len(row)] = row
-    return out
-
-
-def v2_encode_outputs(result: EncodeResult) -> dict[str, Tensor]:
-    """Output tensors of an encode: ENCODING, plus SCORES and LABELS when the model has a head."""
-    if isinstance(result.encodings, list):
-        encoding = _pad(result.encodings, 0.0).astype(np.float32, copy=False)
-    else:
-        encoding = np.asarray(result.encodings, dtype=np.float32)
-    outputs: dict[str, Tensor] = {"ENCODING": encoding}
-    if result.scores is not None:
-        outputs["SCORES"] = np.asarray(result.scores, dtype=np.float32)
-    if result.labels is not None:
-        outputs["LABELS"] = ([label.encode() for label in result.labels], (len(result.labels),))
-    return outputs
-
-
-def v2_generate_outputs(result: GenerateResult) -> dict[str, Tensor]:
-    """Outputs of a generation: OUTPUT_TOKENS (padded with -1), OUTPUT_LENGTHS, OUTPUT_TEXT."""
-    rows = [np.asarray(o.tokens, dtype=np.int64) for o in result.outputs]
-    outputs: dict[str, Tensor] = {
-        "OUTPUT_TOKENS": _pad(rows, -1).astype(np.int64, copy=False).reshape(len(rows), -1),
-        "OUTPUT_LENGTHS": np.array([len(r) for r in rows], dtype=np.int64),
-    }
-    if any(o.text is not None for o in result.outputs):
-        texts = [(o.text or "").encode() for o in result.outputs]
-        outputs["OUTPUT_TEXT"] = (texts, (len(texts),))
-    return outputs
-
-
 def v2_infer_response(
-    request: v2.ModelInferRequest, version: int, outputs: dict[str, Tensor]
+    request: v2.ModelInferRequest, version: int, outputs: list[V2Output]
 ) -> v2.ModelInferResponse:
     """A V2 response with the requested outputs (all when none named), as raw contents."""
-    wanted = [o.name for o in request.outputs] or list(outputs)
+    chosen = v2_common.requested_outputs(outputs, [o.name for o in request.outputs])
     response = v2.ModelInferResponse(
         model_name=request.model_name, model_version=str(version), id=request.id
     )
-    for i, name in enumerate(wanted):
-        tensor = outputs.get(name)
-        if tensor is None:
-            raise errors.InvalidInput(
-                f"outputs[{i}].name",
-                f"unknown output {name!r}; this model has {', '.join(outputs)}",
-            )
-        if isinstance(tensor, np.ndarray):
-            datatype = _v2_datatype(tensor.dtype)
-            shape: tuple[int, ...] = tensor.shape
-            data = np.ascontiguousarray(tensor, dtype=V2_DTYPES[datatype]).tobytes()
+    for output in chosen:
+        if isinstance(output.data, list):
+            data = encode_bytes(output.data)
         else:
-            items, shape = tensor
-            datatype, data = "BYTES", encode_bytes(items)
-        response.outputs.add(name=name, datatype=datatype, shape=shape)
+            data = np.ascontiguousarray(output.data, dtype=V2_DTYPES[output.datatype]).tobytes()
+        response.outputs.add(name=output.name, datatype=output.datatype, shape=output.shape)
         response.raw_output_contents.append(data)
     return response
-
-
-def _v2_datatype(dtype: np.dtype[Any]) -> str:
-    for name, candidate in V2_DTYPES.items():
-        if candidate.newbyteorder("=") == dtype.newbyteorder("="):
-            return name
-    raise TypeError(f"no V2 datatype for {dtype}")
 
 
 def decode_v2_outputs(response: v2.ModelInferResponse) -> dict[str, Tensor]:
@@ -562,34 +507,3 @@ def decode_v2_outputs(response: v2.ModelInferResponse) -> dict[str, Tensor]:
             name=output.name, datatype=output.datatype, shape=output.shape, contents=output.contents
         )
     return decode_v2_inputs(request)
-
-
-def v2_tensor_metadata(config: ModelConfig) -> tuple[list[Any], list[Any]]:
-    """(inputs, outputs) TensorMetadata of a model, -1 marking variable dimensions."""
-    meta = v2.ModelMetadataResponse.TensorMetadata
-    if isinstance(config.input, TextInput):
-        inputs = [meta(name="TEXT", datatype="BYTES", shape=[-1])]
-    elif isinstance(config.input, TokensInput):
-        inputs = [
-            meta(name="TOKENS", datatype="INT64", shape=[-1, -1]),
-            meta(name="LENGTHS", datatype="INT64", shape=[-1]),
-        ]
-    else:
-        inputs = [
-            meta(name="INPUT", datatype="FP32", shape=[-1, -1, config.input.size]),
-            meta(name="LENGTHS", datatype="INT64", shape=[-1]),
-        ]
-    if config.task == "seq2seq":
-        outputs = [
-            meta(name="OUTPUT_TOKENS", datatype="INT64", shape=[-1, -1]),
-            meta(name="OUTPUT_LENGTHS", datatype="INT64", shape=[-1]),
-        ]
-        if config.decoder is not None and config.decoder.vocab is not None:
-            outputs.append(meta(name="OUTPUT_TEXT", datatype="BYTES", shape=[-1]))
-    else:
-        outputs = [meta(name="ENCODING", datatype="FP32", shape=[-1, config.encoding_size])]
-        if config.head is not None:
-            outputs.append(meta(name="SCORES", datatype="FP32", shape=[-1, config.head.size]))
-            if config.head.labels is not None:
-                outputs.append(meta(name="LABELS", datatype="BYTES", shape=[-1]))
-    return inputs, outputs

@@ -8,9 +8,8 @@ from __future__ import annotations
 
 import asyncio
 import hmac
-import re
 import time
-from collections.abc import Awaitable, Callable, Iterator
+from collections.abc import Awaitable, Iterator
 from contextlib import contextmanager
 from typing import Any, TypeVar
 
@@ -18,13 +17,13 @@ from fastapi import Request
 from fastapi.responses import Response
 from pydantic import BaseModel, ValidationError
 
-from service import codecs, http_errors, rest_schemas
-from service.engine import Engine
-from service.errors import InvalidInput, PermissionDenied, ServiceError, Unauthenticated
+from service import codecs, http_errors, metric_labels, rest_schemas
+from service.errors import InvalidInput, PermissionDenied, Unauthenticated
 from service.metrics import Metrics, outcome_of
-from service.settings import Settings
+from service.settings import Settings, is_model_name
 
-_MODEL_NAME = re.compile(r"^[A-Za-z0-9_.-]{1,200}$")
+# NOTE: a bound on what a URL may carry; the characters allowed are the repository's rule.
+MAX_MODEL_NAME = 200
 _B = TypeVar("_B", bound=BaseModel)
 _T = TypeVar("_T")
 
@@ -93,9 +92,11 @@ def parse_body(model: type[_B], body: bytes) -> _B:
 
 def check_model_name(name: str) -> None:
     """Management takes repository names only: no paths, no URLs."""
-    if not _MODEL_NAME.match(name) or name in {".", ".."}:
+    if not 1 <= len(name) <= MAX_MODEL_NAME or not is_model_name(name):
         raise InvalidInput(
-            "name", "a model name is 1–200 letters, digits, '-', '_' or '.', and not '.' or '..'"
+            "name",
+            f"a model name is 1–{MAX_MODEL_NAME} letters, digits, '-', '_' or '.', "
+            "and not '.' or '..'",
         )
 
 
@@ -117,11 +118,10 @@ def management_guard(settings: Settings, request: Request) -> None:
 class RequestObserver:
     """Records requests in the metrics (outcome from the exception, if any).
 
-    A failed request for a model the server does not know is recorded with empty model and
-    version labels, so that made-up names cannot grow the number of metric series.
+    Failed requests for unknown models get blank labels (service/metric_labels.py).
     """
 
-    def __init__(self, metrics: Metrics, protocol: str, known: Callable[[str], bool]) -> None:
+    def __init__(self, metrics: Metrics, protocol: str, known: metric_labels.Known) -> None:
         self.metrics = metrics
         self.protocol = protocol
         self.known = known
@@ -135,8 +135,7 @@ class RequestObserver:
         seconds: float,
     ) -> None:
         """Count one answered request."""
-        if error is not None and not self.known(model):
-            model, version = "", None
+        model, version = metric_labels.request_labels(self.known, model, version, error)
         if isinstance(error, ClientDisconnectedError):
             error = asyncio.CancelledError()
         self.metrics.observe_request(
@@ -158,16 +157,3 @@ class RequestObserver:
         finally:
             if labels["record"]:
                 self.record(model, labels["version"], endpoint, error, time.perf_counter() - start)
-
-
-def known_model(engine: Engine) -> Callable[[str], bool]:
-    """A check whether the engine knows a model name (for metric labels of failed requests)."""
-
-    def known(name: str) -> bool:
-        try:
-            engine.model_info(name)
-        except ServiceError:
-            return False
-        return True
-
-    return known

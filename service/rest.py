@@ -24,7 +24,7 @@ from pydantic.json_schema import models_json_schema
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from swagger_ui_bundle import swagger_ui_path
 
-from service import codecs, http_errors, rest_schemas, v2_rest
+from service import codecs, http_errors, metric_labels, rest_schemas, v2_rest
 from service.engine import Engine
 from service.errors import InvalidInput, ServiceError
 from service.http_common import (
@@ -34,7 +34,6 @@ from service.http_common import (
     documented_body,
     errors_doc,
     json_response,
-    known_model,
     management_guard,
     parse_body,
     unless_disconnected,
@@ -92,7 +91,7 @@ def model_status(info: ModelInfo) -> dict[str, Any]:
 def create_router(engine: Engine, settings: Settings, metrics: Metrics) -> APIRouter:
     """rnnserve's own API: inference, model status, management."""
     router = APIRouter()
-    observer = RequestObserver(metrics, PROTOCOL, known_model(engine))
+    observer = RequestObserver(metrics, PROTOCOL, metric_labels.known_model(engine))
     bad = errors_doc(False, 400, 404, 413, 503, 504)
 
     async def encode(name: str, version: int | None, request: Request) -> Response:

@@ -11,6 +11,8 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, SkipValidation, model_validator
 
+from service.validation import MAX_TIMEOUT_MS
+
 RequestPooling = Literal["last", "mean", "max", "none"]
 
 FeatureBatch = Annotated[list[list[list[float]]] | None, SkipValidation]
@@ -21,8 +23,9 @@ _FEATURES_EXAMPLE: list[Any] = [[[0.1, -0.2, 0.3], [0.0, 0.5, -0.1]]]
 
 
 class _Body(BaseModel):
-    # NOTE: unknown keys are an error so that a misspelt option is reported, not ignored.
-    model_config = ConfigDict(extra="forbid")
+    # NOTE: unknown keys are an error so that a misspelt option is reported, not ignored;
+    # strict, so that "stream": "yes" or "max_length": "5" is refused rather than coerced.
+    model_config = ConfigDict(extra="forbid", strict=True)
 
 
 # ---------------------------------------------------------------- errors
@@ -70,7 +73,10 @@ class _Inputs(_Body):
     tokens: TokenBatch = Field(default=None, description="Token-id sequences: [sequence][step].")
     texts: TextBatch = Field(default=None, description="Text inputs, one string per sequence.")
     timeout_ms: float | None = Field(
-        default=None, gt=0, le=3_600_000, description="Deadline; past it the answer is 504."
+        default=None,
+        gt=0,
+        le=MAX_TIMEOUT_MS,
+        description="Deadline; past it the answer is 504.",
     )
 
     @model_validator(mode="after")
@@ -135,7 +141,12 @@ class GenerateBody(_Inputs):
         }
     )
     max_length: int | None = Field(default=None, ge=1, le=100_000, description="Token limit.")
-    beam_size: int = Field(default=1, ge=1, le=256, description="1 = greedy decoding.")
+    # NOTE: no bounds here: the engine checks beam_size against the server's configured limit
+    # (max_beam_size, default 16), so that every wire refuses the same values with one message.
+    beam_size: int = Field(
+        default=1,
+        description="1 = greedy decoding; at most the server's max_beam_size (default 16).",
+    )
     stream: bool = Field(
         default=False,
         description="Answer with server-sent events: `token` events, then one `result` event.",
@@ -311,6 +322,7 @@ class V2InferResponse(BaseModel):
 
 
 class V2RepositoryIndexBody(BaseModel):
+    model_config = ConfigDict(strict=True)
     repository_name: str | None = None
     ready: bool | None = Field(default=None, description="true: only READY models.")
 

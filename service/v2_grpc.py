@@ -2,22 +2,21 @@
 
 An encoder answers ModelInfer with ENCODING (+ SCORES, LABELS with a head); a seq2seq model with
 OUTPUT_TOKENS, OUTPUT_LENGTHS (+ OUTPUT_TEXT). Outputs always travel as raw contents (as
-Triton's do); inputs may be raw or typed. Tensor conversion lives in service/grpc_convert.py.
+Triton's do); inputs may be raw or typed. What the protocol answers is decided in
+service/v2_common.py (shared with V2 REST); protobuf conversion lives in service/grpc_convert.py.
 """
 
 from __future__ import annotations
 
 import asyncio
-import functools
 import logging
 import time
 from collections.abc import AsyncIterable, AsyncIterator
-from importlib import metadata
 from typing import TYPE_CHECKING, Any, TypeAlias
 
 import grpc
 
-from service import errors, grpc_convert
+from service import errors, grpc_convert, metric_labels, v2_common
 from service._proto.inference import grpc_service_pb2 as v2
 from service._proto.inference import grpc_service_pb2_grpc
 from service.grpc_api import CallRecorder, check_management, deadline_of
@@ -30,15 +29,6 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 Context: TypeAlias = grpc.aio.ServicerContext[Any, Any]
-SERVER_NAME = "rnnserve"
-
-
-@functools.cache
-def _server_version() -> str:
-    try:
-        return metadata.version("rnnserve")
-    except metadata.PackageNotFoundError:
-        return "0.0.0"
 
 
 def _version(text: str, field: str = "model_version") -> int | None:
@@ -50,13 +40,22 @@ def _version(text: str, field: str = "model_version") -> int | None:
     return int(text)
 
 
+def _tensor_metadata(
+    tensors: list[v2_common.TensorMetadata],
+) -> list[v2.ModelMetadataResponse.TensorMetadata]:
+    return [
+        v2.ModelMetadataResponse.TensorMetadata(name=t.name, datatype=t.datatype, shape=t.shape)
+        for t in tensors
+    ]
+
+
 class InferenceServicer(grpc_service_pb2_grpc.GRPCInferenceServiceServicer):
     """inference.GRPCInferenceService on the engine."""
 
     def __init__(self, engine: Engine, settings: Settings, metrics: Metrics) -> None:
         self.engine = engine
         self.settings = settings
-        self.calls = CallRecorder(metrics, "v2-grpc")
+        self.calls = CallRecorder(metrics, "v2-grpc", metric_labels.known_model(engine))
 
     async def ServerLive(  # noqa: N802 (gRPC method names)
         self, request: v2.ServerLiveRequest, context: Context
@@ -74,11 +73,10 @@ class InferenceServicer(grpc_service_pb2_grpc.GRPCInferenceServiceServicer):
         async def call() -> v2.ModelReadyResponse:
             version = _version(request.version, "version")
             try:
-                info = self.engine.model_info(request.name)
+                ready = v2_common.model_ready(self.engine, request.name, version)
             except errors.NotFound:
-                return v2.ModelReadyResponse(ready=False)
-            ready = any(v.state == "READY" and version in (None, v.version) for v in info.versions)
-            return v2.ModelReadyResponse(ready=ready and not self.engine.draining)
+                ready = False
+            return v2.ModelReadyResponse(ready=ready)
 
         return await self.calls.run(context, request.name, "model_ready", call)
 
@@ -86,7 +84,9 @@ class InferenceServicer(grpc_service_pb2_grpc.GRPCInferenceServiceServicer):
         self, request: v2.ServerMetadataRequest, context: Context
     ) -> v2.ServerMetadataResponse:
         return v2.ServerMetadataResponse(
-            name=SERVER_NAME, version=_server_version(), extensions=["model_repository"]
+            name=v2_common.SERVER_NAME,
+            version=v2_common.server_version(),
+            extensions=["model_repository"],
         )
 
     async def ModelMetadata(  # noqa: N802
@@ -96,15 +96,12 @@ class InferenceServicer(grpc_service_pb2_grpc.GRPCInferenceServiceServicer):
             version, config = self.engine.model_config(
                 request.name, _version(request.version, "version")
             )
-            info = self.engine.model_info(request.name)
-            inputs, outputs = grpc_convert.v2_tensor_metadata(config)
             return v2.ModelMetadataResponse(
                 name=request.name,
-                versions=[str(v.version) for v in info.versions if v.state == "READY"]
-                or [str(version)],
-                platform=SERVER_NAME,
-                inputs=inputs,
-                outputs=outputs,
+                versions=v2_common.ready_versions(self.engine, request.name) or [str(version)],
+                platform=v2_common.SERVER_NAME,
+                inputs=_tensor_metadata(v2_common.input_metadata(config)),
+                outputs=_tensor_metadata(v2_common.output_metadata(config)),
             )
 
         return await self.calls.run(context, request.name, "model_metadata", call)
@@ -121,14 +118,14 @@ class InferenceServicer(grpc_service_pb2_grpc.GRPCInferenceServiceServicer):
             )
             generated = await self.engine.generate(generate)
             return grpc_convert.v2_infer_response(
-                request, generated.version, grpc_convert.v2_generate_outputs(generated)
+                request, generated.version, v2_common.generate_outputs(generated, config)
             )
         encode = grpc_convert.v2_encode_request(
             request, config, version, deadline_s, endpoint=endpoint
         )
         encoded = await self.engine.encode(encode)
         return grpc_convert.v2_infer_response(
-            request, encoded.version, grpc_convert.v2_encode_outputs(encoded)
+            request, encoded.version, v2_common.encode_outputs(encoded)
         )
 
     async def ModelInfer(  # noqa: N802
@@ -138,7 +135,7 @@ class InferenceServicer(grpc_service_pb2_grpc.GRPCInferenceServiceServicer):
             return await self._infer(request, deadline_of(context), "infer")
 
         return await self.calls.run(
-            context, request.model_name, "infer", call, lambda r: r.model_version
+            context, request.model_name, "infer", call, lambda r: int(r.model_version)
         )
 
     async def ModelStreamInfer(  # noqa: N802

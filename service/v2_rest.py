@@ -1,12 +1,8 @@
 """The Open Inference Protocol (KServe V2) over REST, with Triton's binary tensor data extension.
 
-Tensor names (DESIGN §3): inputs `INPUT` (FP32 [batch, time, features]) or `TOKENS` (INT64
-[batch, time]) or `TEXT` (BYTES [batch]), optional `LENGTHS` (INT64 [batch]); outputs `ENCODING`
-(FP32 [batch, size]; [batch, time, size] zero-padded for pooling "none"), plus `SCORES` (FP32
-[batch, head]) and `LABELS` (BYTES [batch]) for a model with a head; seq2seq: `OUTPUT_TOKENS`
-(INT64 [batch, time], padded with -1), `OUTPUT_LENGTHS` (INT64 [batch]) and, for text models,
-`OUTPUT_TEXT` (BYTES [batch]). Request parameters: `pooling`, `max_length`, `beam_size`,
-`timeout_ms`, `binary_data_output`. The body is read raw, so a missing Content-Type is fine.
+Tensor names (DESIGN §3) and request parameters (`pooling`, `max_length`, `beam_size`,
+`timeout_ms`) are decided in service/v2_common.py, shared with the gRPC front-end; this module adds
+`binary_data_output` / `binary_data`. The body is read raw, so a missing Content-Type is fine.
 """
 
 from __future__ import annotations
@@ -18,24 +14,20 @@ from fastapi import APIRouter, Request
 from fastapi.responses import Response
 
 from models.config import ModelConfig
-from service import codecs, http_common, rest_schemas
+from service import codecs, http_common, metric_labels, rest_schemas, v2_common
 from service.engine import Engine
 from service.errors import InvalidInput, NotFound
 from service.metrics import Metrics
 from service.settings import Settings
 from service.types import (
     EncodeRequest,
-    EncodeResult,
     GenerateRequest,
-    GenerateResult,
     InputKind,
     Sequence,
 )
 from service.types import Protocol as WireProtocol
 
 PROTOCOL: WireProtocol = "v2-rest"
-SERVER_NAME = "rnnserve"
-SERVER_VERSION = "0.1.0"
 EXTENSIONS = ["binary_tensor_data", "model_repository"]
 _MAIN_INPUT: dict[str, tuple[str, InputKind]] = {
     "features": ("INPUT", "features"),
@@ -46,44 +38,18 @@ _FLOATS = {"FP16", "FP32", "FP64"}
 _INTS = {"INT8", "INT16", "INT32", "INT64", "UINT8", "UINT16", "UINT32"}
 
 
-def input_metadata(config: ModelConfig) -> list[dict[str, Any]]:
-    """The V2 input tensors a model takes."""
-    spec = config.input
-    if spec.type == "features":
-        main = {"name": "INPUT", "datatype": "FP32", "shape": [-1, -1, spec.size]}
-    elif spec.type == "tokens":
-        main = {"name": "TOKENS", "datatype": "INT64", "shape": [-1, -1]}
-    else:
-        main = {"name": "TEXT", "datatype": "BYTES", "shape": [-1]}
-    return [main, {"name": "LENGTHS", "datatype": "INT64", "shape": [-1]}]
+def _tensors_json(tensors: list[v2_common.TensorMetadata]) -> list[dict[str, Any]]:
+    return [{"name": t.name, "datatype": t.datatype, "shape": list(t.shape)} for t in tensors]
 
 
-def output_metadata(config: ModelConfig) -> list[dict[str, Any]]:
-    """The V2 output tensors a model answers with."""
-    if config.task == "seq2seq":
-        outputs = [
-            {"name": "OUTPUT_TOKENS", "datatype": "INT64", "shape": [-1, -1]},
-            {"name": "OUTPUT_LENGTHS", "datatype": "INT64", "shape": [-1]},
-        ]
-        if config.decoder is not None and config.decoder.vocab is not None:
-            outputs.append({"name": "OUTPUT_TEXT", "datatype": "BYTES", "shape": [-1]})
-        return outputs
-    outputs = [{"name": "ENCODING", "datatype": "FP32", "shape": [-1, config.encoding_size]}]
-    if config.head is not None:
-        outputs.append({"name": "SCORES", "datatype": "FP32", "shape": [-1, config.head.size]})
-        if config.head.labels is not None:
-            outputs.append({"name": "LABELS", "datatype": "BYTES", "shape": [-1]})
-    return outputs
-
-
-def model_metadata(name: str, version: int, config: ModelConfig) -> dict[str, Any]:
+def model_metadata(name: str, versions: list[str], config: ModelConfig) -> dict[str, Any]:
     """The V2 model metadata object."""
     return {
         "name": name,
-        "versions": [str(version)],
-        "platform": "rnnserve",
-        "inputs": input_metadata(config),
-        "outputs": output_metadata(config),
+        "versions": versions,
+        "platform": v2_common.SERVER_NAME,
+        "inputs": _tensors_json(v2_common.input_metadata(config)),
+        "outputs": _tensors_json(v2_common.output_metadata(config)),
     }
 
 
@@ -163,56 +129,6 @@ def _texts(tensor: codecs.V2Tensor, where: str, limit: int) -> list[Sequence]:
     return texts
 
 
-def _parameter(
-    params: dict[str, Any], name: str, kinds: tuple[type, ...], default: Any = None
-) -> Any:
-    """A request parameter of one of `kinds` (booleans only where `bool` is asked for)."""
-    value = params.get(name)
-    if value is None:
-        return default
-    if isinstance(value, bool) != (bool in kinds) or not isinstance(value, kinds):
-        names = " or ".join(k.__name__ for k in kinds)
-        raise InvalidInput(f"parameters.{name}", f"expected {names}, got {value!r}")
-    return value
-
-
-def encode_outputs(result: EncodeResult) -> list[codecs.V2Output]:
-    """ENCODING (+ SCORES, LABELS) tensors of an encode result."""
-    encodings = result.encodings
-    if isinstance(encodings, list):
-        # pooling "none": [batch, time, size], zeros past each sequence's length.
-        longest = max(e.shape[0] for e in encodings)
-        size = encodings[0].shape[1]
-        padded = np.zeros((len(encodings), longest, size), dtype=np.float32)
-        for b, e in enumerate(encodings):
-            padded[b, : e.shape[0]] = e
-        encodings = padded
-    outputs = [codecs.V2Output("ENCODING", "FP32", encodings, list(encodings.shape))]
-    if result.scores is not None:
-        outputs.append(codecs.V2Output("SCORES", "FP32", result.scores, list(result.scores.shape)))
-    if result.labels is not None:
-        labels = [label.encode() for label in result.labels]
-        outputs.append(codecs.V2Output("LABELS", "BYTES", labels, [len(labels)]))
-    return outputs
-
-
-def generate_outputs(result: GenerateResult) -> list[codecs.V2Output]:
-    """OUTPUT_TOKENS (padded with -1), OUTPUT_LENGTHS (+ OUTPUT_TEXT) of a generate result."""
-    n = len(result.outputs)
-    lengths = np.array([len(o.tokens) for o in result.outputs], dtype=np.int64)
-    tokens = np.full((n, int(lengths.max(initial=0))), -1, dtype=np.int64)
-    for b, o in enumerate(result.outputs):
-        tokens[b, : len(o.tokens)] = o.tokens
-    outputs = [
-        codecs.V2Output("OUTPUT_TOKENS", "INT64", tokens, list(tokens.shape)),
-        codecs.V2Output("OUTPUT_LENGTHS", "INT64", lengths, [n]),
-    ]
-    if result.outputs and all(o.text is not None for o in result.outputs):
-        texts = [(o.text or "").encode() for o in result.outputs]
-        outputs.append(codecs.V2Output("OUTPUT_TEXT", "BYTES", texts, [n]))
-    return outputs
-
-
 def select_outputs(
     header: dict[str, Any], outputs: list[codecs.V2Output]
 ) -> tuple[list[codecs.V2Output], set[str]]:
@@ -220,34 +136,31 @@ def select_outputs(
     params = codecs.parameters_of(header)
     if not isinstance(params, dict):
         raise InvalidInput("parameters", "expected an object")
-    all_binary = _parameter(params, "binary_data_output", (bool,), False)
+    all_binary = v2_common.parameter(params, "binary_data_output", (bool,), False)
     requested = header.get("outputs")
     if requested is None:
         return outputs, ({o.name for o in outputs} if all_binary else set())
     if not isinstance(requested, list):
         raise InvalidInput("outputs", "expected a list of {name, parameters}")
-    by_name = {o.name: o for o in outputs}
-    chosen: list[codecs.V2Output] = []
+    names: list[str | None] = []
     binary: set[str] = set()
     for k, spec in enumerate(requested):
         name = spec.get("name") if isinstance(spec, dict) else None
-        if not isinstance(name, str) or name not in by_name:
-            raise InvalidInput(
-                f"outputs[{k}].name", f"unknown output {name!r}; this model has {sorted(by_name)}"
-            )
-        spec_params = codecs.parameters_of(spec)
+        names.append(name if isinstance(name, str) else None)
+        spec_params = codecs.parameters_of(spec) if isinstance(spec, dict) else {}
         if not isinstance(spec_params, dict):
             raise InvalidInput(f"outputs[{k}].parameters", "expected an object")
-        if _parameter(spec_params, "binary_data", (bool,), all_binary):
+        if isinstance(name, str) and v2_common.parameter(
+            spec_params, "binary_data", (bool,), all_binary
+        ):
             binary.add(name)
-        chosen.append(by_name[name])
-    return chosen, binary
+    return v2_common.requested_outputs(outputs, names), binary
 
 
 def create_router(engine: Engine, settings: Settings, metrics: Metrics) -> APIRouter:
     """The V2 REST routes: health, metadata, infer, and the model repository extension."""
     router = APIRouter(tags=["open inference protocol (v2)"])
-    observer = http_common.RequestObserver(metrics, PROTOCOL, http_common.known_model(engine))
+    observer = http_common.RequestObserver(metrics, PROTOCOL, metric_labels.known_model(engine))
     bad = http_common.errors_doc(True, 400, 404, 413, 503, 504)
 
     @router.get("/v2/health/live", responses={503: {"description": "Not live"}})
@@ -264,19 +177,21 @@ def create_router(engine: Engine, settings: Settings, metrics: Metrics) -> APIRo
     async def server_metadata() -> Response:
         """Server name, version and protocol extensions."""
         return http_common.json_response(
-            {"name": SERVER_NAME, "version": SERVER_VERSION, "extensions": EXTENSIONS}
+            {
+                "name": v2_common.SERVER_NAME,
+                "version": v2_common.server_version(),
+                "extensions": EXTENSIONS,
+            }
         )
 
     def metadata(name: str, version: int | None) -> Response:
         resolved, config = engine.model_config(name, version)
-        return http_common.json_response(model_metadata(name, resolved, config))
+        versions = v2_common.ready_versions(engine, name) or [str(resolved)]
+        return http_common.json_response(model_metadata(name, versions, config))
 
     def ready(name: str, version: int | None) -> Response:
-        info = engine.model_info(name, version)
-        states = [v for v in info.versions if version is None or v.version == version]
-        if not any(v.state == "READY" for v in states):
-            return Response(status_code=503)
-        return Response(status_code=200)
+        ready = v2_common.model_ready(engine, name, version)
+        return Response(status_code=200 if ready else 503)
 
     meta_doc: dict[str, Any] = {
         "response_model": rest_schemas.V2ModelMetadata,
@@ -316,19 +231,17 @@ def create_router(engine: Engine, settings: Settings, metrics: Metrics) -> APIRo
             params = codecs.parameters_of(header)
             if not isinstance(params, dict):
                 raise InvalidInput("parameters", "expected an object")
-            timeout_ms = _parameter(params, "timeout_ms", (int, float))
-            if timeout_ms is not None and timeout_ms <= 0:
-                raise InvalidInput("parameters.timeout_ms", "must be > 0")
-            timeout_s = None if timeout_ms is None else timeout_ms / 1000
+            timeout_s = v2_common.timeout_s(params)
             outputs: list[codecs.V2Output]
             if config.task == "seq2seq":
+                max_length, beam_size = v2_common.generate_options(params)
                 typed_generate = GenerateRequest(
                     model=name,
                     sequences=sequences,
                     kind=kind,
                     version=resolved,
-                    max_length=_parameter(params, "max_length", (int,)),
-                    beam_size=_parameter(params, "beam_size", (int,), 1),
+                    max_length=max_length,
+                    beam_size=beam_size,
                     timeout_s=timeout_s,
                     protocol=PROTOCOL,
                     endpoint="infer",
@@ -336,11 +249,9 @@ def create_router(engine: Engine, settings: Settings, metrics: Metrics) -> APIRo
                 result = await http_common.unless_disconnected(
                     request, engine.generate(typed_generate)
                 )
-                outputs = generate_outputs(result)
+                outputs = v2_common.generate_outputs(result, config)
             else:
-                pooling = _parameter(params, "pooling", (str,))
-                if pooling not in (None, "last", "mean", "max", "none"):
-                    raise InvalidInput("parameters.pooling", "expected last, mean, max or none")
+                pooling = v2_common.pooling(params)
                 typed_encode = EncodeRequest(
                     model=name,
                     sequences=sequences,
@@ -354,7 +265,7 @@ def create_router(engine: Engine, settings: Settings, metrics: Metrics) -> APIRo
                 encoded = await http_common.unless_disconnected(
                     request, engine.encode(typed_encode)
                 )
-                outputs = encode_outputs(encoded)
+                outputs = v2_common.encode_outputs(encoded)
             chosen, binary = select_outputs(header, outputs)
             answer: dict[str, Any] = {"model_name": name, "model_version": str(resolved)}
             if isinstance(header.get("id"), str):
@@ -448,12 +359,14 @@ def create_router(engine: Engine, settings: Settings, metrics: Metrics) -> APIRo
                 await engine.load(name)
         return Response(status_code=200)
 
-    @router.post("/v2/repository/models/{name}/load", **repo_doc)
+    # NOTE: `:path`, so that a name carrying an (encoded) '/' reaches the name check and is
+    # refused as a bad name (400), instead of missing the route.
+    @router.post("/v2/repository/models/{name:path}/load", **repo_doc)
     async def repository_load(name: str, request: Request) -> Response:
         """Load (or reload) a model from the repository by name."""
         return await repository_action("load", name, request)
 
-    @router.post("/v2/repository/models/{name}/unload", **repo_doc)
+    @router.post("/v2/repository/models/{name:path}/unload", **repo_doc)
     async def repository_unload(name: str, request: Request) -> Response:
         """Unload every version of a model."""
         return await repository_action("unload", name, request)

@@ -15,6 +15,8 @@ from service.types import InputKind, Sequence
 
 FIELD_OF_KIND: dict[str, str] = {"features": "inputs", "tokens": "tokens", "text": "texts"}
 POOLINGS = ("last", "mean", "max", "none")
+# The longest deadline a request may ask for (every wire's timeout_ms): one hour.
+MAX_TIMEOUT_MS = 3_600_000
 
 
 def model_kind(config: ModelConfig) -> InputKind:
@@ -38,6 +40,14 @@ def check_timeout(timeout_s: float | None) -> None:
     """Deadlines are positive and finite."""
     if timeout_s is not None and not (0 < timeout_s < float("inf")):
         raise InvalidInput("timeout_ms", f"must be a positive number, got {timeout_s * 1000:g}")
+
+
+def check_timeout_ms(timeout_ms: float, field: str = "timeout_ms") -> None:
+    """A request's own timeout_ms is in (0, MAX_TIMEOUT_MS]."""
+    if not 0 < timeout_ms <= MAX_TIMEOUT_MS:
+        raise InvalidInput(
+            field, f"must be greater than 0 and at most {MAX_TIMEOUT_MS} ms, got {timeout_ms:g}"
+        )
 
 
 def check_pooling(pooling: str | None) -> None:

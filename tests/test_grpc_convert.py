@@ -22,11 +22,12 @@ from service.grpc_convert import (
     float_array,
     float_values,
     generate_request_from_proto,
-    v2_generate_outputs,
+    v2_encode_request,
     v2_infer_response,
     v2_sequences,
 )
 from service.types import GeneratedSequence, GenerateResult
+from service.v2_common import generate_outputs
 
 FEATURES = ModelConfig.model_validate(
     {
@@ -34,6 +35,23 @@ FEATURES = ModelConfig.model_validate(
         "task": "encode",
         "input": {"type": "features", "size": 3},
         "encoder": {"cell": "lstm", "hidden_size": 4},
+    }
+)
+SEQ2SEQ_TEXT = ModelConfig.model_validate(
+    {
+        "format": "rnnserve/v1",
+        "task": "seq2seq",
+        "input": {"type": "text", "vocab_size": 10, "embedding_size": 4, "tokenizer": "char"},
+        "encoder": {"cell": "gru", "hidden_size": 4},
+        "decoder": {
+            "hidden_size": 4,
+            "num_layers": 1,
+            "embedding_size": 4,
+            "vocab_size": 8,
+            "bos_id": 1,
+            "eos_id": 2,
+            "vocab": "target_vocab.json",
+        },
     }
 )
 TEXT = ModelConfig.model_validate(
@@ -162,7 +180,7 @@ def test_invalid_utf8_text() -> None:
 def test_generate_outputs_round_trip(rows: list[list[int]]) -> None:
     result = GenerateResult("m", 3, [GeneratedSequence(tokens=r, text="x" * len(r)) for r in rows])
     response = v2_infer_response(
-        v2.ModelInferRequest(model_name="m"), 3, v2_generate_outputs(result)
+        v2.ModelInferRequest(model_name="m"), 3, generate_outputs(result, SEQ2SEQ_TEXT)
     )
     assert response.model_version == "3"
     tensors = decode_v2_outputs(response)
@@ -178,7 +196,7 @@ def test_unknown_requested_output() -> None:
     request.outputs.add(name="NOPE")
     result = GenerateResult("m", 1, [GeneratedSequence(tokens=[1])])
     with pytest.raises(errors.InvalidInput, match=r"outputs\[0\]\.name: unknown output 'NOPE'"):
-        v2_infer_response(request, 1, v2_generate_outputs(result))
+        v2_infer_response(request, 1, generate_outputs(result, SEQ2SEQ_TEXT))
 
 
 def test_encode_request_from_proto() -> None:
@@ -240,3 +258,46 @@ def test_float_values_reads_unpacked_wire_format() -> None:
     array = pb.FloatArray.FromString(wire)
     assert list(array.shape) == [3, 1]
     np.testing.assert_array_equal(float_values(array), values)
+
+
+@pytest.mark.parametrize("timeout_ms", [3_600_001, 4_000_000_000])
+def test_v1_timeout_ms_above_the_limit_is_refused(timeout_ms: int) -> None:
+    message = pb.EncodeRequest(model="m", timeout_ms=timeout_ms)
+    message.inputs.sequences.add(shape=[1, 3], values=[1, 2, 3])
+    with pytest.raises(errors.InvalidInput, match=r"^timeout_ms: .*at most 3600000 ms"):
+        encode_request_from_proto(message)
+
+
+def _v2_features(**params: v2.InferParameter) -> v2.ModelInferRequest:
+    request = v2.ModelInferRequest(model_name="m")
+    request.inputs.add(name="INPUT", datatype="FP32", shape=[1, 1, 3]).contents.fp32_contents[:] = [
+        1.0,
+        2.0,
+        3.0,
+    ]
+    for name, value in params.items():
+        request.parameters[name].CopyFrom(value)
+    return request
+
+
+@pytest.mark.parametrize(
+    "param",
+    [
+        v2.InferParameter(int64_param=0),
+        v2.InferParameter(int64_param=-5),
+        v2.InferParameter(int64_param=3_600_001),
+        v2.InferParameter(double_param=-0.5),
+    ],
+)
+def test_v2_timeout_ms_out_of_range_is_refused(param: v2.InferParameter) -> None:
+    request = _v2_features(timeout_ms=param)
+    with pytest.raises(
+        errors.InvalidInput, match=r"^parameters\.timeout_ms: must be greater than 0 and at most"
+    ):
+        v2_encode_request(request, FEATURES, 1, None)
+
+
+def test_v2_timeout_ms_takes_the_tighter_of_it_and_the_deadline() -> None:
+    request = _v2_features(timeout_ms=v2.InferParameter(double_param=250.0))
+    assert v2_encode_request(request, FEATURES, 1, None).timeout_s == pytest.approx(0.25)
+    assert v2_encode_request(request, FEATURES, 1, 0.1).timeout_s == pytest.approx(0.1)

@@ -214,7 +214,38 @@ def test_docs_work_offline(client: httpx.Client) -> None:
         ("/v1/models/feat/encode", {"inputs": [[[1.0] * 8]], "polling": "x"}, 400, "polling", ""),
         ("/v1/models/feat/encode", {}, 400, "body", "exactly one"),
         ("/v1/models/feat/generate", {"inputs": [[[1.0] * 8]]}, 400, "model", "encode"),
-        ("/v1/models/translit/generate", {"texts": ["a"], "beam_size": 0}, 400, "beam_size", ""),
+        (
+            "/v1/models/translit/generate",
+            {"texts": ["a"], "beam_size": 0},
+            400,
+            "beam_size",
+            "must be between 1 and 16, got 0",
+        ),
+        # The engine's limit (max_beam_size), not a looser one of the wire schema.
+        (
+            "/v1/models/translit/generate",
+            {"texts": ["a"], "beam_size": 300},
+            400,
+            "beam_size",
+            "must be between 1 and 16, got 300",
+        ),
+        # Booleans and integers are taken as sent, never coerced from strings or numbers.
+        ("/v1/models/translit/generate", {"texts": ["a"], "stream": "yes"}, 400, "stream", ""),
+        ("/v1/models/translit/generate", {"texts": ["a"], "stream": 1}, 400, "stream", ""),
+        (
+            "/v1/models/translit/generate",
+            {"texts": ["a"], "max_length": "5"},
+            400,
+            "max_length",
+            "",
+        ),
+        (
+            "/v1/models/feat/encode",
+            {"inputs": [[[1.0] * 8]], "timeout_ms": 3_600_001},
+            400,
+            "timeout_ms",
+            "3600000",
+        ),
         ("/v1/models/broken/encode", {"inputs": [[[1.0] * 4]]}, 503, None, ""),
     ],
 )

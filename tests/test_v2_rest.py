@@ -2,16 +2,29 @@
 
 from __future__ import annotations
 
+import asyncio
+import time
 from collections.abc import Iterator
+from contextlib import contextmanager
+from importlib import metadata
+from pathlib import Path
 
+import grpc
 import httpx
 import numpy as np
 import orjson
 import pytest
 import tritonclient.http as triton
+from prometheus_client import CollectorRegistry
 from tritonclient.utils import InferenceServerException
 
 from service import codecs
+from service._proto.inference import grpc_service_pb2 as v2
+from service._proto.inference.grpc_service_pb2_grpc import GRPCInferenceServiceStub
+from service.grpc_api import create_grpc_server
+from service.metrics import Metrics
+from service.types import GenerateRequest
+from tests.factories import write_model
 from tests.test_rest_helpers import TOKEN, LiveServer, live_server, write_test_repository
 
 AUTH = {"Authorization": f"Bearer {TOKEN}"}
@@ -30,6 +43,26 @@ def client(server: LiveServer) -> Iterator[triton.InferenceServerClient]:
     c = triton.InferenceServerClient(url=f"127.0.0.1:{server.port}")
     yield c
     c.close()
+
+
+@contextmanager
+def v2_grpc_on(live: LiveServer) -> Iterator[GRPCInferenceServiceStub]:
+    """The V2 gRPC front-end on the live server's engine (same loop), and a client stub."""
+    settings = live.settings.model_copy(update={"host": "127.0.0.1", "grpc_port": 0})
+    grpc_server = create_grpc_server(live.engine, settings, Metrics(CollectorRegistry()))
+    port = live.call(grpc_server.start())
+    channel = grpc.insecure_channel(f"127.0.0.1:{port}")
+    try:
+        yield GRPCInferenceServiceStub(channel)
+    finally:
+        channel.close()
+        live.call(grpc_server.stop(0))
+
+
+@pytest.fixture(scope="module")
+def v2_grpc(server: LiveServer) -> Iterator[GRPCInferenceServiceStub]:
+    with v2_grpc_on(server) as stub:
+        yield stub
 
 
 @pytest.fixture(scope="module")
@@ -56,11 +89,13 @@ def test_health_and_metadata(client: triton.InferenceServerClient) -> None:
     server = client.get_server_metadata()
     assert server["name"] == "rnnserve" and "binary_tensor_data" in server["extensions"]
     meta = client.get_model_metadata("feat")
-    assert meta["versions"] == ["2"]
+    # Every version a client may ask for (KServe V2), not only the serving one.
+    assert meta["versions"] == ["1", "2"]
     assert {"name": "INPUT", "datatype": "FP32", "shape": [-1, -1, 8]} in meta["inputs"]
     assert [o["name"] for o in meta["outputs"]] == ["ENCODING", "SCORES", "LABELS"]
     seq2seq = client.get_model_metadata("translit", model_version="1")
-    assert [i["name"] for i in seq2seq["inputs"]] == ["TEXT", "LENGTHS"]
+    # TEXT is [batch] strings: nothing to trim, so no LENGTHS (infer refuses one).
+    assert [i["name"] for i in seq2seq["inputs"]] == ["TEXT"]
     assert [o["name"] for o in seq2seq["outputs"]] == [
         "OUTPUT_TOKENS",
         "OUTPUT_LENGTHS",
@@ -183,6 +218,24 @@ ONE_STEP = tensor("INPUT", "FP32", [1, 1, 8], [0.0] * 8)
         ("feat", body(ONE_STEP, tensor("LENGTHS", "INT64", [1], [3])), 400, "1..1"),
         ("feat", body(ONE_STEP, parameters={"pooling": "sum"}), 400, "parameters.pooling"),
         ("feat", body(ONE_STEP, parameters={"timeout_ms": "soon"}), 400, "parameters.timeout_ms"),
+        (
+            "feat",
+            body(ONE_STEP, parameters={"timeout_ms": 3_600_001}),
+            400,
+            "parameters.timeout_ms: must be greater than 0 and at most 3600000 ms",
+        ),
+        (
+            "feat",
+            body(ONE_STEP, parameters={"timeout_ms": 0}),
+            400,
+            "parameters.timeout_ms: must be greater than 0 and at most 3600000 ms",
+        ),
+        (
+            "translit",
+            body(tensor("TEXT", "BYTES", [1], ["ab"]), parameters={"beam_size": 17}),
+            400,
+            "beam_size: must be between 1 and 16, got 17",
+        ),
         ("feat", body(ONE_STEP, parameters=[]), 400, "parameters: expected an object"),
         ("feat", body(ONE_STEP, parameters=""), 400, "parameters: expected an object"),
         (
@@ -250,8 +303,11 @@ def test_repository_extension(client: triton.InferenceServerClient, http: httpx.
         content=orjson.dumps({"parameters": {"file:1/model.safetensors": "AAAA"}}),
     )
     assert r.status_code == 400 and "parameters" in r.json()["error"]
-    r = http.post("/v2/repository/models/..%2Fetc/load", headers=AUTH)
-    assert r.status_code in (400, 404)
+    # A name with a path separator is bad input (DESIGN §2), named as such.
+    for name in ("..%2Fetc", "a%2Fb", "a%5Cb", "x" * 201):
+        r = http.post(f"/v2/repository/models/{name}/load", headers=AUTH)
+        assert r.status_code == 400, (name, r.text)
+        assert r.json()["error"].startswith("name: a model name is 1–200 letters"), name
 
 
 def test_v2_metrics_protocol_label(
@@ -262,3 +318,78 @@ def test_v2_metrics_protocol_label(
     client.infer("tok", [inp])
     text = http.get("/metrics").text
     assert 'protocol="v2-rest"' in text and 'endpoint="infer"' in text
+
+
+def test_server_version_is_the_package_version_on_rest_and_grpc(
+    client: triton.InferenceServerClient, v2_grpc: GRPCInferenceServiceStub
+) -> None:
+    installed = metadata.version("rnnserve")
+    assert client.get_server_metadata()["version"] == installed
+    assert v2_grpc.ServerMetadata(v2.ServerMetadataRequest()).version == installed
+
+
+@pytest.mark.parametrize("model", ["feat", "tok", "words", "translit"])
+def test_rest_and_grpc_model_metadata_agree(
+    http: httpx.Client, v2_grpc: GRPCInferenceServiceStub, model: str
+) -> None:
+    rest = http.get(f"/v2/models/{model}").json()
+    answer = v2_grpc.ModelMetadata(v2.ModelMetadataRequest(name=model))
+    grpc_meta = {
+        "name": answer.name,
+        "versions": list(answer.versions),
+        "platform": answer.platform,
+        "inputs": [
+            {"name": t.name, "datatype": t.datatype, "shape": list(t.shape)} for t in answer.inputs
+        ],
+        "outputs": [
+            {"name": t.name, "datatype": t.datatype, "shape": list(t.shape)} for t in answer.outputs
+        ],
+    }
+    assert rest == grpc_meta
+
+
+def test_rest_and_grpc_timeout_limits_agree(
+    http: httpx.Client, v2_grpc: GRPCInferenceServiceStub
+) -> None:
+    for timeout_ms in (-1, 0, 3_600_001):
+        r = http.post(
+            "/v2/models/feat/infer",
+            content=orjson.dumps(body(ONE_STEP, parameters={"timeout_ms": timeout_ms})),
+        )
+        assert r.status_code == 400
+        request = v2.ModelInferRequest(model_name="feat")
+        request.inputs.add(name="INPUT", datatype="FP32", shape=[1, 1, 8]).contents.fp32_contents[
+            :
+        ] = [0.0] * 8
+        request.parameters["timeout_ms"].int64_param = timeout_ms
+        with pytest.raises(grpc.RpcError) as caught:
+            v2_grpc.ModelInfer(request)
+        assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        assert caught.value.details() == r.json()["error"]
+
+
+def test_model_ready_is_false_on_rest_and_grpc_while_draining(tmp_path: Path) -> None:
+    write_model(tmp_path, "translit", 1, task="seq2seq", input_type="text", max_length=8)
+    with (
+        live_server(tmp_path) as live,
+        v2_grpc_on(live) as stub,
+        httpx.Client(base_url=live.url, timeout=30) as c,
+    ):
+        assert c.get("/v2/models/translit/ready").status_code == 200
+        assert c.get("/v2/models/translit/versions/1/ready").status_code == 200
+        assert stub.ModelReady(v2.ModelReadyRequest(name="translit")).ready
+        # A stream still open keeps the drain waiting, with the model READY meanwhile.
+        request = GenerateRequest(model="translit", sequences=["abc"], kind="text")
+        stream = live.engine.generate_stream(request)
+        live.call(anext(stream))
+        draining = asyncio.run_coroutine_threadsafe(live.engine.drain(10.0), live.loop)
+        deadline = time.monotonic() + 10
+        while not live.engine.draining and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert live.engine.draining and not draining.done()
+        assert c.get("/v2/models/translit/ready").status_code == 503
+        assert c.get("/v2/models/translit/versions/1/ready").status_code == 503
+        assert not stub.ModelReady(v2.ModelReadyRequest(name="translit")).ready
+        assert not stub.ModelReady(v2.ModelReadyRequest(name="translit", version="1")).ready
+        live.call(stream.aclose())  # type: ignore[attr-defined]
+        draining.result(30)
