@@ -37,9 +37,10 @@ import uvicorn
 from fastapi import FastAPI, Request, Response
 from prometheus_client.parser import text_string_to_metric_families
 
+from bench.baseline import packed_encode
 from models import checkpoint
 from models.config import ModelConfig
-from models.encoder import collate
+from models.encoder import EncoderModel, collate
 
 INPUT, HIDDEN, LAYERS = 32, 256, 2
 MODEL = "lstm"
@@ -108,8 +109,9 @@ def workload(kind: str, count: int, seed: int) -> list[np.ndarray]:
 
 
 def direct_rate(path: Path, sequences: list[np.ndarray], repeats: int) -> float:
-    """Median sequences/s of direct batch-64 model calls (no server) over `sequences`."""
+    """Median sequences/s of direct packed batch-64 model calls (no server) over `sequences`."""
     model = checkpoint.load(path).model
+    assert isinstance(model, EncoderModel)
     batches = [
         collate([torch.from_numpy(s) for s in sequences[i : i + 64]])
         for i in range(0, len(sequences), 64)
@@ -118,7 +120,7 @@ def direct_rate(path: Path, sequences: list[np.ndarray], repeats: int) -> float:
     def run() -> None:
         with torch.inference_mode():
             for inputs, lengths in batches:
-                model(inputs, lengths)
+                packed_encode(model, inputs, lengths)
 
     run()
     times = []

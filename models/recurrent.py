@@ -158,13 +158,18 @@ def make_rnn(
     return ResetBeforeGRU(input_size, hidden_size, num_layers, bidirectional)
 
 
+# Segment length of the segmented path (see `run_rnn`); 4–16 measured alike on CPU.
+SEGMENT_STEPS = 8
+
+
 def run_rnn(
     rnn: nn.Module, inputs: Tensor, lengths: Tensor, initial_state: State | None = None
 ) -> tuple[Tensor, State]:
     """Run `rnn` over a padded batch: inputs [N, T, F], lengths [N] (CPU int64, each ≥ 1).
 
     Returns (outputs [N, T, D*H], zero past each length; final state [L*D, N, H] taken at each
-    row's own last step). Unequal lengths run packed, so padding never changes a result.
+    row's own last step). Padding never changes a result: unequal lengths run packed, or, for a
+    unidirectional nn.RNN/LSTM/GRU on the CPU, segmented (`run_segmented`).
     """
     if isinstance(rnn, ResetBeforeGRU):
         assert initial_state is None or isinstance(initial_state, Tensor)
@@ -175,10 +180,124 @@ def run_rnn(
         # NOTE: every row is full length, so packing would change nothing; skip its cost.
         outputs, state = rnn(inputs, initial_state)
         return outputs, state
+    if (
+        isinstance(rnn, nn.RNNBase)
+        and not rnn.bidirectional
+        and inputs.device.type == "cpu"
+        and steps > SEGMENT_STEPS
+    ):
+        return run_segmented(rnn, inputs, lengths, initial_state)
     packed = pack_padded_sequence(inputs, lengths, batch_first=True, enforce_sorted=False)
     packed_out, state = rnn(packed, initial_state)
     outputs, _ = pad_packed_sequence(packed_out, batch_first=True, total_length=steps)
     return outputs, state
+
+
+def run_segmented(
+    rnn: nn.RNNBase,
+    inputs: Tensor,
+    lengths: Tensor,
+    initial_state: State | None = None,
+    segment: int = SEGMENT_STEPS,
+) -> tuple[Tensor, State]:
+    """`run_rnn` for a unidirectional nn.RNN/LSTM/GRU, by time segments of `segment` steps.
+
+    Rows sorted longest first; each segment is one plain (unpacked) call over the rows still
+    running, from their state at the segment's start. On the CPU a plain call runs a fused
+    kernel that is several times faster per step than the packed path's step-by-step loop, so
+    this beats packing even though rows that end inside a segment compute up to `segment` − 1
+    extra steps. Those rows' exact final states come from one short packed call from their
+    segment-start state. Same results as the packed path (to float rounding).
+    """
+    batch, steps, _ = inputs.shape
+    order = torch.argsort(lengths, descending=True, stable=True)
+    # NOTE: the batcher already sorts longest first; then no row is moved (no copies).
+    in_order = bool((order == torch.arange(batch)).all())
+    sorted_lengths = lengths[order]
+    x = inputs if in_order else inputs.index_select(0, order.to(inputs.device))
+    hidden = rnn.hidden_size
+    layers = rnn.num_layers
+    if initial_state is None:
+        zero = x.new_zeros(layers, batch, hidden)
+        state: State = (zero, zero.clone()) if isinstance(rnn, nn.LSTM) else zero
+    else:
+        state = initial_state if in_order else select_state(initial_state, order.to(x.device))
+    # NOTE: every step is written by a segment or zeroed by the final mask.
+    outputs = x.new_empty(batch, steps, hidden)
+    final = _empty_like_state(state)
+    starts = torch.zeros(batch, dtype=torch.int64)  # segment start of rows that end inside one
+    start_states = _empty_like_state(state)
+    inside: list[int] = []  # rows (sorted positions) that end strictly inside a segment
+    longest = int(sorted_lengths[0])
+    running = batch
+    t0 = 0
+    while t0 < longest:
+        t1 = min(t0 + segment, longest)
+        part = _narrow_state(state, running)
+        out, state = rnn(x[:running, t0:t1], part)
+        outputs[:running, t0:t1] = out
+        # Rows that end in (t0, t1]: exactly at t1 → their state is final; else fix up later.
+        still = int((sorted_lengths > t1).sum())
+        for row in range(still, running):
+            end = int(sorted_lengths[row])
+            if end == t1:
+                _copy_rows(final, state, row, row + 1)
+            else:
+                inside.append(row)
+                starts[row] = t0
+                _copy_rows(start_states, part, row, row + 1)
+        running = still
+        t0 = t1
+    if inside:
+        rows = torch.tensor(inside, dtype=torch.int64)
+        offsets = starts[rows]
+        remaining = sorted_lengths[rows] - offsets  # 1 … segment − 1
+        index = offsets[:, None] + torch.arange(segment)[None, :]
+        index = index.clamp(max=steps - 1).to(inputs.device)
+        device_rows = rows.to(inputs.device)
+        tail = x[device_rows[:, None], index]  # [R, segment, F]
+        packed = pack_padded_sequence(tail, remaining, batch_first=True, enforce_sorted=False)
+        _, fixed = rnn(packed, select_state(start_states, device_rows))
+        _scatter_rows(final, fixed, device_rows)
+    real = torch.arange(steps)[None, :] < sorted_lengths[:, None]  # [N, T]
+    outputs.masked_fill_(~real[:, :, None].to(x.device), 0.0)
+    if in_order:
+        return outputs, final
+    inverse = torch.argsort(order).to(x.device)
+    return outputs.index_select(0, inverse), select_state(final, inverse)
+
+
+def _empty_like_state(state: State) -> State:
+    if isinstance(state, tuple):
+        return (torch.empty_like(state[0]), torch.empty_like(state[1]))
+    return torch.empty_like(state)
+
+
+def _narrow_state(state: State, rows: int) -> State:
+    # NOTE: cuDNN/oneDNN want contiguous initial states; a prefix of the batch is not.
+    if isinstance(state, tuple):
+        return (state[0][:, :rows].contiguous(), state[1][:, :rows].contiguous())
+    return state[:, :rows].contiguous()
+
+
+def _copy_rows(target: State, source: State, first: int, last: int) -> None:
+    if isinstance(target, tuple):
+        assert isinstance(source, tuple)
+        target[0][:, first:last] = source[0][:, first:last]
+        target[1][:, first:last] = source[1][:, first:last]
+    else:
+        assert isinstance(source, Tensor)
+        target[:, first:last] = source[:, first:last]
+
+
+def _scatter_rows(target: State, source: State, rows: Tensor) -> None:
+    if isinstance(target, tuple):
+        assert isinstance(source, tuple)
+        target[0][:, rows] = source[0]
+        target[1][:, rows] = source[1]
+    else:
+        assert isinstance(source, Tensor)
+        target[:, rows] = source
 
 
 def top_layer_final(state: State, bidirectional: bool) -> Tensor:
