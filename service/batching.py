@@ -4,15 +4,20 @@ Shape (Ray Serve's batching, plus what an RNN server needs):
 - `submit` admits a request's sequences as items (one per sequence) or rejects at once with
   `Overloaded(retry_after_s)` when the bounded queue is full; never partially.
 - One background task forms batches. A batch starts when the device is idle (no idle waiting:
-  a lone request runs at once), or when it is full (`max_batch_size` sequences or the cost budget
-  in total real time steps), or `max_delay` after its first item. While this batcher's previous
-  batch is still running, items keep joining the next one (running it earlier would only queue it
-  behind the same device); so batches grow under load and stay small when idle.
-- Regrouping: when a batch finishes, the callers whose requests it completed are expected back
-  (closed-loop clients). If fewer rows are queued than were queued then plus those callers' rows
-  (at most `max_batch_size`), the next batch waits for them — at most `regroup_fraction` of the
-  finished batch's compute time and `regroup_max_s` — and starts as soon as they are there.
-  Without it, clients over a network settle into halves that take turns on an idle device.
+  a lone request runs at once), or when it is full (its target size or the cost budget in total
+  real time steps), or `max_delay` after its first item. While a batch runs, the next one forms
+  and, once full, is queued on the device behind it (two batches in flight at most), so the
+  device goes straight from one to the next: answering the first batch's callers and reading
+  their next requests overlaps the second's compute instead of leaving the device idle.
+- Target size (when the next batch may go behind a running one): half the rows in the system
+  (in flight + queued, a decaying maximum), at most `max_batch_size`; a batch takes all that is
+  queued, up to `max_batch_size`. Closed-loop clients then settle into two alternating batches:
+  on this CPU a batch of 32 computes within a few % of a batch of 64 per sequence, while one
+  batch of all the callers idles the device for their whole turnaround (bench/RESULTS.md).
+- Regrouping (idle device only): when a batch finishes, the callers whose requests it completed
+  are expected back. If fewer rows are queued than the target (and than those callers' rows plus
+  the queue), the next batch waits for them — at most `regroup_fraction` of the finished batch's
+  compute time and `regroup_max_s` — and starts as soon as they are there.
 - Expired (deadline) and cancelled (client gone) items are dropped before compute, never computed.
 - The batch's rows run in one model call, sorted by length (packed); each row may start from its
   own `initial_state` and hand back its `final_state` (streaming sessions).
@@ -43,6 +48,9 @@ from service.metrics import Metrics
 
 log = logging.getLogger(__name__)
 
+# Batches of one batcher in flight on the device at most: one computing, one queued behind it.
+PIPELINE = 2
+
 
 @dataclass(frozen=True, slots=True)
 class Row:
@@ -52,6 +60,13 @@ class Row:
     scores: np.ndarray | None = None
     # This row's final state, [L*D, H] per tensor (LSTM: (h, c)), when the item asked for it.
     final_state: State | None = None
+
+
+@dataclass(eq=False, slots=True)
+class _Flight:
+    """A batch on its way to the device: `started` once the device thread took it."""
+
+    started: bool = False
 
 
 @dataclass(eq=False, slots=True)
@@ -125,7 +140,11 @@ class Batcher:
         self._queue: deque[Item] = deque()
         self._queued_steps = 0
         self._closed = False
-        self._running = False
+        self._in_flight = 0  # batches submitted to the device and not finished (≤ PIPELINE)
+        self._in_flight_rows = 0
+        self._unstarted = 0  # of those, batches still waiting for the device
+        self._tasks: set[asyncio.Task[None]] = set()  # one per batch in flight
+        self._population = 0.0  # rows in the system: a decaying maximum, for the target size
         self._batch_seconds = 0.01  # moving average, for the retry hint
         # Regrouping after a batch: wait (while the device is idle) until this many rows are
         # queued, but not past `_regroup_until` (time.monotonic()); 0 = no wait.
@@ -173,7 +192,7 @@ class Batcher:
         self._closed = True
         assert self._wakeup is not None
         self._wakeup.set()
-        while self._queue or self._running:
+        while self._queue or self._in_flight:
             self._wakeup.set()
             await asyncio.sleep(0.001)
         await self.stop()
@@ -214,6 +233,11 @@ class Batcher:
 
     # -- the batching task -----------------------------------------------------------------
 
+    def target_size(self) -> int:
+        """Rows the next batch aims for: half the rows in the system, at most max_batch_size."""
+        rows = max(self._population, self._in_flight_rows + len(self._queue))
+        return max(1, min(self.max_batch_size, -(-int(rows) // 2)))
+
     def _full(self) -> bool:
         return (
             len(self._queue) >= self.max_batch_size
@@ -225,17 +249,27 @@ class Batcher:
         if self._full():
             return None
         now = time.monotonic()
+        if self._in_flight:
+            # Our batch computes: the next one goes behind it as soon as it has its target size.
+            if len(self._queue) >= self.target_size():
+                return None
+            close_at = self._queue[0].enqueued + self.max_delay_s
+            return close_at if now < close_at else None
         if not self._executor.idle:
             close_at = self._queue[0].enqueued + self.max_delay_s
             return close_at if now < close_at else None
-        if len(self._queue) < self._regroup_rows and now < self._regroup_until and not self._closed:
+        wanted = min(self._regroup_rows, self.target_size())
+        if len(self._queue) < wanted and now < self._regroup_until and not self._closed:
             return self._regroup_until
         return None
 
     async def _run(self) -> None:
         assert self._wakeup is not None
+        loop = asyncio.get_running_loop()
         while True:
-            if not self._queue:
+            # NOTE: a batch of ours still waiting for the device blocks the next one: items keep
+            # joining it instead (queued behind it, they would run no sooner).
+            if not self._queue or self._in_flight >= PIPELINE or self._unstarted:
                 self._wakeup.clear()
                 await self._wakeup.wait()
                 continue
@@ -247,23 +281,26 @@ class Batcher:
                         await self._wakeup.wait()
                 continue
             self._regroup_rows = 0
-            batch = self._take()
+            batch = self._take(self.max_batch_size)
             if batch:
-                self._running = True
-                try:
-                    await self._dispatch(batch)
-                finally:
-                    self._running = False
-                # NOTE: one loop turn lets callers whose results were just set submit again,
-                # so that they join the next batch instead of trickling in one at a time.
+                self._in_flight += 1
+                self._in_flight_rows += len(batch)
+                self._unstarted += 1
+                self._population = max(
+                    self._in_flight_rows + len(self._queue), 0.9 * self._population
+                )
+                task = loop.create_task(self._dispatch(batch))
+                self._tasks.add(task)  # NOTE: the loop keeps only a weak reference to tasks
+                task.add_done_callback(self._tasks.discard)
+                # NOTE: one loop turn lets the batch reach the device before the next forms.
                 await asyncio.sleep(0)
 
-    def _take(self) -> list[Item]:
-        """Pop the next batch (FIFO up to the size and cost limits), dropping dead items."""
+    def _take(self, size: int) -> list[Item]:
+        """Pop the next batch (FIFO up to `size` and the cost limit), dropping dead items."""
         now = time.monotonic()
         batch: list[Item] = []
         steps = 0
-        while self._queue and len(batch) < self.max_batch_size:
+        while self._queue and len(batch) < size:
             item = self._queue[0]
             if batch and steps + item.length > self.max_batch_timesteps:
                 break
@@ -305,11 +342,52 @@ class Batcher:
         return False
 
     async def _dispatch(self, batch: list[Item]) -> None:
+        """Run one batch on the device and deliver its results (a task per batch in flight)."""
+        flight = _Flight()
+        try:
+            await self._run_batch(batch, flight)
+        except BaseException as exc:
+            # NOTE: only a bug (or cancellation at stop) gets here: never leave a caller waiting.
+            error: ServiceError
+            if isinstance(exc, asyncio.CancelledError):
+                error = Draining(f"model {self.model} version {self.version} is unloading")
+            else:
+                log.error(
+                    "model %s version %s: batch task failed: %r", self.model, self.version, exc
+                )
+                error = ComputeError(f"model {self.model} version {self.version}: internal error")
+            for item in batch:
+                if not item.future.done():
+                    item.future.set_exception(error)
+            raise
+        finally:
+            self._started(flight)
+            self._in_flight -= 1
+            self._in_flight_rows -= len(batch)
+            if self._wakeup is not None:
+                self._wakeup.set()
+
+    def _started(self, flight: _Flight) -> None:
+        """On the loop: a batch reached the device (or ended without reaching it)."""
+        if not flight.started:
+            flight.started = True
+            self._unstarted -= 1
+            if self._wakeup is not None:
+                self._wakeup.set()
+
+    async def _run_batch(self, batch: list[Item], flight: _Flight) -> None:
         now = time.monotonic()
         for item in batch:
             self._m_queue.observe(now - item.enqueued)
+        loop = asyncio.get_running_loop()
+
+        def compute(items: list[Item]) -> list[Row]:
+            # NOTE: on the device thread; tells the loop the device took this batch.
+            loop.call_soon_threadsafe(self._started, flight)
+            return self._compute(items)
+
         try:
-            rows, seconds = await self._executor.run(self._compute, batch)
+            rows, seconds = await self._executor.run(compute, batch)
             if len(rows) != len(batch):
                 raise RuntimeError(f"{len(rows)} results for {len(batch)} sequences")
         except Exception as exc:

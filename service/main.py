@@ -14,6 +14,7 @@ import contextlib
 import json
 import logging
 import signal
+import sys
 import time
 from collections.abc import Coroutine, Generator
 from typing import Any, get_args, get_origin
@@ -85,6 +86,7 @@ def run(args: argparse.Namespace) -> int:
             print(f"rnnserve serve: {where}: {error['msg']}", flush=True)
         return 2
     logging_setup.configure(settings.log_format, settings.log_level)
+    sys.setswitchinterval(settings.gil_switch_interval_us / 1e6)
     return _run_loop(serve(settings))
 
 

@@ -54,7 +54,11 @@ class Settings(BaseSettings):
     )
     dtype: DType = Field(
         default="float32",
-        description="Weight and activation dtype; float16/bfloat16 only on a GPU.",
+        description=(
+            "Weight and activation dtype; float16/bfloat16 only on a GPU. Prefer float16 for "
+            "nn.RNN/LSTM/GRU models: cuDNN keeps bfloat16 RNN weights in separate chunks and "
+            "compacts them at every call."
+        ),
     )
     cpu_threads: int | None = Field(
         default=None,
@@ -150,6 +154,16 @@ class Settings(BaseSettings):
             "those callers to come back — closed-loop clients — for at most this fraction of "
             "the finished batch's compute time; it starts as soon as they are back. 0 = never "
             "wait (a lone caller never waits either way; see docs/internals.md)."
+        ),
+    )
+    gil_switch_interval_us: float = Field(
+        default=50.0,
+        ge=5.0,
+        le=5000.0,
+        description=(
+            "Python's thread switch interval in µs (sys.setswitchinterval; Python's default is "
+            "5000). The compute thread takes the GIL back after every torch op; a busy event "
+            "loop would make it wait up to this long each time (bench/RESULTS.md, HTTP)."
         ),
     )
     regroup_max_ms: float = Field(

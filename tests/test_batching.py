@@ -380,7 +380,7 @@ async def test_a_lone_caller_never_waits_for_others(
     assert queue_s / queued < 0.5 * compute_s / computed
 
 
-async def test_closed_loop_callers_form_batches_of_their_number(
+async def test_closed_loop_callers_come_back_to_batches(
     repository: Path, start_engine: StartEngine, metrics: Metrics
 ) -> None:
     write_model(repository, "m", input_size=FEATURES, hidden_size=64)
@@ -395,9 +395,46 @@ async def test_closed_loop_callers_form_batches_of_their_number(
         assert total == callers * rounds
         means[fraction] = total / count
         await engine.drain(2.0)
-    # With regrouping the clients come back to one batch; without it they split up.
-    assert means[4.0] >= 0.75 * callers, means
+    # Two alternating batches of about half the callers (the pipeline's target size); with
+    # regrouping, returning callers wait for each other instead of trickling in one by one.
+    assert means[4.0] >= callers / 3, means
     assert means[4.0] > means[0.0], means
+
+
+async def test_the_next_batch_waits_on_the_device_behind_the_running_one(
+    repository: Path, start_engine: StartEngine, metrics: Metrics
+) -> None:
+    # A batch of 8 × 1000 steps on a 2-layer LSTM of 512: hundreds of ms on one CPU thread.
+    write_model(
+        repository,
+        "m",
+        input_size=FEATURES,
+        hidden_size=512,
+        num_layers=2,
+        serving={"max_delay_ms": 10_000.0},
+    )
+    engine = await start_engine()
+    batcher = engine.registry.resolve("m").batcher
+    assert batcher is not None
+    slow = asyncio.ensure_future(engine.encode(request("m", features([1000] * 8, seed=23))))
+    await asyncio.sleep(0.02)
+    assert engine.executor.pending == 1  # the first batch computes
+    # 8 rows running, q queued: the next batch's target is half of (8 + q) rows.
+    queued = [
+        asyncio.ensure_future(engine.encode(request("m", features([5], seed=30 + i))))
+        for i in range(7)
+    ]
+    await asyncio.sleep(0.02)
+    assert batcher.target_size() == 8 and batcher.queue_depth == 7
+    assert engine.executor.pending == 1  # below its target (and max_delay far off): it waits
+    queued.append(asyncio.ensure_future(engine.encode(request("m", features([5], seed=40)))))
+    await asyncio.sleep(0.02)
+    # At its target it goes to the device at once, queued behind the running batch.
+    assert not slow.done()
+    assert engine.executor.pending == 2 and batcher.queue_depth == 0
+    await asyncio.gather(slow, *queued)
+    count, total = batches(metrics, "m")
+    assert (count, total) == (2, 16)  # two batches of 8
 
 
 @pytest.mark.parametrize("max_ms", [10_000.0, 4.0])
