@@ -64,8 +64,9 @@ class Row:
 
 @dataclass(eq=False, slots=True)
 class _Flight:
-    """A batch on its way to the device: `started` once the device thread took it."""
+    """A batch queued on the device: `started` once the device thread took it."""
 
+    batch: list[Item]
     started: bool = False
 
 
@@ -140,10 +141,8 @@ class Batcher:
         self._queue: deque[Item] = deque()
         self._queued_steps = 0
         self._closed = False
-        self._in_flight = 0  # batches submitted to the device and not finished (≤ PIPELINE)
+        self._flights: list[_Flight] = []  # batches on the device, oldest first (≤ PIPELINE)
         self._in_flight_rows = 0
-        self._unstarted = 0  # of those, batches still waiting for the device
-        self._tasks: set[asyncio.Task[None]] = set()  # one per batch in flight
         self._population = 0.0  # rows in the system: a decaying maximum, for the target size
         self._batch_seconds = 0.01  # moving average, for the retry hint
         # Regrouping after a batch: wait (while the device is idle) until this many rows are
@@ -192,7 +191,7 @@ class Batcher:
         self._closed = True
         assert self._wakeup is not None
         self._wakeup.set()
-        while self._queue or self._in_flight:
+        while self._queue or self._flights:
             self._wakeup.set()
             await asyncio.sleep(0.001)
         await self.stop()
@@ -229,6 +228,8 @@ class Batcher:
             self._queued_steps += item.length
         self._m_depth.set(len(self._queue))
         assert self._wakeup is not None
+        # NOTE: the batching task runs after every caller scheduled in this loop turn, so
+        # requests that arrive together start together.
         self._wakeup.set()
 
     # -- the batching task -----------------------------------------------------------------
@@ -249,7 +250,7 @@ class Batcher:
         if self._full():
             return None
         now = time.monotonic()
-        if self._in_flight:
+        if self._flights:
             # Our batch computes: the next one goes behind it as soon as it has its target size.
             if len(self._queue) >= self.target_size():
                 return None
@@ -265,11 +266,8 @@ class Batcher:
 
     async def _run(self) -> None:
         assert self._wakeup is not None
-        loop = asyncio.get_running_loop()
         while True:
-            # NOTE: a batch of ours still waiting for the device blocks the next one: items keep
-            # joining it instead (queued behind it, they would run no sooner).
-            if not self._queue or self._in_flight >= PIPELINE or self._unstarted:
+            if not self._queue or not self._may_dispatch():
                 self._wakeup.clear()
                 await self._wakeup.wait()
                 continue
@@ -280,20 +278,71 @@ class Batcher:
                     async with asyncio.timeout(max(0.0, until - time.monotonic())):
                         await self._wakeup.wait()
                 continue
-            self._regroup_rows = 0
-            batch = self._take(self.max_batch_size)
-            if batch:
-                self._in_flight += 1
-                self._in_flight_rows += len(batch)
-                self._unstarted += 1
-                self._population = max(
-                    self._in_flight_rows + len(self._queue), 0.9 * self._population
-                )
-                task = loop.create_task(self._dispatch(batch))
-                self._tasks.add(task)  # NOTE: the loop keeps only a weak reference to tasks
-                task.add_done_callback(self._tasks.discard)
-                # NOTE: one loop turn lets the batch reach the device before the next forms.
-                await asyncio.sleep(0)
+            self._dispatch()
+
+    def _may_dispatch(self) -> bool:
+        # NOTE: a batch of ours still waiting for the device blocks the next one: items keep
+        # joining it instead (queued behind it, they would run no sooner).
+        return len(self._flights) < PIPELINE and all(f.started for f in self._flights)
+
+    def _dispatch(self) -> None:
+        """Take the next batch and queue it on the device; `_complete` delivers its results."""
+        self._regroup_rows = 0
+        batch = self._take(self.max_batch_size)
+        if not batch:
+            return
+        flight = _Flight(batch)
+        self._flights.append(flight)
+        self._in_flight_rows += len(batch)
+        self._population = max(self._in_flight_rows + len(self._queue), 0.9 * self._population)
+        now = time.monotonic()
+        for item in batch:
+            self._m_queue.observe(now - item.enqueued)
+        loop = asyncio.get_running_loop()
+        wakeup = self._wakeup
+        assert wakeup is not None
+
+        def compute(items: list[Item]) -> list[Row]:
+            # NOTE: on the device thread. A flag the loop reads; the loop is woken only when
+            # a next batch waits for this one to start.
+            flight.started = True
+            if self._queue:
+                loop.call_soon_threadsafe(wakeup.set)
+            return self._compute(items)
+
+        def done(result: tuple[list[Row], float] | None, exc: BaseException | None) -> None:
+            self._complete(flight, result, exc)
+
+        try:
+            self._executor.submit(compute, done, batch)
+        except BaseException as exc:
+            self._complete(flight, None, exc)
+
+    def _complete(
+        self, flight: _Flight, result: tuple[list[Row], float] | None, exc: BaseException | None
+    ) -> None:
+        """On the loop, as soon as a batch ends: deliver its rows (or its error)."""
+        self._flights.remove(flight)
+        batch = flight.batch
+        self._in_flight_rows -= len(batch)
+        assert self._wakeup is not None
+        self._wakeup.set()
+        try:
+            if exc is None and result is not None and len(result[0]) != len(batch):
+                exc = RuntimeError(f"{len(result[0])} results for {len(batch)} sequences")
+            if exc is not None or result is None:
+                self._fail_batch(batch, exc)
+            else:
+                self._deliver(batch, *result)
+        except Exception:
+            # NOTE: never leave a caller waiting, whatever went wrong here.
+            log.exception(
+                "model %s version %s: delivering a batch failed", self.model, self.version
+            )
+            error = ComputeError(f"model {self.model} version {self.version}: internal error")
+            for item in batch:
+                if not item.future.done():
+                    item.future.set_exception(error)
 
     def _take(self, size: int) -> list[Item]:
         """Pop the next batch (FIFO up to `size` and the cost limit), dropping dead items."""
@@ -341,69 +390,21 @@ class Batcher:
             return True
         return False
 
-    async def _dispatch(self, batch: list[Item]) -> None:
-        """Run one batch on the device and deliver its results (a task per batch in flight)."""
-        flight = _Flight()
-        try:
-            await self._run_batch(batch, flight)
-        except BaseException as exc:
-            # NOTE: only a bug (or cancellation at stop) gets here: never leave a caller waiting.
-            error: ServiceError
-            if isinstance(exc, asyncio.CancelledError):
-                error = Draining(f"model {self.model} version {self.version} is unloading")
-            else:
-                log.error(
-                    "model %s version %s: batch task failed: %r", self.model, self.version, exc
-                )
-                error = ComputeError(f"model {self.model} version {self.version}: internal error")
-            for item in batch:
-                if not item.future.done():
-                    item.future.set_exception(error)
-            raise
-        finally:
-            self._started(flight)
-            self._in_flight -= 1
-            self._in_flight_rows -= len(batch)
-            if self._wakeup is not None:
-                self._wakeup.set()
-
-    def _started(self, flight: _Flight) -> None:
-        """On the loop: a batch reached the device (or ended without reaching it)."""
-        if not flight.started:
-            flight.started = True
-            self._unstarted -= 1
-            if self._wakeup is not None:
-                self._wakeup.set()
-
-    async def _run_batch(self, batch: list[Item], flight: _Flight) -> None:
-        now = time.monotonic()
-        for item in batch:
-            self._m_queue.observe(now - item.enqueued)
-        loop = asyncio.get_running_loop()
-
-        def compute(items: list[Item]) -> list[Row]:
-            # NOTE: on the device thread; tells the loop the device took this batch.
-            loop.call_soon_threadsafe(self._started, flight)
-            return self._compute(items)
-
-        try:
-            rows, seconds = await self._executor.run(compute, batch)
-            if len(rows) != len(batch):
-                raise RuntimeError(f"{len(rows)} results for {len(batch)} sequences")
-        except Exception as exc:
-            log.exception("model %s version %s: batch failed", self.model, self.version)
-            error = (
-                exc
-                if isinstance(exc, ServiceError)
-                else ComputeError(
-                    f"model {self.model} version {self.version} failed on a batch of "
-                    f"{len(batch)}: {type(exc).__name__}"
-                )
+    def _fail_batch(self, batch: list[Item], exc: BaseException | None) -> None:
+        log.error("model %s version %s: batch failed", self.model, self.version, exc_info=exc)
+        error = (
+            exc
+            if isinstance(exc, ServiceError)
+            else ComputeError(
+                f"model {self.model} version {self.version} failed on a batch of "
+                f"{len(batch)}: {type(exc).__name__}"
             )
-            for item in batch:
-                if not item.future.done():
-                    item.future.set_exception(error)
-            return
+        )
+        for item in batch:
+            if not item.future.done():
+                item.future.set_exception(error)
+
+    def _deliver(self, batch: list[Item], rows: list[Row], seconds: float) -> None:
         self._batch_seconds = 0.8 * self._batch_seconds + 0.2 * seconds
         self._observe(batch, seconds)
         returning = 0

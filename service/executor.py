@@ -17,6 +17,8 @@ import torch
 
 P = ParamSpec("P")
 T = TypeVar("T")
+# Called on the loop when a submitted call ends: ((result, seconds), None) or (None, exception).
+Done = Callable[[tuple[T, float] | None, BaseException | None], None]
 
 
 class DeviceExecutor:
@@ -66,58 +68,64 @@ class DeviceExecutor:
 
     async def run(self, fn: Callable[P, T], *args: P.args, **kwargs: P.kwargs) -> tuple[T, float]:
         """Run `fn(*args)` on the device thread; return its result and its compute seconds."""
-        if self._pool is None:
-            raise RuntimeError("DeviceExecutor.run before start()")
         loop = asyncio.get_running_loop()
         future: asyncio.Future[tuple[T, float]] = loop.create_future()
+
+        def done(result: tuple[T, float] | None, exc: BaseException | None) -> None:
+            if future.done():
+                return
+            if exc is not None:
+                future.set_exception(exc)
+            else:
+                assert result is not None
+                future.set_result(result)
+
+        self.submit(fn, done, *args)
+        return await future
+
+    def submit(self, fn: Callable[..., T], done: Done[T], *args: object) -> None:
+        """Queue `fn(*args)` on the device thread; `done((result, seconds), None)` or
+        `done(None, exception)` is called on this loop as soon as it ends (no task needed)."""
+        if self._pool is None:
+            raise RuntimeError("DeviceExecutor used before start()")
+        loop = asyncio.get_running_loop()
         self._pending += 1
         try:
-            self._pool.submit(self._call, loop, future, fn, args, kwargs)
+            self._pool.submit(self._call, loop, done, fn, args)
         except BaseException:
             self._pending -= 1
             raise
-        return await future
 
     def _call(
         self,
         loop: asyncio.AbstractEventLoop,
-        future: asyncio.Future[tuple[T, float]],
+        done: Done[T],
         fn: Callable[..., T],
         args: tuple[object, ...],
-        kwargs: dict[str, object],
     ) -> None:
         start = time.perf_counter()
         try:
             with torch.inference_mode():
-                result = fn(*args, **kwargs)
+                result = fn(*args)
             if self.device.type == "cuda":
                 torch.cuda.synchronize(self.device)
         except BaseException as exc:
-            loop.call_soon_threadsafe(self._finish, future, None, exc)
+            loop.call_soon_threadsafe(self._finish, done, None, exc)
             return
         self.calls += 1
-        loop.call_soon_threadsafe(self._finish, future, (result, time.perf_counter() - start), None)
+        loop.call_soon_threadsafe(self._finish, done, (result, time.perf_counter() - start), None)
 
     def _finish(
-        self,
-        future: asyncio.Future[tuple[T, float]],
-        result: tuple[T, float] | None,
-        exc: BaseException | None,
+        self, done: Done[T], result: tuple[T, float] | None, exc: BaseException | None
     ) -> None:
         # NOTE: one wake-up of the loop per call. The count drops when the thread is done, not
-        # when the awaiting task is (a cancelled waiter must not make a busy device look idle),
-        # and before the waiter resumes, so that it already sees `idle`.
+        # when a waiter is (a cancelled waiter must not make a busy device look idle), and
+        # before `done` runs, so that it already sees `idle`.
         self._pending -= 1
         if self._pending == 0:
             for listener in tuple(self._idle_listeners):
                 listener()
-        if future.done():
-            return
-        if exc is not None:
-            future.set_exception(exc)
-        else:
-            assert result is not None
-            future.set_result(result)
+        done(result, exc)
 
     def shutdown(self) -> None:
         """Stop the worker thread after the calls already submitted."""
