@@ -22,11 +22,8 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import re
-import shutil
 import sys
-import tempfile
 import warnings
 from collections.abc import Mapping
 from pathlib import Path
@@ -40,6 +37,7 @@ from torch import Tensor
 from models.checkpoint import CheckpointError, build_model, load, save
 from models.config import ModelConfig
 from models.recurrent import GATES
+from models.versions import discard, publish_version, staging_folder
 
 NAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
 CELL_BY_GATES = {gates: cell for cell, gates in GATES.items()}
@@ -249,16 +247,15 @@ def _write_version(
     target = model_dir / str(number)
     if target.exists():
         raise TorchImportError(f"{target} already exists; versions are never overwritten")
-    staging = Path(tempfile.mkdtemp(prefix=f".{number}.importing-", dir=model_dir))
+    staging = staging_folder(model_dir, number)
     try:
         save(model, staging, vocab=vocab)
         load(staging)  # NOTE: proves the version is servable before it becomes visible
-        # NOTE: rename is atomic; the server never sees a half-written version.
-        os.rename(staging, target)
+        return publish_version(staging, model_dir, number)
+    except FileExistsError:
+        raise TorchImportError(f"{target} already exists; versions are never overwritten") from None
     finally:
-        if staging.exists():
-            shutil.rmtree(staging)
-    return target
+        discard(staging)
 
 
 # ------------------------------------------------------------------------------------------ CLI

@@ -89,9 +89,13 @@ def test_refusals(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
         import_state_dict({**lstm.state_dict(), "decoder.weight": torch.zeros(2)}, tmp_path, "m")
     with pytest.raises(TorchImportError, match="model name"):
         import_state_dict(lstm.state_dict(), tmp_path, "../evil")
-    import_state_dict(lstm.state_dict(), tmp_path, "m", version=3)
+    published = import_state_dict(lstm.state_dict(), tmp_path, "m", version=3)
+    # NOTE: the server may run as another user: the version is readable like any folder.
+    assert published.stat().st_mode & 0o055 == 0o055
+    assert (published / "model.safetensors").stat().st_mode & 0o044 == 0o044
     with pytest.raises(TorchImportError, match="never overwritten"):
         import_state_dict(lstm.state_dict(), tmp_path, "m", version=3)
+    assert sorted(p.name for p in (tmp_path / "m").iterdir()) == ["3"]  # no staging left
 
     class Exploit:
         def __reduce__(self) -> tuple[Any, ...]:

@@ -8,14 +8,14 @@ sees a half-written version, and an existing version is never overwritten.
 from __future__ import annotations
 
 import contextlib
-import os
 import re
-import secrets
-import shutil
 import tempfile
 from pathlib import Path
 
 from models.training.errors import TrainingError
+from models.versions import discard, publish_version, staging_folder
+
+__all__ = ["discard", "staging_folder"]  # re-exported for the training CLI
 
 NAME = re.compile(r"^[A-Za-z0-9_.-]{1,128}$")
 
@@ -66,45 +66,14 @@ def reserve(repository: Path, name: str, version: int | None) -> tuple[Path, int
     return model_dir, version
 
 
-def staging_folder(model_dir: Path, version: int) -> Path:
-    """A fresh hidden folder beside the final one, to write the checkpoint into."""
-    # NOTE: not tempfile.mkdtemp: its 0700 mode would keep a server running as another user out.
-    staging = model_dir / f".{version}.partial-{os.getpid()}-{secrets.token_hex(4)}"
-    staging.mkdir()
-    return staging
-
-
 def publish(staging: Path, model_dir: Path, version: int) -> Path:
     """Move the finished staging folder to `model_dir/version`; refuse if that now exists."""
-    final = model_dir / str(version)
-    _default_modes(staging)
     try:
-        if final.exists():
-            raise FileExistsError(final)
-        # NOTE: rename(2) fails on a non-empty target, so a version written meanwhile by
-        # someone else is never replaced.
-        staging.rename(final)
-    except OSError as exc:
-        shutil.rmtree(staging, ignore_errors=True)
+        return publish_version(staging, model_dir, version)
+    except FileExistsError as exc:
         raise TrainingError(
             f"version {version} appeared in {model_dir} while training; nothing was overwritten"
         ) from exc
-    return final
-
-
-def _default_modes(folder: Path) -> None:
-    """Give every file the mode a plain `open` would (safetensors writes 0600, which would keep
-    a server running as another user out of a published version)."""
-    umask = os.umask(0)
-    os.umask(umask)
-    for path in folder.iterdir():
-        if path.is_file():
-            path.chmod(0o666 & ~umask)
-
-
-def discard(staging: Path) -> None:
-    """Remove an unfinished staging folder."""
-    shutil.rmtree(staging, ignore_errors=True)
 
 
 def remove_if_empty(model_dir: Path) -> None:
