@@ -12,6 +12,7 @@ Request outcomes (`rnnserve_requests_total{outcome}`): "success", and one per er
 from __future__ import annotations
 
 import asyncio
+from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
@@ -74,6 +75,7 @@ class Metrics:
 
     def __init__(self, registry: CollectorRegistry) -> None:
         self.registry = registry
+        self._request_children: dict[tuple[object, ...], tuple[Any, Any]] = {}
         request = ("model", "version", "protocol", "endpoint")
         model = ("model", "version")
         self.requests_total = Counter(
@@ -203,9 +205,18 @@ class Metrics:
         seconds: float,
     ) -> None:
         """Count one answered request and its latency (front-ends call this once per request)."""
-        v = "" if version is None else str(version)
-        self.requests_total.labels(model, v, protocol, endpoint, outcome).inc()
-        self.request_duration.labels(model, v, protocol, endpoint).observe(seconds)
+        key = (model, version, protocol, endpoint, outcome)
+        children = self._request_children.get(key)
+        if children is None:
+            # NOTE: `labels()` costs microseconds per call; a request's children are looked up
+            # once per label set (bounded: unknown model names are recorded blank).
+            v = "" if version is None else str(version)
+            children = self._request_children[key] = (
+                self.requests_total.labels(model, v, protocol, endpoint, outcome),
+                self.request_duration.labels(model, v, protocol, endpoint),
+            )
+        children[0].inc()
+        children[1].observe(seconds)
 
     def set_model_state(self, model: str, version: int, state: str | None) -> None:
         """Mark `state` as the current state of a version (None: the version is gone)."""
