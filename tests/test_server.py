@@ -87,8 +87,9 @@ def _repository(root: Path) -> Path:
 
 
 @contextlib.contextmanager
-def running_server(repository: Path) -> Iterator[ServerProcess]:
-    """`rnnserve serve` on `repository` until the block ends (then SIGKILL if still running)."""
+def running_server(repository: Path, *flags: str) -> Iterator[ServerProcess]:
+    """`rnnserve serve` on `repository` (CPU; `flags` added last, so they win) until the block
+    ends (then SIGKILL if still running)."""
     env = {**os.environ, "RNNSERVE_LOG_FORMAT": "json", "RNNSERVE_DRAIN_GRACE_S": "1"}
     process = subprocess.Popen(
         [
@@ -109,6 +110,7 @@ def running_server(repository: Path) -> Iterator[ServerProcess]:
             # NOTE: the flag must win over RNNSERVE_DRAIN_GRACE_S=1 above.
             "--drain-grace-s",
             str(GRACE_S),
+            *flags,
         ],
         stderr=subprocess.PIPE,
         stdout=subprocess.DEVNULL,
