@@ -50,6 +50,9 @@ log = logging.getLogger(__name__)
 
 # Batches of one batcher in flight on the device at most: one computing, one queued behind it.
 PIPELINE = 2
+# How long before the running batch should end the next one is queued behind it when it has
+# not reached its target size: enough for a loop turn and the device thread to pick it up.
+HANDOVER_S = 0.001
 
 
 @dataclass(frozen=True, slots=True)
@@ -67,7 +70,9 @@ class _Flight:
     """A batch queued on the device: `started` once the device thread took it."""
 
     batch: list[Item]
+    steps: int  # real time steps of the batch (its cost)
     started: bool = False
+    started_at: float = 0.0  # time.monotonic() when the device took it
 
 
 @dataclass(eq=False, slots=True)
@@ -145,6 +150,7 @@ class Batcher:
         self._in_flight_rows = 0
         self._population = 0.0  # rows in the system: a decaying maximum, for the target size
         self._batch_seconds = 0.01  # moving average, for the retry hint
+        self._step_seconds = 0.0  # moving average of compute seconds per real time step
         # Regrouping after a batch: wait (while the device is idle) until this many rows are
         # queued, but not past `_regroup_until` (time.monotonic()); 0 = no wait.
         self._regroup_rows = 0
@@ -251,10 +257,13 @@ class Batcher:
             return None
         now = time.monotonic()
         if self._flights:
-            # Our batch computes: the next one goes behind it as soon as it has its target size.
+            # Our batch computes: the next one goes behind it at its target size, or just before
+            # the running one should end (it could not start sooner, so max_delay does not
+            # apply: closing early would only split the callers into more, smaller batches).
             if len(self._queue) >= self.target_size():
                 return None
-            close_at = self._queue[0].enqueued + self.max_delay_s
+            running = self._flights[-1]
+            close_at = running.started_at + running.steps * self._step_seconds - HANDOVER_S
             return close_at if now < close_at else None
         if not self._executor.idle:
             close_at = self._queue[0].enqueued + self.max_delay_s
@@ -291,7 +300,7 @@ class Batcher:
         batch = self._take(self.max_batch_size)
         if not batch:
             return
-        flight = _Flight(batch)
+        flight = _Flight(batch, sum(item.length for item in batch))
         self._flights.append(flight)
         self._in_flight_rows += len(batch)
         self._population = max(self._in_flight_rows + len(self._queue), 0.9 * self._population)
@@ -305,6 +314,7 @@ class Batcher:
         def compute(items: list[Item]) -> list[Row]:
             # NOTE: on the device thread. A flag the loop reads; the loop is woken only when
             # a next batch waits for this one to start.
+            flight.started_at = time.monotonic()
             flight.started = True
             if self._queue:
                 loop.call_soon_threadsafe(wakeup.set)
@@ -406,6 +416,10 @@ class Batcher:
 
     def _deliver(self, batch: list[Item], rows: list[Row], seconds: float) -> None:
         self._batch_seconds = 0.8 * self._batch_seconds + 0.2 * seconds
+        per_step = seconds / max(1, sum(item.length for item in batch))
+        self._step_seconds = (
+            per_step if not self._step_seconds else (0.8 * self._step_seconds + 0.2 * per_step)
+        )
         self._observe(batch, seconds)
         returning = 0
         for item, row in zip(batch, rows, strict=True):
