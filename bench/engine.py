@@ -1,8 +1,8 @@
 """Engine benchmark: batcher throughput and overhead vs direct model calls; continuous vs static
 decoding. Every ratio is measured in the same run, on the same machine and thread settings.
 
-    .venv/bin/python -m bench.engine [--threads N] [--rounds R]   (as a module: bench/ holds
-    files named like packages, e.g. http.py, models.py)
+    .venv/bin/python -m bench.engine [--threads N] [--rounds R] [--device cuda]
+    (as a module: bench/ holds files named like packages, e.g. http.py, models.py)
 
 Reference workload (issue 4): 2-layer LSTM, input 32, hidden 256; one sequence per caller,
 lengths uniform 16–128; 64 concurrent callers. Direct and engine rounds alternate so that load
@@ -27,6 +27,7 @@ import numpy as np
 import torch
 from prometheus_client import CollectorRegistry
 
+from bench.baseline import packed_encode
 from models.checkpoint import build_model, save
 from models.config import ModelConfig
 from models.decoding import greedy_decode
@@ -96,29 +97,30 @@ def median_ms(samples: list[float]) -> float:
     return statistics.median(samples) * 1000
 
 
+def _padded(model: torch.nn.Module, chunk: list[np.ndarray]) -> tuple[torch.Tensor, torch.Tensor]:
+    """A padded batch on the model's device, and its lengths (CPU)."""
+    device = next(model.parameters()).device
+    tensors = [torch.from_numpy(s) for s in chunk]
+    lengths = torch.tensor([len(s) for s in chunk])
+    return torch.nn.utils.rnn.pad_sequence(tensors, batch_first=True).to(device), lengths
+
+
 def direct_packed(model: EncoderModel, seqs: list[np.ndarray]) -> float:
     """Sequences per second of direct packed batch-64 model calls (FIFO order, no engine)."""
     start = time.perf_counter()
     for i in range(0, len(seqs), CALLERS):
-        chunk = [torch.from_numpy(s) for s in seqs[i : i + CALLERS]]
-        lengths = torch.tensor([len(s) for s in chunk])
         with torch.inference_mode():
-            model(torch.nn.utils.rnn.pad_sequence(chunk, batch_first=True), lengths)
+            packed_encode(model, *_padded(model, seqs[i : i + CALLERS])).cpu()
     return len(seqs) / (time.perf_counter() - start)
 
 
-def split_sorted(model: EncoderModel, seqs: list[np.ndarray], parts: int) -> float:
-    """Sequences per second when each batch of 64 is sorted by length and run as `parts`
-    calls of similar lengths (the length-bucketing alternative to one packed call)."""
+def direct_forward(model: EncoderModel, seqs: list[np.ndarray]) -> float:
+    """Sequences per second of direct batch-64 `model(...)` calls: the model's own length-aware
+    path (segmented on the CPU) without the engine."""
     start = time.perf_counter()
     for i in range(0, len(seqs), CALLERS):
-        batch = sorted(seqs[i : i + CALLERS], key=len)
-        size = len(batch) // parts
-        for k in range(parts):
-            chunk = [torch.from_numpy(s) for s in batch[k * size : (k + 1) * size]]
-            lengths = torch.tensor([len(s) for s in chunk])
-            with torch.inference_mode():
-                model(torch.nn.utils.rnn.pad_sequence(chunk, batch_first=True), lengths)
+        with torch.inference_mode():
+            model(*_padded(model, seqs[i : i + CALLERS])).encodings.cpu()
     return len(seqs) / (time.perf_counter() - start)
 
 
@@ -142,11 +144,10 @@ async def one_caller(
     """Median latency (ms) of one sequence alone: direct model call vs engine.encode, alternated
     `count` times on the same sequence."""
     direct, served = [], []
-    lengths = torch.tensor([len(seq)])
     for _ in range(count):
         start = time.perf_counter()
         with torch.inference_mode():
-            model(torch.from_numpy(seq)[None], lengths)
+            model(*_padded(model, [seq])).encodings.cpu()
         direct.append(time.perf_counter() - start)
         start = time.perf_counter()
         await engine.encode(EncodeRequest(name, [seq], "features"))
@@ -159,11 +160,9 @@ def static_decoding(model: Seq2SeqModel, sources: list[np.ndarray], limits: list
     tokens = 0
     start = time.perf_counter()
     for i in range(0, len(sources), 32):
-        chunk = [torch.from_numpy(s) for s in sources[i : i + 32]]
-        lengths = torch.tensor([len(s) for s in chunk])
         batch_limits = limits[i : i + 32]
         with torch.inference_mode():
-            state = model.encode(torch.nn.utils.rnn.pad_sequence(chunk, batch_first=True), lengths)
+            state = model.encode(*_padded(model, sources[i : i + 32]))
             outputs = greedy_decode(model, state, max(batch_limits))
         tokens += sum(min(len(o), limit) for o, limit in zip(outputs, batch_limits, strict=True))
     return tokens / (time.perf_counter() - start)
@@ -199,6 +198,7 @@ async def main() -> None:
         help="intra-op threads (default: the server default, cores − 1)",
     )
     parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N")
     parser.add_argument("--sequences", type=int, default=512)
     args = parser.parse_args()
 
@@ -221,7 +221,7 @@ async def main() -> None:
         write(repository, "enc", encoder_config())
         write(repository, "s2s", seq2seq_config())
         write(repository, "tiny", tiny_config())
-        settings = Settings(repository=repository, device="cpu", cpu_threads=args.threads)
+        settings = Settings(repository=repository, device=args.device, cpu_threads=args.threads)
         engine = Engine(settings, Metrics(CollectorRegistry()))
         await engine.start()
         encoder = engine.registry.resolve("enc").loaded.model  # type: ignore[union-attr]
@@ -234,18 +234,17 @@ async def main() -> None:
         )
 
         direct_packed(encoder, seqs[:CALLERS])  # warm-up of the direct path
-        direct_rates, engine_rates, split2, split4 = [], [], [], []
+        direct_rates, engine_rates, forward_rates = [], [], []
         for _ in range(args.rounds):
             direct_rates.append(direct_packed(encoder, seqs))
             engine_rates.append(await engine_closed_loop(engine, seqs))
-            split2.append(split_sorted(encoder, seqs, 2))
-            split4.append(split_sorted(encoder, seqs, 4))
+            forward_rates.append(direct_forward(encoder, seqs))
         direct_rate = statistics.median(direct_rates)
         engine_rate = statistics.median(engine_rates)
+        forward_rate = statistics.median(forward_rates)
         print(
-            f"batch shape (direct): packed 64 mixed {direct_rate:.0f} seq/s, sorted 2×32 "
-            f"{statistics.median(split2):.0f} seq/s, sorted 4×16 {statistics.median(split4):.0f} "
-            "seq/s"
+            f"model path (direct, batch 64): packed {direct_rate:.0f} seq/s, model forward "
+            f"(length-aware) {forward_rate:.0f} seq/s, ratio {forward_rate / direct_rate:.2f}"
         )
         print(
             f"encode throughput: direct packed batch-64 {direct_rate:.0f} seq/s, engine "

@@ -18,8 +18,9 @@ from collections.abc import Callable
 
 import torch
 from torch import Tensor, nn
+from torch.nn.utils.rnn import pack_padded_sequence
 
-from models.recurrent import make_rnn, run_rnn
+from models.recurrent import make_rnn, run_rnn, run_segmented
 
 INPUT, HIDDEN, LAYERS = 32, 256, 2
 
@@ -71,27 +72,36 @@ def main() -> None:
     lstm = make_rnn("lstm", INPUT, HIDDEN, LAYERS).to(args.device).eval()
     rows: list[tuple[str, float, float]] = []
 
-    def measure(label: str, module: nn.Module, batch: int, packed: bool = True) -> float:
+    def measure(label: str, module: nn.Module, batch: int, mode: str = "auto") -> float:
+        """`mode`: auto (run_rnn's choice), packed, segmented, or padded (every row runs to
+        the batch's longest length)."""
         batches = _batches(lengths, batch, args.device)
 
         def work() -> None:
             with torch.inference_mode():
                 for inputs, lens in batches:
-                    if packed:
-                        run_rnn(module, inputs, lens)
+                    if mode == "packed":
+                        packed_input = pack_padded_sequence(
+                            inputs, lens, batch_first=True, enforce_sorted=False
+                        )
+                        module(packed_input)
+                    elif mode == "segmented":
+                        assert isinstance(module, nn.RNNBase)
+                        run_segmented(module, inputs, lens)
+                    elif mode == "padded":
+                        run_rnn(module, inputs, torch.full_like(lens, inputs.shape[1]))
                     else:
-                        # NOTE: padded = every row runs to the batch's longest length.
-                        full = torch.full_like(lens, inputs.shape[1])
-                        run_rnn(module, inputs, full)
+                        run_rnn(module, inputs, lens)
 
         rate, seconds = _median_rate(work, len(lengths), args.repeats, args.device)
         rows.append((label, rate, seconds))
         return rate
 
     for batch in (1, 8, 64):
-        measure(f"lstm packed, batch {batch}", lstm, batch)
+        measure(f"lstm packed, batch {batch}", lstm, batch, "packed")
     packed = rows[-1][1]
-    padded = measure("lstm padded, batch 64", lstm, 64, packed=False)
+    segmented = measure("lstm segmented, batch 64", lstm, 64, "segmented")
+    padded = measure("lstm padded, batch 64", lstm, 64, "padded")
     torch.manual_seed(args.seed)
     gru = make_rnn("gru", INPUT, HIDDEN, LAYERS, reset_after=True).to(args.device).eval()
     before = make_rnn("gru", INPUT, HIDDEN, LAYERS, reset_after=False).to(args.device).eval()
@@ -106,6 +116,7 @@ def main() -> None:
         f"{_padded_steps(lengths, 64) / steps:.2f}"
     )
     print(f"packed / padded throughput (batch 64): {packed / padded:.2f}x")
+    print(f"segmented / packed throughput (batch 64): {segmented / packed:.2f}x")
     print(f"ResetBeforeGRU / nn.GRU throughput (batch 64): {custom / fused:.2f}x")
 
 

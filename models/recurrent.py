@@ -160,6 +160,11 @@ def make_rnn(
 
 # Segment length of the segmented path (see `run_rnn`); 4–16 measured alike on CPU.
 SEGMENT_STEPS = 8
+# Where the segmented path beats packing on the CPU (bench/RESULTS.md, Models): nn.LSTM only
+# (PyTorch's fused oneDNN kernel is LSTM's; a GRU/RNN lost 20–50 %), hidden ≥ 128, ≥ 64 steps
+# (at hidden 256: 1.2–1.3× at 64–128 steps; 0.7–0.9× at 16–32).
+SEGMENTED_MIN_HIDDEN = 128
+SEGMENTED_MIN_STEPS = 64
 
 
 def run_rnn(
@@ -169,7 +174,7 @@ def run_rnn(
 
     Returns (outputs [N, T, D*H], zero past each length; final state [L*D, N, H] taken at each
     row's own last step). Padding never changes a result: unequal lengths run packed, or, for a
-    unidirectional nn.RNN/LSTM/GRU on the CPU, segmented (`run_segmented`).
+    long batch on a unidirectional nn.LSTM on the CPU, segmented (`run_segmented`).
     """
     if isinstance(rnn, ResetBeforeGRU):
         assert initial_state is None or isinstance(initial_state, Tensor)
@@ -181,10 +186,11 @@ def run_rnn(
         outputs, state = rnn(inputs, initial_state)
         return outputs, state
     if (
-        isinstance(rnn, nn.RNNBase)
+        isinstance(rnn, nn.LSTM)
         and not rnn.bidirectional
         and inputs.device.type == "cpu"
-        and steps > SEGMENT_STEPS
+        and rnn.hidden_size >= SEGMENTED_MIN_HIDDEN
+        and steps >= SEGMENTED_MIN_STEPS
     ):
         return run_segmented(rnn, inputs, lengths, initial_state)
     packed = pack_padded_sequence(inputs, lengths, batch_first=True, enforce_sorted=False)

@@ -67,18 +67,21 @@ class DecoderState:
             return DecoderState(hidden=hidden, context=context)
         longest = max(_req(s.memory).shape[1] for s in states)
 
-        def padded(t: Tensor, value: float | bool) -> Tensor:
-            return F.pad(t, (0, 0, 0, longest - t.shape[1]), value=value)
+        def padded(t: Tensor) -> Tensor:
+            # NOTE: only shorter states are padded: padding by 0 would still copy (the running
+            # batch's memory bank, at every join of the decode scheduler).
+            if t.shape[1] == longest:
+                return t
+            if t.dim() == 2:  # the mask [N, S]: pad with False so padding is never attended
+                return F.pad(t, (0, longest - t.shape[1]))
+            return F.pad(t, (0, 0, 0, longest - t.shape[1]))
 
         return DecoderState(
             hidden=hidden,
             context=context,
-            memory=torch.cat([padded(_req(s.memory), 0.0) for s in states]),
-            keys=torch.cat([padded(_req(s.keys), 0.0) for s in states]),
-            # NOTE: the mask is [N, S]: pad its last dim with False so padding is never attended.
-            mask=torch.cat(
-                [F.pad(_req(s.mask), (0, longest - _req(s.mask).shape[1])) for s in states]
-            ),
+            memory=torch.cat([padded(_req(s.memory)) for s in states]),
+            keys=torch.cat([padded(_req(s.keys)) for s in states]),
+            mask=torch.cat([padded(_req(s.mask)) for s in states]),
         )
 
 

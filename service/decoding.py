@@ -12,8 +12,11 @@ requests, source lengths, greedy rows and beams):
 Slots: a greedy request uses one row, a beam request reserves `beam_size` rows; at most
 `max_slots` rows run together (`rnnserve_decode_slots_in_use`). The computation is the same as
 `Seq2SeqModel.generate` (same `step`, same `BeamSearch`), so outputs equal offline decoding.
-Steps run in bursts on the device thread (one executor call per burst, not per step); each
-step's results go back to the loop at once.
+Steps run in bursts on the device thread (one executor call per burst, not per step); joins
+happen inside a burst (the device thread takes newcomers from the waiting queue), so a join costs
+no loop round trip. Each step's results go back to the loop at once. Per step the device thread
+copies only the chosen token ids to the host (and the log-probs of beam rows); the next step's
+input stays on the device.
 """
 
 from __future__ import annotations
@@ -73,8 +76,8 @@ class DecodeScheduler:
         max_slots: int,
         max_queue: int,
         max_batch_size: int,
-        join_fraction: float = 0.25,
-        max_wait_steps: int = 8,
+        join_fraction: float = 0.5,
+        max_wait_steps: int = 16,
         max_burst: int = 16,
     ) -> None:
         self.model = model
@@ -86,7 +89,8 @@ class DecodeScheduler:
         self.max_wait_steps = max_wait_steps
         self._steps_waited = 0
         self.max_burst = max_burst
-        self._feed: list[int] = []  # the token each running row reads at the next step
+        # NOTE: the token each running row reads at the next step, kept on the device.
+        self._feed: Tensor | None = None
         parameter = next(network.parameters())
         self._device = parameter.device
         self._dtype = parameter.dtype
@@ -104,8 +108,11 @@ class DecodeScheduler:
         self._executor = executor
         self._waiting: deque[Job] = deque()
         self._running: list[Job] = []  # in row order
+        self._slots = 0  # rows reserved by `_running` (kept, not recomputed per step)
+        self._beams = 0  # beam-search jobs in `_running`: they need host log-probs
         self._state: DecoderState | None = None
         self._closed = False
+        self._stopped = False
         self._step_seconds = 0.005
         self._wakeup: asyncio.Event | None = None
         self._task: asyncio.Task[None] | None = None
@@ -134,12 +141,12 @@ class DecodeScheduler:
             if not job.future.done():
                 job.future.set_exception(error)
         self._waiting.clear()
-        self._running = []
+        self._clear_running()
 
     @property
     def slots_in_use(self) -> int:
         """Rows reserved by running requests."""
-        return sum(job.beam_size for job in self._running)
+        return self._slots
 
     @property
     def queue_depth(self) -> int:
@@ -171,6 +178,7 @@ class DecodeScheduler:
     async def stop(self) -> None:
         """Stop at once: waiting and running jobs fail with `Draining`."""
         self._closed = True
+        self._stopped = True  # a burst in flight ends at its next step
         if self._task is not None:
             self._task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
@@ -181,9 +189,7 @@ class DecodeScheduler:
             if not job.future.done():
                 job.future.set_exception(error)
         self._waiting.clear()
-        self._running.clear()
-        self._state = None
-        self._feed = []
+        self._clear_running()
         self._gauges()
 
     # -- admission -------------------------------------------------------------------------
@@ -216,19 +222,14 @@ class DecodeScheduler:
 
     async def _run(self) -> None:
         assert self._wakeup is not None
+        loop = asyncio.get_running_loop()
         while True:
             if not self._running and not self._waiting:
                 self._wakeup.clear()
                 await self._wakeup.wait()
                 continue
-            admitted = self._admit()
-            if not self._running:
-                # NOTE: only dead jobs were waiting; nothing to compute.
-                self._gauges()
-                continue
-            loop = asyncio.get_running_loop()
             try:
-                steps, _ = await self._executor.run(self._burst, loop, admitted)
+                steps, _ = await self._executor.run(self._burst, loop)
             except Exception as exc:
                 self._fail_running(exc)
                 continue
@@ -249,41 +250,11 @@ class DecodeScheduler:
             return False
         if not self._running:
             return True
-        if self.slots_in_use + self._waiting[0].beam_size > self.max_slots:
+        if self._slots + self._waiting[0].beam_size > self.max_slots:
             return False  # the next one does not fit until rows leave
         if self._steps_waited >= self.max_wait_steps:
             return True
         return len(self._waiting) >= max(1, int(len(self._running) * self.join_fraction))
-
-    def _admit(self) -> list[Job]:
-        if not self._should_admit():
-            return []
-        self._steps_waited = 0
-        now = time.monotonic()
-        admitted: list[Job] = []
-        used = self.slots_in_use
-        while self._waiting and len(admitted) < self.max_admit:
-            job = self._waiting[0]
-            # NOTE: deadline first: a waiter that gave up at its deadline also cancelled it.
-            if job.deadline is not None and job.deadline <= now:
-                self._waiting.popleft()
-                self._expire(job, now)
-                continue
-            if job.dead:
-                self._waiting.popleft()
-                self._m_dropped_cancelled.inc()
-                continue
-            if used + job.beam_size > self.max_slots:
-                break
-            self._waiting.popleft()
-            used += job.beam_size
-            job.rows = 1
-            if job.beam_size > 1:
-                job.search = BeamSearch(job.beam_size, self._spec.eos_id, job.max_length)
-            admitted.append(job)
-            self._m_queue.observe(now - job.enqueued)
-        self._running.extend(admitted)
-        return admitted
 
     def _expire(self, job: Job, now: float) -> None:
         self._m_dropped_deadline.inc()
@@ -298,87 +269,148 @@ class DecodeScheduler:
 
     # -- on the device thread ----------------------------------------------------------------
 
-    def _burst(
-        self, loop: asyncio.AbstractEventLoop, admitted: list[Job]
-    ) -> list[tuple[int, float]]:
-        """Encode newcomers, then run decode steps until a join is due, nothing runs, or
-        max_burst steps; returns (rows, seconds) per step. Runs on the device thread.
+    def _burst(self, loop: asyncio.AbstractEventLoop) -> list[tuple[int, float]]:
+        """Join waiting requests when due and run decode steps until nothing runs or max_burst
+        steps; returns (rows, seconds) per step. Runs on the device thread.
 
-        NOTE: while this runs the loop does not touch `_running` or `_state` (it awaits this
-        call); results, tokens and errors go back with `loop.call_soon_threadsafe`.
+        NOTE: while this runs the loop only appends to `_waiting` (and reads counters); results,
+        tokens and errors go back with `loop.call_soon_threadsafe`.
         """
         network = self._network
-        if admitted:
-            sources = [job.source for job in admitted]
-            lengths = torch.tensor([s.shape[0] for s in sources], dtype=torch.int64)
-            padded = torch.nn.utils.rnn.pad_sequence(
-                [torch.from_numpy(s) for s in sources], batch_first=True
-            ).to(self._device)
-            if padded.is_floating_point():
-                padded = padded.to(self._dtype)
-            fresh = network.encode(padded, lengths)
-            self._state = fresh if self._state is None else DecoderState.cat([self._state, fresh])
-            self._feed.extend([self._spec.bos_id] * len(admitted))
         steps: list[tuple[int, float]] = []
-        while self._running and len(steps) < self.max_burst:
+        while len(steps) < self.max_burst and not self._stopped:
+            if self._should_admit():
+                self._join(loop)
+            if not self._running:
+                break
             start = time.perf_counter()
-            assert self._state is not None
-            feed = torch.tensor(self._feed, dtype=torch.int64, device=self._device)
-            log_probs, state = network.step(self._state, feed)
-            log_probs = log_probs.float().cpu()
+            assert self._state is not None and self._feed is not None
+            log_probs, state = network.step(self._state, self._feed)
+            # NOTE: greedy rows need only their arg-max: it is taken on the device and only the
+            # ids cross to the host; beam rows need their log-probs (all rows are copied then).
+            best = log_probs.argmax(dim=-1)
+            host = log_probs.float().cpu() if self._beams else None
             rows = log_probs.shape[0]
-            keep = self._advance(loop, log_probs)
+            keep, beam_feed = self._advance(loop, best.tolist(), host)
             if not self._running:
                 self._state = None
-            elif keep != list(range(rows)):
+                self._feed = None
+            elif beam_feed is not None:
                 self._state = state.select(torch.tensor(keep, dtype=torch.int64))
+                self._feed = torch.tensor(beam_feed, dtype=torch.int64, device=self._device)
+            elif len(keep) < rows:
+                index = torch.tensor(keep, dtype=torch.int64, device=self._device)
+                self._state = state.select(index)
+                self._feed = best.index_select(0, index)
             else:
                 self._state = state
+                self._feed = best
             steps.append((rows, time.perf_counter() - start))
             if self._waiting:
                 self._steps_waited += 1
-                if self._should_admit():
-                    break
         return steps
 
-    def _advance(self, loop: asyncio.AbstractEventLoop, log_probs: Tensor) -> list[int]:
-        """Apply one step to each running job; set `_feed`; return the rows to keep."""
+    def _join(self, loop: asyncio.AbstractEventLoop) -> None:
+        """Take waiting jobs that fit, encode them together and add their rows to the batch."""
+        self._steps_waited = 0
         now = time.monotonic()
-        best = log_probs.argmax(dim=-1).tolist()
+        admitted: list[Job] = []
+        expired: list[Job] = []
+        slots = self._slots
+        while self._waiting and len(admitted) < self.max_admit:
+            job = self._waiting[0]
+            # NOTE: deadline first: a waiter that gave up at its deadline also cancelled it.
+            if job.deadline is not None and job.deadline <= now:
+                self._waiting.popleft()
+                expired.append(job)
+                continue
+            if job.dead:
+                self._waiting.popleft()
+                self._m_dropped_cancelled.inc()
+                continue
+            if slots + job.beam_size > self.max_slots:
+                break
+            self._waiting.popleft()
+            slots += job.beam_size
+            job.rows = 1
+            if job.beam_size > 1:
+                job.search = BeamSearch(job.beam_size, self._spec.eos_id, job.max_length)
+            admitted.append(job)
+            self._m_queue.observe(now - job.enqueued)
+        if expired:
+            loop.call_soon_threadsafe(self._deliver, [], [], expired, 0, now)
+        if not admitted:
+            return
+        # NOTE: admitted jobs run (and fail with the batch) from here, even if encoding fails.
+        self._running.extend(admitted)
+        self._slots = slots
+        self._beams += sum(job.search is not None for job in admitted)
+        sources = [job.source for job in admitted]
+        lengths = torch.tensor([s.shape[0] for s in sources], dtype=torch.int64)
+        padded = torch.nn.utils.rnn.pad_sequence(
+            [torch.from_numpy(s) for s in sources], batch_first=True
+        ).to(self._device)
+        if padded.is_floating_point():
+            padded = padded.to(self._dtype)
+        fresh = self._network.encode(padded, lengths)
+        bos = torch.full(
+            (len(admitted),), self._spec.bos_id, dtype=torch.int64, device=self._device
+        )
+        if self._state is None or self._feed is None:
+            self._state, self._feed = fresh, bos
+        else:
+            self._state = DecoderState.cat([self._state, fresh])
+            self._feed = torch.cat([self._feed, bos])
+
+    def _advance(
+        self, loop: asyncio.AbstractEventLoop, best: list[int], log_probs: Tensor | None
+    ) -> tuple[list[int], list[int] | None]:
+        """Apply one step to each running job; return the rows to keep and, when beams run,
+        the token each kept row reads next (else it is its arg-max)."""
+        now = time.monotonic()
         keep: list[int] = []
-        feed: list[int] = []
+        feed: list[int] | None = None if log_probs is None else []
         survivors: list[Job] = []
         emitted: list[tuple[Job, int]] = []
         offset = 0
         eos = self._spec.eos_id
         finished: list[tuple[Job, list[int]]] = []
         expired: list[Job] = []
+        left: list[Job] = []
         cancelled = 0
         for job in self._running:
             start, offset = offset, offset + job.rows
-            if job.dead:  # NOTE: a read of a flag the loop may set; at worst one step late
+            if job.future.done():  # NOTE: a read of a flag the loop may set; at worst one step late
                 cancelled += 1
+                left.append(job)
                 continue
             if job.deadline is not None and job.deadline <= now:
                 expired.append(job)
+                left.append(job)
                 continue
-            if job.search is None:
+            search = job.search
+            if search is None:
                 token = best[start]
                 if token == eos:
                     finished.append((job, job.tokens))
+                    left.append(job)
                     continue
                 job.tokens.append(token)
                 if job.on_token is not None:
                     emitted.append((job, token))
                 if len(job.tokens) >= job.max_length:
                     finished.append((job, job.tokens))
+                    left.append(job)
                     continue
                 keep.append(start)
-                feed.append(token)
+                if feed is not None:
+                    feed.append(token)
             else:
-                parents, chosen = job.search.step(log_probs[start:offset])
-                if job.search.done:
-                    finished.append((job, job.search.best()))
+                assert log_probs is not None and feed is not None
+                parents, chosen = search.step(log_probs[start:offset])
+                if search.done:
+                    finished.append((job, search.best()))
+                    left.append(job)
                     continue
                 keep.extend((parents + start).tolist())
                 feed.extend(chosen.tolist())
@@ -388,9 +420,12 @@ class DecodeScheduler:
             # NOTE: one hand-over per step; tokens first, so a stream sees its last token
             # before its result.
             loop.call_soon_threadsafe(self._deliver, emitted, finished, expired, cancelled, now)
+        for job in left:
+            self._slots -= job.beam_size
+            if job.search is not None:
+                self._beams -= 1
         self._running = survivors
-        self._feed = feed
-        return keep
+        return keep, feed
 
     def _deliver(
         self,
@@ -412,6 +447,13 @@ class DecodeScheduler:
         if cancelled:
             self._m_dropped_cancelled.inc(cancelled)
 
+    def _clear_running(self) -> None:
+        self._running = []
+        self._slots = 0
+        self._beams = 0
+        self._state = None
+        self._feed = None
+
     def _fail_running(self, exc: Exception) -> None:
         log.error(
             "model %s version %s: decode step failed: %s: %s",
@@ -431,7 +473,5 @@ class DecodeScheduler:
         for job in self._running:
             if not job.future.done():
                 job.future.set_exception(error)
-        self._running = []
-        self._state = None
-        self._feed = []
+        self._clear_running()
         self._gauges()

@@ -124,7 +124,7 @@ class Settings(BaseSettings):
         description="Sequences waiting for a decode slot before generate is refused (Overloaded).",
     )
     decode_join_fraction: float = Field(
-        default=0.25,
+        default=0.5,
         gt=0.0,
         le=1.0,
         description=(
@@ -133,7 +133,7 @@ class Settings(BaseSettings):
         ),
     )
     decode_max_wait_steps: int = Field(
-        default=8,
+        default=16,
         ge=0,
         description="…or once the oldest has waited this many decode steps (0: join at once).",
     )

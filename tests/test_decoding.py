@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import random
 import time
 from pathlib import Path
 
@@ -10,11 +12,12 @@ import pytest
 import torch
 
 from models import checkpoint
+from models.checkpoint import save
 from service.errors import DeadlineExceeded, InvalidInput, Overloaded
 from service.metrics import Metrics
 from service.types import EncodeRequest, GenerateRequest, GenerateResult, TokenEvent
 from tests.conftest import StartEngine, device_held, sample
-from tests.factories import CHAR_VOCAB, write_model
+from tests.factories import CHAR_VOCAB, TARGET_VOCAB, write_model
 
 SOURCES = ["hello", "ab", "a longer source text", "xyz"]
 
@@ -31,6 +34,16 @@ def offline(path: Path, texts: list[str], beam_size: int, max_length: int) -> li
             max_length=max_length,
             beam_size=beam_size,
         )
+
+
+def write_eos_model(repository: Path, **kwargs: object) -> Path:
+    """A seq2seq checkpoint whose larger output weights make it emit <eos> now and then."""
+    path = write_model(repository, "s2s", task="seq2seq", input_type="text", **kwargs)
+    loaded = checkpoint.load(path)
+    with torch.no_grad():
+        loaded.model.decoder.output.weight.mul_(4)  # type: ignore[union-attr]
+    target = TARGET_VOCAB if loaded.config.decoder and loaded.config.decoder.vocab else None
+    return save(loaded.model, path, vocab=CHAR_VOCAB, target_vocab=target)
 
 
 @pytest.mark.parametrize(("cell", "attention"), [("lstm", True), ("gru", False)])
@@ -173,3 +186,79 @@ async def test_rows_never_exceed_the_decode_slots(
     assert steps > 0
     assert sample(metrics, "rnnserve_batch_size_bucket", **labels, le="4.0") == steps
     assert sample(metrics, "rnnserve_batch_size_bucket", **labels, le="2.0") < steps
+
+
+async def test_rows_joining_and_leaving_over_many_steps_equal_offline(
+    repository: Path, start_engine: StartEngine, metrics: Metrics
+) -> None:
+    path = write_eos_model(repository, cell="gru", attention=True, max_length=40)
+    engine = await start_engine()
+    rng = random.Random(0)
+    letters = "abcdefghijklmnopqrstuvwxyz "
+    requests = [
+        GenerateRequest(
+            "s2s",
+            ["".join(rng.choice(letters) for _ in range(rng.randint(1, 20)))],
+            "text",
+            max_length=rng.randint(1, 40),
+            beam_size=3 if i % 5 == 4 else 1,
+        )
+        for i in range(30)
+    ]
+    results: dict[int, list[int]] = {}
+    pending = list(enumerate(requests))
+
+    async def caller() -> None:
+        # Closed loop: each finished request is followed by the next, so newcomers keep
+        # joining a batch whose rows leave at <eos>, at their own max_length or as beams end.
+        while pending:
+            index, request = pending.pop(0)
+            result = await engine.generate(request)
+            results[index] = result.outputs[0].tokens
+
+    await asyncio.gather(*(caller() for _ in range(6)))
+    for index, request in enumerate(requests):
+        assert request.max_length is not None
+        expected = offline(path, request.sequences, request.beam_size, request.max_length)  # type: ignore[arg-type]
+        assert results[index] == expected[0], f"request {index}"
+    # Both ways out were taken: <eos> before max_length, and max_length.
+    lengths = [(len(results[i]), r.max_length) for i, r in enumerate(requests)]
+    assert any(n < limit for n, limit in lengths) and any(n == limit for n, limit in lengths)
+    # Rows shared steps: fewer decode steps than the greedy tokens alone.
+    greedy = sum(len(results[i]) for i, r in enumerate(requests) if r.beam_size == 1)
+    labels = {"model": "s2s", "version": "1"}
+    assert sample(metrics, "rnnserve_model_calls_total", **labels, kind="decode") < greedy
+    await asyncio.sleep(0.05)
+    assert sample(metrics, "rnnserve_decode_slots_in_use", **labels) == 0
+
+
+async def test_a_cancelled_stream_leaves_and_the_other_rows_are_unchanged(
+    repository: Path, start_engine: StartEngine, metrics: Metrics
+) -> None:
+    path = write_model(
+        repository, "s2s", task="seq2seq", input_type="text", attention=True, max_length=400
+    )
+    engine = await start_engine()
+    labels = {"model": "s2s", "version": "1"}
+    streamed: list[int] = []
+
+    async def stream_then_leave() -> None:
+        request = GenerateRequest("s2s", ["abc"], "text")
+        async with contextlib.aclosing(engine.generate_stream(request)) as events:
+            async for event in events:
+                if isinstance(event, TokenEvent):
+                    streamed.append(event.token)
+                if len(streamed) == 20:
+                    return  # the client goes away mid-decoding
+
+    others = [GenerateRequest("s2s", [t], "text", max_length=30) for t in SOURCES]
+    _, *results = await asyncio.gather(stream_then_leave(), *(engine.generate(r) for r in others))
+    for request, result in zip(others, results, strict=True):
+        assert [result.outputs[0].tokens] == offline(path, request.sequences, 1, 30)  # type: ignore[arg-type]
+    assert streamed == offline(path, ["abc"], 1, 400)[0][:20]
+    await asyncio.sleep(0.05)
+    assert sample(metrics, "rnnserve_dropped_sequences_total", **labels, reason="cancelled") == 1
+    assert sample(metrics, "rnnserve_decode_slots_in_use", **labels) == 0
+    steps = sample(metrics, "rnnserve_model_calls_total", **labels, kind="decode")
+    await asyncio.sleep(0.05)
+    assert sample(metrics, "rnnserve_model_calls_total", **labels, kind="decode") == steps

@@ -67,12 +67,12 @@ def test_segmented_equals_packed(
 
 def test_run_rnn_on_long_unequal_rows_equals_packing() -> None:
     torch.manual_seed(0)
-    rnn = make_rnn("lstm", 4, 8, 2)
-    inputs = torch.randn(5, 50, 4)
-    lengths = torch.tensor([50, 9, 33, 17, 48])
+    rnn = make_rnn("lstm", 4, 128, 2)  # big and long enough for the segmented path
+    inputs = torch.randn(5, 70, 4)
+    lengths = torch.tensor([70, 9, 33, 17, 64])
     with torch.inference_mode():
         outputs, state = run_rnn(rnn, inputs, lengths)
         expected_out, expected_state = _packed(rnn, inputs, lengths, None)
-    torch.testing.assert_close(outputs, expected_out, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(outputs, expected_out, rtol=1e-4, atol=1e-5)
     _close(state, expected_state)
     assert bool((outputs[1, 9:] == 0).all())  # zero past each length, as the contract says
