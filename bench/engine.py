@@ -199,6 +199,9 @@ async def main() -> None:
     )
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N")
+    parser.add_argument(
+        "--requests", type=int, default=256, help="seq2seq requests per round (each mix)"
+    )
     parser.add_argument("--sequences", type=int, default=512)
     args = parser.parse_args()
 
@@ -207,7 +210,7 @@ async def main() -> None:
         rng.standard_normal((int(n), FEATURES)).astype(np.float32)
         for n in rng.integers(16, 129, args.sequences)
     ]
-    sources = [rng.integers(4, len(VOCAB), int(n)) for n in rng.integers(5, 30, 256)]
+    sources = [rng.integers(4, len(VOCAB), int(n)) for n in rng.integers(5, 30, args.requests)]
     mixes = {
         "skewed": [
             int(rng.integers(48, 65)) if rng.random() < 0.25 else int(rng.integers(4, 13))
