@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # The checks that need a CUDA device, in one run (a GPU machine whose python3 has torch):
-# tests/test_gpu.py, then the model benchmark on the GPU. Logs go to $OUT (default ./gpu-out).
+# tests/test_gpu.py, then the model, engine and session benchmarks on the GPU. Logs go to $OUT
+# (default ./gpu-out).
 # Packages the machine lacks can come as wheels in .whl/ (installed into /tmp/site).
 set -o pipefail
 OUT=${OUT:-gpu-out}
@@ -18,4 +19,7 @@ timeout "${TEST_TIMEOUT:-240}" python3 -m pytest -q -p no:cacheprovider -o addop
   tests/test_gpu.py 2>&1 | tee "$OUT/gpu-tests.log" || rc=1
 timeout 120 python3 -m bench.models --device cuda --repeats 5 --sequences 256 2>&1 \
   | tee "$OUT/bench-models.log" || rc=1
+timeout 150 python3 -m bench.engine --device cuda --rounds 3 --sequences 512 2>&1 \
+  | tee "$OUT/bench-engine.log" || rc=1
+timeout 120 python3 bench/sessions.py --device cuda 2>&1 | tee "$OUT/bench-sessions.log" || rc=1
 exit $rc

@@ -320,9 +320,12 @@ async def test_property_batching_never_changes_a_result(
     expected = reference(repository, "p", seqs)
     # Any grouping of the same sequences into concurrent requests gives the same encodings.
     groups = [list(range(len(seqs)))[k::split] for k in range(split)]
+    before = calls(engine.metrics, "p")
     results = await asyncio.gather(
         *(engine.encode(request("p", [seqs[i] for i in g])) for g in groups if g)
     )
+    # ...computed together: requests that arrive together share one model call.
+    assert calls(engine.metrics, "p") - before == 1
     for group, result in zip([g for g in groups if g], results, strict=True):
         np.testing.assert_allclose(result.encodings, expected[group], rtol=1e-5, atol=1e-6)
 
