@@ -284,4 +284,10 @@ async def main() -> None:
 
 
 if __name__ == "__main__":
-    asyncio.run(main())
+    # NOTE: the loop `rnnserve serve` runs (service/main.py): uvloop where installed.
+    try:
+        import uvloop
+    except ImportError:
+        asyncio.run(main())
+    else:
+        uvloop.run(main())

@@ -306,6 +306,53 @@ def _scatter_rows(target: State, source: State, rows: Tensor) -> None:
         target[:, rows] = source
 
 
+def step_rnn(rnn: nn.Module, inputs: Tensor, state: State) -> tuple[Tensor, State]:
+    """One time step for every row: inputs [N, F], state [L, N, H] → (top output [N, H], state).
+
+    Unidirectional only (decoders). nn.RNN/LSTM/GRU run one fused cell op per layer
+    (torch.*_cell): a single step through nn.GRU/LSTM.forward costs ~20 % more in argument
+    checks and flat-weight handling. Same results as `run_rnn` over one step.
+    """
+    if isinstance(rnn, ResetBeforeGRU) or not isinstance(rnn, nn.RNNBase) or rnn.bidirectional:
+        ones = torch.ones(inputs.shape[0], dtype=torch.int64)
+        outputs, new_state = run_rnn(rnn, inputs[:, None, :], ones, state)
+        return outputs[:, 0], new_state
+    x = inputs
+    if isinstance(rnn, nn.LSTM):
+        assert isinstance(state, tuple)
+        hs, cs = [], []
+        for layer in range(rnn.num_layers):
+            h, c = torch.lstm_cell(
+                x, (state[0][layer], state[1][layer]), *_cell_weights(rnn, layer)
+            )
+            hs.append(h)
+            cs.append(c)
+            x = h
+        return x, (torch.stack(hs), torch.stack(cs))
+    assert isinstance(state, Tensor)
+    if isinstance(rnn, nn.GRU):
+        cell = torch.gru_cell
+    elif rnn.nonlinearity == "tanh":
+        cell = torch.rnn_tanh_cell
+    else:
+        cell = torch.rnn_relu_cell
+    hs = []
+    for layer in range(rnn.num_layers):
+        x = cell(x, state[layer], *_cell_weights(rnn, layer))
+        hs.append(x)
+    return x, torch.stack(hs)
+
+
+def _cell_weights(
+    rnn: nn.RNNBase, layer: int
+) -> tuple[Tensor, Tensor, Tensor | None, Tensor | None]:
+    w_ih: Tensor = getattr(rnn, f"weight_ih_l{layer}")
+    w_hh: Tensor = getattr(rnn, f"weight_hh_l{layer}")
+    if not rnn.bias:
+        return w_ih, w_hh, None, None
+    return w_ih, w_hh, getattr(rnn, f"bias_ih_l{layer}"), getattr(rnn, f"bias_hh_l{layer}")
+
+
 def top_layer_final(state: State, bidirectional: bool) -> Tensor:
     """The top layer's final h per row, directions concatenated: [N, D*H]."""
     h = state[0] if isinstance(state, tuple) else state

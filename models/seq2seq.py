@@ -16,7 +16,14 @@ from models.attention import AdditiveAttention
 from models.config import DecoderSpec, ModelConfig
 from models.decoding import beam_decode, greedy_decode
 from models.encoder import SequenceEncoder
-from models.recurrent import State, cat_states, make_rnn, run_rnn, select_state, top_layer_final
+from models.recurrent import (
+    State,
+    cat_states,
+    make_rnn,
+    select_state,
+    step_rnn,
+    top_layer_final,
+)
 
 
 @dataclass(frozen=True)
@@ -148,10 +155,9 @@ class Seq2SeqModel(nn.Module):
         else:
             h = state.hidden[0] if isinstance(state.hidden, tuple) else state.hidden
             context = dec.attention(h[-1], _req(state.keys), _req(state.memory), _req(state.mask))
-        x = torch.cat([embedded, context], dim=-1)[:, None, :]  # [N, 1, Emb + E]
-        ones = torch.ones(tokens.shape[0], dtype=torch.int64)
-        outputs, hidden = run_rnn(dec.rnn, x, ones, state.hidden)  # [N, 1, E]
-        logits = dec.output(outputs[:, 0])  # [N, V]
+        x = torch.cat([embedded, context], dim=-1)  # [N, Emb + E]
+        output, hidden = step_rnn(dec.rnn, x, state.hidden)  # [N, E]
+        logits = dec.output(output)  # [N, V]
         log_probs = torch.log_softmax(logits.float(), dim=-1)
         return log_probs, replace(state, hidden=hidden)
 

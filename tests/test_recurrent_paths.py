@@ -1,16 +1,17 @@
-"""The segmented path (`run_segmented`) equals the packed path: outputs and every final state."""
+"""The fast paths equal the plain ones: `run_segmented` vs packing, `step_rnn` vs one step."""
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Any, Literal
 
+import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from torch import nn
 from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
 
-from models.recurrent import State, make_rnn, run_rnn, run_segmented
+from models.recurrent import State, make_rnn, run_rnn, run_segmented, step_rnn
 
 
 def _packed(
@@ -76,3 +77,37 @@ def test_run_rnn_on_long_unequal_rows_equals_packing() -> None:
     torch.testing.assert_close(outputs, expected_out, rtol=1e-4, atol=1e-5)
     _close(state, expected_state)
     assert bool((outputs[1, 9:] == 0).all())  # zero past each length, as the contract says
+
+
+@pytest.mark.parametrize(
+    "variant",
+    [
+        {"cell": "rnn", "nonlinearity": "tanh"},
+        {"cell": "rnn", "nonlinearity": "relu"},
+        {"cell": "lstm"},
+        {"cell": "gru", "reset_after": True},
+        {"cell": "gru", "reset_after": False},
+    ],
+    ids=lambda v: "-".join(str(x) for x in v.values()),
+)
+@pytest.mark.parametrize("layers", [1, 3])
+def test_one_step_by_cells_equals_the_full_layer(variant: dict[str, Any], layers: int) -> None:
+    torch.manual_seed(layers)
+    rnn = make_rnn(
+        variant["cell"],
+        5,
+        6,
+        layers,
+        nonlinearity=variant.get("nonlinearity", "tanh"),
+        reset_after=variant.get("reset_after", True),
+    )
+    inputs = torch.randn(4, 5)
+    h0 = torch.randn(layers, 4, 6)
+    state: State = (h0, torch.randn_like(h0)) if variant["cell"] == "lstm" else h0
+    with torch.inference_mode():
+        output, new_state = step_rnn(rnn, inputs, state)
+        expected_out, expected_state = run_rnn(
+            rnn, inputs[:, None, :], torch.ones(4, dtype=torch.int64), state
+        )
+    torch.testing.assert_close(output, expected_out[:, 0], rtol=1e-5, atol=1e-6)
+    _close(new_state, expected_state)
