@@ -3,9 +3,10 @@
 Reference workload: a 2-layer LSTM (input 32, hidden 256), one sequence per request, lengths
 uniform in 16..128. For each service (rnnserve.v1 Encode; V2 ModelInfer with raw contents) and
 each concurrency (1, 16, 64), a separate load-generating process (this script with --client)
-keeps that many calls in flight for --duration seconds and reports throughput, p50 and p99.
+keeps that many calls in flight for --duration seconds and reports throughput, p50 and p99;
+like wrk, it sends pre-serialised messages and leaves answers unparsed (grpc.aio on uvloop).
 The baseline is measured in the same run: the same checkpoint called directly in this process
-with batches of 64 such sequences, on the same number of CPU threads as the server.
+with packed batches of 64 such sequences, on the same number of CPU threads as the server.
 
     .venv/bin/python -m bench.grpc [--duration 5] [--threads N] [--device cpu]
 
@@ -112,19 +113,18 @@ def _requests(service: str, n: int) -> list[Any]:
     return messages
 
 
+METHODS = {"v1": "/rnnserve.v1.RnnServe/Encode", "v2": "/inference.GRPCInferenceService/ModelInfer"}
+
+
 async def _load(port: int, service: str, concurrency: int, duration: float) -> dict[str, Any]:
     import grpc
 
-    from service._proto.inference import grpc_service_pb2_grpc as v2_grpc
-    from service._proto.rnnserve.v1 import rnnserve_pb2_grpc as pb_grpc
-
-    messages = _requests(service, 512)
+    # NOTE: like wrk for HTTP, the load generator sends pre-serialised messages and does not
+    # parse the answers (no serializers on the call), so that it takes as little as possible
+    # of the cores it shares with the server.
+    messages = [m.SerializeToString() for m in _requests(service, 512)]
     async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
-        call = (
-            pb_grpc.RnnServeStub(channel).Encode
-            if service == "v1"
-            else v2_grpc.GRPCInferenceServiceStub(channel).ModelInfer
-        )
+        call = channel.unary_unary(METHODS[service])
         latencies: list[float] = []
         errors = 0
         warmup_end = time.perf_counter() + min(1.0, duration / 4)
@@ -156,7 +156,13 @@ async def _load(port: int, service: str, concurrency: int, duration: float) -> d
 
 def client_main(args: argparse.Namespace) -> int:
     """--client: generate load and print one JSON line."""
-    result = asyncio.run(_load(args.port, args.service, args.concurrency, args.duration))
+    load = _load(args.port, args.service, args.concurrency, args.duration)
+    try:
+        import uvloop
+    except ImportError:
+        result = asyncio.run(load)
+    else:
+        result = uvloop.run(load)
     print(json.dumps(result), flush=True)
     return 0
 
