@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import gc
 import json
 import secrets
 import statistics
@@ -75,6 +76,9 @@ async def run_mode(mode: str, args: argparse.Namespace) -> dict[str, Any]:
             state_key=SecretStr(secrets.token_urlsafe(32)),
             max_sessions=args.sessions,
         )
+        # As `rnnserve serve` does at start-up (service/main.py): the compute thread takes the
+        # GIL back after every torch op, and this bounds its wait for a busy event loop.
+        sys.setswitchinterval(settings.gil_switch_interval_us / 1e6)
         engine = Engine(settings, Metrics(CollectorRegistry()))
         await engine.start()
         sessions = engine.sessions
@@ -83,11 +87,11 @@ async def run_mode(mode: str, args: argparse.Namespace) -> dict[str, Any]:
         data = rng.standard_normal((args.sessions, steps, args.features)).astype(np.float32)
         latencies: list[float] = []
 
-        async def client(index: int) -> None:
+        async def client(index: int, chunks: int) -> None:
             sequence = data[index]
             session_id = None if mode == "tokens" else sessions.create("bench").id
             token: bytes | None = None
-            for start in range(0, steps, args.chunk):
+            for start in range(0, min(steps, chunks * args.chunk), args.chunk):
                 chunk = sequence[start : start + args.chunk]
                 began = time.perf_counter()
                 if session_id is None:
@@ -99,11 +103,17 @@ async def run_mode(mode: str, args: argparse.Namespace) -> dict[str, Any]:
             if session_id is not None:
                 sessions.close(session_id)
 
-        # Warm-up: one short round so that allocator and thread pools are hot.
-        await asyncio.gather(*(client(i) for i in range(min(8, args.sessions))))
+        # Warm-up: every client streams two chunks (the first from the zero state, the second
+        # from a carried one), so that allocator, thread pools and the kernels of the very batch
+        # shapes measured below are hot in every mode alike.
+        await asyncio.gather(*(client(i, 2) for i in range(args.sessions)))
         latencies.clear()
+        # NOTE: a full collection now, in every mode alike: otherwise a gen-2 collection set off
+        # by earlier rounds' garbage (60-90 ms with torch loaded) lands in whichever mode's
+        # measurement happens to be running, and moves that mode's p99 by a whole batch.
+        gc.collect()
         began = time.perf_counter()
-        await asyncio.gather(*(client(i) for i in range(args.sessions)))
+        await asyncio.gather(*(client(i, args.chunks) for i in range(args.sessions)))
         wall = time.perf_counter() - began
         await engine.drain(1.0)
     ordered = sorted(latencies)

@@ -164,19 +164,27 @@ class Engine:
         return entry.version, entry.config
 
     def model_head(self, name: str, version: int) -> Head | None:
-        """A READY version's linear head as numpy arrays (None without a head)."""
-        from service.sessions import Head
+        """A READY version's linear head as numpy arrays (None without a head); copied from the
+        device once per loaded model (sessions ask for it every chunk)."""
+        from service.sessions import Head, head_of
 
         entry = self.registry.resolve(name, version)
-        model = entry.loaded.model if entry.loaded is not None else None
-        head = getattr(model, "head", None)
-        if head is None or entry.config.head is None:
+        loaded = entry.loaded
+        if loaded is None or entry.config.head is None:
             return None
-        return Head(
-            weight=head.weight.detach().float().cpu().numpy(),
-            bias=head.bias.detach().float().cpu().numpy(),
-            labels=entry.config.head.labels,
-        )
+        labels = entry.config.head.labels
+
+        def build() -> Head | None:
+            head = getattr(loaded.model, "head", None)
+            if head is None:
+                return None
+            return Head(
+                weight=head.weight.detach().float().cpu().numpy(),
+                bias=head.bias.detach().float().cpu().numpy(),
+                labels=labels,
+            )
+
+        return head_of(loaded.model, build)
 
     async def load(self, name: str, version: int | None = None) -> None:
         """Load a model (its policy's versions) or one version, beside what serves."""
@@ -249,8 +257,8 @@ class Engine:
             raise _chunk_error(exc) from None
         state = None
         if initial_state is not None:
-            parts = tuple(torch.from_numpy(np.ascontiguousarray(s)) for s in initial_state)
-            state = parts if len(parts) == 2 else parts[0]
+            parts = [torch.from_numpy(np.ascontiguousarray(s)) for s in initial_state]
+            state = (parts[0], parts[1]) if len(parts) == 2 else parts[0]
         deadline = None if timeout is None else time.monotonic() + timeout
         future: asyncio.Future[Row] = asyncio.get_running_loop().create_future()
         item = Item(array, future, "none", deadline, state, return_state=True)
@@ -263,7 +271,7 @@ class Engine:
         return ChunkOutput(
             version=entry.version,
             outputs=row.encoding,
-            final_state=tuple(t.float().cpu().numpy() for t in tensors),
+            final_state=tuple([t.float().cpu().numpy() for t in tensors]),
         )
 
     # -- generate --------------------------------------------------------------------------

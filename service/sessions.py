@@ -20,9 +20,11 @@ import contextlib
 import logging
 import secrets
 import time
+import weakref
 from collections import OrderedDict
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Literal, Protocol
+from typing import Any, Literal, Protocol
 
 import numpy as np
 
@@ -141,6 +143,20 @@ class _Session:
 # --- the stream arithmetic (pure numpy) ------------------------------------------------------
 
 
+# Each loaded model's head as numpy arrays, keyed by the model object itself: a reload loads a
+# new object (a fresh entry) and an unloaded model's entry goes with it.
+_heads: weakref.WeakKeyDictionary[Any, Head | None] = weakref.WeakKeyDictionary()
+
+
+def head_of(model: object, build: Callable[[], Head | None]) -> Head | None:
+    """The head of a loaded `model`, made by `build()` once per model object."""
+    try:
+        return _heads[model]
+    except KeyError:
+        head = _heads[model] = build()
+        return head
+
+
 def signature(config: ModelConfig) -> str:
     """Every architecture detail a stream state depends on (tokens are bound to it)."""
     enc = config.encoder
@@ -161,19 +177,25 @@ def check_streamable(config: ModelConfig) -> None:
         raise InvalidInput("model", BIDIRECTIONAL_REASON)
 
 
+def state_shapes(config: ModelConfig) -> list[tuple[int, ...]]:
+    """The shapes of a stream state's arrays: h (and c for an LSTM) [L, H], sum [E], max [E]."""
+    enc = config.encoder
+    rnn = (enc.num_layers, enc.hidden_size)
+    pooled = (config.encoding_size,)
+    return [rnn, rnn, pooled, pooled] if enc.cell == "lstm" else [rnn, pooled, pooled]
+
+
 def initial_state(config: ModelConfig) -> StreamState:
     """The state before the first step: zero RNN state, empty accumulators."""
-    enc = config.encoder
-    zeros = np.zeros((enc.num_layers, enc.hidden_size), dtype=np.float32)
-    rnn: RowState = (zeros, zeros.copy()) if enc.cell == "lstm" else (zeros,)
-    total = np.zeros(config.encoding_size, dtype=np.float32)
-    peak = np.full(config.encoding_size, -np.inf, dtype=np.float32)
-    return StreamState((*rnn, total, peak), steps=0)
+    *zeros, peak = state_shapes(config)
+    arrays = [np.zeros(shape, dtype=np.float32) for shape in zeros]
+    arrays.append(np.full(peak, -np.inf, dtype=np.float32))
+    return StreamState(tuple(arrays), steps=0)
 
 
 def check_state(config: ModelConfig, state: StreamState, field: str) -> None:
     """Raise `StateTokenError` unless `state` has this model's shapes (a signed but wrong token)."""
-    want = [a.shape for a in initial_state(config).arrays]
+    want = state_shapes(config)
     if [a.shape for a in state.arrays] != want:
         raise StateTokenError("garbled", "does not hold this model's state shapes", field)
 
@@ -185,10 +207,14 @@ def rnn_state(state: StreamState) -> RowState | None:
 
 def advance(state: StreamState, chunk: ChunkOutput) -> StreamState:
     """The state after `chunk`: its final RNN state, accumulators updated, steps counted."""
-    outputs = chunk.outputs  # [T, E]
-    total = state.arrays[-2] + outputs.sum(axis=0, dtype=np.float32)
-    peak = np.maximum(state.arrays[-1], outputs.max(axis=0))
-    return StreamState((*chunk.final_state, total, peak), steps=state.steps + int(outputs.shape[0]))
+    outputs = chunk.outputs  # float32 [T, E]
+    # NOTE: ufunc reductions straight, in place on the fresh results: this runs once per chunk
+    # on the event loop, where numpy's method wrappers and extra copies add up.
+    total = np.add.reduce(outputs, axis=0)
+    total += state.arrays[-2]
+    peak = np.maximum.reduce(outputs, axis=0)
+    np.maximum(peak, state.arrays[-1], out=peak)
+    return StreamState((*chunk.final_state, total, peak), steps=state.steps + len(outputs))
 
 
 def pooled(
@@ -198,7 +224,7 @@ def pooled(
     if pooling == "last":
         return last
     if pooling == "mean":
-        return (state.arrays[-2] / np.float32(state.steps)).astype(np.float32)
+        return state.arrays[-2] / np.float32(state.steps)  # float32 / float32: float32
     return state.arrays[-1]
 
 
@@ -240,6 +266,8 @@ class SessionManager:
         self._expired: OrderedDict[str, str] = OrderedDict()
         self._expired_limit = max(1024, max_sessions)
         self._reaper: asyncio.Task[None] | None = None
+        # NOTE: metric children looked up once; `labels()` costs microseconds per chunk.
+        self._chunk_counters: dict[tuple[str, str], Any] = {}
 
     @classmethod
     def from_settings(
@@ -507,8 +535,13 @@ class SessionManager:
             self._metrics.sessions_refused_total.labels(model, reason).inc()
 
     def _count_chunk(self, model: str, mode: str) -> None:
-        if self._metrics is not None:
-            self._metrics.session_chunks_total.labels(model, mode).inc()
+        if self._metrics is None:
+            return
+        counter = self._chunk_counters.get((model, mode))
+        if counter is None:
+            counter = self._metrics.session_chunks_total.labels(model, mode)
+            self._chunk_counters[(model, mode)] = counter
+        counter.inc()
 
 
 __all__ = [

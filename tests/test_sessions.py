@@ -63,16 +63,19 @@ VARIANTS: dict[str, tuple[dict[str, Any], InputKind]] = {
 class Served:
     """An engine and a session manager living on a loop in a background thread."""
 
-    def __init__(self, repository: Path) -> None:
+    def __init__(self, repository: Path, **settings: Any) -> None:
         self.loop = asyncio.new_event_loop()
         self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)
         self.thread.start()
         self.registry = CollectorRegistry()
         self.metrics = Metrics(self.registry)
-        self.engine = Engine(
-            Settings(repository=repository, device="cpu", cpu_threads=1, state_key=KEY.decode()),
-            self.metrics,
-        )
+        options: dict[str, Any] = {
+            "repository": repository,
+            "device": "cpu",
+            "cpu_threads": 1,
+            "state_key": KEY.decode(),
+        }
+        self.engine = Engine(Settings(**{**options, **settings}), self.metrics)
         self.run(self.engine.start())
         # The engine's own manager (configured from Settings, started by engine.start()).
         self.sessions = self.engine.sessions
@@ -363,22 +366,33 @@ def test_bad_tokens_are_refused_by_reason(served: Served) -> None:
     chunk = _sequence("features", 5, 4)
     token = served.run(served.sessions.stream("lstm", chunk, "features")).state_token
     assert token is not None
-    cases: list[tuple[str, bytes, str]] = [
-        ("gru", token, "wrong_model"),
-        ("lstm", token[:-1], "truncated"),
-        ("lstm", token[:40] + bytes([token[40] ^ 1]) + token[41:], "tampered"),
+    cases: list[tuple[str, bytes, str, str]] = [
+        ("gru", token, "wrong_model", "was issued for model 'lstm' version 1, not 'gru' version 1"),
+        ("lstm", token[:-1], "truncated", "is truncated"),
+        # A byte of the sealed state itself: only the MAC can tell.
+        (
+            "lstm",
+            token[:40] + bytes([token[40] ^ 1]) + token[41:],
+            "tampered",
+            "failed its integrity check (tampered)",
+        ),
     ]
-    other = StateTokenCodec(b"another-key-0123456789abcdef")
-    for model, bad, reason in cases:
+    for model, bad, reason, message in cases:
         with pytest.raises(StateTokenError) as info:
             served.run(served.sessions.stream(model, chunk, "features", state_token=bad))
-        assert info.value.reason == reason
+        assert (info.value.reason, info.value.field) == (reason, "state_token")
+        assert info.value.message == f"state_token: {message}"
+    other = SessionManager(served.engine, StateTokenCodec(b"another-key-0123456789abcdef"))
     with pytest.raises(StateTokenError) as info:
-        SessionManager(served.engine, other).create("lstm", state_token=token)
+        other.create("lstm", state_token=token)
     assert info.value.reason == "wrong_key"
+    assert "different server key" in info.value.message
+    assert "RNNSERVE_STATE_KEY" in info.value.message
     # A refused token opens no session.
+    active = served.sessions.active
     with pytest.raises(StateTokenError):
         served.sessions.create("gru", state_token=token)
+    assert served.sessions.active == active
 
 
 def test_chunk_contents_are_validated(served: Served) -> None:
@@ -401,3 +415,47 @@ async def test_a_draining_server_opens_no_sessions(repository: Path, start_engin
     # drain closed the open sessions too
     with pytest.raises(NotFound):
         engine.sessions.info(info.id)
+
+
+async def test_a_token_of_another_version_is_refused(repository: Path, start_engine: Any) -> None:
+    write_model(repository, "lstm", version=1, cell="lstm", seed=1)
+    write_model(repository, "lstm", version=2, cell="lstm", seed=2)
+    engine = await start_engine(version_policy="all", state_key=KEY.decode())
+    chunk = _sequence("features", 4, 6)
+    first = await engine.sessions.stream("lstm", chunk, "features", version=1)
+    assert first.version == 1 and first.state_token is not None
+    with pytest.raises(StateTokenError) as info:
+        await engine.sessions.stream(
+            "lstm", chunk, "features", version=2, state_token=first.state_token
+        )
+    assert info.value.reason == "wrong_model"
+    assert info.value.message == (
+        "state_token: was issued for model 'lstm' version 1, not 'lstm' version 2"
+    )
+    with pytest.raises(StateTokenError, match="version 1, not 'lstm' version 2"):
+        engine.sessions.create("lstm", 2, state_token=first.state_token)
+    # The version it was issued for still takes it.
+    second = await engine.sessions.stream(
+        "lstm", chunk, "features", version=1, state_token=first.state_token
+    )
+    assert second.steps == 8
+
+
+async def test_head_scores_follow_a_reload(repository: Path, start_engine: Any) -> None:
+    """The head is cached per loaded model: a reload with new weights must score with them."""
+    write_model(repository, "headed", cell="gru", head=["a", "b", "c"], seed=1)
+    engine = await start_engine(state_key=KEY.decode())
+    chunk = _sequence("features", 6, 7)
+
+    async def streamed_and_whole() -> tuple[np.ndarray, np.ndarray]:
+        streamed = await engine.sessions.stream("headed", chunk, "features")
+        whole = await engine.encode(EncodeRequest("headed", [chunk], "features"))
+        assert streamed.scores is not None and whole.scores is not None
+        np.testing.assert_allclose(streamed.scores, whole.scores[0], rtol=1e-4, atol=1e-5)
+        return streamed.scores, whole.scores[0]
+
+    before, _ = await streamed_and_whole()
+    write_model(repository, "headed", cell="gru", head=["a", "b", "c"], seed=2)
+    await engine.reload("headed")
+    after, _ = await streamed_and_whole()
+    assert not np.allclose(before, after, rtol=1e-3, atol=1e-4)

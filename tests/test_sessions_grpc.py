@@ -3,6 +3,8 @@ StreamChunk (portable tokens), through generated stubs on a loopback port."""
 
 from __future__ import annotations
 
+import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -13,6 +15,7 @@ import pytest
 from service._proto.rnnserve.v1 import rnnserve_pb2 as pb
 from service._proto.rnnserve.v1 import rnnserve_pb2_grpc as pb_grpc
 from service.grpc_api import create_grpc_server
+from service.sessions import BIDIRECTIONAL_REASON
 from service.settings import Settings
 from service.types import EncodeRequest
 from tests.factories import write_model
@@ -21,12 +24,9 @@ from tests.test_sessions import Served
 pytestmark = pytest.mark.timeout(60)
 
 
-@pytest.fixture(scope="module")
-def api(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Served, pb_grpc.RnnServeStub]]:
-    repository: Path = tmp_path_factory.mktemp("repository")
-    write_model(repository, "tagger", cell="lstm", num_layers=2, pooling="max", head=["a", "b"])
-    write_model(repository, "bidirectional", cell="gru", bidirectional=True)
-    served = Served(repository)
+def _serve(repository: Path, **options: object) -> Iterator[tuple[Served, pb_grpc.RnnServeStub]]:
+    """A Served engine (with `options` for its Settings) behind a real gRPC server."""
+    served = Served(repository, **options)
     settings = Settings(repository=repository, host="127.0.0.1", grpc_port=0, device="cpu")
     server = create_grpc_server(served.engine, settings, served.metrics)
     port = served.run(server.start())
@@ -37,6 +37,24 @@ def api(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Served, pb_g
         channel.close()
         served.run(server.stop(0.5))
         served.close()
+
+
+@pytest.fixture(scope="module")
+def api(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Served, pb_grpc.RnnServeStub]]:
+    repository: Path = tmp_path_factory.mktemp("repository")
+    write_model(repository, "tagger", cell="lstm", num_layers=2, pooling="max", head=["a", "b"])
+    write_model(repository, "bidirectional", cell="gru", bidirectional=True)
+    yield from _serve(repository)
+
+
+@pytest.fixture(scope="module")
+def limited(
+    tmp_path_factory: pytest.TempPathFactory,
+) -> Iterator[tuple[Served, pb_grpc.RnnServeStub]]:
+    """A server that holds one session at most and expires it after 1 s idle."""
+    repository: Path = tmp_path_factory.mktemp("repository")
+    write_model(repository, "tagger", cell="gru")
+    yield from _serve(repository, max_sessions=1, session_idle_timeout_s=1.0)
 
 
 def _chunk(array: np.ndarray) -> pb.SessionChunk:
@@ -107,10 +125,81 @@ def test_refusals_have_grpc_codes(api: tuple[Served, pb_grpc.RnnServeStub]) -> N
         with pytest.raises(grpc.RpcError) as info:
             list(stub.StreamSession(iter(requests), timeout=30))
         codes[name] = (info.value.code(), info.value.details())
-    assert codes["bidirectional"][0] == grpc.StatusCode.INVALID_ARGUMENT
-    assert "bidirectional" in codes["bidirectional"][1]
-    assert codes["chunk first"][0] == grpc.StatusCode.INVALID_ARGUMENT
-    assert codes["missing"][0] == grpc.StatusCode.NOT_FOUND
-    assert codes["bad token"][0] == grpc.StatusCode.INVALID_ARGUMENT
-    assert codes["bad token"][1].startswith("state_token")
-    assert codes["bad width"][0] == grpc.StatusCode.INVALID_ARGUMENT
+    assert codes["bidirectional"] == (
+        grpc.StatusCode.INVALID_ARGUMENT,
+        f"model: {BIDIRECTIONAL_REASON}",
+    )
+    assert codes["chunk first"] == (
+        grpc.StatusCode.INVALID_ARGUMENT,
+        "open: the first message of a session must be 'open' (model and options)",
+    )
+    assert codes["missing"] == (grpc.StatusCode.NOT_FOUND, "model 'missing' is not known")
+    assert codes["bad token"] == (grpc.StatusCode.INVALID_ARGUMENT, "state_token: is truncated")
+    assert codes["bad width"] == (
+        grpc.StatusCode.INVALID_ARGUMENT,
+        "inputs: each step must have 8 features (the model's input size), got 3",
+    )
+
+
+def test_tampered_and_foreign_tokens_are_refused(
+    api: tuple[Served, pb_grpc.RnnServeStub],
+) -> None:
+    served, stub = api
+    chunk = _chunk(np.ones((3, 8), np.float32))
+    token = stub.StreamChunk(pb.StreamChunkRequest(model="tagger", chunk=chunk), timeout=30)
+    raw = bytearray(token.state_token)
+    raw[len(raw) // 2] ^= 0x01
+    other = served.manager(key=b"another-replica-key-0123456789")
+    foreign = served.run(other.stream("tagger", np.ones((3, 8), np.float32), "features"))
+    served.run(other.stop())
+    assert foreign.state_token is not None
+    refusals = {}
+    for name, bad in (("tampered", bytes(raw)), ("foreign", foreign.state_token)):
+        with pytest.raises(grpc.RpcError) as info:
+            stub.StreamChunk(
+                pb.StreamChunkRequest(model="tagger", chunk=chunk, state_token=bad), timeout=30
+            )
+        refusals[name] = (info.value.code(), info.value.details())
+    assert refusals["tampered"] == (
+        grpc.StatusCode.INVALID_ARGUMENT,
+        "state_token: failed its integrity check (tampered)",
+    )
+    assert refusals["foreign"][0] == grpc.StatusCode.INVALID_ARGUMENT
+    assert refusals["foreign"][1].startswith("state_token: was signed with a different server key")
+
+
+def test_session_limit_and_idle_expiry(limited: tuple[Served, pb_grpc.RnnServeStub]) -> None:
+    served, stub = limited
+    release = threading.Event()
+
+    def held() -> Iterator[pb.SessionRequest]:
+        yield pb.SessionRequest(open=pb.SessionOpen(model="tagger"))
+        release.wait(30)
+
+    first = stub.StreamSession(held(), timeout=30)
+    assert next(first).WhichOneof("event") == "opened"
+    # The one session slot is taken: a second session is refused, with a retry hint.
+    with pytest.raises(grpc.RpcError) as info:
+        list(stub.StreamSession(iter([pb.SessionRequest(open=pb.SessionOpen(model="tagger"))])))
+    assert info.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+    assert info.value.details().startswith("session limit reached: 1 sessions are open")
+    assert "max_sessions" in info.value.details()
+    assert float(dict(info.value.trailing_metadata())["retry-after"]) >= 1
+    release.set()
+    list(first)
+
+    def idle_then_chunk() -> Iterator[pb.SessionRequest]:
+        yield pb.SessionRequest(open=pb.SessionOpen(model="tagger"))
+        time.sleep(2.0)  # well past the 1 s idle timeout
+        yield pb.SessionRequest(chunk=_chunk(np.zeros((2, 8), np.float32)))
+
+    replies = stub.StreamSession(idle_then_chunk(), timeout=30)
+    opened = next(replies).opened
+    with pytest.raises(grpc.RpcError) as info:
+        next(replies)
+    assert info.value.code() == grpc.StatusCode.NOT_FOUND
+    assert info.value.details() == (
+        f"session {opened.session_id} expired after 1 s idle; open a new session "
+        "(or resume it from its last state_token)"
+    )
+    assert served.sessions.active == 0

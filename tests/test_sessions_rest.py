@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import base64
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -25,7 +26,9 @@ def served(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Served]:
     write_model(repository, "tagger", cell="lstm", num_layers=2, pooling="mean", head=["a", "b"])
     write_model(repository, "tokens", cell="gru", input_type="tokens", reset_after=False)
     write_model(repository, "bidirectional", cell="gru", bidirectional=True)
-    server = Served(repository)
+    write_model(repository, "twice", version=1, cell="rnn", seed=1)
+    write_model(repository, "twice", version=2, cell="rnn", seed=2)
+    server = Served(repository, version_policies={"twice": "all"})
     yield server
     server.close()
 
@@ -105,12 +108,20 @@ def test_stateless_stream_carries_state_in_the_token(served: Served) -> None:
     np.testing.assert_allclose(result["encoding"], whole["encodings"][0], rtol=1e-4, atol=1e-5)
 
 
+def _tampered(token: str) -> str:
+    """`token` with one byte of its sealed state flipped, re-encoded as valid base64url: only
+    the integrity check (not the text decoding) can refuse it."""
+    raw = bytearray(base64.urlsafe_b64decode(token + "=" * (-len(token) % 4)))
+    raw[len(raw) // 2] ^= 0x01  # inside the state arrays, well before the MAC
+    return base64.urlsafe_b64encode(bytes(raw)).rstrip(b"=").decode("ascii")
+
+
 def test_refusals_map_to_clear_http_errors(served: Served) -> None:
     ((_, first, _),) = _calls(
         served, served.sessions, ("POST", "/v1/models/tokens/stream", {"tokens": [1, 2]})
     )
     token = first["state_token"]
-    tampered = token[:-3] + ("A" if token[-3] != "A" else "B") + token[-2:]
+    tampered = _tampered(token)
     replies = _calls(
         served,
         served.sessions,
@@ -129,11 +140,19 @@ def test_refusals_map_to_clear_http_errors(served: Served) -> None:
     bi, wrong_model, tampered_reply, truncated, width, both, pooling, _, _ = (
         r[1]["error"] for r in replies
     )
-    assert bi["field"] == "model" and "bidirectional" in bi["message"]
-    assert wrong_model["field"] == "state_token" and "tokens" in wrong_model["message"]
-    assert tampered_reply["field"] == "state_token"
-    assert "tampered" in tampered_reply["message"] or "canonical" in tampered_reply["message"]
+    assert bi["field"] == "model"
+    assert "bidirectional encoder" in bi["message"] and "cannot be streamed" in bi["message"]
+    assert wrong_model["field"] == "state_token"
+    assert wrong_model["message"] == (
+        "state_token: was issued for model 'tokens' version 1, not 'tagger' version 1"
+    )
+    assert tampered_reply == {
+        "type": "StateTokenError",
+        "message": "state_token: failed its integrity check (tampered)",
+        "field": "state_token",
+    }
     assert truncated["field"] == "state_token"
+    assert truncated["message"] == "state_token: is truncated"
     assert width["field"].startswith("inputs") and "8" in width["message"]
     assert "exactly one" in both["message"]
     assert pooling["field"] == "pooling"
@@ -216,5 +235,50 @@ def test_expired_session_answers_404_expired(served: Served) -> None:
         sessions,
         ("POST", f"/v1/sessions/{opened['session_id']}/chunks", {"inputs": [[0.0] * 8]}),
     )
-    assert status == 404 and "expired" in body["error"]["message"]
+    assert status == 404
+    assert body["error"]["message"] == (
+        f"session {opened['session_id']} expired after 0.05 s idle; open a new session "
+        "(or resume it from its last state_token)"
+    )
     served.run(sessions.stop())
+
+
+def test_a_token_from_a_server_with_another_key_is_refused(served: Served) -> None:
+    ((_, first, _),) = _calls(
+        served, served.sessions, ("POST", "/v1/models/tokens/stream", {"tokens": [1, 2]})
+    )
+    other = served.manager(key=b"another-replica-key-0123456789")
+    body = {"tokens": [3], "state_token": first["state_token"]}
+    replies = _calls(
+        served,
+        other,
+        ("POST", "/v1/models/tokens/stream", body),
+        ("POST", "/v1/models/tokens/sessions", {"state_token": first["state_token"]}),
+    )
+    assert [r[0] for r in replies] == [400, 400]
+    for _, reply, _ in replies:
+        assert reply["error"]["field"] == "state_token"
+        assert "different server key" in reply["error"]["message"]
+        assert "RNNSERVE_STATE_KEY" in reply["error"]["message"]
+    assert other.active == 0
+    served.run(other.stop())
+
+
+def test_a_token_of_another_version_is_refused(served: Served) -> None:
+    chunk = {"inputs": [[0.5] * 8] * 3}
+    ((status, first, _),) = _calls(
+        served, served.sessions, ("POST", "/v1/models/twice/versions/1/stream", chunk)
+    )
+    assert status == 200 and first["version"] == 1
+    resumed = {**chunk, "state_token": first["state_token"]}
+    wrong, right = _calls(
+        served,
+        served.sessions,
+        ("POST", "/v1/models/twice/versions/2/stream", resumed),
+        ("POST", "/v1/models/twice/versions/1/stream", resumed),
+    )
+    assert wrong[0] == 400
+    assert wrong[1]["error"]["message"] == (
+        "state_token: was issued for model 'twice' version 1, not 'twice' version 2"
+    )
+    assert right[0] == 200 and right[1]["steps"] == 6

@@ -177,3 +177,28 @@ def test_load_key() -> None:
     assert ephemeral and len(random_key) == 32 and load_key(None)[0] != random_key
     with pytest.raises(ValueError, match="at least 16 bytes"):
         load_key("short")
+
+
+def test_refusal_messages_say_what_is_wrong() -> None:
+    now = [1_000_000.0]
+    codec = StateTokenCodec(KEY, ttl_s=60, clock=lambda: now[0])
+    raw = codec.seal(BINDING, _state())
+    flipped = bytearray(raw)
+    flipped[len(raw) // 2] ^= 0x80  # inside the state arrays: only the MAC can tell
+    cases = {
+        "tampered": bytes(flipped),
+        "truncated": raw[:-1],
+        "wrong_key": StateTokenCodec(b"o" * 32).seal(BINDING, _state()),
+    }
+    messages = {}
+    for reason, bad in cases.items():
+        with pytest.raises(StateTokenError) as info:
+            codec.open(bad, BINDING)
+        assert info.value.reason == reason
+        messages[reason] = info.value.message
+    now[0] += 120
+    with pytest.raises(StateTokenError, match="state_token: has expired"):
+        codec.open(raw, BINDING)
+    assert messages["tampered"] == "state_token: failed its integrity check (tampered)"
+    assert messages["truncated"] == "state_token: is truncated"
+    assert messages["wrong_key"].startswith("state_token: was signed with a different server key")
