@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import gc
 import json
 import logging
 import signal
@@ -171,6 +172,11 @@ async def serve(settings: Settings) -> int:
     stop_task = loop.create_task(stop.wait())
     await asyncio.wait({start_task, stop_task}, return_when=asyncio.FIRST_COMPLETED)
     if start_task.done() and start_task.exception() is None:
+        # NOTE: everything allocated so far (modules, models, app) lives as long as the
+        # process; out of the collector's sight, a full collection no longer walks it (it paused
+        # the loop 60–90 ms under load, straight into p99; bench/RESULTS.md, Sessions).
+        gc.collect()
+        gc.freeze()
         await grpc_server.refresh_health()
         models = [
             {
