@@ -37,7 +37,6 @@ from dataclasses import dataclass, field
 
 import numpy as np
 import torch
-from torch import Tensor
 
 from models.config import RequestPooling
 from models.encoder import EncoderModel, pool
@@ -47,6 +46,9 @@ from service.executor import DeviceExecutor
 from service.metrics import Metrics
 
 log = logging.getLogger(__name__)
+
+# A row's recurrent state on the host: float32 [L*D, H] per tensor (LSTM: (h, c)).
+HostState = tuple[np.ndarray, ...]
 
 # Batches of one batcher in flight on the device at most: one computing, one queued behind it.
 PIPELINE = 2
@@ -61,8 +63,8 @@ class Row:
 
     encoding: np.ndarray
     scores: np.ndarray | None = None
-    # This row's final state, [L*D, H] per tensor (LSTM: (h, c)), when the item asked for it.
-    final_state: State | None = None
+    # This row's final state, float32 [L*D, H] per tensor (LSTM: (h, c)), when asked for.
+    final_state: HostState | None = None
 
 
 @dataclass(eq=False, slots=True)
@@ -91,7 +93,7 @@ class Item:
     future: asyncio.Future[Row]
     pooling: RequestPooling | None = None
     deadline: float | None = None  # time.monotonic() seconds
-    initial_state: State | None = None  # this row's state, [L*D, H] per tensor
+    initial_state: HostState | None = None  # this row's state, float32 [L*D, H] per tensor
     return_state: bool = False
     enqueued: float = field(default_factory=time.monotonic)
     length: int = field(init=False)  # time steps of `sequence`
@@ -466,22 +468,18 @@ class Batcher:
 # -- the model call (runs on the executor thread) -------------------------------------------
 
 
-def _stack_states(rows: list[State | None], like: State) -> State:
-    """Per-row states ([L*D, H], or None = zeros) → a batch state [L*D, N, H] like `like`
-    (same device and dtype)."""
-    if isinstance(like, tuple):
-        h0, c0 = like
-        hs = [r[0].to(h0) if isinstance(r, tuple) else h0 for r in rows]
-        cs = [r[1].to(c0) if isinstance(r, tuple) else c0 for r in rows]
-        return (torch.stack(hs, dim=1), torch.stack(cs, dim=1))
-    assert isinstance(like, Tensor)
-    return torch.stack([r.to(like) if isinstance(r, Tensor) else like for r in rows], dim=1)
-
-
-def _row_state(state: State, row: int) -> State:
-    if isinstance(state, tuple):
-        return (state[0][:, row].clone(), state[1][:, row].clone())
-    return state[:, row].clone()
+def _stack_states(rows: list[HostState | None], count: int, shape: tuple[int, int]) -> State:
+    """Per-row host states ([L*D, H] per tensor, or None = zeros) → a batch state [L*D, N, H]
+    (`count` tensors: 2 for an LSTM), built on the host and moved in one copy per tensor."""
+    states, hidden = shape
+    parts = []
+    for k in range(count):
+        batch = np.zeros((states, len(rows), hidden), np.float32)
+        for j, row in enumerate(rows):
+            if row is not None:
+                batch[:, j] = row[k]
+        parts.append(torch.from_numpy(batch))
+    return (parts[0], parts[1]) if count == 2 else parts[0]
 
 
 def make_encode_compute(
@@ -507,9 +505,14 @@ def make_encode_compute(
             inputs = inputs.to(dtype)
         initial: State | None = None
         if any(item.initial_state is not None for item in chosen):
-            zero = torch.zeros(states, hidden, device=device, dtype=dtype)
-            like: State = (zero, zero) if is_lstm else zero
-            initial = _stack_states([item.initial_state for item in chosen], like)
+            host = _stack_states(
+                [item.initial_state for item in chosen], 2 if is_lstm else 1, (states, hidden)
+            )
+            initial = (
+                (host[0].to(device, dtype), host[1].to(device, dtype))
+                if isinstance(host, tuple)
+                else host.to(device, dtype)
+            )
         wanted = {item.pooling or config.pooling for item in chosen}
         shared = next(iter(wanted)) if len(wanted) == 1 else "none"
         out = model(inputs, lengths, shared, initial)  # encodings [N, E] or [N, T, E]
@@ -521,6 +524,11 @@ def make_encode_compute(
                 pooled[pooling] = rows.float().cpu().numpy()
         # NOTE: the head always reads the config's default pooling, whatever a row asked.
         scores = out.scores.float().cpu().numpy() if out.scores is not None else None
+        final_host: list[np.ndarray] = []
+        if any(item.return_state for item in chosen):
+            state = out.final_state
+            parts = state if isinstance(state, tuple) else (state,)
+            final_host = [t.float().cpu().numpy() for t in parts]  # one copy per tensor
         results: list[Row | None] = [None] * len(items)
         for position, (index, item) in enumerate(zip(order, chosen, strict=True)):
             pooling = item.pooling or config.pooling
@@ -530,7 +538,11 @@ def make_encode_compute(
             results[index] = Row(
                 encoding=encoding,
                 scores=scores[position] if scores is not None else None,
-                final_state=_row_state(out.final_state, position) if item.return_state else None,
+                # NOTE: a row's own copy: a view would keep the whole batch's state alive for
+                # as long as any one session holds its state.
+                final_state=tuple(a[:, position].copy() for a in final_host)
+                if item.return_state
+                else None,
             )
         return [row for row in results if row is not None]
 

@@ -255,24 +255,14 @@ class Engine:
             (array,) = self._sequences(entry, kind, [sequence])
         except InvalidInput as exc:
             raise _chunk_error(exc) from None
-        state = None
-        if initial_state is not None:
-            parts = [torch.from_numpy(np.ascontiguousarray(s)) for s in initial_state]
-            state = (parts[0], parts[1]) if len(parts) == 2 else parts[0]
         deadline = None if timeout is None else time.monotonic() + timeout
         future: asyncio.Future[Row] = asyncio.get_running_loop().create_future()
-        item = Item(array, future, "none", deadline, state, return_state=True)
+        item = Item(array, future, "none", deadline, initial_state, return_state=True)
         assert entry.batcher is not None
         entry.batcher.submit([item])
         (row,) = await self._wait(model, [future], timeout, entry.batcher.purge)
-        final = row.final_state
-        assert final is not None
-        tensors = final if isinstance(final, tuple) else (final,)
-        return ChunkOutput(
-            version=entry.version,
-            outputs=row.encoding,
-            final_state=tuple([t.float().cpu().numpy() for t in tensors]),
-        )
+        assert row.final_state is not None
+        return ChunkOutput(version=entry.version, outputs=row.encoding, final_state=row.final_state)
 
     # -- generate --------------------------------------------------------------------------
 
