@@ -38,6 +38,7 @@ from service.http_common import (
     parse_body,
     unless_disconnected,
 )
+from service.http_hot import HotRoutes
 from service.http_limits import BodySizeLimit
 from service.metrics import Metrics
 from service.settings import Settings
@@ -424,12 +425,17 @@ def install_openapi(app: FastAPI) -> None:
 
 
 def create_app(
-    engine: Engine, settings: Settings, metrics: Metrics, sessions: SessionManager | None = None
+    engine: Engine,
+    settings: Settings,
+    metrics: Metrics,
+    sessions: SessionManager | None = None,
+    hot_routes: bool = True,
 ) -> FastAPI:
     """The HTTP application: rnnserve API, V2 REST, health, metrics, management, `/docs`.
 
     The streaming-session routes (service/session_rest.py) serve `sessions`, by default the
-    engine's own `engine.sessions`.
+    engine's own `engine.sessions`. `hot_routes` serves the inference routes through
+    service/http_hot.py (same endpoints, fewer layers; off only to compare the two in tests).
     """
     app = FastAPI(
         title="rnnserve",
@@ -439,6 +445,11 @@ def create_app(
         docs_url=None,
         redoc_url=None,
     )
+    api = create_router(engine, settings, metrics)
+    v2_api = v2_rest.create_router(engine, settings, metrics)
+    # NOTE: the last added runs first: BodySizeLimit, then HotRoutes, then FastAPI's stack.
+    if hot_routes:
+        app.add_middleware(HotRoutes, fastapi_app=app, routes=[*api.routes, *v2_api.routes])
     app.add_middleware(BodySizeLimit, max_bytes=settings.max_body_bytes)
     app.add_exception_handler(ServiceError, http_errors.handle_service_error)
     app.add_exception_handler(RequestValidationError, http_errors.handle_validation_error)
@@ -446,8 +457,8 @@ def create_app(
     app.add_exception_handler(ClientDisconnectedError, http_errors.handle_client_disconnected)
     app.add_exception_handler(Exception, http_errors.handle_unexpected)
     app.include_router(create_ops_router(engine, metrics))
-    app.include_router(create_router(engine, settings, metrics))
-    app.include_router(v2_rest.create_router(engine, settings, metrics))
+    app.include_router(api)
+    app.include_router(v2_api)
     from service.session_rest import create_session_router
 
     app.include_router(create_session_router(sessions or engine.sessions, metrics))
