@@ -9,11 +9,13 @@ Shape (Ray Serve's batching, plus what an RNN server needs):
   and, once full, is queued on the device behind it (two batches in flight at most), so the
   device goes straight from one to the next: answering the first batch's callers and reading
   their next requests overlaps the second's compute instead of leaving the device idle.
-- Target size (when the next batch may go behind a running one): half the rows in the system
-  (in flight + queued, a decaying maximum), at most `max_batch_size`; a batch takes all that is
-  queued, up to `max_batch_size`. Closed-loop clients then settle into two alternating batches:
-  on this CPU a batch of 32 computes within a few % of a batch of 64 per sequence, while one
-  batch of all the callers idles the device for their whole turnaround (bench/RESULTS.md).
+- Target size: half the rows in the system (in flight + queued, a decaying maximum), at most
+  `max_batch_size`. The next batch goes behind a running one once it has that many rows, and a
+  batch takes at most that many (but at least MIN_SPLIT = 16 when queued), so that the two stay
+  balanced even after the device went idle with many rows queued. Closed-loop clients then
+  settle into two alternating batches: on this CPU a batch of 32 computes within a few % of a
+  batch of 64 per sequence, while one batch of all the callers idles the device for their
+  whole turnaround (bench/RESULTS.md).
 - Regrouping (idle device only): when a batch finishes, the callers whose requests it completed
   are expected back. If fewer rows are queued than the target (and than those callers' rows plus
   the queue), the next batch waits for them — at most `regroup_fraction` of the finished batch's
@@ -52,6 +54,10 @@ HostState = tuple[np.ndarray, ...]
 
 # Batches of one batcher in flight on the device at most: one computing, one queued behind it.
 PIPELINE = 2
+# A batch takes at most its target size (half the rows in the system), so that two alternate,
+# but never fewer than this many rows when more are queued: on this CPU batches of 8–16 cost
+# 13–30 % more per sequence than 32–64 (bench/RESULTS.md, Engine).
+MIN_SPLIT = 16
 # How long before the running batch should end the next one is queued behind it when it has
 # not reached its target size: enough for a loop turn and the device thread to pick it up.
 HANDOVER_S = 0.001
@@ -299,7 +305,7 @@ class Batcher:
     def _dispatch(self) -> None:
         """Take the next batch and queue it on the device; `_complete` delivers its results."""
         self._regroup_rows = 0
-        batch = self._take(self.max_batch_size)
+        batch = self._take(min(self.max_batch_size, max(MIN_SPLIT, self.target_size())))
         if not batch:
             return
         flight = _Flight(batch, sum(item.length for item in batch))
