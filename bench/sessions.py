@@ -168,7 +168,13 @@ def main() -> None:
         choices=["batched", "unbatched", "tokens"],
     )
     args = parser.parse_args()
-    results, ratios = asyncio.run(main_async(args))
+    # NOTE: the loop `rnnserve serve` runs (service/main.py): uvloop where installed.
+    try:
+        import uvloop
+    except ImportError:
+        results, ratios = asyncio.run(main_async(args))
+    else:
+        results, ratios = uvloop.run(main_async(args))
     for result in results:
         print(json.dumps(result))
     if ratios:

@@ -180,8 +180,9 @@ def run_rnn(
         assert initial_state is None or isinstance(initial_state, Tensor)
         return rnn(inputs, lengths, initial_state)
     steps = inputs.shape[1]
-    lengths = lengths.cpu()
-    if bool((lengths == steps).all()):
+    if lengths.device.type != "cpu":
+        lengths = lengths.cpu()
+    if int(lengths.min()) == steps:
         # NOTE: every row is full length, so packing would change nothing; skip its cost.
         outputs, state = rnn(inputs, initial_state)
         return outputs, state
