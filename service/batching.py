@@ -60,7 +60,8 @@ PIPELINE = 2
 # 13–30 % more per sequence than 32–64 (bench/RESULTS.md, Engine).
 MIN_SPLIT = 16
 # How long before the running batch should end the next one is queued behind it when it has
-# not reached its target size: enough for a loop turn and the device thread to pick it up.
+# not reached its target size: enough for a loop turn and the device thread to pick it up
+# (at most a tenth of the running batch's time, so that short batches still fill up).
 HANDOVER_S = 0.001
 
 
@@ -272,7 +273,8 @@ class Batcher:
             if len(self._queue) >= self.target_size():
                 return None
             running = self._flights[-1]
-            close_at = running.started_at + running.steps * self._step_seconds - HANDOVER_S
+            expected = running.steps * self._step_seconds
+            close_at = running.started_at + expected - min(HANDOVER_S, 0.1 * expected)
             return close_at if now < close_at else None
         if not self._executor.idle:
             close_at = self._queue[0].enqueued + self.max_delay_s
