@@ -131,6 +131,7 @@ class Batcher:
         max_batch_timesteps: int,
         regroup_fraction: float = 1.0,
         regroup_max_s: float = 0.1,
+        halve: bool = True,
     ) -> None:
         self.model = model
         self.version = version
@@ -140,6 +141,9 @@ class Batcher:
         self.max_batch_timesteps = max_batch_timesteps
         self.regroup_fraction = regroup_fraction
         self.regroup_max_s = regroup_max_s
+        # Two alternating batches of half the rows pay on the CPU (a batch's cost is per row);
+        # on a GPU a batch's host work is the cost, so batches stay as large as allowed.
+        self.halve = halve
         self._executor = executor
         self._compute = compute
         labels = (model, str(version))
@@ -251,7 +255,10 @@ class Batcher:
     # -- the batching task -----------------------------------------------------------------
 
     def target_size(self) -> int:
-        """Rows the next batch aims for: half the rows in the system, at most max_batch_size."""
+        """Rows the next batch aims for: half the rows in the system, at most max_batch_size
+        (max_batch_size when not halving)."""
+        if not self.halve:
+            return self.max_batch_size
         rows = max(self._population, self._in_flight_rows + len(self._queue))
         return max(1, min(self.max_batch_size, -(-int(rows) // 2)))
 

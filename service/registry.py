@@ -359,6 +359,7 @@ class Registry:
                 max_batch_timesteps=self.settings.max_batch_timesteps
                 or serving.max_batch_size * 128,
                 regroup_fraction=self.settings.regroup_fraction,
+                halve=self._executor.device.type == "cpu",
                 regroup_max_s=self.settings.regroup_max_ms / 1000.0,
             )
             entry.batcher.start()
