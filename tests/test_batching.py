@@ -474,3 +474,28 @@ async def test_waiting_for_returning_callers_never_exceeds_its_bound(
     await engine.encode(request("m", seqs[:1]))
     _, again = since(histogram(metrics, "rnnserve_queue_duration_seconds", "m"), queue_before)
     assert again < 0.5 * bound, (again, bound)
+
+
+@pytest.mark.parametrize(("halve", "expected"), [(True, (2, 48)), (False, (1, 48))])
+async def test_queued_rows_split_into_two_balanced_batches_on_the_cpu(
+    repository: Path,
+    start_engine: StartEngine,
+    metrics: Metrics,
+    halve: bool,
+    expected: tuple[int, int],
+) -> None:
+    write_model(repository, "m", input_size=FEATURES, serving={"max_delay_ms": 10_000.0})
+    engine = await start_engine()
+    batcher = engine.registry.resolve("m").batcher
+    assert batcher is not None
+    # NOTE: the registry halves on the CPU only; a GPU batcher keeps batches whole.
+    batcher.halve = halve
+    seqs = features([6] * 48, seed=50)
+    async with device_held(engine):
+        pending = [asyncio.ensure_future(engine.encode(request("m", [s]))) for s in seqs]
+        await asyncio.sleep(0.02)
+        assert batcher.queue_depth == 48
+    await asyncio.gather(*pending)
+    # Halved: 24 now and 24 queued right behind them, so one half's callers can turn around
+    # while the other half computes; whole: one batch of 48.
+    assert batches(metrics, "m") == expected
