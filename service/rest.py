@@ -253,27 +253,29 @@ def create_router(engine: Engine, settings: Settings, metrics: Metrics) -> APIRo
                 model = None
             return json_response({"action": action, "model": model})
 
-    @router.post("/v1/management/models/{name}/load", **manage_doc)
-    async def load_model(name: str, request: Request) -> Response:
-        """Load a model from the repository by name (its version policy decides versions)."""
-        return await manage("load", name, None, request)
-
-    @router.post("/v1/management/models/{name}/versions/{version}/load", **manage_doc)
+    # NOTE: `{name:path}` so that a name with a slash reaches the name check (400) instead of
+    # missing every route (404); the versioned routes come first, or `path` would swallow them.
+    @router.post("/v1/management/models/{name:path}/versions/{version}/load", **manage_doc)
     async def load_version(name: str, version: int, request: Request) -> Response:
         """Load one version of a model from the repository."""
         return await manage("load", name, version, request)
 
-    @router.post("/v1/management/models/{name}/unload", **manage_doc)
-    async def unload_model(name: str, request: Request) -> Response:
-        """Unload every version of a model (admitted work finishes first)."""
-        return await manage("unload", name, None, request)
-
-    @router.post("/v1/management/models/{name}/versions/{version}/unload", **manage_doc)
+    @router.post("/v1/management/models/{name:path}/versions/{version}/unload", **manage_doc)
     async def unload_version(name: str, version: int, request: Request) -> Response:
         """Unload one version of a model."""
         return await manage("unload", name, version, request)
 
-    @router.post("/v1/management/models/{name}/reload", **manage_doc)
+    @router.post("/v1/management/models/{name:path}/load", **manage_doc)
+    async def load_model(name: str, request: Request) -> Response:
+        """Load a model from the repository by name (its version policy decides versions)."""
+        return await manage("load", name, None, request)
+
+    @router.post("/v1/management/models/{name:path}/unload", **manage_doc)
+    async def unload_model(name: str, request: Request) -> Response:
+        """Unload every version of a model (admitted work finishes first)."""
+        return await manage("unload", name, None, request)
+
+    @router.post("/v1/management/models/{name:path}/reload", **manage_doc)
     async def reload_model(name: str, request: Request) -> Response:
         """Re-read a model from the repository: build the new, swap, let the old finish."""
         return await manage("reload", name, None, request)
