@@ -162,7 +162,7 @@ def make_rnn(
 SEGMENT_STEPS = 8
 # Where the segmented path beats packing on the CPU (bench/RESULTS.md, Models): nn.LSTM only
 # (PyTorch's fused oneDNN kernel is LSTM's; a GRU/RNN lost 20–50 %), hidden ≥ 128, ≥ 64 steps
-# (at hidden 256: 1.2–1.3× at 64–128 steps; 0.7–0.9× at 16–32).
+# (at hidden 256: 1.0–1.3× at 64–128 steps; 0.7–1.1× at 16–32).
 SEGMENTED_MIN_HIDDEN = 128
 SEGMENTED_MIN_STEPS = 64
 
