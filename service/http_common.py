@@ -43,7 +43,14 @@ async def unless_disconnected(request: Request, work: Awaitable[_T]) -> _T:
     current = asyncio.current_task()
     assert current is not None
     watcher = asyncio.ensure_future(_disconnected(request))
-    watcher.add_done_callback(lambda w: None if w.cancelled() else current.cancel())
+
+    def gone(done: asyncio.Future[None]) -> None:
+        if done.cancelled():
+            return
+        done.exception()  # NOTE: a failed receive is a broken connection: the client is gone too
+        current.cancel()
+
+    watcher.add_done_callback(gone)
     try:
         return await work
     except asyncio.CancelledError:
