@@ -157,7 +157,7 @@ class Settings(BaseSettings):
         ),
     )
     gil_switch_interval_us: float = Field(
-        default=50.0,
+        default=15.0,
         ge=5.0,
         le=5000.0,
         description=(
