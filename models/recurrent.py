@@ -232,9 +232,7 @@ def run_segmented(
     # NOTE: every step is written by a segment or zeroed by the final mask.
     outputs = x.new_empty(batch, steps, hidden)
     final = _empty_like_state(state)
-    starts = torch.zeros(batch, dtype=torch.int64)  # segment start of rows that end inside one
-    start_states = _empty_like_state(state)
-    inside: list[int] = []  # rows (sorted positions) that end strictly inside a segment
+    start_states = _empty_like_state(state)  # for rows that end inside a segment
     longest = int(sorted_lengths[0])
     running = batch
     t0 = 0
@@ -243,21 +241,20 @@ def run_segmented(
         part = _narrow_state(state, running)
         out, state = rnn(x[:running, t0:t1], part)
         outputs[:running, t0:t1] = out
-        # Rows that end in (t0, t1]: exactly at t1 → their state is final; else fix up later.
+        # Rows ending in (t0, t1] sit at [still, running), longest first: those ending exactly
+        # at t1 have their final state now; the others keep their segment-start state.
         still = int((sorted_lengths > t1).sum())
-        for row in range(still, running):
-            end = int(sorted_lengths[row])
-            if end == t1:
-                _copy_rows(final, state, row, row + 1)
-            else:
-                inside.append(row)
-                starts[row] = t0
-                _copy_rows(start_states, part, row, row + 1)
+        exact = still + int((sorted_lengths[still:running] == t1).sum())
+        _copy_rows(final, state, still, exact)
+        _copy_rows(start_states, part, exact, running)
         running = still
         t0 = t1
-    if inside:
-        rows = torch.tensor(inside, dtype=torch.int64)
-        offsets = starts[rows]
+    # Rows that end strictly inside a segment: length not on a segment boundary (the last
+    # segment ends at the longest length). One short packed call from their segment start.
+    inside = (sorted_lengths % segment != 0) & (sorted_lengths != longest)
+    if bool(inside.any()):
+        rows = inside.nonzero().squeeze(1)
+        offsets = sorted_lengths[rows] // segment * segment
         remaining = sorted_lengths[rows] - offsets  # 1 … segment − 1
         index = offsets[:, None] + torch.arange(segment)[None, :]
         index = index.clamp(max=steps - 1).to(inputs.device)

@@ -11,6 +11,7 @@ from hypothesis import strategies as st
 from torch import nn
 from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
 
+from models import recurrent
 from models.recurrent import State, make_rnn, run_rnn, run_segmented, step_rnn
 
 
@@ -66,7 +67,17 @@ def test_segmented_equals_packed(
     _close(state, expected_state)
 
 
-def test_run_rnn_on_long_unequal_rows_equals_packing() -> None:
+def test_run_rnn_segments_long_lstm_batches_and_equals_packing(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    taken: list[str] = []
+    real = recurrent.run_segmented
+
+    def spy(*args: Any, **kwargs: Any) -> tuple[torch.Tensor, State]:
+        taken.append("segmented")
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(recurrent, "run_segmented", spy)
     torch.manual_seed(0)
     rnn = make_rnn("lstm", 4, 128, 2)  # big and long enough for the segmented path
     inputs = torch.randn(5, 70, 4)
@@ -74,9 +85,16 @@ def test_run_rnn_on_long_unequal_rows_equals_packing() -> None:
     with torch.inference_mode():
         outputs, state = run_rnn(rnn, inputs, lengths)
         expected_out, expected_state = _packed(rnn, inputs, lengths, None)
+    assert taken == ["segmented"]
     torch.testing.assert_close(outputs, expected_out, rtol=1e-4, atol=1e-5)
     _close(state, expected_state)
     assert bool((outputs[1, 9:] == 0).all())  # zero past each length, as the contract says
+    # Where it was measured to lose, the packed path stays: a GRU, a short batch, a small LSTM.
+    with torch.inference_mode():
+        run_rnn(make_rnn("gru", 4, 128, 2), inputs, lengths)
+        run_rnn(rnn, inputs[:, :40], torch.tensor([40, 9, 33, 17, 30]))
+        run_rnn(make_rnn("lstm", 4, 64, 2), inputs, lengths)
+    assert taken == ["segmented"]
 
 
 @pytest.mark.parametrize(
