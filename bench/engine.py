@@ -31,7 +31,7 @@ from bench.baseline import packed_encode
 from models.checkpoint import build_model, save
 from models.config import ModelConfig
 from models.decoding import greedy_decode
-from models.encoder import EncoderModel
+from models.encoder import EncoderModel, collate
 from models.seq2seq import Seq2SeqModel
 from service.engine import Engine
 from service.metrics import Metrics
@@ -99,10 +99,8 @@ def median_ms(samples: list[float]) -> float:
 
 def _padded(model: torch.nn.Module, chunk: list[np.ndarray]) -> tuple[torch.Tensor, torch.Tensor]:
     """A padded batch on the model's device, and its lengths (CPU)."""
-    device = next(model.parameters()).device
-    tensors = [torch.from_numpy(s) for s in chunk]
-    lengths = torch.tensor([len(s) for s in chunk])
-    return torch.nn.utils.rnn.pad_sequence(tensors, batch_first=True).to(device), lengths
+    inputs, lengths = collate(chunk)
+    return inputs.to(next(model.parameters()).device), lengths
 
 
 def direct_packed(model: EncoderModel, seqs: list[np.ndarray]) -> float:

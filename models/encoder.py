@@ -5,8 +5,10 @@ Shapes: N = batch, T = time, F = features, E = encoding size (hidden × directio
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 from torch import Tensor, nn
 
@@ -107,8 +109,11 @@ class EncoderModel(nn.Module):
         return EncodeOutput(encodings=encodings, scores=scores, final_state=state)
 
 
-def collate(sequences: list[Tensor]) -> tuple[Tensor, Tensor]:
-    """Pad sequences ([T_i, F] float or [T_i] int64) into (inputs [N, T, ...], lengths [N] CPU)."""
-    lengths = torch.tensor([s.shape[0] for s in sequences], dtype=torch.int64)
-    inputs = nn.utils.rnn.pad_sequence(sequences, batch_first=True)
-    return inputs, lengths
+def collate(sequences: Sequence[Tensor | np.ndarray]) -> tuple[Tensor, Tensor]:
+    """Pad sequences ([T_i, F] float or [T_i] int64; tensors or numpy arrays) into
+    (inputs [N, T, ...], lengths [N] CPU int64); equal lengths are stacked without padding."""
+    tensors = [torch.from_numpy(s) if isinstance(s, np.ndarray) else s for s in sequences]
+    lengths = torch.tensor([t.shape[0] for t in tensors], dtype=torch.int64)
+    if all(t.shape[0] == tensors[0].shape[0] for t in tensors):
+        return torch.stack(tensors), lengths
+    return nn.utils.rnn.pad_sequence(tensors, batch_first=True), lengths

@@ -42,7 +42,7 @@ import torch
 from torch import Tensor
 
 from models.config import RequestPooling
-from models.encoder import EncoderModel, pool
+from models.encoder import EncoderModel, collate, pool
 from models.recurrent import State, top_layer_final
 from service.errors import ComputeError, DeadlineExceeded, Draining, Overloaded, ServiceError
 from service.executor import DeviceExecutor
@@ -536,13 +536,8 @@ def make_encode_compute(
     def compute(items: list[Item]) -> list[Row]:
         order = sorted(range(len(items)), key=lambda i: -items[i].length)
         chosen = [items[i] for i in order]
-        lengths = torch.tensor([item.length for item in chosen], dtype=torch.int64)
-        if chosen[0].length == chosen[-1].length:
-            # NOTE: equal lengths (e.g. streamed chunks): one stack, no padding.
-            inputs = _placed(torch.from_numpy(np.stack([item.sequence for item in chosen])))
-        else:
-            tensors = [torch.from_numpy(item.sequence) for item in chosen]
-            inputs = _placed(torch.nn.utils.rnn.pad_sequence(tensors, batch_first=True))
+        padded, lengths = collate([item.sequence for item in chosen])
+        inputs = _placed(padded)
         initial: State | None = None
         if any(item.initial_state is not None for item in chosen):
             host = _stack_states(

@@ -34,6 +34,7 @@ import torch
 from torch import Tensor
 
 from models.decoding import BeamSearch
+from models.encoder import collate
 from models.seq2seq import DecoderState, Seq2SeqModel
 from service.errors import ComputeError, DeadlineExceeded, Draining, Overloaded, ServiceError
 from service.executor import DeviceExecutor
@@ -345,11 +346,8 @@ class DecodeScheduler:
         self._running.extend(admitted)
         self._slots = slots
         self._beams += sum(job.search is not None for job in admitted)
-        sources = [job.source for job in admitted]
-        lengths = torch.tensor([s.shape[0] for s in sources], dtype=torch.int64)
-        padded = torch.nn.utils.rnn.pad_sequence(
-            [torch.from_numpy(s) for s in sources], batch_first=True
-        ).to(self._device)
+        padded, lengths = collate([job.source for job in admitted])
+        padded = padded.to(self._device)
         if padded.is_floating_point():
             padded = padded.to(self._dtype)
         fresh = self._network.encode(padded, lengths)
@@ -380,7 +378,7 @@ class DecodeScheduler:
         cancelled = 0
         for job in self._running:
             start, offset = offset, offset + job.rows
-            if job.future.done():  # NOTE: a read of a flag the loop may set; at worst one step late
+            if job.dead:  # NOTE: a read of a flag the loop may set; at worst one step late
                 cancelled += 1
                 left.append(job)
                 continue
