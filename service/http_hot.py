@@ -26,21 +26,18 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 Endpoint = Callable[..., Awaitable[Response]]
 Handler = Callable[[Request, Any], Response | Awaitable[Response]]
 
-# path pattern → the FastAPI route path whose endpoint serves it
-HOT_PATHS: dict[str, str] = {
-    r"/v1/models/(?P<name>[^/]+)/encode": "/v1/models/{name}/encode",
-    r"/v1/models/(?P<name>[^/]+)/versions/(?P<version>[0-9]{1,9})/encode": (
-        "/v1/models/{name}/versions/{version}/encode"
-    ),
-    r"/v1/models/(?P<name>[^/]+)/generate": "/v1/models/{name}/generate",
-    r"/v1/models/(?P<name>[^/]+)/versions/(?P<version>[0-9]{1,9})/generate": (
-        "/v1/models/{name}/versions/{version}/generate"
-    ),
-    r"/v2/models/(?P<name>[^/]+)/infer": "/v2/models/{name}/infer",
-    r"/v2/models/(?P<name>[^/]+)/versions/(?P<version>[0-9]{1,9})/infer": (
-        "/v2/models/{name}/versions/{version}/infer"
-    ),
-}
+# The FastAPI routes served here (their own compiled path patterns are matched).
+HOT_PATHS = (
+    "/v1/models/{name}/encode",
+    "/v1/models/{name}/versions/{version}/encode",
+    "/v1/models/{name}/generate",
+    "/v1/models/{name}/versions/{version}/generate",
+    "/v2/models/{name}/infer",
+    "/v2/models/{name}/versions/{version}/infer",
+)
+# A version this matches converts to the same int FastAPI's `version: int` would give;
+# anything else (a sign, a non-digit) takes FastAPI's stack and its error answers.
+_VERSION = re.compile(r"[0-9]{1,9}")
 
 
 class HotRoutes:
@@ -50,25 +47,28 @@ class HotRoutes:
     def __init__(self, app: ASGIApp, fastapi_app: FastAPI, routes: list[BaseRoute]) -> None:
         self.app = app
         self.fastapi_app = fastapi_app
-        endpoints = {
-            route.path: route.endpoint
+        by_path = {
+            route.path: route
             for route in routes
             if isinstance(route, APIRoute) and "POST" in (route.methods or ())
         }
-        self._routes: list[tuple[re.Pattern[str], Endpoint]] = []
-        for pattern, path in HOT_PATHS.items():
-            if path not in endpoints:
-                raise ValueError(f"HotRoutes: no POST route {path}")
-            self._routes.append((re.compile(pattern), endpoints[path]))
+        missing = [path for path in HOT_PATHS if path not in by_path]
+        if missing:
+            raise ValueError(f"HotRoutes: no POST route {missing}")
+        self._routes = [(by_path[path].path_regex, by_path[path].endpoint) for path in HOT_PATHS]
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] == "http" and scope["method"] == "POST":
             path = scope["path"]
             for pattern, endpoint in self._routes:
-                match = pattern.fullmatch(path)
-                if match is not None:
-                    await self._serve(endpoint, match.groupdict(), scope, receive, send)
-                    return
+                match = pattern.match(path)
+                if match is None:
+                    continue
+                params = match.groupdict()
+                if "version" in params and not _VERSION.fullmatch(params["version"]):
+                    break
+                await self._serve(endpoint, params, scope, receive, send)
+                return
         await self.app(scope, receive, send)
 
     async def _serve(

@@ -13,7 +13,9 @@ import httpx
 import numpy as np
 import orjson
 
-from service.rest import create_app
+from service import v2_rest
+from service.http_hot import HotRoutes
+from service.rest import create_app, create_router
 from service.settings import Settings
 from tests.conftest import StartEngine
 from tests.test_rest_helpers import write_test_repository
@@ -116,3 +118,46 @@ async def test_hot_routes_answer_exactly_as_the_fastapi_stack(
     statuses = [status for status, _, _ in hot]
     # The cases cover answers and every error kind (not only one outcome).
     assert {200, 400, 404, 413}.issubset(statuses), statuses
+
+
+async def test_hot_routes_take_exactly_the_inference_paths(
+    repository: Path, start_engine: StartEngine
+) -> None:
+    write_test_repository(repository)
+    engine = await start_engine(version_policy="all", strict_readiness=False)
+    settings: Settings = engine.settings
+    app = create_app(engine, settings, engine.metrics, hot_routes=False)
+    routes = [
+        *create_router(engine, settings, engine.metrics).routes,
+        *v2_rest.create_router(engine, settings, engine.metrics).routes,
+    ]
+
+    async def below(scope: Any, receive: Any, send: Any) -> None:
+        # What would run FastAPI's stack: a distinct answer shows a request fell through.
+        await send({"type": "http.response.start", "status": 299, "headers": []})
+        await send({"type": "http.response.body", "body": b""})
+
+    hot = HotRoutes(below, fastapi_app=app, routes=routes)
+    body = orjson.dumps({"inputs": FEATURES})
+    served = [
+        "/v1/models/feat/encode",
+        "/v1/models/feat/versions/2/encode",
+        "/v1/models/nope/encode",  # served here, answered 404 by the app's handlers
+        "/v1/models/translit/generate",
+        "/v2/models/feat/infer",
+        "/v2/models/feat/versions/1/infer",
+    ]
+    passed = [
+        "/v1/models/feat/versions/x/encode",
+        "/v1/models/feat/versions/-1/encode",
+        "/v1/models/feat/encode/",
+        "/v1/models",
+        "/v2/repository/index",
+    ]
+    transport = httpx.ASGITransport(app=hot)
+    async with httpx.AsyncClient(transport=transport, base_url="http://test") as client:
+        for path in served:
+            assert (await client.post(path, content=body)).status_code != 299, path
+        for path in passed:
+            assert (await client.post(path, content=body)).status_code == 299, path
+        assert (await client.get("/v1/models/feat/encode")).status_code == 299
