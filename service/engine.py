@@ -22,14 +22,14 @@ import logging
 import os
 import time
 from collections.abc import AsyncIterator, Callable
-from typing import TYPE_CHECKING, Any, TypeVar
+from typing import TYPE_CHECKING, TypeVar
 
 import numpy as np
 import torch
 
 from models.config import ModelConfig
 from service import validation
-from service.batching import Item, Row
+from service.batching import HostState, Item, Row
 from service.decoding import Job
 from service.errors import DeadlineExceeded, Draining, InvalidInput
 from service.executor import DeviceExecutor
@@ -51,7 +51,7 @@ from service.types import (
 from service.types import Protocol as WireProtocol
 
 if TYPE_CHECKING:
-    from service.sessions import ChunkOutput, Head, RowState
+    from service.sessions import ChunkOutput, Head
 
 log = logging.getLogger(__name__)
 
@@ -77,7 +77,6 @@ class Engine:
         self._draining = False
         self._inflight = 0
         self._idle: asyncio.Event | None = None
-        self._inflight_gauges: dict[str, Any] = {}
         # Streaming sessions (service/sessions.py); the engine is their StreamBackend.
         self.sessions = SessionManager.from_settings(self, settings, metrics)
 
@@ -239,7 +238,7 @@ class Engine:
         version: int,
         sequence: Sequence,
         kind: InputKind,
-        initial_state: RowState | None,
+        initial_state: HostState | None,
         timeout_s: float | None,
         protocol: WireProtocol,
     ) -> ChunkOutput:
@@ -366,14 +365,11 @@ class Engine:
 
     def _enter(self, model: str) -> None:
         self._inflight += 1
-        gauge = self._inflight_gauges.get(model)
-        if gauge is None:
-            gauge = self._inflight_gauges[model] = self.metrics.inflight_requests.labels(model)
-        gauge.inc()
+        self.metrics.child(self.metrics.inflight_requests, model).inc()
 
     def _leave(self, model: str) -> None:
         self._inflight -= 1
-        self._inflight_gauges[model].dec()
+        self.metrics.child(self.metrics.inflight_requests, model).dec()
         if self._inflight == 0 and self._idle is not None:
             self._idle.set()
 

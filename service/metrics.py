@@ -75,7 +75,7 @@ class Metrics:
 
     def __init__(self, registry: CollectorRegistry) -> None:
         self.registry = registry
-        self._request_children: dict[tuple[object, ...], tuple[Any, Any]] = {}
+        self._children: dict[tuple[object, ...], Any] = {}
         request = ("model", "version", "protocol", "endpoint")
         model = ("model", "version")
         self.requests_total = Counter(
@@ -205,18 +205,18 @@ class Metrics:
         seconds: float,
     ) -> None:
         """Count one answered request and its latency (front-ends call this once per request)."""
-        key = (model, version, protocol, endpoint, outcome)
-        children = self._request_children.get(key)
-        if children is None:
-            # NOTE: `labels()` costs microseconds per call; a request's children are looked up
-            # once per label set (bounded: unknown model names are recorded blank).
-            v = "" if version is None else str(version)
-            children = self._request_children[key] = (
-                self.requests_total.labels(model, v, protocol, endpoint, outcome),
-                self.request_duration.labels(model, v, protocol, endpoint),
-            )
-        children[0].inc()
-        children[1].observe(seconds)
+        v = "" if version is None else str(version)
+        self.child(self.requests_total, model, v, protocol, endpoint, outcome).inc()
+        self.child(self.request_duration, model, v, protocol, endpoint).observe(seconds)
+
+    def child(self, metric: Any, *labels: str) -> Any:
+        """`metric.labels(*labels)`, looked up once per label set: `labels()` costs microseconds
+        and per-request paths call this (label sets are bounded: unknown models are blank)."""
+        key = (id(metric), *labels)
+        found = self._children.get(key)
+        if found is None:
+            found = self._children[key] = metric.labels(*labels)
+        return found
 
     def set_model_state(self, model: str, version: int, state: str | None) -> None:
         """Mark `state` as the current state of a version (None: the version is gone)."""

@@ -29,6 +29,7 @@ from typing import Any, Literal, Protocol
 import numpy as np
 
 from models.config import ModelConfig
+from service.batching import HostState
 from service.errors import Conflict, Draining, InvalidInput, NotFound, Overloaded
 from service.metrics import Metrics
 from service.settings import Settings
@@ -45,7 +46,6 @@ from service.types import Protocol as WireProtocol
 log = logging.getLogger(__name__)
 
 StreamPooling = Literal["last", "mean", "max", "none"]
-RowState = tuple[np.ndarray, ...]
 """One row's RNN state: (h,) or (h, c) for an LSTM, each float32 [L, H]."""
 
 BIDIRECTIONAL_REASON = (
@@ -62,7 +62,7 @@ class ChunkOutput:
 
     version: int
     outputs: np.ndarray  # float32 [T, E]
-    final_state: RowState
+    final_state: HostState
 
 
 @dataclass(frozen=True, slots=True)
@@ -96,7 +96,7 @@ class StreamBackend(Protocol):
         version: int,
         sequence: Sequence,
         kind: InputKind,
-        initial_state: RowState | None,
+        initial_state: HostState | None,
         timeout_s: float | None,
         protocol: WireProtocol,
     ) -> ChunkOutput:
@@ -200,7 +200,7 @@ def check_state(config: ModelConfig, state: StreamState, field: str) -> None:
         raise StateTokenError("garbled", "does not hold this model's state shapes", field)
 
 
-def rnn_state(state: StreamState) -> RowState | None:
+def rnn_state(state: StreamState) -> HostState | None:
     """The RNN part of a stream state; None before the first step (the model starts at zeros)."""
     return None if state.steps == 0 else tuple(state.arrays[:-2])
 
@@ -266,8 +266,6 @@ class SessionManager:
         self._expired: OrderedDict[str, str] = OrderedDict()
         self._expired_limit = max(1024, max_sessions)
         self._reaper: asyncio.Task[None] | None = None
-        # NOTE: metric children looked up once; `labels()` costs microseconds per chunk.
-        self._chunk_counters: dict[tuple[str, str], Any] = {}
 
     @classmethod
     def from_settings(
@@ -537,11 +535,7 @@ class SessionManager:
     def _count_chunk(self, model: str, mode: str) -> None:
         if self._metrics is None:
             return
-        counter = self._chunk_counters.get((model, mode))
-        if counter is None:
-            counter = self._metrics.session_chunks_total.labels(model, mode)
-            self._chunk_counters[(model, mode)] = counter
-        counter.inc()
+        self._metrics.child(self._metrics.session_chunks_total, model, mode).inc()
 
 
 __all__ = [

@@ -152,7 +152,8 @@ def generate_options(params: Mapping[str, Any]) -> tuple[int | None, int]:
 def _padded(rows: list[np.ndarray], fill: float, dtype: type) -> np.ndarray:
     """[batch, time, ...] of per-sequence rows, `fill` past each row's end."""
     longest = max((row.shape[0] for row in rows), default=0)
-    out = np.full((len(rows), longest, *rows[0].shape[1:]), fill, dtype=dtype)
+    tail = rows[0].shape[1:] if rows else ()
+    out = np.full((len(rows), longest, *tail), fill, dtype=dtype)
     for b, row in enumerate(rows):
         out[b, : row.shape[0]] = row
     return out
@@ -178,9 +179,7 @@ def generate_outputs(result: GenerateResult, config: ModelConfig) -> list[V2Outp
     """OUTPUT_TOKENS (padded with -1), OUTPUT_LENGTHS, and OUTPUT_TEXT when the model has text."""
     n = len(result.outputs)
     lengths = np.array([len(o.tokens) for o in result.outputs], dtype=np.int64)
-    tokens = np.full((n, int(lengths.max(initial=0))), -1, dtype=np.int64)
-    for b, o in enumerate(result.outputs):
-        tokens[b, : len(o.tokens)] = o.tokens
+    tokens = _padded([np.asarray(o.tokens, dtype=np.int64) for o in result.outputs], -1, np.int64)
     outputs = [
         V2Output("OUTPUT_TOKENS", "INT64", tokens, list(tokens.shape)),
         V2Output("OUTPUT_LENGTHS", "INT64", lengths, [n]),

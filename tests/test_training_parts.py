@@ -14,6 +14,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from models import versions
 from models.checkpoint import build_model
 from models.encoder import EncoderModel
 from models.training import metrics, output
@@ -155,7 +156,7 @@ def test_names_with_separators_are_refused(head: str, separator: str, tail: str)
 def test_versions_are_published_whole(tmp_path: Path) -> None:
     model_dir, version = output.reserve(tmp_path / "repo", "m", None)
     assert version == 1
-    staging = output.staging_folder(model_dir, version)
+    staging = versions.staging_folder(model_dir, version)
     (staging / "config.json").write_text("{}")
     (staging / "model.safetensors").touch(mode=0o600)
     assert output.existing_versions(model_dir) == []  # a staging folder is not a version
@@ -164,7 +165,7 @@ def test_versions_are_published_whole(tmp_path: Path) -> None:
     # NOTE: the server may run as another user; a published version is readable like any file.
     assert (final / "model.safetensors").stat().st_mode & 0o044 == 0o044
     assert output.reserve(tmp_path / "repo", "m", None)[1] == 2
-    again = output.staging_folder(model_dir, 1)
+    again = versions.staging_folder(model_dir, 1)
     with pytest.raises(TrainingError, match="nothing was overwritten"):
         output.publish(again, model_dir, 1)
     assert not again.exists() and (final / "config.json").read_text() == "{}"

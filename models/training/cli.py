@@ -14,7 +14,7 @@ from typing import Any
 import torch
 from pydantic import ValidationError
 
-from models import checkpoint
+from models import checkpoint, versions
 from models.training import output
 from models.training.errors import TrainingError
 from models.training.progress import Progress
@@ -210,7 +210,7 @@ def _train_into(
     result = train(task, model, hyper, args.seed, progress, max_steps=args.max_steps)
     task.finish(model)
 
-    staging = output.staging_folder(model_dir, version)
+    staging = versions.staging_folder(model_dir, version)
     try:
         vocab, target_vocab = task.vocabs()
         checkpoint.save(model, staging, vocab=vocab, target_vocab=target_vocab)
@@ -223,7 +223,7 @@ def _train_into(
         checkpoint.write_json(staging / "metrics.json", report)
         final = output.publish(staging, model_dir, version)
     except BaseException:
-        output.discard(staging)
+        versions.discard(staging)
         raise
     _print_summary(final, task, report)
     return 0

@@ -13,9 +13,7 @@ import tempfile
 from pathlib import Path
 
 from models.training.errors import TrainingError
-from models.versions import discard, publish_version, staging_folder
-
-__all__ = ["discard", "staging_folder"]  # re-exported for the training CLI
+from models.versions import publish_version
 
 NAME = re.compile(r"^[A-Za-z0-9_.-]{1,128}$")
 
