@@ -56,8 +56,8 @@ HostState = tuple[np.ndarray, ...]
 # Batches of one batcher in flight on the device at most: one computing, one queued behind it.
 PIPELINE = 2
 # A batch takes at most its target size (half the rows in the system), so that two alternate,
-# but never fewer than this many rows when more are queued: on this CPU batches of 8–16 cost
-# 13–30 % more per sequence than 32–64 (bench/RESULTS.md, Engine).
+# but never fewer than this many rows when more are queued: on this CPU a batch of 8 computes
+# up to 1.5× slower per sequence than 32–64, 16 up to 1.2× (`python -m bench.probes batch-sizes`).
 MIN_SPLIT = 16
 # How long before the running batch should end the next one is queued behind it when it has
 # not reached its target size: enough for a loop turn and the device thread to pick it up

@@ -1,0 +1,246 @@
+"""Small measurements behind design choices (bench/RESULTS.md, 2026-11-26 sections).
+
+    .venv/bin/python -m bench.probes gil          # batch compute beside a busy Python thread
+    .venv/bin/python -m bench.probes segments     # packed vs segmented RNN paths, by shape
+    .venv/bin/python -m bench.probes batch-sizes  # per-sequence cost by batch size (LSTM 2×256)
+    .venv/bin/python -m bench.probes hot-routes   # HTTP front-end capacity, HotRoutes on / off
+
+One intra-op thread throughout (the server's default on 2 cores); medians of repeated runs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import statistics
+import sys
+import tempfile
+import threading
+import time
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch.nn.utils.rnn import pack_padded_sequence
+
+from models.recurrent import make_rnn, run_rnn, run_segmented
+
+
+def _median_s(work: Callable[[], object], repeats: int = 15) -> float:
+    times = []
+    with torch.inference_mode():
+        work()
+        for _ in range(repeats):
+            start = time.perf_counter()
+            work()
+            times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def gil() -> None:
+    """The encode batch compute of 128 streamed chunks (LSTM 32→256 ×2, 10 steps, states in and
+    out) on a worker thread: alone, then beside a thread running Python, per switch interval."""
+    from prometheus_client import CollectorRegistry  # noqa: F401  (import cost outside timing)
+
+    from models.checkpoint import build_model
+    from models.config import ModelConfig
+    from service.batching import Item, make_encode_compute
+
+    config = ModelConfig.model_validate(
+        {
+            "format": "rnnserve/v1",
+            "task": "encode",
+            "input": {"type": "features", "size": 32},
+            "encoder": {"cell": "lstm", "hidden_size": 256, "num_layers": 2},
+            "pooling": "mean",
+        }
+    )
+    model = build_model(config).eval()
+    compute = make_encode_compute(model, torch.device("cpu"), torch.float32, (2, 256))
+    loop = asyncio.new_event_loop()
+    rng = np.random.default_rng(0)
+
+    def state() -> tuple[np.ndarray, ...]:
+        return tuple(rng.standard_normal((2, 256)).astype(np.float32) for _ in range(2))
+
+    items = [
+        Item(
+            rng.standard_normal((10, 32)).astype(np.float32),
+            loop.create_future(),
+            "none",
+            None,
+            state(),
+            True,
+        )
+        for _ in range(128)
+    ]
+
+    def on_worker() -> float:
+        torch.set_num_threads(1)
+        return _median_s(lambda: compute(items))
+
+    with ThreadPoolExecutor(1) as pool:
+        print(f"alone on a worker thread: {pool.submit(on_worker).result() * 1000:.1f} ms")
+        for interval_us in (5000.0, 50.0, 15.0, 5.0):
+            sys.setswitchinterval(interval_us / 1e6)
+            stop = threading.Event()
+
+            def spin(stop: threading.Event = stop) -> None:
+                while not stop.is_set():
+                    {i: [i] for i in range(100)}
+
+            spinner = threading.Thread(target=spin)
+            spinner.start()
+            try:
+                seconds = pool.submit(on_worker).result()
+            finally:
+                stop.set()
+                spinner.join()
+            print(
+                f"beside a Python thread, switch interval {interval_us:g} µs: "
+                f"{seconds * 1000:.1f} ms"
+            )
+
+
+def segments() -> None:
+    """Packed vs `run_segmented` per cell, size, longest length T and rows N (lengths uniform
+    in [T/4, T]); > 1 means segmented is faster."""
+    generator = torch.Generator().manual_seed(0)
+    for cell, hidden, features, layers in (
+        ("lstm", 256, 32, 2),
+        ("lstm", 64, 8, 2),
+        ("gru", 128, 32, 1),
+    ):
+        rnn = make_rnn(cell, features, hidden, layers).eval()
+        for steps in (16, 32, 64, 128):
+            row = []
+            for rows in (8, 32, 64):
+                lengths = torch.randint(max(1, steps // 4), steps + 1, (rows,), generator=generator)
+                x = torch.randn(rows, int(lengths.max()), features, generator=generator)
+                assert isinstance(rnn, torch.nn.RNNBase)
+                packed, segmented = _packed_vs_segmented(rnn, x, lengths)
+                row.append(f"N={rows}: {packed / segmented:.2f}×")
+            print(f"{cell} hidden {hidden}, T {steps:3d}: " + ", ".join(row))
+
+
+def _packed_vs_segmented(
+    rnn: torch.nn.RNNBase, x: torch.Tensor, lengths: torch.Tensor
+) -> tuple[float, float]:
+    """Median seconds of one packed call and of `run_segmented` on the same batch."""
+    packed = _median_s(lambda: rnn(pack_padded_sequence(x, lengths, True, enforce_sorted=False)))
+    return packed, _median_s(lambda: run_segmented(rnn, x, lengths))
+
+
+def batch_sizes() -> None:
+    """Sequences per second of the reference LSTM by batch size, as a ratio of batch 64."""
+    rnn = make_rnn("lstm", 32, 256, 2).eval()
+    generator = torch.Generator().manual_seed(0)
+    for kind in ("fixed 64", "varied 16-128"):
+        rates = {}
+        for batch in (8, 16, 32, 64, 128):
+            batches = []
+            for _ in range(256 // batch):
+                if kind.startswith("fixed"):
+                    lengths = torch.full((batch,), 64)
+                else:
+                    lengths = torch.randint(16, 129, (batch,), generator=generator)
+                x = torch.randn(batch, int(lengths.max()), 32, generator=generator)
+                batches.append((x, lengths))
+
+            def work(batches: list[tuple[torch.Tensor, torch.Tensor]] = batches) -> None:
+                for x, lengths in batches:
+                    run_rnn(rnn, x, lengths)
+
+            rates[batch] = 256 / _median_s(work, repeats=5)
+        cells = ", ".join(f"{b}: {r / rates[64]:.2f}" for b, r in rates.items())
+        print(f"{kind}: per-sequence throughput vs batch 64 — {cells}")
+
+
+def hot_routes(seconds: float) -> None:
+    """Requests/s of `rnnserve serve`'s HTTP app with a model that costs almost nothing (LSTM
+    8→8), fixed-length JSON bodies, wrk at 64 connections: inference routes through HotRoutes,
+    and through FastAPI's full stack."""
+    from bench.http import LUA, free_port, start, stop, workload, write_bodies, wrk
+    from models.checkpoint import build_model, save
+    from models.config import ModelConfig
+
+    with tempfile.TemporaryDirectory() as tmp:
+        root = Path(tmp)
+        config = ModelConfig.model_validate(
+            {
+                "format": "rnnserve/v1",
+                "task": "encode",
+                "input": {"type": "features", "size": 32},
+                "encoder": {"cell": "lstm", "hidden_size": 8, "num_layers": 1},
+                "serving": {"max_batch_size": 64, "max_queue_size": 4096},
+            }
+        )
+        save(build_model(config), root / "repository" / "tiny" / "1")
+        (root / "post.lua").write_text(LUA)
+        write_bodies(root / "bodies", workload("fixed", 128, seed=1), "json")
+        for hot in (True, False):
+            port = free_port()
+            command = [sys.executable, "-m", "bench.probes", "_serve", str(root / "repository")]
+            command += [str(port), "hot" if hot else "plain"]
+            server = start(command, f"http://127.0.0.1:{port}/readyz", dict(os.environ))
+            try:
+                url = f"http://127.0.0.1:{port}"
+                path = "/v1/models/tiny/encode"
+                wrk(url, path, root / "bodies", root / "post.lua", 16, 2)  # warm-up
+                result = wrk(url, path, root / "bodies", root / "post.lua", 64, seconds)
+            finally:
+                stop(server)
+            label = "HotRoutes" if hot else "FastAPI stack"
+            print(f"{label}: {result['rate']:.0f} req/s, p50 {result['p50_us'] / 1000:.1f} ms")
+
+
+def _serve(repository: str, port: int, mode: str) -> None:
+    """The server of `hot_routes`: the real app on a real engine, hot routes on or off."""
+    import uvicorn
+    from prometheus_client import CollectorRegistry
+
+    from service.engine import Engine
+    from service.metrics import Metrics
+    from service.rest import create_app
+    from service.settings import Settings
+
+    async def main() -> None:
+        settings = Settings(repository=Path(repository), device="cpu", cpu_threads=1)
+        sys.setswitchinterval(settings.gil_switch_interval_us / 1e6)
+        metrics = Metrics(CollectorRegistry())
+        engine = Engine(settings, metrics)
+        await engine.start()
+        app = create_app(engine, settings, metrics, hot_routes=mode == "hot")
+        config = uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning")
+        await uvicorn.Server(config).serve()
+
+    # NOTE: the loop `rnnserve serve` runs (service/main.py).
+    import uvloop
+
+    uvloop.run(main())
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("probe", choices=["gil", "segments", "batch-sizes", "hot-routes", "_serve"])
+    parser.add_argument("args", nargs="*")
+    parser.add_argument("--duration", type=float, default=8.0, help="seconds per wrk run")
+    args = parser.parse_args()
+    torch.set_num_threads(1)
+    if args.probe == "gil":
+        gil()
+    elif args.probe == "segments":
+        segments()
+    elif args.probe == "batch-sizes":
+        batch_sizes()
+    elif args.probe == "hot-routes":
+        hot_routes(args.duration)
+    else:
+        _serve(args.args[0], int(args.args[1]), args.args[2])
+
+
+if __name__ == "__main__":
+    main()
