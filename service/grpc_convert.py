@@ -144,9 +144,9 @@ def _sequences(message: pb.EncodeRequest | pb.GenerateRequest) -> tuple[list[Seq
     raise errors.InvalidInput("input", "one of 'inputs', 'tokens' or 'texts' is required")
 
 
-def _timeout(timeout_ms: int, deadline_s: float | None) -> float | None:
-    """The tighter of the message's timeout_ms (0: unset, as proto3 sends it) and the call's
-    gRPC deadline."""
+def request_timeout(timeout_ms: int, deadline_s: float | None) -> float | None:
+    """Seconds: the tighter of a message's timeout_ms (0: unset, as proto3 sends it; else within
+    the wires' one limit) and the call's remaining gRPC deadline."""
     if timeout_ms:
         validation.check_timeout_ms(timeout_ms)
     return _tighter(timeout_ms / 1000.0 if timeout_ms else None, deadline_s)
@@ -173,7 +173,7 @@ def encode_request_from_proto(
         kind=kind,
         version=message.version if message.HasField("version") else None,
         pooling=cast(PoolingName, message.pooling) if message.pooling else None,
-        timeout_s=_timeout(message.timeout_ms, deadline_s),
+        timeout_s=request_timeout(message.timeout_ms, deadline_s),
         protocol=protocol,
     )
 
@@ -205,7 +205,7 @@ def generate_request_from_proto(
         version=message.version if message.HasField("version") else None,
         max_length=message.max_length or None,
         beam_size=max(1, message.beam_size),
-        timeout_s=_timeout(message.timeout_ms, deadline_s),
+        timeout_s=request_timeout(message.timeout_ms, deadline_s),
         protocol=protocol,
         endpoint=endpoint,
     )

@@ -19,7 +19,7 @@ import numpy as np
 from service import errors
 from service._proto.rnnserve.v1 import rnnserve_pb2 as pb
 from service.grpc_api import CallRecorder, abort_with, deadline_of
-from service.grpc_convert import float_values
+from service.grpc_convert import float_values, request_timeout
 from service.sessions import ChunkResult, SessionManager, StreamPooling
 from service.types import InputKind, Sequence
 
@@ -56,14 +56,6 @@ def chunk_from_proto(chunk: pb.SessionChunk) -> tuple[Sequence, InputKind]:
     if which == "text":
         return chunk.text, "text"
     raise errors.InvalidInput("chunk.input", "one of 'inputs', 'tokens' or 'text' is required")
-
-
-def _timeout(chunk: pb.SessionChunk, context: grpc.aio.ServicerContext[Any, Any]) -> float | None:
-    own = chunk.timeout_ms / 1000.0 if chunk.timeout_ms > 0 else None
-    call = deadline_of(context)
-    if own is None:
-        return call
-    return own if call is None else min(own, call)
 
 
 def result_to_proto(result: ChunkResult) -> pb.SessionChunkResult:
@@ -136,7 +128,7 @@ async def stream_session(
                     session_id,
                     sequence,
                     kind,
-                    timeout_s=_timeout(message.chunk, context),
+                    timeout_s=request_timeout(message.chunk.timeout_ms, deadline_of(context)),
                     protocol="grpc",
                 )
             except asyncio.CancelledError as exc:
@@ -170,7 +162,7 @@ async def stream_chunk(
             version=request.version if request.HasField("version") else None,
             pooling=pooling_from_proto(request.pooling),
             state_token=request.state_token or None,
-            timeout_s=_timeout(request.chunk, context),
+            timeout_s=request_timeout(request.chunk.timeout_ms, deadline_of(context)),
             protocol="grpc",
         )
         return result_to_proto(result)

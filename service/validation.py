@@ -46,7 +46,7 @@ def check_timeout_ms(timeout_ms: float, field: str = "timeout_ms") -> None:
     """A request's own timeout_ms is in (0, MAX_TIMEOUT_MS]."""
     if not 0 < timeout_ms <= MAX_TIMEOUT_MS:
         raise InvalidInput(
-            field, f"must be greater than 0 and at most {MAX_TIMEOUT_MS} ms, got {timeout_ms:g}"
+            field, f"must be greater than 0 and at most {MAX_TIMEOUT_MS} ms, got {timeout_ms:.15g}"
         )
 
 

@@ -203,3 +203,19 @@ def test_session_limit_and_idle_expiry(limited: tuple[Served, pb_grpc.RnnServeSt
         "(or resume it from its last state_token)"
     )
     assert served.sessions.active == 0
+
+
+def test_a_chunk_timeout_over_the_limit_is_refused_as_on_every_wire(
+    api: tuple[Served, pb_grpc.RnnServeStub],
+) -> None:
+    _, stub = api
+    chunk = _chunk(np.ones((3, 8), np.float32))
+    chunk.timeout_ms = 3_600_001
+    with pytest.raises(grpc.RpcError) as info:
+        stub.StreamChunk(pb.StreamChunkRequest(model="tagger", chunk=chunk), timeout=30)
+    assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert info.value.details() == (
+        "timeout_ms: must be greater than 0 and at most 3600000 ms, got 3600001"
+    )
+    chunk.timeout_ms = 3_600_000  # the limit itself is accepted
+    assert stub.StreamChunk(pb.StreamChunkRequest(model="tagger", chunk=chunk), timeout=30).steps
