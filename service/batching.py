@@ -34,7 +34,7 @@ import contextlib
 import logging
 import time
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -367,10 +367,7 @@ class Batcher:
             log.exception(
                 "model %s version %s: delivering a batch failed", self.model, self.version
             )
-            error = ComputeError(f"model {self.model} version {self.version}: internal error")
-            for item in batch:
-                if not item.future.done():
-                    item.future.set_exception(error)
+            _fail(batch, ComputeError(f"model {self.model} version {self.version}: internal error"))
 
     def _take(self, size: int) -> list[Item]:
         """Pop the next batch (FIFO up to `size` and the cost limit), dropping dead items."""
@@ -428,9 +425,7 @@ class Batcher:
                 f"{len(batch)}: {type(exc).__name__}"
             )
         )
-        for item in batch:
-            if not item.future.done():
-                item.future.set_exception(error)
+        _fail(batch, error)
 
     def _deliver(self, batch: list[Item], rows: list[Row], seconds: float) -> None:
         self._batch_seconds = 0.8 * self._batch_seconds + 0.2 * seconds
@@ -473,12 +468,17 @@ class Batcher:
         self._m_calls.inc()
 
     def _fail_queued(self, error: ServiceError) -> None:
-        while self._queue:
-            item = self._queue.popleft()
-            if not item.future.done():
-                item.future.set_exception(error)
+        _fail(self._queue, error)
+        self._queue.clear()
         self._queued_steps = 0
         self._m_depth.set(0)
+
+
+def _fail(items: Iterable[Item], error: BaseException) -> None:
+    """`error` to every item whose caller still waits."""
+    for item in items:
+        if not item.future.done():
+            item.future.set_exception(error)
 
 
 # -- the model call (runs on the executor thread) -------------------------------------------

@@ -11,11 +11,10 @@ import asyncio
 import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
-from typing import ParamSpec, TypeVar
+from typing import TypeVar
 
 import torch
 
-P = ParamSpec("P")
 T = TypeVar("T")
 # Called on the loop when a submitted call ends: ((result, seconds), None) or (None, exception).
 Done = Callable[[tuple[T, float] | None, BaseException | None], None]
@@ -66,7 +65,7 @@ class DeviceExecutor:
         if listener in self._idle_listeners:
             self._idle_listeners.remove(listener)
 
-    async def run(self, fn: Callable[P, T], *args: P.args, **kwargs: P.kwargs) -> tuple[T, float]:
+    async def run(self, fn: Callable[..., T], *args: object) -> tuple[T, float]:
         """Run `fn(*args)` on the device thread; return its result and its compute seconds."""
         loop = asyncio.get_running_loop()
         future: asyncio.Future[tuple[T, float]] = loop.create_future()
