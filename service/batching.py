@@ -361,7 +361,7 @@ class Batcher:
             if exc is not None or result is None:
                 self._fail_batch(batch, exc)
             else:
-                self._deliver(batch, *result)
+                self._deliver(flight, *result)
         except Exception:
             # NOTE: never leave a caller waiting, whatever went wrong here.
             log.exception(
@@ -427,13 +427,14 @@ class Batcher:
         )
         _fail(batch, error)
 
-    def _deliver(self, batch: list[Item], rows: list[Row], seconds: float) -> None:
+    def _deliver(self, flight: _Flight, rows: list[Row], seconds: float) -> None:
+        batch = flight.batch
         self._batch_seconds = 0.8 * self._batch_seconds + 0.2 * seconds
-        per_step = seconds / max(1, sum(item.length for item in batch))
+        per_step = seconds / max(1, flight.steps)
         self._step_seconds = (
             per_step if not self._step_seconds else (0.8 * self._step_seconds + 0.2 * per_step)
         )
-        self._observe(batch, seconds)
+        self._observe(flight, seconds)
         returning = 0
         for item, row in zip(batch, rows, strict=True):
             if not item.future.done():
@@ -458,8 +459,8 @@ class Batcher:
         self._regroup_rows = min(self.max_batch_size, len(self._queue) + returning)
         self._regroup_until = time.monotonic() + wait
 
-    def _observe(self, batch: list[Item], seconds: float) -> None:
-        real = sum(item.length for item in batch)
+    def _observe(self, flight: _Flight, seconds: float) -> None:
+        batch, real = flight.batch, flight.steps
         computed = max(item.length for item in batch) * len(batch)
         self._m_compute.observe(seconds)
         self._m_size.observe(len(batch))
