@@ -163,27 +163,9 @@ class Engine:
         return entry.version, entry.config
 
     def model_head(self, name: str, version: int) -> Head | None:
-        """A READY version's linear head as numpy arrays (None without a head); copied from the
-        device once per loaded model (sessions ask for it every chunk)."""
-        from service.sessions import Head, head_of
-
-        entry = self.registry.resolve(name, version)
-        loaded = entry.loaded
-        if loaded is None or entry.config.head is None:
-            return None
-        labels = entry.config.head.labels
-
-        def build() -> Head | None:
-            head = getattr(loaded.model, "head", None)
-            if head is None:
-                return None
-            return Head(
-                weight=head.weight.detach().float().cpu().numpy(),
-                bias=head.bias.detach().float().cpu().numpy(),
-                labels=labels,
-            )
-
-        return head_of(loaded.model, build)
+        """A READY version's linear head as numpy arrays (None without a head), copied from the
+        device when the version loaded (sessions ask for it every chunk)."""
+        return self.registry.resolve(name, version).head
 
     async def load(self, name: str, version: int | None = None) -> None:
         """Load a model (its policy's versions) or one version, beside what serves."""

@@ -28,6 +28,7 @@ from service.decoding import DecodeScheduler
 from service.errors import Conflict, InvalidInput, NotFound, NotReady
 from service.executor import DeviceExecutor
 from service.metrics import Metrics
+from service.sessions import Head
 from service.settings import Settings, is_model_name
 from service.types import ModelInfo, VersionInfo
 
@@ -72,6 +73,7 @@ class ModelVersion:
     loaded: LoadedModel | None = None
     batcher: Batcher | None = None
     decoder: DecodeScheduler | None = None
+    head: Head | None = None  # an encoder's linear head on the host, for streaming sessions
     architecture: dict[str, Any] = field(default_factory=dict)
 
     @property
@@ -362,6 +364,7 @@ class Registry:
                 halve=self._executor.device.type == "cpu",
                 regroup_max_s=self.settings.regroup_max_ms / 1000.0,
             )
+            entry.head = _host_head(loaded.model, config)
             entry.batcher.start()
             if self.settings.warmup:
                 await entry.batcher.warm_up(_warm_input(config))
@@ -381,6 +384,18 @@ class Registry:
             entry.decoder.start()
             if self.settings.warmup:
                 await entry.decoder.warm_up(_warm_input(config))
+
+
+def _host_head(model: EncoderModel, config: ModelConfig) -> Head | None:
+    """The model's linear head as numpy arrays: sessions score each chunk on the loop."""
+    head = getattr(model, "head", None)
+    if head is None or config.head is None:
+        return None
+    return Head(
+        weight=head.weight.detach().float().cpu().numpy(),
+        bias=head.bias.detach().float().cpu().numpy(),
+        labels=config.head.labels,
+    )
 
 
 def _warm_input(config: ModelConfig) -> np.ndarray:

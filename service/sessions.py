@@ -20,11 +20,9 @@ import contextlib
 import logging
 import secrets
 import time
-import weakref
 from collections import OrderedDict
-from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Literal, Protocol
+from typing import Literal, Protocol
 
 import numpy as np
 
@@ -141,20 +139,6 @@ class _Session:
 
 
 # --- the stream arithmetic (pure numpy) ------------------------------------------------------
-
-
-# Each loaded model's head as numpy arrays, keyed by the model object itself: a reload loads a
-# new object (a fresh entry) and an unloaded model's entry goes with it.
-_heads: weakref.WeakKeyDictionary[Any, Head | None] = weakref.WeakKeyDictionary()
-
-
-def head_of(model: object, build: Callable[[], Head | None]) -> Head | None:
-    """The head of a loaded `model`, made by `build()` once per model object."""
-    try:
-        return _heads[model]
-    except KeyError:
-        head = _heads[model] = build()
-        return head
 
 
 def signature(config: ModelConfig) -> str:

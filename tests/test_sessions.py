@@ -442,7 +442,8 @@ async def test_a_token_of_another_version_is_refused(repository: Path, start_eng
 
 
 async def test_head_scores_follow_a_reload(repository: Path, start_engine: Any) -> None:
-    """The head is cached per loaded model: a reload with new weights must score with them."""
+    """The host copy of the head belongs to the loaded version: a reload with new weights must
+    score with them."""
     write_model(repository, "headed", cell="gru", head=["a", "b", "c"], seed=1)
     engine = await start_engine(state_key=KEY.decode())
     chunk = _sequence("features", 6, 7)
