@@ -170,6 +170,7 @@ class Batcher:
         self._regroup_rows = 0
         self._regroup_until = 0.0
         self._wakeup: asyncio.Event | None = None
+        self._emptied: asyncio.Event | None = None  # set when nothing is queued or in flight
         self._task: asyncio.Task[None] | None = None
 
     # -- lifecycle -------------------------------------------------------------------------
@@ -177,6 +178,7 @@ class Batcher:
     def start(self) -> None:
         """Create the asyncio objects and the batching task (inside the running loop)."""
         self._wakeup = asyncio.Event()
+        self._emptied = asyncio.Event()
         self._executor.on_idle(self._wakeup.set)
         self._task = asyncio.get_running_loop().create_task(
             self._run(), name=f"batcher-{self.model}-{self.version}"
@@ -209,11 +211,11 @@ class Batcher:
     async def drain(self) -> None:
         """Stop admitting; finish every admitted item; then stop the task."""
         self._closed = True
-        assert self._wakeup is not None
+        assert self._wakeup is not None and self._emptied is not None
         self._wakeup.set()
         while self._queue or self._flights:
-            self._wakeup.set()
-            await asyncio.sleep(0.001)
+            self._emptied.clear()
+            await self._emptied.wait()
         await self.stop()
 
     async def stop(self) -> None:
@@ -368,6 +370,7 @@ class Batcher:
                 "model %s version %s: delivering a batch failed", self.model, self.version
             )
             _fail(batch, ComputeError(f"model {self.model} version {self.version}: internal error"))
+        self._check_emptied()
 
     def _take(self, size: int) -> list[Item]:
         """Pop the next batch (FIFO up to `size` and the cost limit), dropping dead items."""
@@ -384,6 +387,7 @@ class Batcher:
                 batch.append(item)
                 steps += item.length
         self._m_depth.set(len(self._queue))
+        self._check_emptied()
         return batch
 
     def purge(self) -> None:
@@ -396,6 +400,12 @@ class Batcher:
         self._queue = alive
         self._queued_steps = sum(item.length for item in alive)
         self._m_depth.set(len(alive))
+        self._check_emptied()
+
+    def _check_emptied(self) -> None:
+        # NOTE: `drain` waits on this instead of polling.
+        if not self._queue and not self._flights and self._emptied is not None:
+            self._emptied.set()
 
     def _drop_if_dead(self, item: Item, now: float) -> bool:
         # NOTE: the deadline is checked first: a waiter that gave up at its deadline has also
@@ -473,6 +483,7 @@ class Batcher:
         self._queue.clear()
         self._queued_steps = 0
         self._m_depth.set(0)
+        self._check_emptied()
 
 
 def _fail(items: Iterable[Item], error: BaseException) -> None:

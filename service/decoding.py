@@ -116,6 +116,7 @@ class DecodeScheduler:
         self._stopped = False
         self._step_seconds = 0.005
         self._wakeup: asyncio.Event | None = None
+        self._emptied: asyncio.Event | None = None  # set when nothing waits or runs
         self._task: asyncio.Task[None] | None = None
 
     # -- lifecycle -------------------------------------------------------------------------
@@ -123,6 +124,7 @@ class DecodeScheduler:
     def start(self) -> None:
         """Create the asyncio objects and the scheduling task (inside the running loop)."""
         self._wakeup = asyncio.Event()
+        self._emptied = asyncio.Event()
         self._task = asyncio.get_running_loop().create_task(
             self._run(), name=f"decoder-{self.model}-{self.version}"
         )
@@ -170,10 +172,11 @@ class DecodeScheduler:
     async def drain(self) -> None:
         """Stop admitting; finish every admitted job; then stop the task."""
         self._closed = True
+        assert self._wakeup is not None and self._emptied is not None
         while self._waiting or self._running:
-            if self._wakeup is not None:
-                self._wakeup.set()
-            await asyncio.sleep(0.001)
+            self._wakeup.set()
+            self._emptied.clear()
+            await self._emptied.wait()
         await self.stop()
 
     async def stop(self) -> None:
@@ -240,6 +243,7 @@ class DecodeScheduler:
                 self._m_rows.observe(rows)
                 self._m_calls.inc()
             self._gauges()
+            self._check_emptied()
             # NOTE: a loop turn lets finished callers submit again before the next burst.
             await asyncio.sleep(0)
 
@@ -445,12 +449,18 @@ class DecodeScheduler:
         if cancelled:
             self._m_dropped_cancelled.inc(cancelled)
 
+    def _check_emptied(self) -> None:
+        # NOTE: `drain` waits on this instead of polling.
+        if not self._waiting and not self._running and self._emptied is not None:
+            self._emptied.set()
+
     def _clear_running(self) -> None:
         self._running = []
         self._slots = 0
         self._beams = 0
         self._state = None
         self._feed = None
+        self._check_emptied()
 
     def _fail_running(self, exc: Exception) -> None:
         log.error(
