@@ -3,7 +3,8 @@
 Three parts: the error table (core error → gRPC status code), rnnserve.v1 messages, and Open
 Inference Protocol (V2) tensors — typed contents or raw little-endian bytes, BYTES elements with
 4-byte little-endian length prefixes. Only wire structure is checked here (shapes, counts,
-datatypes); sequence contents are validated by the engine.
+datatypes); what V2 tensors mean is decided in service/v2_common.py (shared with V2 REST), and
+sequence contents are validated by the engine.
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ from models.config import ModelConfig
 from service import errors, v2_common, validation
 from service._proto.inference import grpc_service_pb2 as v2
 from service._proto.rnnserve.v1 import rnnserve_pb2 as pb
-from service.codecs import V2_DTYPES, V2Output, pack_bytes
+from service.codecs import V2_DTYPES, V2Output, V2Tensor, pack_bytes
 from service.types import (
     EncodeRequest,
     EncodeResult,
@@ -149,13 +150,7 @@ def request_timeout(timeout_ms: int, deadline_s: float | None) -> float | None:
     the wires' one limit) and the call's remaining gRPC deadline."""
     if timeout_ms:
         validation.check_timeout_ms(timeout_ms)
-    return _tighter(timeout_ms / 1000.0 if timeout_ms else None, deadline_s)
-
-
-def _tighter(own_s: float | None, deadline_s: float | None) -> float | None:
-    if own_s is None:
-        return deadline_s
-    return own_s if deadline_s is None else min(own_s, deadline_s)
+    return validation.tighter_timeout(timeout_ms / 1000.0 if timeout_ms else None, deadline_s)
 
 
 def encode_request_from_proto(
@@ -263,9 +258,6 @@ _CONTENTS_FIELD = {
 }
 _LENGTH = struct.Struct("<I")
 
-# A decoded tensor: a numpy array, or for BYTES a flat list of elements with its shape.
-Tensor = np.ndarray | tuple[list[bytes], tuple[int, ...]]
-
 
 def decode_bytes(raw: bytes, count: int, field: str) -> list[bytes]:
     """Split raw BYTES contents: `count` elements, each a 4-byte LE length and its bytes."""
@@ -297,35 +289,37 @@ def _shape(shape: Sequence[int], field: str) -> tuple[int, ...]:
     return tuple(int(d) for d in shape)
 
 
-def decode_v2_inputs(request: v2.ModelInferRequest) -> dict[str, Tensor]:
-    """Decode every input tensor of a V2 request (raw or typed contents), checking shapes."""
+def decode_v2_inputs(request: v2.ModelInferRequest) -> list[V2Tensor]:
+    """Decode every input tensor of a V2 request (raw or typed contents) in the request's order,
+    checking shapes."""
     raw = request.raw_input_contents
     if raw and len(raw) != len(request.inputs):
         raise errors.InvalidInput(
             "raw_input_contents",
             f"has {len(raw)} entries but the request has {len(request.inputs)} inputs",
         )
-    tensors: dict[str, Tensor] = {}
+    tensors: list[V2Tensor] = []
     for i, tensor in enumerate(request.inputs):
         field = f"inputs[{i}]"
-        if tensor.name in tensors:
-            raise errors.InvalidInput(f"{field}.name", f"{tensor.name!r} appears twice")
         shape = _shape(tensor.shape, field)
         count = math.prod(shape)
         datatype = tensor.datatype
         if datatype != "BYTES" and datatype not in V2_DTYPES:
             raise errors.InvalidInput(f"{field}.datatype", f"unknown datatype {datatype!r}")
         if raw:
-            tensors[tensor.name] = _from_raw(raw[i], datatype, shape, count, i)
+            data = _from_raw(raw[i], datatype, shape, count, i)
         else:
-            tensors[tensor.name] = _from_contents(tensor.contents, datatype, shape, count, field)
+            data = _from_contents(tensor.contents, datatype, shape, count, field)
+        tensors.append(V2Tensor(tensor.name, datatype, list(shape), data))
     return tensors
 
 
-def _from_raw(data: bytes, datatype: str, shape: tuple[int, ...], count: int, index: int) -> Tensor:
+def _from_raw(
+    data: bytes, datatype: str, shape: tuple[int, ...], count: int, index: int
+) -> np.ndarray | list[bytes]:
     field = f"raw_input_contents[{index}]"
     if datatype == "BYTES":
-        return decode_bytes(data, count, field), shape
+        return decode_bytes(data, count, field)
     dtype = V2_DTYPES[datatype]
     if len(data) != count * dtype.itemsize:
         raise errors.InvalidInput(
@@ -340,7 +334,7 @@ def _from_raw(data: bytes, datatype: str, shape: tuple[int, ...], count: int, in
 
 def _from_contents(
     contents: v2.InferTensorContents, datatype: str, shape: tuple[int, ...], count: int, field: str
-) -> Tensor:
+) -> np.ndarray | list[bytes]:
     name = _CONTENTS_FIELD.get(datatype)
     if name is None:
         raise errors.InvalidInput(f"{field}.datatype", f"{datatype} needs raw_input_contents")
@@ -351,76 +345,8 @@ def _from_contents(
             f"has {len(values)} elements but shape {list(shape)} needs {count}",
         )
     if datatype == "BYTES":
-        return list(values), shape
+        return list(values)
     return np.array(values, dtype=V2_DTYPES[datatype].newbyteorder("=")).reshape(shape)
-
-
-def _numeric(tensors: dict[str, Tensor], name: str, field: str) -> np.ndarray | None:
-    tensor = tensors.get(name)
-    if tensor is None:
-        return None
-    if not isinstance(tensor, np.ndarray):
-        raise errors.InvalidInput(field, "must be a numeric tensor, not BYTES")
-    return tensor
-
-
-def _lengths(tensors: dict[str, Tensor], batch: int, time: int) -> list[int]:
-    lengths = _numeric(tensors, "LENGTHS", "LENGTHS")
-    if lengths is None:
-        return [time] * batch
-    if lengths.dtype.kind not in "iu" or lengths.shape != (batch,):
-        raise errors.InvalidInput(
-            "LENGTHS", f"must be INT64 [{batch}], got {lengths.dtype} {list(lengths.shape)}"
-        )
-    for i, n in enumerate(lengths.tolist()):
-        if not 1 <= n <= time:
-            raise errors.InvalidInput(f"LENGTHS[{i}]", f"{n} is outside 1..{time} (the time size)")
-    return [int(n) for n in lengths.tolist()]
-
-
-def v2_sequences(config: ModelConfig, tensors: dict[str, Tensor]) -> tuple[list[Seq], InputKind]:
-    """The sequences of V2 input tensors for a model: INPUT, TOKENS or TEXT (+ LENGTHS)."""
-    expected = {"features": "INPUT", "tokens": "TOKENS", "text": "TEXT"}[config.input.type]
-    allowed = {expected} if expected == "TEXT" else {expected, "LENGTHS"}
-    for name in tensors:
-        if name not in allowed:
-            raise errors.InvalidInput(
-                "inputs", f"unknown input {name!r}; this model takes {' + '.join(sorted(allowed))}"
-            )
-    if expected not in tensors:
-        raise errors.InvalidInput("inputs", f"input {expected!r} is required by this model")
-    if expected == "TEXT":
-        tensor = tensors["TEXT"]
-        if isinstance(tensor, np.ndarray):
-            raise errors.InvalidInput("TEXT", f"must be BYTES, got {tensor.dtype}")
-        items, shape = tensor
-        if len(shape) not in (1, 2) or (len(shape) == 2 and shape[1] != 1):
-            raise errors.InvalidInput("TEXT", f"must be BYTES [batch], got {list(shape)}")
-        texts: list[Seq] = []
-        for i, item in enumerate(items):
-            try:
-                texts.append(item.decode("utf-8"))
-            except UnicodeDecodeError as exc:
-                raise errors.InvalidInput(f"TEXT[{i}]", "is not valid UTF-8") from exc
-        return texts, "text"
-    array = _numeric(tensors, expected, expected)
-    assert array is not None
-    if expected == "INPUT":
-        if array.ndim != 3 or array.dtype.kind != "f":
-            raise errors.InvalidInput(
-                "INPUT",
-                f"must be FP32 [batch, time, features], got {array.dtype} {list(array.shape)}",
-            )
-        array = array.astype(np.float32, copy=False)
-        lengths = _lengths(tensors, array.shape[0], array.shape[1])
-        return [array[i, :n] for i, n in enumerate(lengths)], "features"
-    if array.ndim != 2 or array.dtype.kind not in "iu":
-        raise errors.InvalidInput(
-            "TOKENS", f"must be INT64 [batch, time], got {array.dtype} {list(array.shape)}"
-        )
-    array = array.astype(np.int64, copy=False)
-    lengths = _lengths(tensors, array.shape[0], array.shape[1])
-    return [array[i, :n] for i, n in enumerate(lengths)], "tokens"
 
 
 def v2_parameters(request: v2.ModelInferRequest) -> dict[str, Any]:
@@ -438,21 +364,23 @@ def v2_encode_request(
     config: ModelConfig,
     version: int,
     deadline_s: float | None,
+    *,
+    limit: int,
     protocol: Protocol = "v2-grpc",
     endpoint: str = "infer",
 ) -> EncodeRequest:
-    """An EncodeRequest from a V2 infer request (parameters: pooling, timeout_ms)."""
-    sequences, kind = v2_sequences(config, decode_v2_inputs(request))
-    params = v2_parameters(request)
-    return EncodeRequest(
-        model=request.model_name,
-        sequences=sequences,
-        kind=kind,
-        version=version,
-        pooling=v2_common.pooling(params),
-        timeout_s=_tighter(v2_common.timeout_s(params), deadline_s),
-        protocol=protocol,
+    """An EncodeRequest from a V2 infer request (at most `limit` sequences; parameters: pooling,
+    timeout_ms)."""
+    kind, sequences = v2_common.infer_sequences(decode_v2_inputs(request), config, limit)
+    return v2_common.encode_request(
+        request.model_name,
+        version,
+        kind,
+        sequences,
+        v2_parameters(request),
+        protocol,
         endpoint=endpoint,
+        deadline_s=deadline_s,
     )
 
 
@@ -461,23 +389,23 @@ def v2_generate_request(
     config: ModelConfig,
     version: int,
     deadline_s: float | None,
+    *,
+    limit: int,
     protocol: Protocol = "v2-grpc",
     endpoint: str = "infer",
 ) -> GenerateRequest:
-    """A GenerateRequest from a V2 infer request (parameters: max_length, beam_size, timeout_ms)."""
-    sequences, kind = v2_sequences(config, decode_v2_inputs(request))
-    params = v2_parameters(request)
-    max_length, beam_size = v2_common.generate_options(params)
-    return GenerateRequest(
-        model=request.model_name,
-        sequences=sequences,
-        kind=kind,
-        version=version,
-        max_length=max_length,
-        beam_size=beam_size,
-        timeout_s=_tighter(v2_common.timeout_s(params), deadline_s),
-        protocol=protocol,
+    """A GenerateRequest from a V2 infer request (at most `limit` sequences; parameters:
+    max_length, beam_size, timeout_ms)."""
+    kind, sequences = v2_common.infer_sequences(decode_v2_inputs(request), config, limit)
+    return v2_common.generate_request(
+        request.model_name,
+        version,
+        kind,
+        sequences,
+        v2_parameters(request),
+        protocol,
         endpoint=endpoint,
+        deadline_s=deadline_s,
     )
 
 
@@ -499,11 +427,12 @@ def v2_infer_response(
     return response
 
 
-def decode_v2_outputs(response: v2.ModelInferResponse) -> dict[str, Tensor]:
-    """Decode a V2 response's outputs (raw or typed); the inverse of `v2_infer_response`."""
+def decode_v2_outputs(response: v2.ModelInferResponse) -> dict[str, V2Tensor]:
+    """Decode a V2 response's outputs (raw or typed) by name; the inverse of
+    `v2_infer_response`."""
     request = v2.ModelInferRequest(raw_input_contents=response.raw_output_contents)
     for output in response.outputs:
         request.inputs.add(
             name=output.name, datatype=output.datatype, shape=output.shape, contents=output.contents
         )
-    return decode_v2_inputs(request)
+    return {tensor.name: tensor for tensor in decode_v2_inputs(request)}

@@ -1,7 +1,8 @@
 """Open Inference Protocol (KServe V2) semantics shared by its REST and gRPC front-ends.
 
-Server metadata, model metadata, readiness, request parameters and output tensors are decided
-here once; service/v2_rest.py and service/v2_grpc.py only translate them to and from the wire.
+Server metadata, model metadata, readiness, the model repository, input tensors, request
+parameters and output tensors are decided here once; service/v2_rest.py and service/v2_grpc.py
+(with service/grpc_convert.py) only translate them to and from the wire.
 """
 
 from __future__ import annotations
@@ -16,9 +17,18 @@ import numpy as np
 
 from models.config import ModelConfig
 from service import validation
-from service.codecs import V2Output
-from service.errors import InvalidInput
-from service.types import EncodeResult, GenerateResult
+from service.codecs import V2Output, V2Tensor
+from service.errors import InvalidInput, NotFound
+from service.types import (
+    EncodeRequest,
+    EncodeResult,
+    GenerateRequest,
+    GenerateResult,
+    InputKind,
+    Protocol,
+    Sequence,
+    VersionInfo,
+)
 
 if TYPE_CHECKING:
     from service.engine import Engine
@@ -104,6 +114,129 @@ def model_ready(engine: Engine, name: str, version: int | None) -> bool:
     return any(v.state == "READY" and version in (None, v.version) for v in info.versions)
 
 
+# ---------------------------------------------------------------- model repository
+
+
+def repository_index(engine: Engine, ready_only: bool) -> list[tuple[str, VersionInfo]]:
+    """(model name, version) of every version the server knows, or of the READY ones only."""
+    return [
+        (info.name, v)
+        for info in engine.list_models()
+        for v in info.versions
+        if not ready_only or v.state == "READY"
+    ]
+
+
+async def repository_load(engine: Engine, name: str) -> None:
+    """Load a model by name; as Triton, loading a model that has a READY version reloads it."""
+    try:
+        loaded = any(v.state == "READY" for v in engine.model_info(name).versions)
+    except NotFound:
+        loaded = False
+    if loaded:
+        await engine.reload(name)
+    else:
+        await engine.load(name)
+
+
+# ---------------------------------------------------------------- input tensors
+
+_FLOATS = ("FP16", "FP32", "FP64")
+# NOTE: no UINT64: it does not fit the engine's int64 (large values would wrap around).
+_INTS = ("INT8", "INT16", "INT32", "INT64", "UINT8", "UINT16", "UINT32")
+
+
+def infer_sequences(
+    tensors: list[V2Tensor], config: ModelConfig, limit: int
+) -> tuple[InputKind, list[Sequence]]:
+    """The engine's sequences of a V2 request's input tensors (all of them, in the request's order).
+
+    Errors name the request's own path (`inputs[1].shape`, `inputs[0].data[3]`) on both wires.
+    """
+    names = [t.name for t in input_metadata(config)]
+    main_name = names[0]
+    positions: dict[str, int] = {}
+    for i, tensor in enumerate(tensors):
+        if tensor.name not in names:
+            allowed = " and optional ".join(names)
+            raise InvalidInput(
+                f"inputs[{i}].name", f"unexpected input {tensor.name!r}; this model takes {allowed}"
+            )
+        if tensor.name in positions:
+            raise InvalidInput(
+                f"inputs[{i}].name",
+                f"{tensor.name!r} appears twice (first as inputs[{positions[tensor.name]}])",
+            )
+        positions[tensor.name] = i
+    if main_name not in positions:
+        raise InvalidInput("inputs", f"input {main_name!r} is required by this model")
+    i = positions[main_name]
+    main, where = tensors[i], f"inputs[{i}]"
+    kind = validation.model_kind(config)
+    if kind == "text":
+        return kind, _texts(main, where, limit)
+    features = kind == "features"
+    allowed_types = _FLOATS if features else _INTS
+    if main.datatype not in allowed_types:
+        raise InvalidInput(
+            f"{where}.datatype", f"{main_name} must be {sorted(allowed_types)}, got {main.datatype}"
+        )
+    data = main.data
+    assert isinstance(data, np.ndarray)  # every numeric datatype decodes to an array
+    if data.ndim != (3 if features else 2):
+        dims = "[batch, time, features]" if features else "[batch, time]"
+        raise InvalidInput(f"{where}.shape", f"{main_name} must be {dims}, got {main.shape}")
+    batch, steps = data.shape[0], data.shape[1]
+    _check_batch(batch, where, limit)
+    data = data.astype(np.float32 if features else np.int64, copy=False)
+    if "LENGTHS" not in positions:
+        return kind, list(data)
+    j = positions["LENGTHS"]
+    lengths = _lengths(tensors[j], f"inputs[{j}]", batch, steps)
+    return kind, [data[b, :n] for b, n in enumerate(lengths)]
+
+
+def _check_batch(batch: int, where: str, limit: int) -> None:
+    if batch == 0:
+        raise InvalidInput(f"{where}.shape", "the batch needs at least 1 sequence, got 0")
+    if batch > limit:
+        raise InvalidInput(f"{where}.shape", f"at most {limit} sequences per request, got {batch}")
+
+
+def _lengths(tensor: V2Tensor, where: str, batch: int, steps: int) -> list[int]:
+    if tensor.datatype not in _INTS:
+        raise InvalidInput(
+            f"{where}.datatype", f"LENGTHS must be {sorted(_INTS)}, got {tensor.datatype}"
+        )
+    assert isinstance(tensor.data, np.ndarray)
+    if tensor.data.shape != (batch,):
+        raise InvalidInput(
+            f"{where}.shape", f"LENGTHS must be [{batch}] (one per sequence), got {tensor.shape}"
+        )
+    lengths: list[int] = tensor.data.tolist()
+    for b, n in enumerate(lengths):
+        if not 1 <= n <= steps:
+            raise InvalidInput(f"{where}.data[{b}]", f"length must be in 1..{steps}, got {n}")
+    return lengths
+
+
+def _texts(tensor: V2Tensor, where: str, limit: int) -> list[Sequence]:
+    if tensor.datatype != "BYTES":
+        raise InvalidInput(f"{where}.datatype", f"TEXT must be BYTES, got {tensor.datatype}")
+    shape = tensor.shape
+    if not (len(shape) == 1 or (len(shape) == 2 and shape[1] == 1)):
+        raise InvalidInput(f"{where}.shape", f"TEXT must be [batch] (or [batch, 1]), got {shape}")
+    _check_batch(shape[0], where, limit)
+    assert isinstance(tensor.data, list)
+    texts: list[Sequence] = []
+    for b, raw in enumerate(tensor.data):
+        try:
+            texts.append(raw.decode("utf-8"))
+        except UnicodeDecodeError:
+            raise InvalidInput(f"{where}.data[{b}]", "TEXT elements must be UTF-8") from None
+    return texts
+
+
 # ---------------------------------------------------------------- request parameters
 
 
@@ -144,6 +277,64 @@ def generate_options(params: Mapping[str, Any]) -> tuple[int | None, int]:
     max_length = parameter(params, "max_length", (int,))
     beam_size = parameter(params, "beam_size", (int,), 1)
     return max_length, beam_size
+
+
+def encode_request(
+    model: str,
+    version: int,
+    kind: InputKind,
+    sequences: list[Sequence],
+    params: Mapping[str, Any],
+    protocol: Protocol,
+    *,
+    endpoint: str = "infer",
+    deadline_s: float | None = None,
+) -> EncodeRequest:
+    """The engine's EncodeRequest of an encoder's infer (parameters: timeout_ms, pooling).
+
+    `deadline_s` is the call's own remaining deadline, if the wire has one; the tighter wins.
+    """
+    timeout = validation.tighter_timeout(timeout_s(params), deadline_s)
+    return EncodeRequest(
+        model=model,
+        sequences=sequences,
+        kind=kind,
+        version=version,
+        pooling=pooling(params),
+        timeout_s=timeout,
+        protocol=protocol,
+        endpoint=endpoint,
+    )
+
+
+def generate_request(
+    model: str,
+    version: int,
+    kind: InputKind,
+    sequences: list[Sequence],
+    params: Mapping[str, Any],
+    protocol: Protocol,
+    *,
+    endpoint: str = "infer",
+    deadline_s: float | None = None,
+) -> GenerateRequest:
+    """The engine's GenerateRequest of a seq2seq infer (timeout_ms, max_length, beam_size).
+
+    `deadline_s` is the call's own remaining deadline, if the wire has one; the tighter wins.
+    """
+    timeout = validation.tighter_timeout(timeout_s(params), deadline_s)
+    max_length, beam_size = generate_options(params)
+    return GenerateRequest(
+        model=model,
+        sequences=sequences,
+        kind=kind,
+        version=version,
+        max_length=max_length,
+        beam_size=beam_size,
+        timeout_s=timeout,
+        protocol=protocol,
+        endpoint=endpoint,
+    )
 
 
 # ---------------------------------------------------------------- output tensors

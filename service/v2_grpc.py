@@ -112,16 +112,17 @@ class InferenceServicer(grpc_service_pb2_grpc.GRPCInferenceServiceServicer):
         version, config = self.engine.model_config(
             request.model_name, _version(request.model_version)
         )
+        limit = self.settings.max_sequences_per_request
         if config.task == "seq2seq":
             generate = grpc_convert.v2_generate_request(
-                request, config, version, deadline_s, endpoint=endpoint
+                request, config, version, deadline_s, limit=limit, endpoint=endpoint
             )
             generated = await self.engine.generate(generate)
             return grpc_convert.v2_infer_response(
                 request, generated.version, v2_common.generate_outputs(generated, config)
             )
         encode = grpc_convert.v2_encode_request(
-            request, config, version, deadline_s, endpoint=endpoint
+            request, config, version, deadline_s, limit=limit, endpoint=endpoint
         )
         encoded = await self.engine.encode(encode)
         return grpc_convert.v2_infer_response(
@@ -208,13 +209,10 @@ class InferenceServicer(grpc_service_pb2_grpc.GRPCInferenceServiceServicer):
     ) -> v2.RepositoryIndexResponse:
         async def call() -> v2.RepositoryIndexResponse:
             index = v2.RepositoryIndexResponse()
-            for info in self.engine.list_models():
-                for v in info.versions:
-                    if request.ready and v.state != "READY":
-                        continue
-                    index.models.add(
-                        name=info.name, version=str(v.version), state=v.state, reason=v.reason or ""
-                    )
+            for model, v in v2_common.repository_index(self.engine, request.ready):
+                index.models.add(
+                    name=model, version=str(v.version), state=v.state, reason=v.reason or ""
+                )
             return index
 
         return await self.calls.run(context, "", "repository_index", call)
@@ -224,17 +222,7 @@ class InferenceServicer(grpc_service_pb2_grpc.GRPCInferenceServiceServicer):
     ) -> v2.RepositoryModelLoadResponse:
         async def call() -> v2.RepositoryModelLoadResponse:
             check_management(self.settings, context)
-            try:
-                loaded = any(
-                    v.state == "READY" for v in self.engine.model_info(request.model_name).versions
-                )
-            except errors.NotFound:
-                loaded = False
-            # NOTE: V2 "load" of a loaded model means reload (Triton's semantics).
-            if loaded:
-                await self.engine.reload(request.model_name)
-            else:
-                await self.engine.load(request.model_name)
+            await v2_common.repository_load(self.engine, request.model_name)
             return v2.RepositoryModelLoadResponse()
 
         return await self.calls.run(context, request.model_name, "repository_load", call)

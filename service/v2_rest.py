@@ -1,41 +1,28 @@
 """The Open Inference Protocol (KServe V2) over REST, with Triton's binary tensor data extension.
 
-Tensor names (DESIGN §3) and request parameters (`pooling`, `max_length`, `beam_size`,
-`timeout_ms`) are decided in service/v2_common.py, shared with the gRPC front-end; this module adds
-`binary_data_output` / `binary_data`. The body is read raw, so a missing Content-Type is fine.
+Tensor names and their checks (DESIGN §3) and request parameters (`pooling`, `max_length`,
+`beam_size`, `timeout_ms`) are decided in service/v2_common.py, shared with the gRPC front-end;
+this module adds `binary_data_output` / `binary_data`. The body is read raw, so a missing
+Content-Type is fine.
 """
 
 from __future__ import annotations
 
 from typing import Any
 
-import numpy as np
 from fastapi import APIRouter, Request
 from fastapi.responses import Response
 
 from models.config import ModelConfig
 from service import codecs, http_common, metric_labels, rest_schemas, v2_common
 from service.engine import Engine
-from service.errors import InvalidInput, NotFound
+from service.errors import InvalidInput
 from service.metrics import Metrics
 from service.settings import Settings
-from service.types import (
-    EncodeRequest,
-    GenerateRequest,
-    InputKind,
-    Sequence,
-)
 from service.types import Protocol as WireProtocol
 
 PROTOCOL: WireProtocol = "v2-rest"
 EXTENSIONS = ["binary_tensor_data", "model_repository"]
-_MAIN_INPUT: dict[str, tuple[str, InputKind]] = {
-    "features": ("INPUT", "features"),
-    "tokens": ("TOKENS", "tokens"),
-    "text": ("TEXT", "text"),
-}
-_FLOATS = {"FP16", "FP32", "FP64"}
-_INTS = {"INT8", "INT16", "INT32", "INT64", "UINT8", "UINT16", "UINT32"}
 
 
 def _tensors_json(tensors: list[v2_common.TensorMetadata]) -> list[dict[str, Any]]:
@@ -51,82 +38,6 @@ def model_metadata(name: str, versions: list[str], config: ModelConfig) -> dict[
         "inputs": _tensors_json(v2_common.input_metadata(config)),
         "outputs": _tensors_json(v2_common.output_metadata(config)),
     }
-
-
-def infer_sequences(
-    tensors: list[codecs.V2Tensor], config: ModelConfig, limit: int
-) -> tuple[InputKind, list[Sequence]]:
-    """Turn the V2 input tensors into the engine's per-sequence arrays or strings."""
-    main_name, kind = _MAIN_INPUT[config.input.type]
-    main: tuple[int, codecs.V2Tensor] | None = None
-    lengths: tuple[int, codecs.V2Tensor] | None = None
-    for i, tensor in enumerate(tensors):
-        if tensor.name == main_name and main is None:
-            main = (i, tensor)
-        elif tensor.name == "LENGTHS" and lengths is None and kind != "text":
-            lengths = (i, tensor)
-        else:
-            allowed = main_name if kind == "text" else f"{main_name} and optional LENGTHS"
-            raise InvalidInput(
-                f"inputs[{i}].name", f"unexpected input {tensor.name!r}; this model takes {allowed}"
-            )
-    if main is None:
-        raise InvalidInput("inputs", f"input {main_name!r} is required by this model")
-    i, tensor = main
-    where = f"inputs[{i}]"
-    if kind == "text":
-        return kind, _texts(tensor, where, limit)
-    expected_ndim, allowed_types = (3, _FLOATS) if kind == "features" else (2, _INTS)
-    if tensor.datatype not in allowed_types:
-        raise InvalidInput(
-            f"{where}.datatype",
-            f"{main_name} must be {sorted(allowed_types)}, got {tensor.datatype}",
-        )
-    data = tensor.data
-    assert isinstance(data, np.ndarray)
-    if data.ndim != expected_ndim:
-        dims = "[batch, time, features]" if kind == "features" else "[batch, time]"
-        raise InvalidInput(f"{where}.shape", f"{main_name} must be {dims}, got {tensor.shape}")
-    batch, steps = data.shape[0], data.shape[1]
-    if batch == 0:
-        raise InvalidInput(f"{where}.shape", "the batch needs at least 1 sequence, got 0")
-    if batch > limit:
-        raise InvalidInput(f"{where}.shape", f"at most {limit} sequences per request, got {batch}")
-    data = data.astype(np.float32 if kind == "features" else np.int64, copy=False)
-    if lengths is None:
-        return kind, list(data)
-    j, length_tensor = lengths
-    values = length_tensor.data
-    assert isinstance(values, np.ndarray)
-    if length_tensor.datatype not in _INTS or values.shape != (batch,):
-        raise InvalidInput(
-            f"inputs[{j}]",
-            f"LENGTHS must be integers of shape [{batch}], got {length_tensor.shape}",
-        )
-    for b, n in enumerate(values.tolist()):
-        if not 1 <= n <= steps:
-            raise InvalidInput(f"inputs[{j}].data[{b}]", f"length must be in 1..{steps}, got {n}")
-    return kind, [data[b, :n] for b, n in enumerate(values.tolist())]
-
-
-def _texts(tensor: codecs.V2Tensor, where: str, limit: int) -> list[Sequence]:
-    if tensor.datatype != "BYTES":
-        raise InvalidInput(f"{where}.datatype", f"TEXT must be BYTES, got {tensor.datatype}")
-    shape = tensor.shape
-    if not (len(shape) == 1 or (len(shape) == 2 and shape[1] == 1)) or shape[0] == 0:
-        raise InvalidInput(f"{where}.shape", f"TEXT must be [batch] (or [batch, 1]), got {shape}")
-    if shape[0] > limit:
-        raise InvalidInput(
-            f"{where}.shape", f"at most {limit} sequences per request, got {shape[0]}"
-        )
-    assert isinstance(tensor.data, list)
-    texts: list[Sequence] = []
-    for b, raw in enumerate(tensor.data):
-        try:
-            texts.append(raw.decode("utf-8"))
-        except UnicodeDecodeError:
-            raise InvalidInput(f"{where}.data[{b}]", "TEXT elements must be UTF-8") from None
-    return texts
 
 
 def select_outputs(
@@ -227,44 +138,22 @@ def create_router(engine: Engine, settings: Settings, metrics: Metrics) -> APIRo
             tensors = codecs.decode_v2_inputs(header, tail)
             resolved, config = engine.model_config(name, version)
             labels["version"] = resolved
-            kind, sequences = infer_sequences(tensors, config, settings.max_sequences_per_request)
+            kind, sequences = v2_common.infer_sequences(
+                tensors, config, settings.max_sequences_per_request
+            )
             params = codecs.parameters_of(header)
             if not isinstance(params, dict):
                 raise InvalidInput("parameters", "expected an object")
-            timeout_s = v2_common.timeout_s(params)
             outputs: list[codecs.V2Output]
             if config.task == "seq2seq":
-                max_length, beam_size = v2_common.generate_options(params)
-                typed_generate = GenerateRequest(
-                    model=name,
-                    sequences=sequences,
-                    kind=kind,
-                    version=resolved,
-                    max_length=max_length,
-                    beam_size=beam_size,
-                    timeout_s=timeout_s,
-                    protocol=PROTOCOL,
-                    endpoint="infer",
+                generate = v2_common.generate_request(
+                    name, resolved, kind, sequences, params, PROTOCOL
                 )
-                result = await http_common.unless_disconnected(
-                    request, engine.generate(typed_generate)
-                )
+                result = await http_common.unless_disconnected(request, engine.generate(generate))
                 outputs = v2_common.generate_outputs(result, config)
             else:
-                pooling = v2_common.pooling(params)
-                typed_encode = EncodeRequest(
-                    model=name,
-                    sequences=sequences,
-                    kind=kind,
-                    version=resolved,
-                    pooling=pooling,
-                    timeout_s=timeout_s,
-                    protocol=PROTOCOL,
-                    endpoint="infer",
-                )
-                encoded = await http_common.unless_disconnected(
-                    request, engine.encode(typed_encode)
-                )
+                encode = v2_common.encode_request(name, resolved, kind, sequences, params, PROTOCOL)
+                encoded = await http_common.unless_disconnected(request, engine.encode(encode))
                 outputs = v2_common.encode_outputs(encoded)
             chosen, binary = select_outputs(header, outputs)
             answer: dict[str, Any] = {"model_name": name, "model_version": str(resolved)}
@@ -315,24 +204,14 @@ def create_router(engine: Engine, settings: Settings, metrics: Metrics) -> APIRo
             if body.strip()
             else None
         )
+        ready_only = query is not None and query.ready is True
         entries = []
-        for info in engine.list_models():
-            for v in info.versions:
-                if query is not None and query.ready and v.state != "READY":
-                    continue
-                entry: dict[str, Any] = {"name": info.name, "version": str(v.version)}
-                entry["state"] = v.state
-                if v.reason:
-                    entry["reason"] = v.reason
-                entries.append(entry)
+        for model, v in v2_common.repository_index(engine, ready_only):
+            entry: dict[str, Any] = {"name": model, "version": str(v.version), "state": v.state}
+            if v.reason:
+                entry["reason"] = v.reason
+            entries.append(entry)
         return http_common.json_response(entries)
-
-    def loaded(name: str) -> bool:
-        try:
-            info = engine.model_info(name)
-        except NotFound:
-            return False
-        return any(v.state == "READY" for v in info.versions)
 
     async def repository_action(action: str, name: str, request: Request) -> Response:
         http_common.management_guard(settings, request)
@@ -352,11 +231,8 @@ def create_router(engine: Engine, settings: Settings, metrics: Metrics) -> APIRo
         with observer.observe(name, None, f"repository_{action}"):
             if action == "unload":
                 await engine.unload(name)
-            elif loaded(name):
-                # NOTE: as Triton (and the V2 gRPC front-end): loading a loaded model reloads it.
-                await engine.reload(name)
             else:
-                await engine.load(name)
+                await v2_common.repository_load(engine, name)
         return Response(status_code=200)
 
     # NOTE: `:path`, so that a name carrying an (encoded) '/' reaches the name check and is

@@ -50,6 +50,13 @@ def check_timeout_ms(timeout_ms: float, field: str = "timeout_ms") -> None:
         )
 
 
+def tighter_timeout(own_s: float | None, deadline_s: float | None) -> float | None:
+    """The tighter of a request's own timeout and its call's remaining deadline (seconds)."""
+    if own_s is None:
+        return deadline_s
+    return own_s if deadline_s is None else min(own_s, deadline_s)
+
+
 def check_pooling(pooling: str | None) -> None:
     """Pooling is one of last, mean, max, none."""
     if pooling is not None and pooling not in POOLINGS:

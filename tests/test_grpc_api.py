@@ -415,10 +415,15 @@ async def test_bad_v2_tensors_are_invalid_argument(served: Served) -> None:
     )
     negative = v2.ModelInferRequest(model_name="enc")
     negative.inputs.add(name="INPUT", datatype="FP32", shape=[1, -2, FEATURES])
-    for request, field in [(ints, "INPUT"), (lengths, "inputs"), (negative, "inputs[0].shape")]:
+    cases = [
+        (ints, "inputs[0].datatype"),
+        (lengths, "inputs[1].name"),
+        (negative, "inputs[0].shape"),
+    ]
+    for request, field in cases:
         code, details = await _code(served.v2.ModelInfer(request))
         assert code == grpc.StatusCode.INVALID_ARGUMENT, details
-        assert details.startswith(field), details
+        assert details.startswith(field + ": "), details
 
 
 async def test_not_found(served: Served) -> None:
@@ -579,11 +584,12 @@ async def test_v2_infer_encoder(served: Served, raw: bool) -> None:
     expected, scores = _direct_encode(
         served.repository, "enc", [torch.from_numpy(s) for s in sequences]
     )
-    encoding = outputs["ENCODING"]
+    encoding = outputs["ENCODING"].data
     assert isinstance(encoding, np.ndarray)
     np.testing.assert_allclose(encoding, expected, rtol=1e-4, atol=1e-5)
     assert scores is not None
-    assert outputs["LABELS"] == ([LABELS[i].encode() for i in scores.argmax(axis=1)], (4,))
+    assert outputs["LABELS"].data == [LABELS[i].encode() for i in scores.argmax(axis=1)]
+    assert outputs["LABELS"].shape == [4]
 
 
 async def test_v2_infer_seq2seq_text_and_requested_output(served: Served) -> None:
@@ -597,8 +603,9 @@ async def test_v2_infer_seq2seq_text_and_requested_output(served: Served) -> Non
     direct = await served.api.Generate(
         pb.GenerateRequest(model="s2s", texts=pb.TextInputs(texts=["abc", "hello"]), max_length=7)
     )
-    texts, shape = decode_v2_outputs(response)["OUTPUT_TEXT"]  # type: ignore[misc]
-    assert shape == (2,) and [t.decode() for t in texts] == [o.text for o in direct.outputs]
+    text = decode_v2_outputs(response)["OUTPUT_TEXT"]
+    assert isinstance(text.data, list) and text.shape == [2]
+    assert [t.decode() for t in text.data] == [o.text for o in direct.outputs]
 
 
 async def test_v2_infer_errors(served: Served) -> None:

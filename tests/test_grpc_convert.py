@@ -24,10 +24,9 @@ from service.grpc_convert import (
     generate_request_from_proto,
     v2_encode_request,
     v2_infer_response,
-    v2_sequences,
 )
 from service.types import GeneratedSequence, GenerateResult
-from service.v2_common import generate_outputs
+from service.v2_common import generate_outputs, infer_sequences
 
 FEATURES = ModelConfig.model_validate(
     {
@@ -74,8 +73,9 @@ def test_raw_numeric_round_trip(datatype: str, data: st.DataObject) -> None:
     array = data.draw(hnp.arrays(dtype, shape))
     request = v2.ModelInferRequest(raw_input_contents=[array.astype(dtype).tobytes()])
     request.inputs.add(name="X", datatype=datatype, shape=shape)
-    (decoded,) = decode_v2_inputs(request).values()
-    assert isinstance(decoded, np.ndarray)
+    (tensor,) = decode_v2_inputs(request)
+    decoded = tensor.data
+    assert isinstance(decoded, np.ndarray) and tensor.shape == list(shape)
     assert decoded.shape == shape and decoded.flags.writeable
     np.testing.assert_array_equal(decoded, array)
 
@@ -135,7 +135,7 @@ def test_features_with_lengths_cut_each_sequence(lengths: list[int]) -> None:
     )
     request.inputs.add(name="INPUT", datatype="FP32", shape=batch.shape)
     request.inputs.add(name="LENGTHS", datatype="INT64", shape=[len(lengths)])
-    sequences, kind = v2_sequences(FEATURES, decode_v2_inputs(request))
+    kind, sequences = infer_sequences(decode_v2_inputs(request), FEATURES, 8)
     assert kind == "features"
     for i, (seq, n) in enumerate(zip(sequences, lengths, strict=True)):
         np.testing.assert_array_equal(seq, batch[i, :n])
@@ -147,15 +147,20 @@ def test_lengths_out_of_range_names_element() -> None:
     )
     request.inputs.add(name="INPUT", datatype="FP32", shape=[2, 4, 3])
     request.inputs.add(name="LENGTHS", datatype="INT64", shape=[2])
-    with pytest.raises(errors.InvalidInput, match=r"^LENGTHS\[1\]: 5 is outside 1\.\.4"):
-        v2_sequences(FEATURES, decode_v2_inputs(request))
+    with pytest.raises(
+        errors.InvalidInput, match=r"^inputs\[1\]\.data\[1\]: length must be in 1\.\.4, got 5$"
+    ):
+        infer_sequences(decode_v2_inputs(request), FEATURES, 8)
 
 
 def test_wrong_tensor_for_model_names_expected_input() -> None:
     request = v2.ModelInferRequest(raw_input_contents=[np.zeros((1, 2), "<i8").tobytes()])
     request.inputs.add(name="TOKENS", datatype="INT64", shape=[1, 2])
-    with pytest.raises(errors.InvalidInput, match="INPUT"):
-        v2_sequences(FEATURES, decode_v2_inputs(request))
+    with pytest.raises(
+        errors.InvalidInput,
+        match=r"^inputs\[0\]\.name: unexpected input 'TOKENS'; this model takes INPUT and optional",
+    ):
+        infer_sequences(decode_v2_inputs(request), FEATURES, 8)
 
 
 @settings(max_examples=30, deadline=None)
@@ -163,7 +168,7 @@ def test_wrong_tensor_for_model_names_expected_input() -> None:
 def test_text_tensor(texts: list[str]) -> None:
     request = v2.ModelInferRequest(raw_input_contents=[encode_bytes(t.encode() for t in texts)])
     request.inputs.add(name="TEXT", datatype="BYTES", shape=[len(texts)])
-    assert v2_sequences(TEXT, decode_v2_inputs(request)) == (texts, "text")
+    assert infer_sequences(decode_v2_inputs(request), TEXT, 8) == ("text", texts)
 
 
 def test_invalid_utf8_text() -> None:
@@ -171,8 +176,8 @@ def test_invalid_utf8_text() -> None:
     request.inputs.add(name="TEXT", datatype="BYTES", shape=[1]).contents.bytes_contents.append(
         b"\xff"
     )
-    with pytest.raises(errors.InvalidInput, match=r"TEXT\[0\]: is not valid UTF-8"):
-        v2_sequences(TEXT, decode_v2_inputs(request))
+    with pytest.raises(errors.InvalidInput, match=r"^inputs\[0\]\.data\[0\]: TEXT elements must"):
+        infer_sequences(decode_v2_inputs(request), TEXT, 8)
 
 
 @settings(max_examples=30, deadline=None)
@@ -184,11 +189,12 @@ def test_generate_outputs_round_trip(rows: list[list[int]]) -> None:
     )
     assert response.model_version == "3"
     tensors = decode_v2_outputs(response)
-    tokens, lengths = tensors["OUTPUT_TOKENS"], tensors["OUTPUT_LENGTHS"]
+    tokens, lengths = tensors["OUTPUT_TOKENS"].data, tensors["OUTPUT_LENGTHS"].data
     assert isinstance(tokens, np.ndarray) and isinstance(lengths, np.ndarray)
     for row, decoded, n in zip(rows, tokens, lengths, strict=True):
         assert decoded[:n].tolist() == row and (decoded[n:] == -1).all()
-    assert tensors["OUTPUT_TEXT"] == ([("x" * len(r)).encode() for r in rows], (len(rows),))
+    assert tensors["OUTPUT_TEXT"].data == [("x" * len(r)).encode() for r in rows]
+    assert tensors["OUTPUT_TEXT"].shape == [len(rows)]
 
 
 def test_unknown_requested_output() -> None:
@@ -294,10 +300,10 @@ def test_v2_timeout_ms_out_of_range_is_refused(param: v2.InferParameter) -> None
     with pytest.raises(
         errors.InvalidInput, match=r"^parameters\.timeout_ms: must be greater than 0 and at most"
     ):
-        v2_encode_request(request, FEATURES, 1, None)
+        v2_encode_request(request, FEATURES, 1, None, limit=8)
 
 
 def test_v2_timeout_ms_takes_the_tighter_of_it_and_the_deadline() -> None:
     request = _v2_features(timeout_ms=v2.InferParameter(double_param=250.0))
-    assert v2_encode_request(request, FEATURES, 1, None).timeout_s == pytest.approx(0.25)
-    assert v2_encode_request(request, FEATURES, 1, 0.1).timeout_s == pytest.approx(0.1)
+    assert v2_encode_request(request, FEATURES, 1, None, limit=8).timeout_s == pytest.approx(0.25)
+    assert v2_encode_request(request, FEATURES, 1, 0.1, limit=8).timeout_s == pytest.approx(0.1)

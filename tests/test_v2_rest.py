@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import asyncio
+import math
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from importlib import metadata
 from pathlib import Path
+from typing import cast
 
 import grpc
 import httpx
@@ -15,6 +17,8 @@ import numpy as np
 import orjson
 import pytest
 import tritonclient.http as triton
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from prometheus_client import CollectorRegistry
 from tritonclient.utils import InferenceServerException
 
@@ -22,6 +26,7 @@ from service import codecs
 from service._proto.inference import grpc_service_pb2 as v2
 from service._proto.inference.grpc_service_pb2_grpc import GRPCInferenceServiceStub
 from service.grpc_api import create_grpc_server
+from service.grpc_convert import decode_v2_outputs
 from service.metrics import Metrics
 from service.types import GenerateRequest
 from tests.factories import write_model
@@ -366,6 +371,275 @@ def test_rest_and_grpc_timeout_limits_agree(
             v2_grpc.ModelInfer(request)
         assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
         assert caught.value.details() == r.json()["error"]
+
+
+# --- one input check for both V2 wires (service/v2_common.infer_sequences) ---------------------
+
+_CONTENTS = {
+    "FP32": "fp32_contents",
+    "INT32": "int_contents",
+    "INT64": "int64_contents",
+    "UINT64": "uint64_contents",
+    "BYTES": "bytes_contents",
+}
+
+
+def v2_input(
+    name: str, datatype: str, shape: list[int], data: np.ndarray | list[bytes] | None = None
+) -> codecs.V2Tensor:
+    """One V2 input tensor to send over either wire; no data: zeros (or b"a") filling `shape`."""
+    if data is None:
+        count = math.prod(shape)
+        data = (
+            [b"a"] * count if datatype == "BYTES" else np.zeros(shape, codecs.V2_DTYPES[datatype])
+        )
+    return codecs.V2Tensor(name, datatype, shape, data)
+
+
+def _raw(tensor: codecs.V2Tensor) -> bytes:
+    if isinstance(tensor.data, list):
+        return codecs.pack_bytes(tensor.data)
+    return np.asarray(tensor.data, codecs.V2_DTYPES[tensor.datatype]).tobytes()
+
+
+def rest_infer(
+    http: httpx.Client, model: str, tensors: list[codecs.V2Tensor], binary: bool
+) -> httpx.Response:
+    """POST the tensors as JSON data, or all as binary tensors after the JSON header."""
+    specs: list[dict[str, object]] = []
+    blobs: list[bytes] = []
+    for t in tensors:
+        spec: dict[str, object] = {"name": t.name, "datatype": t.datatype, "shape": t.shape}
+        if binary:
+            blobs.append(_raw(t))
+            spec["parameters"] = {"binary_data_size": len(blobs[-1])}
+        elif isinstance(t.data, list):
+            spec["data"] = [item.decode() for item in t.data]
+        else:
+            spec["data"] = t.data.ravel().tolist()
+        specs.append(spec)
+    head = orjson.dumps({"inputs": specs})
+    headers = {codecs.HEADER_LENGTH: str(len(head))} if binary else {}
+    return http.post(f"/v2/models/{model}/infer", content=head + b"".join(blobs), headers=headers)
+
+
+def grpc_infer_request(
+    model: str, tensors: list[codecs.V2Tensor], raw: bool
+) -> v2.ModelInferRequest:
+    """The same tensors as a V2 gRPC request, in raw_input_contents or typed contents."""
+    request = v2.ModelInferRequest(model_name=model)
+    for t in tensors:
+        tensor = request.inputs.add(name=t.name, datatype=t.datatype, shape=t.shape)
+        if raw:
+            request.raw_input_contents.append(_raw(t))
+        else:
+            values = t.data if isinstance(t.data, list) else t.data.ravel().tolist()
+            getattr(tensor.contents, _CONTENTS[t.datatype]).extend(values)
+    return request
+
+
+def _grpc_outcome(
+    stub: GRPCInferenceServiceStub, request: v2.ModelInferRequest
+) -> tuple[grpc.StatusCode, str, v2.ModelInferResponse | None]:
+    try:
+        return grpc.StatusCode.OK, "", stub.ModelInfer(request)
+    except grpc.RpcError as exc:
+        error = cast(grpc.Call, exc)
+        return error.code(), error.details() or "", None
+
+
+ONE_STEP_INPUT = v2_input("INPUT", "FP32", [1, 1, 8])
+FEATURES_2x3 = v2_input("INPUT", "FP32", [2, 3, 8])
+INTS = "['INT16', 'INT32', 'INT64', 'INT8', 'UINT16', 'UINT32', 'UINT8']"
+
+# (model, input tensors, the field named, the message): the server's limit is 8 sequences.
+BAD_V2_INPUTS = [
+    pytest.param(
+        "feat",
+        [ONE_STEP_INPUT, v2_input("X", "FP32", [1])],
+        "inputs[1].name",
+        "unexpected input 'X'; this model takes INPUT and optional LENGTHS",
+        id="unknown-input",
+    ),
+    pytest.param(
+        "feat",
+        [ONE_STEP_INPUT, ONE_STEP_INPUT],
+        "inputs[1].name",
+        "'INPUT' appears twice (first as inputs[0])",
+        id="input-twice",
+    ),
+    pytest.param(
+        "words",
+        [v2_input("TEXT", "BYTES", [1]), v2_input("LENGTHS", "INT64", [1], np.ones(1, np.int64))],
+        "inputs[1].name",
+        "unexpected input 'LENGTHS'; this model takes TEXT",
+        id="lengths-for-text",
+    ),
+    pytest.param(
+        "feat",
+        [v2_input("LENGTHS", "INT64", [1], np.ones(1, np.int64))],
+        "inputs",
+        "input 'INPUT' is required by this model",
+        id="main-input-missing",
+    ),
+    pytest.param(
+        "feat",
+        [v2_input("INPUT", "INT32", [1, 1, 8])],
+        "inputs[0].datatype",
+        "INPUT must be ['FP16', 'FP32', 'FP64'], got INT32",
+        id="features-not-float",
+    ),
+    pytest.param(
+        "tok",
+        [v2_input("TOKENS", "UINT64", [1, 2])],
+        "inputs[0].datatype",
+        f"TOKENS must be {INTS}, got UINT64",
+        id="tokens-uint64",
+    ),
+    pytest.param(
+        "words",
+        [v2_input("TEXT", "INT64", [1])],
+        "inputs[0].datatype",
+        "TEXT must be BYTES, got INT64",
+        id="text-not-bytes",
+    ),
+    pytest.param(
+        "feat",
+        [v2_input("INPUT", "FP32", [1, 8])],
+        "inputs[0].shape",
+        "INPUT must be [batch, time, features], got [1, 8]",
+        id="features-ndim",
+    ),
+    pytest.param(
+        "tok",
+        [v2_input("TOKENS", "INT64", [2])],
+        "inputs[0].shape",
+        "TOKENS must be [batch, time], got [2]",
+        id="tokens-ndim",
+    ),
+    pytest.param(
+        "feat",
+        [v2_input("INPUT", "FP32", [0, 1, 8])],
+        "inputs[0].shape",
+        "the batch needs at least 1 sequence, got 0",
+        id="features-batch-0",
+    ),
+    pytest.param(
+        "words",
+        [v2_input("TEXT", "BYTES", [0])],
+        "inputs[0].shape",
+        "the batch needs at least 1 sequence, got 0",
+        id="text-batch-0",
+    ),
+    pytest.param(
+        "tok",
+        [v2_input("TOKENS", "INT64", [9, 1])],
+        "inputs[0].shape",
+        "at most 8 sequences per request, got 9",
+        id="tokens-over-limit",
+    ),
+    pytest.param(
+        "words",
+        [v2_input("TEXT", "BYTES", [9])],
+        "inputs[0].shape",
+        "at most 8 sequences per request, got 9",
+        id="text-over-limit",
+    ),
+    pytest.param(
+        "translit",
+        [v2_input("TEXT", "BYTES", [9, 1])],
+        "inputs[0].shape",
+        "at most 8 sequences per request, got 9",
+        id="seq2seq-over-limit",
+    ),
+    pytest.param(
+        "feat",
+        [FEATURES_2x3, v2_input("LENGTHS", "INT64", [1], np.array([3]))],
+        "inputs[1].shape",
+        "LENGTHS must be [2] (one per sequence), got [1]",
+        id="lengths-shape",
+    ),
+    pytest.param(
+        "feat",
+        [FEATURES_2x3, v2_input("LENGTHS", "FP32", [2], np.array([3.0, 3.0]))],
+        "inputs[1].datatype",
+        f"LENGTHS must be {INTS}, got FP32",
+        id="lengths-not-int",
+    ),
+    pytest.param(
+        "feat",
+        [FEATURES_2x3, v2_input("LENGTHS", "INT64", [2], np.array([0, 3]))],
+        "inputs[1].data[0]",
+        "length must be in 1..3, got 0",
+        id="length-0",
+    ),
+    pytest.param(
+        "feat",
+        [FEATURES_2x3, v2_input("LENGTHS", "INT64", [2], np.array([3, 4]))],
+        "inputs[1].data[1]",
+        "length must be in 1..3, got 4",
+        id="length-over-time",
+    ),
+    pytest.param(
+        "words",
+        [v2_input("TEXT", "BYTES", [2], [b"ok", b"\xff"])],
+        "inputs[0].data[1]",
+        "TEXT elements must be UTF-8",
+        id="text-not-utf8",
+    ),
+    pytest.param(
+        "words",
+        [v2_input("TEXT", "BYTES", [1, 2])],
+        "inputs[0].shape",
+        "TEXT must be [batch] (or [batch, 1]), got [1, 2]",
+        id="text-shape",
+    ),
+]
+
+
+@pytest.mark.parametrize("binary", [False, True], ids=["json+typed", "binary+raw"])
+@pytest.mark.parametrize(("model", "tensors", "field", "message"), BAD_V2_INPUTS)
+def test_rest_and_grpc_refuse_a_bad_v2_input_alike(
+    http: httpx.Client,
+    v2_grpc: GRPCInferenceServiceStub,
+    binary: bool,
+    model: str,
+    tensors: list[codecs.V2Tensor],
+    field: str,
+    message: str,
+) -> None:
+    if not binary and any(isinstance(t.data, list) and b"\xff" in t.data for t in tensors):
+        pytest.skip("a JSON string is always UTF-8")
+    r = rest_infer(http, model, tensors, binary)
+    assert r.status_code == 400, r.text
+    code, details, _ = _grpc_outcome(v2_grpc, grpc_infer_request(model, tensors, raw=binary))
+    assert code == grpc.StatusCode.INVALID_ARGUMENT, details
+    assert details == r.json()["error"] == f"{field}: {message}"
+
+
+@settings(max_examples=30, deadline=None)
+@given(
+    batch=st.integers(0, 10),
+    lengths=st.none() | st.lists(st.integers(-1, 4), max_size=10),
+)
+def test_rest_and_grpc_agree_on_any_batch_and_lengths(
+    http: httpx.Client, v2_grpc: GRPCInferenceServiceStub, batch: int, lengths: list[int] | None
+) -> None:
+    features = np.arange(batch * 3 * 8, dtype=np.float32).reshape(batch, 3, 8) / 100
+    tensors = [v2_input("INPUT", "FP32", [batch, 3, 8], features)]
+    if lengths is not None:
+        tensors.append(v2_input("LENGTHS", "INT64", [len(lengths)], np.array(lengths, np.int64)))
+    r = rest_infer(http, "feat", tensors, binary=True)
+    code, details, response = _grpc_outcome(v2_grpc, grpc_infer_request("feat", tensors, raw=True))
+    if r.status_code != 200:
+        assert (r.status_code, code) == (400, grpc.StatusCode.INVALID_ARGUMENT), r.text
+        assert details == r.json()["error"]
+        return
+    assert code == grpc.StatusCode.OK and response is not None, details
+    rest_encoding = np.array(r.json()["outputs"][0]["data"], np.float32)
+    grpc_encoding = decode_v2_outputs(response)["ENCODING"].data
+    assert isinstance(grpc_encoding, np.ndarray)
+    np.testing.assert_allclose(grpc_encoding.ravel(), rest_encoding, rtol=1e-6, atol=1e-7)
 
 
 def test_model_ready_is_false_on_rest_and_grpc_while_draining(tmp_path: Path) -> None:
