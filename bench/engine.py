@@ -6,10 +6,11 @@ decoding. Every ratio is measured in the same run, on the same machine and threa
 
 Reference workload (issue 4): 2-layer LSTM, input 32, hidden 256; one sequence per caller,
 lengths uniform 16–128; 64 concurrent callers. Direct and engine rounds alternate so that load
-from other processes hits both. Seq2seq: 1-layer GRU (hidden 128, additive attention), 32
-concurrent callers vs static batches of 32 that run until their longest member ends; output
-lengths set per request by max_length (random weights rarely emit <eos>), two mixes: "skewed"
-(3 in 4 short, 4–12 tokens; 1 in 4 long, 48–64) and "uniform" (4–64).
+from other processes hits both. Seq2seq, two sizes with additive attention: "reference" (2-layer
+LSTM, hidden 256, as the reference workload) and "demo" (1-layer GRU, hidden 128, as the bundled
+dates model); 32 concurrent callers vs static batches of 32 that run until their longest member
+ends; output lengths set per request by max_length (random weights rarely emit <eos>), two
+mixes: "skewed" (3 in 4 short, 4–12 tokens; 1 in 4 long, 48–64) and "uniform" (4–64).
 """
 
 from __future__ import annotations
@@ -66,20 +67,29 @@ def tiny_config() -> ModelConfig:
     )
 
 
-def seq2seq_config() -> ModelConfig:
+# Seq2seq sizes: "reference" as the issue's reference workload (2-layer LSTM, hidden 256);
+# "demo" as the bundled dates model (1-layer GRU, hidden 128).
+SEQ2SEQ_SIZES: dict[str, tuple[str, int, int, int]] = {
+    "reference": ("lstm", 256, 2, 128),
+    "demo": ("gru", 128, 1, 64),
+}
+
+
+def seq2seq_config(size: str) -> ModelConfig:
+    cell, hidden, layers, attention = SEQ2SEQ_SIZES[size]
     return ModelConfig.model_validate(
         {
             "format": "rnnserve/v1",
             "task": "seq2seq",
             "input": {"type": "tokens", "vocab_size": len(VOCAB), "embedding_size": 32},
-            "encoder": {"cell": "gru", "hidden_size": 128, "num_layers": 1},
+            "encoder": {"cell": cell, "hidden_size": hidden, "num_layers": layers},
             "decoder": {
-                "hidden_size": 128,
-                "num_layers": 1,
+                "hidden_size": hidden,
+                "num_layers": layers,
                 "embedding_size": 32,
                 "vocab_size": len(VOCAB),
                 "attention": "additive",
-                "attention_size": 64,
+                "attention_size": attention,
                 "bos_id": 1,
                 "eos_id": 2,
                 "max_length": 64,
@@ -167,7 +177,7 @@ def static_decoding(model: Seq2SeqModel, sources: list[np.ndarray], limits: list
 
 
 async def continuous_decoding(
-    engine: Engine, sources: list[np.ndarray], limits: list[int]
+    engine: Engine, sources: list[np.ndarray], limits: list[int], name: str
 ) -> float:
     """Useful tokens per second with 32 concurrent callers through the decode scheduler."""
     work = list(reversed(list(zip(sources, limits, strict=True))))
@@ -178,7 +188,7 @@ async def continuous_decoding(
         while work:
             source, limit = work.pop()
             result = await engine.generate(
-                GenerateRequest("s2s", [source], "tokens", max_length=limit)
+                GenerateRequest(name, [source], "tokens", max_length=limit)
             )
             produced += len(result.outputs[0].tokens)
 
@@ -220,14 +230,14 @@ async def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         repository = Path(tmp)
         write(repository, "enc", encoder_config())
-        write(repository, "s2s", seq2seq_config())
+        for size in SEQ2SEQ_SIZES:
+            write(repository, f"s2s-{size}", seq2seq_config(size))
         write(repository, "tiny", tiny_config())
         settings = Settings(repository=repository, device=args.device, cpu_threads=args.threads)
         engine = Engine(settings, Metrics(CollectorRegistry()))
         await engine.start()
         encoder = engine.registry.resolve("enc").loaded.model  # type: ignore[union-attr]
-        seq2seq = engine.registry.resolve("s2s").loaded.model  # type: ignore[union-attr]
-        assert isinstance(encoder, EncoderModel) and isinstance(seq2seq, Seq2SeqModel)
+        assert isinstance(encoder, EncoderModel)
         print(
             f"cores {os.cpu_count()}, torch intra-op threads {torch.get_num_threads()}, "
             f"engine cpu_threads {engine.cpu_threads}, {args.sequences} sequences × "
@@ -266,18 +276,25 @@ async def main() -> None:
             f"1 caller, tiny model (LSTM hidden 16, 8 steps): direct {direct_ms:.3f} ms, engine "
             f"{served_ms:.3f} ms, overhead {served_ms - direct_ms:.3f} ms (medians of 300)"
         )
-        for mix, limits in mixes.items():
-            static_rates, continuous_rates = [], []
-            for _ in range(args.rounds):
-                static_rates.append(static_decoding(seq2seq, sources, limits))
-                continuous_rates.append(await continuous_decoding(engine, sources, limits))
-            static_rate = statistics.median(static_rates)
-            continuous_rate = statistics.median(continuous_rates)
-            print(
-                f"seq2seq ({mix} output lengths): static batches of 32 {static_rate:.0f} tok/s, "
-                f"continuous {continuous_rate:.0f} tok/s, ratio "
-                f"{continuous_rate / static_rate:.2f}"
-            )
+        for size in SEQ2SEQ_SIZES:
+            name = f"s2s-{size}"
+            seq2seq = engine.registry.resolve(name).loaded.model  # type: ignore[union-attr]
+            assert isinstance(seq2seq, Seq2SeqModel)
+            cell, hidden, layers, _ = SEQ2SEQ_SIZES[size]
+            for mix, limits in mixes.items():
+                static_rates, continuous_rates = [], []
+                for _ in range(args.rounds):
+                    static_rates.append(static_decoding(seq2seq, sources, limits))
+                    continuous_rates.append(
+                        await continuous_decoding(engine, sources, limits, name)
+                    )
+                static_rate = statistics.median(static_rates)
+                continuous_rate = statistics.median(continuous_rates)
+                print(
+                    f"seq2seq {size} ({layers}-layer {cell.upper()} {hidden}), {mix} output "
+                    f"lengths: static batches of 32 {static_rate:.0f} tok/s, continuous "
+                    f"{continuous_rate:.0f} tok/s, ratio {continuous_rate / static_rate:.2f}"
+                )
         await engine.drain(5.0)
 
 

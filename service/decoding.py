@@ -2,21 +2,25 @@
 
 One per seq2seq model version. Every step is one model call over all running rows (any mix of
 requests, source lengths, greedy rows and beams):
-- waiting requests are encoded and join the running batch between steps: at once when nothing
-  runs, else grouped (when they number `join_fraction` of the running requests, or the oldest
-  has waited `max_wait_steps` steps), since encoding one costs about as much as encoding many;
+- waiting requests are encoded together and join the running batch between steps. An encode
+  starts when nothing runs, or when the waiting requests number `join_fraction` of the running
+  ones, or the oldest has waited `max_wait_steps` steps (encoding one costs about as much as
+  encoding many). With a `prefill` executor (a second worker thread) the encode runs there while
+  the running batch keeps stepping; without one, the device thread encodes as they join;
 - a row leaves at once when its request is done (<eos>, max_length), cancelled (client gone) or
   past its deadline, so a long output never holds short ones hostage;
 - greedy decoding streams each token as it is chosen (`Job.on_token`); beam search reorders its
   rows with `models.decoding.BeamSearch` each step and hands out only its final best tokens.
-Slots: a greedy request uses one row, a beam request reserves `beam_size` rows; at most
-`max_slots` rows run together (`rnnserve_decode_slots_in_use`). The computation is the same as
-`Seq2SeqModel.generate` (same `step`, same `BeamSearch`), so outputs equal offline decoding.
-Steps run in bursts on the device thread (one executor call per burst, not per step); joins
-happen inside a burst (the device thread takes newcomers from the waiting queue), so a join costs
-no loop round trip. Each step's results go back to the loop at once. Per step the device thread
-copies only the chosen token ids to the host (and the log-probs of beam rows); the next step's
-input stays on the device.
+Slots: a greedy request uses one row, a beam request reserves `beam_size` rows from the moment
+its encode starts; at most `max_slots` rows run together (`rnnserve_decode_slots_in_use`). The
+computation is the same as `Seq2SeqModel.generate` (same `encode`, `step`, `BeamSearch`), so
+outputs equal offline decoding. Steps run in bursts on the device thread (one executor call per
+burst, not per step); encoded newcomers join inside a burst. Each step's results go back to the
+loop at once. Per step the device thread copies only the chosen token ids to the host (and the
+log-probs of beam rows); the next step's input stays on the device.
+Threads: the loop owns the waiting queue and starts encodes; the device thread owns the running
+batch; groups to join pass from one to the other through `_ready` (a deque). Slots reserved
+(loop) and released (device thread) are two counters with one writer each.
 """
 
 from __future__ import annotations
@@ -54,6 +58,7 @@ class Job:
     deadline: float | None = None  # time.monotonic() seconds
     on_token: Callable[[int], None] | None = None  # greedy only: called with each new token
     enqueued: float = field(default_factory=time.monotonic)
+    enqueued_step: int = 0  # the scheduler's step count when it was queued
     tokens: list[int] = field(default_factory=list)
     search: BeamSearch | None = None
     rows: int = 0  # rows of this job in the running batch
@@ -72,6 +77,7 @@ class DecodeScheduler:
         version: int,
         network: Seq2SeqModel,
         executor: DeviceExecutor,
+        prefill: DeviceExecutor | None,
         metrics: Metrics,
         *,
         max_slots: int,
@@ -88,10 +94,7 @@ class DecodeScheduler:
         self.max_admit = max_batch_size
         self.join_fraction = join_fraction
         self.max_wait_steps = max_wait_steps
-        self._steps_waited = 0
         self.max_burst = max_burst
-        # NOTE: the token each running row reads at the next step, kept on the device.
-        self._feed: Tensor | None = None
         parameter = next(network.parameters())
         self._device = parameter.device
         self._dtype = parameter.dtype
@@ -107,31 +110,48 @@ class DecodeScheduler:
         self._network = network
         self._spec = network.decoder_spec
         self._executor = executor
+        self._prefill = prefill
+        # On the loop: jobs waiting for an encode, jobs being encoded, slots reserved so far.
         self._waiting: deque[Job] = deque()
+        self._encoding: list[Job] = []
+        self._reserved = 0
+        # Groups to join: (jobs, their decoder state and first input), or (jobs, None, None)
+        # when the device thread is to encode them. The loop appends, the device thread takes.
+        self._ready: deque[tuple[list[Job], DecoderState | None, Tensor | None]] = deque()
+        # On the device thread: the running batch, slots released, steps run.
         self._running: list[Job] = []  # in row order
-        self._slots = 0  # rows reserved by `_running` (kept, not recomputed per step)
+        self._released = 0
         self._beams = 0  # beam-search jobs in `_running`: they need host log-probs
+        self._steps = 0
         self._state: DecoderState | None = None
+        # NOTE: the token each running row reads at the next step, kept on the device.
+        self._feed: Tensor | None = None
         self._closed = False
         self._stopped = False
         self._step_seconds = 0.005
         self._wakeup: asyncio.Event | None = None
-        self._emptied: asyncio.Event | None = None  # set when nothing waits or runs
+        self._prefill_wakeup: asyncio.Event | None = None
+        self._emptied: asyncio.Event | None = None  # set when nothing waits, encodes or runs
         self._task: asyncio.Task[None] | None = None
+        self._prefill_task: asyncio.Task[None] | None = None
 
     # -- lifecycle -------------------------------------------------------------------------
 
     def start(self) -> None:
-        """Create the asyncio objects and the scheduling task (inside the running loop)."""
+        """Create the asyncio objects and the scheduling tasks (inside the running loop)."""
+        loop = asyncio.get_running_loop()
         self._wakeup = asyncio.Event()
+        self._prefill_wakeup = asyncio.Event()
         self._emptied = asyncio.Event()
-        self._task = asyncio.get_running_loop().create_task(
-            self._run(), name=f"decoder-{self.model}-{self.version}"
-        )
+        self._task = loop.create_task(self._run(), name=f"decoder-{self.model}-{self.version}")
         self._task.add_done_callback(self._task_done)
+        self._prefill_task = loop.create_task(
+            self._run_prefill(), name=f"decoder-prefill-{self.model}-{self.version}"
+        )
+        self._prefill_task.add_done_callback(self._task_done)
 
     def _task_done(self, task: asyncio.Task[None]) -> None:
-        # NOTE: the scheduling task only ends by cancellation; if a bug ends it, fail every job
+        # NOTE: the scheduling tasks only end by cancellation; if a bug ends one, fail every job
         # (and refuse more) rather than leave callers waiting forever.
         if task.cancelled() or task.exception() is None:
             return
@@ -139,17 +159,12 @@ class DecodeScheduler:
             "model %s version %s: decoder stopped: %r", self.model, self.version, task.exception()
         )
         self._closed = True
-        error = ComputeError(f"model {self.model} version {self.version}: internal error")
-        for job in [*self._waiting, *self._running]:
-            if not job.future.done():
-                job.future.set_exception(error)
-        self._waiting.clear()
-        self._clear_running()
+        self._fail_all(ComputeError(f"model {self.model} version {self.version}: internal error"))
 
     @property
     def slots_in_use(self) -> int:
-        """Rows reserved by running requests."""
-        return self._slots
+        """Rows reserved by requests being encoded, about to join or running."""
+        return self._reserved - self._released
 
     @property
     def queue_depth(self) -> int:
@@ -157,23 +172,22 @@ class DecodeScheduler:
         return len(self._waiting)
 
     async def warm_up(self, source: np.ndarray) -> None:
-        """Encode one short sequence and run one step on the device (outside any metric)."""
+        """Encode one short sequence (on both threads) and run one step (outside any metric)."""
         network = self._network
 
         def warm() -> None:
-            inputs = torch.from_numpy(source)[None].to(self._device)
-            if inputs.is_floating_point():
-                inputs = inputs.to(self._dtype)
-            state = network.encode(inputs, torch.tensor([source.shape[0]]))
-            network.step(state, torch.tensor([self._spec.bos_id], device=self._device))
+            state, bos = self._encode([source])
+            network.step(state, bos)
 
+        if self._prefill is not None:
+            await self._prefill.run(self._encode, [source])
         await self._executor.run(warm)
 
     async def drain(self) -> None:
-        """Stop admitting; finish every admitted job; then stop the task."""
+        """Stop admitting; finish every admitted job; then stop the tasks."""
         self._closed = True
         assert self._wakeup is not None and self._emptied is not None
-        while self._waiting or self._running:
+        while not self._empty():
             self._wakeup.set()
             self._emptied.clear()
             await self._emptied.wait()
@@ -183,20 +197,37 @@ class DecodeScheduler:
         """Stop at once: waiting and running jobs fail with `Draining`."""
         self._closed = True
         self._stopped = True  # a burst in flight ends at its next step
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
-            self._task = None
-        error = Draining(f"model {self.model} version {self.version} is unloading")
-        for job in [*self._waiting, *self._running]:
+        for task in (self._task, self._prefill_task):
+            if task is not None:
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
+        self._task = self._prefill_task = None
+        self._fail_all(Draining(f"model {self.model} version {self.version} is unloading"))
+        self._gauges()
+
+    def _empty(self) -> bool:
+        return not (self._waiting or self._encoding or self._ready or self._running)
+
+    def _check_emptied(self) -> None:
+        # NOTE: `drain` waits on this instead of polling.
+        if self._empty() and self._emptied is not None:
+            self._emptied.set()
+
+    def _fail_all(self, error: ServiceError) -> None:
+        jobs = [*self._waiting, *self._encoding, *self._running]
+        jobs += [job for group, _, _ in self._ready for job in group]
+        for job in jobs:
             if not job.future.done():
                 job.future.set_exception(error)
         self._waiting.clear()
+        self._encoding = []
+        self._ready.clear()
         self._clear_running()
-        self._gauges()
+        self._reserved = self._released = 0
+        self._check_emptied()
 
-    # -- admission -------------------------------------------------------------------------
+    # -- admission (on the loop) -----------------------------------------------------------
 
     def submit(self, jobs: list[Job]) -> None:
         """Admit all of `jobs` or none: `Overloaded` when the waiting queue cannot take them."""
@@ -213,53 +244,61 @@ class DecodeScheduler:
                 raise Overloaded(
                     f"beam_size {job.beam_size} exceeds the {self.max_slots} decode slots"
                 )
+        step = self._steps
+        for job in jobs:
+            job.enqueued_step = step
         self._waiting.extend(jobs)
         self._gauges()
-        assert self._wakeup is not None
-        self._wakeup.set()
+        assert self._prefill_wakeup is not None
+        self._prefill_wakeup.set()
 
     def _gauges(self) -> None:
         self._m_depth.set(len(self._waiting))
         self._m_slots.set(self.slots_in_use)
 
-    # -- the scheduling task ---------------------------------------------------------------
-
-    async def _run(self) -> None:
-        assert self._wakeup is not None
-        loop = asyncio.get_running_loop()
-        while True:
-            if not self._running and not self._waiting:
-                self._wakeup.clear()
-                await self._wakeup.wait()
-                continue
-            try:
-                steps, _ = await self._executor.run(self._burst, loop)
-            except Exception as exc:
-                self._fail_running(exc)
-                continue
-            for rows, seconds in steps:
-                self._step_seconds = 0.8 * self._step_seconds + 0.2 * seconds
-                self._m_compute.observe(seconds)
-                self._m_rows.observe(rows)
-                self._m_calls.inc()
-            self._gauges()
-            self._check_emptied()
-            # NOTE: a loop turn lets finished callers submit again before the next burst.
-            await asyncio.sleep(0)
-
-    def _should_admit(self) -> bool:
-        # NOTE: encoding newcomers and joining their state costs about as much for one row as
-        # for many, so joins are grouped (as TGI's waiting_served_ratio / max_waiting_tokens):
-        # at once when idle, else when enough wait or the oldest has waited max_wait_steps.
-        if not self._waiting:
+    def _should_encode(self) -> bool:
+        # NOTE: encoding newcomers costs about as much for one row as for many, so encodes are
+        # grouped (as TGI's waiting_served_ratio / max_waiting_tokens): at once when nothing
+        # runs, else when enough wait or the oldest has waited max_wait_steps.
+        if not self._waiting or self._encoding:
             return False
-        if not self._running:
+        running = len(self._running) + sum(len(group) for group, _, _ in self._ready)
+        if not running:
             return True
-        if self._slots + self._waiting[0].beam_size > self.max_slots:
+        if self.slots_in_use + self._waiting[0].beam_size > self.max_slots:
             return False  # the next one does not fit until rows leave
-        if self._steps_waited >= self.max_wait_steps:
+        if self._steps - self._waiting[0].enqueued_step >= self.max_wait_steps:
             return True
-        return len(self._waiting) >= max(1, int(len(self._running) * self.join_fraction))
+        return len(self._waiting) >= max(1, int(running * self.join_fraction))
+
+    def _take(self) -> list[Job]:
+        """Take waiting jobs that fit into free slots (reserving them); drop expired and
+        cancelled ones on the way."""
+        now = time.monotonic()
+        taken: list[Job] = []
+        free = self.max_slots - self.slots_in_use
+        while self._waiting and len(taken) < self.max_admit:
+            job = self._waiting[0]
+            # NOTE: deadline first: a waiter that gave up at its deadline also cancelled it.
+            if job.deadline is not None and job.deadline <= now:
+                self._waiting.popleft()
+                self._expire(job, now)
+                continue
+            if job.dead:
+                self._waiting.popleft()
+                self._m_dropped_cancelled.inc()
+                continue
+            if job.beam_size > free:
+                break
+            self._waiting.popleft()
+            free -= job.beam_size
+            job.rows = 1
+            if job.beam_size > 1:
+                job.search = BeamSearch(job.beam_size, self._spec.eos_id, job.max_length)
+            taken.append(job)
+            self._m_queue.observe(now - job.enqueued)
+        self._reserved += sum(job.beam_size for job in taken)
+        return taken
 
     def _expire(self, job: Job, now: float) -> None:
         self._m_dropped_deadline.inc()
@@ -272,20 +311,91 @@ class DecodeScheduler:
             f"{self.model} version {self.version} ({len(job.tokens)} tokens produced)"
         )
 
-    # -- on the device thread ----------------------------------------------------------------
+    # -- the scheduling tasks (on the loop) --------------------------------------------------
+
+    async def _run_prefill(self) -> None:
+        """Take waiting jobs when due, encode them on the prefill thread (if any) and hand them
+        to the device thread."""
+        assert self._prefill_wakeup is not None and self._wakeup is not None
+        while True:
+            if not self._should_encode():
+                self._check_emptied()
+                self._prefill_wakeup.clear()
+                await self._prefill_wakeup.wait()
+                continue
+            jobs = self._take()
+            self._gauges()
+            if not jobs:
+                continue
+            if self._prefill is None:
+                # NOTE: the device thread encodes them as they join.
+                self._ready.append((jobs, None, None))
+                self._wakeup.set()
+                continue
+            self._encoding = jobs
+            try:
+                (state, bos), _ = await self._prefill.run(
+                    self._encode, [job.source for job in jobs]
+                )
+            except Exception as exc:
+                self._encoding = []
+                self._reserved -= sum(job.beam_size for job in jobs)
+                self._fail(jobs, exc)
+                continue
+            # NOTE: ready before no longer encoding: `drain` never sees the jobs nowhere.
+            self._ready.append((jobs, state, bos))
+            self._encoding = []
+            self._wakeup.set()
+
+    async def _run(self) -> None:
+        assert self._wakeup is not None and self._prefill_wakeup is not None
+        loop = asyncio.get_running_loop()
+        while True:
+            if not self._running and not self._ready:
+                self._check_emptied()
+                self._wakeup.clear()
+                await self._wakeup.wait()
+                continue
+            try:
+                steps, _ = await self._executor.run(self._burst, loop)
+            except Exception as exc:
+                self._fail(self._running, exc)
+                self._clear_running()
+                continue
+            for rows, seconds in steps:
+                self._step_seconds = 0.8 * self._step_seconds + 0.2 * seconds
+                self._m_compute.observe(seconds)
+                self._m_rows.observe(rows)
+                self._m_calls.inc()
+            self._gauges()
+            self._prefill_wakeup.set()
+            # NOTE: a loop turn lets finished callers submit again before the next burst.
+            await asyncio.sleep(0)
+
+    # -- on the worker threads ---------------------------------------------------------------
+
+    def _encode(self, sources: list[np.ndarray]) -> tuple[DecoderState, Tensor]:
+        """Encode sources together: their decoder state and first input (<bos>)."""
+        padded, lengths = collate(sources)
+        padded = padded.to(self._device)
+        if padded.is_floating_point():
+            padded = padded.to(self._dtype)
+        state = self._network.encode(padded, lengths)
+        bos = torch.full((len(sources),), self._spec.bos_id, dtype=torch.int64, device=self._device)
+        return state, bos
 
     def _burst(self, loop: asyncio.AbstractEventLoop) -> list[tuple[int, float]]:
-        """Join waiting requests when due and run decode steps until nothing runs or max_burst
-        steps; returns (rows, seconds) per step. Runs on the device thread.
+        """Join waiting groups and run decode steps until nothing runs or max_burst steps;
+        returns (rows, seconds) per step. Runs on the device thread.
 
-        NOTE: while this runs the loop only appends to `_waiting` (and reads counters); results,
+        NOTE: while this runs the loop only appends to `_ready` and reads counters; results,
         tokens and errors go back with `loop.call_soon_threadsafe`.
         """
         network = self._network
         steps: list[tuple[int, float]] = []
         while len(steps) < self.max_burst and not self._stopped:
-            if self._should_admit():
-                self._join(loop)
+            if self._ready:
+                self._join()
             if not self._running:
                 break
             start = time.perf_counter()
@@ -310,59 +420,38 @@ class DecodeScheduler:
             else:
                 self._state = state
                 self._feed = best
+            self._steps += 1
             steps.append((rows, time.perf_counter() - start))
-            if self._waiting:
-                self._steps_waited += 1
         return steps
 
-    def _join(self, loop: asyncio.AbstractEventLoop) -> None:
-        """Take waiting jobs that fit, encode them together and add their rows to the batch."""
-        self._steps_waited = 0
-        now = time.monotonic()
-        admitted: list[Job] = []
-        expired: list[Job] = []
-        slots = self._slots
-        while self._waiting and len(admitted) < self.max_admit:
-            job = self._waiting[0]
-            # NOTE: deadline first: a waiter that gave up at its deadline also cancelled it.
-            if job.deadline is not None and job.deadline <= now:
-                self._waiting.popleft()
-                expired.append(job)
+    def _join(self) -> None:
+        """Add every group waiting in `_ready` to the running batch (one copy of the state);
+        groups not encoded yet are encoded here, together."""
+        jobs: list[Job] = []
+        states: list[DecoderState] = []
+        feeds: list[Tensor] = []
+        if self._state is not None and self._feed is not None:
+            states.append(self._state)
+            feeds.append(self._feed)
+        raw: list[Job] = []
+        while self._ready:
+            group, state, bos = self._ready.popleft()
+            if state is None or bos is None:
+                raw.extend(group)
                 continue
-            if job.dead:
-                self._waiting.popleft()
-                self._m_dropped_cancelled.inc()
-                continue
-            if slots + job.beam_size > self.max_slots:
-                break
-            self._waiting.popleft()
-            slots += job.beam_size
-            job.rows = 1
-            if job.beam_size > 1:
-                job.search = BeamSearch(job.beam_size, self._spec.eos_id, job.max_length)
-            admitted.append(job)
-            self._m_queue.observe(now - job.enqueued)
-        if expired:
-            loop.call_soon_threadsafe(self._deliver, [], [], expired, 0, now)
-        if not admitted:
-            return
-        # NOTE: admitted jobs run (and fail with the batch) from here, even if encoding fails.
-        self._running.extend(admitted)
-        self._slots = slots
-        self._beams += sum(job.search is not None for job in admitted)
-        padded, lengths = collate([job.source for job in admitted])
-        padded = padded.to(self._device)
-        if padded.is_floating_point():
-            padded = padded.to(self._dtype)
-        fresh = self._network.encode(padded, lengths)
-        bos = torch.full(
-            (len(admitted),), self._spec.bos_id, dtype=torch.int64, device=self._device
-        )
-        if self._state is None or self._feed is None:
-            self._state, self._feed = fresh, bos
-        else:
-            self._state = DecoderState.cat([self._state, fresh])
-            self._feed = torch.cat([self._feed, bos])
+            jobs.extend(group)
+            states.append(state)
+            feeds.append(bos)
+        # NOTE: joined jobs run (and fail with the batch) from here, even if encoding fails.
+        jobs.extend(raw)
+        self._running.extend(jobs)
+        self._beams += sum(job.search is not None for job in jobs)
+        if raw:
+            state, bos = self._encode([job.source for job in raw])
+            states.append(state)
+            feeds.append(bos)
+        self._state = states[0] if len(states) == 1 else DecoderState.cat(states)
+        self._feed = feeds[0] if len(feeds) == 1 else torch.cat(feeds)
 
     def _advance(
         self, loop: asyncio.AbstractEventLoop, best: list[int], log_probs: Tensor | None
@@ -423,7 +512,7 @@ class DecodeScheduler:
             # before its result.
             loop.call_soon_threadsafe(self._deliver, emitted, finished, expired, cancelled, now)
         for job in left:
-            self._slots -= job.beam_size
+            self._released += job.beam_size
             if job.search is not None:
                 self._beams -= 1
         self._running = survivors
@@ -448,23 +537,21 @@ class DecodeScheduler:
             self._expire(job, now)
         if cancelled:
             self._m_dropped_cancelled.inc(cancelled)
-
-    def _check_emptied(self) -> None:
-        # NOTE: `drain` waits on this instead of polling.
-        if not self._waiting and not self._running and self._emptied is not None:
-            self._emptied.set()
+        if self._waiting and self._prefill_wakeup is not None:
+            self._prefill_wakeup.set()  # rows left: slots may be free
 
     def _clear_running(self) -> None:
+        # NOTE: only when no burst runs (the device thread owns the running batch).
+        self._released += sum(job.beam_size for job in self._running)
         self._running = []
-        self._slots = 0
         self._beams = 0
         self._state = None
         self._feed = None
-        self._check_emptied()
 
-    def _fail_running(self, exc: Exception) -> None:
+    def _fail(self, jobs: list[Job], exc: Exception) -> None:
+        """Fail `jobs` with `exc` (a ServiceError as it is, any other as a ComputeError)."""
         log.error(
-            "model %s version %s: decode step failed: %s: %s",
+            "model %s version %s: decoding failed: %s: %s",
             self.model,
             self.version,
             type(exc).__name__,
@@ -478,8 +565,7 @@ class DecodeScheduler:
                 f"{type(exc).__name__}"
             )
         )
-        for job in self._running:
+        for job in jobs:
             if not job.future.done():
                 job.future.set_exception(error)
-        self._clear_running()
         self._gauges()

@@ -68,10 +68,11 @@ class Engine:
         self.dtype = settings.torch_dtype()
         cores = os.cpu_count() or 1
         self.cpu_threads = settings.intra_op_threads(cores)
-        self.executor = DeviceExecutor(
-            self.device, self.cpu_threads if self.device.type == "cpu" else None
-        )
-        self.registry = Registry(settings, metrics, self.executor, self.dtype)
+        threads = self.cpu_threads if self.device.type == "cpu" else None
+        self.executor = DeviceExecutor(self.device, threads)
+        # NOTE: seq2seq newcomers are encoded here while the device thread keeps decoding.
+        self.prefill = DeviceExecutor(self.device, threads, name="prefill")
+        self.registry = Registry(settings, metrics, self.executor, self.prefill, self.dtype)
         self.required: list[str] = []
         self._started = False
         self._draining = False
@@ -90,6 +91,7 @@ class Engine:
         if not self.registry.repository.is_dir():
             raise ValueError(f"model repository {self.registry.repository} is not a folder")
         self.executor.start()
+        self.prefill.start()
         self._idle = asyncio.Event()
         await self.sessions.start()
         names = self.settings.models or sorted(self.registry.scan())
@@ -145,6 +147,7 @@ class Engine:
         await self.sessions.stop()
         await self.registry.close()
         await asyncio.to_thread(self.executor.shutdown)
+        await asyncio.to_thread(self.prefill.shutdown)
         log.info("engine drained")
 
     # -- models ----------------------------------------------------------------------------

@@ -23,8 +23,11 @@ Done = Callable[[tuple[T, float] | None, BaseException | None], None]
 class DeviceExecutor:
     """A single worker thread per device; `run` awaits a call made on it."""
 
-    def __init__(self, device: torch.device, threads: int | None = None) -> None:
+    def __init__(
+        self, device: torch.device, threads: int | None = None, name: str | None = None
+    ) -> None:
         self.device = device
+        self.name = name
         self.threads = threads
         self.calls = 0
         self._pending = 0
@@ -36,7 +39,7 @@ class DeviceExecutor:
         if self._pool is None:
             self._pool = ThreadPoolExecutor(
                 max_workers=1,
-                thread_name_prefix=f"rnnserve-{self.device}",
+                thread_name_prefix=f"rnnserve-{self.name or self.device}",
                 initializer=self._init_thread,
             )
 

@@ -110,12 +110,14 @@ class Registry:
         settings: Settings,
         metrics: Metrics,
         executor: DeviceExecutor,
+        prefill: DeviceExecutor | None = None,
         dtype: torch.dtype = torch.float32,
     ) -> None:
         self.settings = settings
         self.repository = Path(settings.repository)
         self._metrics = metrics
         self._executor = executor
+        self._prefill = prefill
         self._dtype = dtype
         # name → version → the build serving it (READY or UNLOADING) or its failed/loading record
         self._versions: dict[str, dict[int, ModelVersion]] = {}
@@ -374,6 +376,7 @@ class Registry:
                 entry.version,
                 loaded.model,
                 self._executor,
+                self._prefill,
                 self._metrics,
                 max_slots=self.settings.max_decode_slots,
                 max_queue=self.settings.max_decode_queue,

@@ -5,15 +5,19 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import random
+import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
 
 from models import checkpoint
 from models.checkpoint import save
-from service.errors import DeadlineExceeded, InvalidInput, Overloaded
+from service.engine import Engine
+from service.errors import ComputeError, DeadlineExceeded, InvalidInput, Overloaded
 from service.metrics import Metrics
 from service.types import EncodeRequest, GenerateRequest, GenerateResult, TokenEvent
 from tests.conftest import StartEngine, device_held, sample
@@ -262,3 +266,98 @@ async def test_a_cancelled_stream_leaves_and_the_other_rows_are_unchanged(
     steps = sample(metrics, "rnnserve_model_calls_total", **labels, kind="decode")
     await asyncio.sleep(0.05)
     assert sample(metrics, "rnnserve_model_calls_total", **labels, kind="decode") == steps
+
+
+def _patch_encode(
+    engine: Engine, model: str, wrap: Callable[[Callable[..., Any]], Callable[..., Any]]
+) -> None:
+    """Replace the loaded seq2seq network's encode (as the scheduler calls it) by wrap(encode)."""
+    network = engine.registry.resolve(model).loaded.model  # type: ignore[union-attr]
+    network.encode = wrap(network.encode)  # type: ignore[method-assign]
+
+
+async def test_newcomers_are_encoded_off_the_device_thread_while_the_batch_decodes(
+    repository: Path, start_engine: StartEngine
+) -> None:
+    path = write_model(repository, "s2s", task="seq2seq", input_type="text", max_length=12)
+    engine = await start_engine()
+    threads: list[str] = []
+
+    def wrap(encode: Callable[..., Any]) -> Callable[..., Any]:
+        def recorded(*args: Any) -> Any:
+            threads.append(threading.current_thread().name)
+            return encode(*args)
+
+        return recorded
+
+    _patch_encode(engine, "s2s", wrap)
+    # The device thread is busy: encodes still happen (on the prefill thread), and their
+    # requests decode as soon as the device frees up.
+    async with device_held(engine):
+        pending = asyncio.ensure_future(
+            asyncio.gather(*(engine.generate(GenerateRequest("s2s", [t], "text")) for t in SOURCES))
+        )
+        for _ in range(200):
+            if threads:
+                break
+            await asyncio.sleep(0.005)
+        assert threads and not pending.done()
+    results = await pending
+    assert {name.split("_")[0] for name in threads} == {"rnnserve-prefill"}
+    assert [r.outputs[0].tokens for r in results] == offline(path, SOURCES, 1, 12)
+
+
+async def test_a_failed_encode_fails_only_its_own_requests(
+    repository: Path, start_engine: StartEngine, metrics: Metrics
+) -> None:
+    path = write_model(repository, "s2s", task="seq2seq", input_type="text", max_length=300)
+    engine = await start_engine()
+    poison = "zzzzzzz"
+
+    def wrap(encode: Callable[..., Any]) -> Callable[..., Any]:
+        def failing(inputs: torch.Tensor, lengths: torch.Tensor) -> Any:
+            if int(lengths.max()) == len(poison):
+                raise RuntimeError("encoder failure")
+            return encode(inputs, lengths)
+
+        return failing
+
+    _patch_encode(engine, "s2s", wrap)
+    started = asyncio.Event()
+
+    async def long() -> list[int]:
+        async for event in engine.generate_stream(GenerateRequest("s2s", ["abc"], "text")):
+            started.set()
+            if isinstance(event, GenerateResult):
+                return event.outputs[0].tokens
+        raise AssertionError("no result")
+
+    running = asyncio.ensure_future(long())
+    await started.wait()
+    with pytest.raises(ComputeError):
+        await engine.generate(GenerateRequest("s2s", [poison], "text"))
+    assert await running == offline(path, ["abc"], 1, 300)[0]
+    await asyncio.sleep(0.05)
+    assert sample(metrics, "rnnserve_decode_slots_in_use", model="s2s", version="1") == 0
+
+
+async def test_drain_finishes_a_request_whose_encode_is_under_way(
+    repository: Path, start_engine: StartEngine
+) -> None:
+    path = write_model(repository, "s2s", task="seq2seq", input_type="text", max_length=8)
+    engine = await start_engine()
+    entered = threading.Event()
+
+    def wrap(encode: Callable[..., Any]) -> Callable[..., Any]:
+        def slow(*args: Any) -> Any:
+            entered.set()
+            time.sleep(0.2)
+            return encode(*args)
+
+        return slow
+
+    _patch_encode(engine, "s2s", wrap)
+    request = asyncio.ensure_future(engine.generate(GenerateRequest("s2s", ["ab"], "text")))
+    assert await asyncio.to_thread(entered.wait, 5.0)
+    await engine.drain(5.0)
+    assert (await request).outputs[0].tokens == offline(path, ["ab"], 1, 8)[0]
