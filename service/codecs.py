@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import math
 import struct
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -207,6 +207,46 @@ class V2Output:
     shape: list[int]
 
 
+# NOTE: a V2 tensor's shape is checked before numpy sees it: numpy refuses to shape even an empty
+# array whose other dimensions multiply past its index range ([0, 2**62, 4]), or one of over 64
+# dimensions. 2**31 elements is far beyond what a request under the default size limits carries.
+MAX_TENSOR_DIMS = 8
+MAX_TENSOR_ELEMENTS = 2**31
+
+
+def tensor_elements(shape: Sequence[int], where: str) -> int:
+    """The element count of a V2 tensor of `shape`; `InvalidInput(where.shape)` when the shape has
+    over MAX_TENSOR_DIMS dimensions, a negative one, or non-zero ones multiplying past
+    MAX_TENSOR_ELEMENTS."""
+    field_name = f"{where}.shape"
+    if len(shape) > MAX_TENSOR_DIMS:
+        raise InvalidInput(field_name, f"at most {MAX_TENSOR_DIMS} dimensions, got {len(shape)}")
+    if any(d < 0 for d in shape):
+        raise InvalidInput(field_name, f"dimensions must be >= 0, got {list(shape)}")
+    if math.prod(d for d in shape if d) > MAX_TENSOR_ELEMENTS:
+        raise InvalidInput(
+            field_name,
+            f"the non-zero dimensions must multiply to at most {MAX_TENSOR_ELEMENTS}, "
+            f"got {list(shape)}",
+        )
+    return math.prod(shape)
+
+
+def check_int_range(values: np.ndarray, datatype: str, where: str) -> None:
+    """`InvalidInput(where[k])` for the first integer of `values` (row-major) that `datatype`
+    cannot hold: numpy's cast would wrap it around (300 as UINT8 is 44)."""
+    if not values.size:
+        return
+    info = np.iinfo(V2_DTYPES[datatype])
+    if info.min <= int(values.min()) and int(values.max()) <= info.max:
+        return
+    for k, value in enumerate(values.ravel().tolist()):
+        if not info.min <= value <= info.max:
+            raise InvalidInput(
+                f"{where}[{k}]", f"{value} is outside the {datatype} range [{info.min}, {info.max}]"
+            )
+
+
 def parameters_of(spec: dict[str, Any]) -> Any:
     """`spec["parameters"]`, {} when absent or null; any other non-object stays to be refused."""
     params = spec.get("parameters")
@@ -254,15 +294,13 @@ def decode_v2_inputs(header: dict[str, Any], tail: bytes) -> list[V2Tensor]:
             raise InvalidInput(
                 f"{where}.datatype", f"expected one of {[*V2_DTYPES, 'BYTES']}, got {datatype!r}"
             )
-        if (
-            not isinstance(shape, list)
-            or not all(isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in shape)
-            or len(shape) > 8
+        if not isinstance(shape, list) or not all(
+            isinstance(d, int) and not isinstance(d, bool) for d in shape
         ):
-            raise InvalidInput(f"{where}.shape", "expected a list of at most 8 non-negative ints")
+            raise InvalidInput(f"{where}.shape", "expected a list of integers")
+        count = tensor_elements(shape, where)
         if not isinstance(params, dict):
             raise InvalidInput(f"{where}.parameters", "expected an object")
-        count = math.prod(shape)
         size = params.get("binary_data_size")
         if size is not None:
             if isinstance(size, bool) or not isinstance(size, int) or size < 0:
@@ -331,6 +369,10 @@ def _from_json_data(
     if arr.size != count:
         raise InvalidInput(where, f"shape {shape} holds {count} elements, got {arr.size}")
     dtype = V2_DTYPES[datatype]
+    if dtype.kind in "iu":
+        check_int_range(arr, datatype, where)
+    # NOTE: floats are cast as they are: one out of FP16's range becomes inf, which the
+    # engine refuses (features must be finite).
     with np.errstate(over="ignore", invalid="ignore"):
         return arr.astype(dtype).reshape(shape)
 

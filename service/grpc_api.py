@@ -2,24 +2,30 @@
 
 Servicers only convert (service/grpc_convert.py) and call the engine; every core error leaves
 through one table (`grpc_convert.GRPC_STATUS`). `GrpcServer` wires both services (this one and
-the Open Inference Protocol's, service/v2_grpc.py), `grpc.health.v1` and reflection.
+the Open Inference Protocol's, service/v2_grpc.py), `grpc.health.v1` and reflection; the two
+services parse their own requests (`add_service`), so a message that does not parse is
+INVALID_ARGUMENT too.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hmac
 import logging
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
-from typing import TYPE_CHECKING, Any, NoReturn, TypeVar
+from typing import TYPE_CHECKING, Any, Generic, NoReturn, TypeAlias, TypeVar
 
 import grpc
+from google.protobuf.descriptor import MethodDescriptor, ServiceDescriptor
+from google.protobuf.message import DecodeError, Message
+from google.protobuf.message_factory import GetMessageClass
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_health.v1._async import HealthServicer
 from grpc_reflection.v1alpha import reflection
 
-from service import errors, grpc_convert, metric_labels
+from service import errors, grpc_convert, metric_labels, validation
 from service._proto.inference import grpc_service_pb2 as v2_pb
 from service._proto.rnnserve.v1 import rnnserve_pb2 as pb
 from service._proto.rnnserve.v1 import rnnserve_pb2_grpc
@@ -32,6 +38,8 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 T = TypeVar("T")
+M = TypeVar("M", bound=Message)
+Context: TypeAlias = grpc.aio.ServicerContext[Any, Any]
 
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["RnnServe"].full_name
 V2_SERVICE_NAME = v2_pb.DESCRIPTOR.services_by_name["GRPCInferenceService"].full_name
@@ -56,6 +64,85 @@ async def abort_with(context: grpc.aio.ServicerContext[Any, Any], exc: BaseExcep
     log.exception("unexpected error in a gRPC handler", exc_info=exc)
     await context.abort(grpc.StatusCode.INTERNAL, "internal error (see the server log)")
     raise AssertionError("unreachable: context.abort raises")
+
+
+# --- requests grpc cannot parse -----------------------------------------------------------------
+
+# NOTE: grpc parses a request with the deserializer of its method handler before any servicer code
+# runs, and answers a DecodeError (invalid UTF-8 in a string, a truncated field) with UNKNOWN
+# "Unexpected <class ...>". So the services are registered with handlers that take raw bytes
+# and parse them here, where a bad message is InvalidInput like any other bad request.
+
+
+def parse_request(message_type: type[M], data: bytes) -> M:
+    """`data` as a `message_type`; `InvalidInput("request")` when it does not parse."""
+    try:
+        return message_type.FromString(data)
+    except DecodeError:
+        name = message_type.DESCRIPTOR.full_name
+        raise errors.InvalidInput("request", f"not a valid {name} message") from None
+
+
+class ParsedRequests(Generic[M]):
+    """A client stream's messages, parsed as they come. One that does not parse raises
+    InvalidInput for itself only: the servicer may answer it and read on (ModelStreamInfer)."""
+
+    def __init__(self, raw: AsyncIterator[bytes], message_type: type[M]) -> None:
+        self._raw = raw
+        self._type = message_type
+
+    def __aiter__(self) -> ParsedRequests[M]:
+        return self
+
+    async def __anext__(self) -> M:
+        return parse_request(self._type, await anext(self._raw))
+
+
+def _parsing_handler(method: MethodDescriptor, behaviour: Any) -> grpc.RpcMethodHandler:
+    """The handler of one RPC: raw request bytes in, parsed here, then `behaviour` called."""
+    request_type: type[Message] = GetMessageClass(method.input_type)
+    serialize = GetMessageClass(method.output_type).SerializeToString
+
+    async def parsed(data: bytes, context: Context) -> Message:
+        try:
+            return parse_request(request_type, data)
+        except errors.InvalidInput as exc:
+            await abort_with(context, exc)
+
+    if method.client_streaming:
+        # NOTE: the protos have no stream-in, unary-out RPC; it would need its own case here.
+        assert method.server_streaming, f"{method.full_name}: client stream, unary answer"
+
+        async def stream_stream(raw: AsyncIterator[bytes], context: Context) -> AsyncIterator[Any]:
+            requests = ParsedRequests(raw, request_type)
+            async with contextlib.aclosing(behaviour(requests, context)) as responses:
+                async for response in responses:
+                    yield response
+
+        return grpc.stream_stream_rpc_method_handler(stream_stream, response_serializer=serialize)
+    if method.server_streaming:
+
+        async def unary_stream(data: bytes, context: Context) -> AsyncIterator[Any]:
+            request = await parsed(data, context)
+            async with contextlib.aclosing(behaviour(request, context)) as responses:
+                async for response in responses:
+                    yield response
+
+        return grpc.unary_stream_rpc_method_handler(unary_stream, response_serializer=serialize)
+
+    async def unary_unary(data: bytes, context: Context) -> Any:
+        return await behaviour(await parsed(data, context), context)
+
+    return grpc.unary_unary_rpc_method_handler(unary_unary, response_serializer=serialize)
+
+
+def add_service(server: grpc.aio.Server, service: ServiceDescriptor, servicer: object) -> None:
+    """Serve `service` with `servicer`'s methods (one per RPC, as the generated base class names
+    them), each parsing its own requests so that a bad message is INVALID_ARGUMENT."""
+    handlers = {m.name: _parsing_handler(m, getattr(servicer, m.name)) for m in service.methods}
+    server.add_generic_rpc_handlers(
+        (grpc.method_handlers_generic_handler(service.full_name, handlers),)
+    )
 
 
 class CallRecorder:
@@ -210,6 +297,7 @@ class RnnServeServicer(rnnserve_pb2_grpc.RnnServeServicer):
     ) -> pb.ModelInfo:
         async def call() -> pb.ModelInfo:
             check_management(self.settings, context)
+            validation.check_model_name(request.name)
             version = request.version if request.HasField("version") else None
             await self.engine.load(request.name, version)
             return grpc_convert.model_info_to_proto(self.engine.model_info(request.name))
@@ -221,6 +309,7 @@ class RnnServeServicer(rnnserve_pb2_grpc.RnnServeServicer):
     ) -> pb.UnloadModelResponse:
         async def call() -> pb.UnloadModelResponse:
             check_management(self.settings, context)
+            validation.check_model_name(request.name)
             version = request.version if request.HasField("version") else None
             await self.engine.unload(request.name, version)
             return pb.UnloadModelResponse()
@@ -232,6 +321,7 @@ class RnnServeServicer(rnnserve_pb2_grpc.RnnServeServicer):
     ) -> pb.ModelInfo:
         async def call() -> pb.ModelInfo:
             check_management(self.settings, context)
+            validation.check_model_name(request.name)
             await self.engine.reload(request.name)
             return grpc_convert.model_info_to_proto(self.engine.model_info(request.name))
 
@@ -322,7 +412,6 @@ class GrpcServer:
     async def start(self) -> int:
         """Build, bind and start the server (inside the running loop); returns the bound port."""
         from service import v2_grpc
-        from service._proto.inference import grpc_service_pb2_grpc
 
         limit = self.settings.grpc_max_message_bytes
         server = grpc.aio.server(
@@ -332,11 +421,15 @@ class GrpcServer:
                 ("grpc.so_reuseport", 0),
             ]
         )
-        rnnserve_pb2_grpc.add_RnnServeServicer_to_server(
-            RnnServeServicer(self.engine, self.settings, self.metrics), server
+        add_service(
+            server,
+            pb.DESCRIPTOR.services_by_name["RnnServe"],
+            RnnServeServicer(self.engine, self.settings, self.metrics),
         )
-        grpc_service_pb2_grpc.add_GRPCInferenceServiceServicer_to_server(
-            v2_grpc.InferenceServicer(self.engine, self.settings, self.metrics), server
+        add_service(
+            server,
+            v2_pb.DESCRIPTOR.services_by_name["GRPCInferenceService"],
+            v2_grpc.InferenceServicer(self.engine, self.settings, self.metrics),
         )
         health_servicer = HealthServicer()
         # NOTE: the library starts "" as SERVING; nothing is ready before the models load.

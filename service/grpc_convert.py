@@ -9,9 +9,8 @@ sequence contents are validated by the engine.
 
 from __future__ import annotations
 
-import math
 import struct
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable
 from typing import Any, Literal, cast
 
 import grpc
@@ -22,7 +21,14 @@ from models.config import ModelConfig
 from service import errors, v2_common, validation
 from service._proto.inference import grpc_service_pb2 as v2
 from service._proto.rnnserve.v1 import rnnserve_pb2 as pb
-from service.codecs import V2_DTYPES, V2Output, V2Tensor, pack_bytes
+from service.codecs import (
+    V2_DTYPES,
+    V2Output,
+    V2Tensor,
+    check_int_range,
+    pack_bytes,
+    tensor_elements,
+)
 from service.types import (
     EncodeRequest,
     EncodeResult,
@@ -283,12 +289,6 @@ def encode_bytes(items: Iterable[bytes]) -> bytes:
     return pack_bytes(items)
 
 
-def _shape(shape: Sequence[int], field: str) -> tuple[int, ...]:
-    if any(d < 0 for d in shape):
-        raise errors.InvalidInput(f"{field}.shape", f"dimensions must be >= 0, got {list(shape)}")
-    return tuple(int(d) for d in shape)
-
-
 def decode_v2_inputs(request: v2.ModelInferRequest) -> list[V2Tensor]:
     """Decode every input tensor of a V2 request (raw or typed contents) in the request's order,
     checking shapes."""
@@ -301,8 +301,8 @@ def decode_v2_inputs(request: v2.ModelInferRequest) -> list[V2Tensor]:
     tensors: list[V2Tensor] = []
     for i, tensor in enumerate(request.inputs):
         field = f"inputs[{i}]"
-        shape = _shape(tensor.shape, field)
-        count = math.prod(shape)
+        shape = tuple(tensor.shape)
+        count = tensor_elements(shape, field)
         datatype = tensor.datatype
         if datatype != "BYTES" and datatype not in V2_DTYPES:
             raise errors.InvalidInput(f"{field}.datatype", f"unknown datatype {datatype!r}")
@@ -346,7 +346,13 @@ def _from_contents(
         )
     if datatype == "BYTES":
         return list(values)
-    return np.array(values, dtype=V2_DTYPES[datatype].newbyteorder("=")).reshape(shape)
+    dtype = V2_DTYPES[datatype].newbyteorder("=")
+    if dtype.kind in "iu":
+        # NOTE: INT8/16 and UINT8/16 travel in 32-bit fields: read them wide, check, then narrow.
+        wide = np.array(values, dtype=np.uint64 if name == "uint64_contents" else np.int64)
+        check_int_range(wide, datatype, f"{field}.data")
+        return wide.astype(dtype, copy=False).reshape(shape)
+    return np.array(values, dtype=dtype).reshape(shape)
 
 
 def v2_parameters(request: v2.ModelInferRequest) -> dict[str, Any]:

@@ -20,10 +20,8 @@ from pydantic import BaseModel, ValidationError
 from service import codecs, http_errors, metric_labels, rest_schemas
 from service.errors import InvalidInput, PermissionDenied, Unauthenticated
 from service.metrics import Metrics, outcome_of
-from service.settings import Settings, is_model_name
+from service.settings import Settings
 
-# NOTE: a bound on what a URL may carry; the characters allowed are the repository's rule.
-MAX_MODEL_NAME = 200
 _B = TypeVar("_B", bound=BaseModel)
 _T = TypeVar("_T")
 
@@ -100,16 +98,6 @@ def parse_body(model: type[_B], body: bytes) -> _B:
         return model.model_validate(value)
     except ValidationError as exc:
         raise http_errors.validation_error(exc) from None
-
-
-def check_model_name(name: str) -> None:
-    """Management takes repository names only: no paths, no URLs."""
-    if not 1 <= len(name) <= MAX_MODEL_NAME or not is_model_name(name):
-        raise InvalidInput(
-            "name",
-            f"a model name is 1–{MAX_MODEL_NAME} letters, digits, '-', '_' or '.', "
-            "and not '.' or '..'",
-        )
 
 
 def management_guard(settings: Settings, request: Request) -> None:

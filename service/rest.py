@@ -24,13 +24,12 @@ from pydantic.json_schema import models_json_schema
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from swagger_ui_bundle import swagger_ui_path
 
-from service import codecs, http_errors, metric_labels, rest_schemas, v2_rest
+from service import codecs, http_errors, metric_labels, rest_schemas, v2_rest, validation
 from service.engine import Engine
 from service.errors import InvalidInput, ServiceError
 from service.http_common import (
     ClientDisconnectedError,
     RequestObserver,
-    check_model_name,
     documented_body,
     errors_doc,
     json_response,
@@ -239,7 +238,7 @@ def create_router(engine: Engine, settings: Settings, metrics: Metrics) -> APIRo
 
     async def manage(action: str, name: str, version: int | None, request: Request) -> Response:
         management_guard(settings, request)
-        check_model_name(name)
+        validation.check_model_name(name)
         with observer.observe(name, version, action):
             if action == "load":
                 await engine.load(name, version)

@@ -118,7 +118,16 @@ async def stream_session(
                 steps=info.steps,
             )
         )
-        async for message in requests:
+        while True:
+            # NOTE: not `async for`: a message that does not parse (grpc_api.ParsedRequests)
+            # raises here, and must end the stream with its status like any bad chunk.
+            try:
+                message = await anext(requests, None)
+            except errors.InvalidInput as exc:
+                calls.observe(model, version, "session_chunk", exc, 0.0)
+                await abort_with(context, exc)
+            if message is None:
+                break
             start = time.perf_counter()
             try:
                 if message.WhichOneof("message") != "chunk":

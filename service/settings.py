@@ -19,12 +19,18 @@ DType = Literal["float32", "float16", "bfloat16"]
 
 _DEVICE = re.compile(r"^(auto|cpu|cuda|cuda:\d+)$")
 _POLICY = re.compile(r"^(latest|latest:[1-9]\d*|all|specific:[1-9]\d*(,[1-9]\d*)*)$")
-_MODEL_NAME = re.compile(r"^[A-Za-z0-9_.-]+$")
+_MODEL_NAME = re.compile(r"[A-Za-z0-9_.-]+")
+# NOTE: a model name is a folder name (DESIGN §2): well under the 255 bytes a file name may have.
+MAX_MODEL_NAME_LENGTH = 200
 
 
 def is_model_name(name: str) -> bool:
-    """Letters, digits, '-', '_', '.' only (no separators), and not '.' or '..'."""
-    return bool(_MODEL_NAME.match(name)) and name not in {".", ".."}
+    """1–MAX_MODEL_NAME_LENGTH letters, digits, '-', '_', '.' (no separators), not '.' or '..'."""
+    return (
+        len(name) <= MAX_MODEL_NAME_LENGTH
+        and _MODEL_NAME.fullmatch(name) is not None
+        and name not in {".", ".."}
+    )
 
 
 def check_version_policy(policy: str) -> str:
@@ -217,7 +223,10 @@ class Settings(BaseSettings):
     def _policies(cls, value: dict[str, str]) -> dict[str, str]:
         for name, policy in value.items():
             if not is_model_name(name):
-                raise ValueError(f"version_policies: invalid model name {name!r}")
+                raise ValueError(
+                    f"version_policies: invalid model name {name!r} "
+                    f"(1–{MAX_MODEL_NAME_LENGTH} letters, digits, '-', '_', '.')"
+                )
             check_version_policy(policy)
         return value
 
@@ -235,7 +244,8 @@ class Settings(BaseSettings):
         for name in value or []:
             if not is_model_name(name):
                 raise ValueError(
-                    f"models: invalid model name {name!r} (letters, digits, '-', '_', '.')"
+                    f"models: invalid model name {name!r} "
+                    f"(1–{MAX_MODEL_NAME_LENGTH} letters, digits, '-', '_', '.')"
                 )
         return value
 

@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, Any, TypeAlias
 
 import grpc
 
-from service import errors, grpc_convert, metric_labels, v2_common
+from service import errors, grpc_convert, metric_labels, v2_common, validation
 from service._proto.inference import grpc_service_pb2 as v2
 from service._proto.inference import grpc_service_pb2_grpc
 from service.grpc_api import CallRecorder, check_management, deadline_of
@@ -31,12 +31,27 @@ log = logging.getLogger(__name__)
 Context: TypeAlias = grpc.aio.ServicerContext[Any, Any]
 
 
+# NOTE: int() refuses strings of over 4300 digits (ValueError), and an error echoing a long
+# string could outgrow gRPC's metadata limit: a longer version is refused unread.
+MAX_VERSION_DIGITS = 19
+
+
 def _version(text: str, field: str = "model_version") -> int | None:
     """A V2 version string ("" = the server's choice) as the engine's int version."""
     if not text:
         return None
-    if not text.isdigit() or int(text) < 1:
-        raise errors.InvalidInput(field, f"must be a positive integer, got {text!r}")
+    if len(text) > MAX_VERSION_DIGITS:
+        raise errors.InvalidInput(
+            field,
+            f"must be a positive integer of at most {MAX_VERSION_DIGITS} digits, "
+            f"got {len(text)} characters",
+        )
+    # NOTE: str.isdigit() also takes other scripts' digits and superscripts ('²'), which int()
+    # refuses or reads as something else: only 0-9 name a version.
+    if not (text.isascii() and text.isdigit()) or int(text) < 1:
+        raise errors.InvalidInput(
+            field, f"must be a positive integer written with the digits 0-9, got {text!r}"
+        )
     return int(text)
 
 
@@ -148,6 +163,13 @@ class InferenceServicer(grpc_service_pb2_grpc.GRPCInferenceServiceServicer):
         answers: asyncio.Queue[v2.ModelStreamInferResponse | None] = asyncio.Queue()
         running: set[asyncio.Task[None]] = set()
 
+        async def fail(request: v2.ModelInferRequest, message: str) -> None:
+            failed = v2.ModelInferResponse(
+                model_name=request.model_name, model_version=request.model_version, id=request.id
+            )
+            answer = v2.ModelStreamInferResponse(error_message=message, infer_response=failed)
+            await answers.put(answer)
+
         async def one(request: v2.ModelInferRequest) -> None:
             start = time.perf_counter()
             try:
@@ -166,14 +188,7 @@ class InferenceServicer(grpc_service_pb2_grpc.GRPCInferenceServiceServicer):
                 else:
                     log.exception("unexpected error in ModelStreamInfer", exc_info=exc)
                     message = "internal error (see the server log)"
-                failed = v2.ModelInferResponse(
-                    model_name=request.model_name,
-                    model_version=request.model_version,
-                    id=request.id,
-                )
-                await answers.put(
-                    v2.ModelStreamInferResponse(error_message=message, infer_response=failed)
-                )
+                await fail(request, message)
                 return
             self.calls.observe(
                 request.model_name,
@@ -185,8 +200,19 @@ class InferenceServicer(grpc_service_pb2_grpc.GRPCInferenceServiceServicer):
             await answers.put(v2.ModelStreamInferResponse(infer_response=response))
 
         async def read() -> None:
+            requests = aiter(request_iterator)
             try:
-                async for request in request_iterator:
+                while True:
+                    try:
+                        request = await anext(requests)
+                    except StopAsyncIteration:
+                        break
+                    except errors.InvalidInput as exc:
+                        # NOTE: a message that does not parse (grpc_api.ParsedRequests) is
+                        # answered inline like any failed request, and the stream reads on.
+                        self.calls.observe("", None, "stream_infer", exc, 0.0)
+                        await fail(v2.ModelInferRequest(), exc.message)
+                        continue
                     task = asyncio.get_running_loop().create_task(one(request))
                     running.add(task)
                     task.add_done_callback(running.discard)
@@ -222,6 +248,7 @@ class InferenceServicer(grpc_service_pb2_grpc.GRPCInferenceServiceServicer):
     ) -> v2.RepositoryModelLoadResponse:
         async def call() -> v2.RepositoryModelLoadResponse:
             check_management(self.settings, context)
+            validation.check_model_name(request.model_name, "model_name")
             await v2_common.repository_load(self.engine, request.model_name)
             return v2.RepositoryModelLoadResponse()
 
@@ -232,6 +259,7 @@ class InferenceServicer(grpc_service_pb2_grpc.GRPCInferenceServiceServicer):
     ) -> v2.RepositoryModelUnloadResponse:
         async def call() -> v2.RepositoryModelUnloadResponse:
             check_management(self.settings, context)
+            validation.check_model_name(request.model_name, "model_name")
             await self.engine.unload(request.model_name)
             return v2.RepositoryModelUnloadResponse()
 

@@ -14,7 +14,7 @@ from fastapi import APIRouter, Request
 from fastapi.responses import Response
 
 from models.config import ModelConfig
-from service import codecs, http_common, metric_labels, rest_schemas, v2_common
+from service import codecs, http_common, metric_labels, rest_schemas, v2_common, validation
 from service.engine import Engine
 from service.errors import InvalidInput
 from service.metrics import Metrics
@@ -215,7 +215,7 @@ def create_router(engine: Engine, settings: Settings, metrics: Metrics) -> APIRo
 
     async def repository_action(action: str, name: str, request: Request) -> Response:
         http_common.management_guard(settings, request)
-        http_common.check_model_name(name)
+        validation.check_model_name(name)
         body = await request.body()
         value = codecs.loads(body) if body.strip() else {}
         if not isinstance(value, dict):

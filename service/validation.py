@@ -11,6 +11,7 @@ import numpy as np
 from models.config import FeaturesInput, ModelConfig, TextInput, TokensInput
 from models.tokenizer import Tokenizer
 from service.errors import InvalidInput
+from service.settings import MAX_MODEL_NAME_LENGTH, is_model_name
 from service.types import InputKind, Sequence
 
 FIELD_OF_KIND: dict[str, str] = {"features": "inputs", "tokens": "tokens", "text": "texts"}
@@ -26,6 +27,16 @@ def model_kind(config: ModelConfig) -> InputKind:
     if isinstance(config.input, TokensInput):
         return "tokens"
     return "text"
+
+
+def check_model_name(name: str, field: str = "name") -> None:
+    """Management takes repository names only (no paths, no URLs): `InvalidInput(field)` else."""
+    if not is_model_name(name):
+        raise InvalidInput(
+            field,
+            f"a model name is 1–{MAX_MODEL_NAME_LENGTH} letters, digits, '-', '_' or '.', "
+            "and not '.' or '..'",
+        )
 
 
 def check_task(name: str, config: ModelConfig, task: str) -> None:

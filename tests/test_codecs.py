@@ -222,7 +222,67 @@ def test_v2_response_round_trip(spec: tuple[str, list[int], np.ndarray], binary:
             {"inputs": [{"name": "A", "datatype": "FP32", "shape": [-1], "data": []}]},
             b"",
             "inputs[0].shape",
-            "non-negative",
+            "dimensions must be >= 0, got [-1]",
+        ),
+        (
+            {"inputs": [{"name": "A", "datatype": "FP32", "shape": [1, "2"], "data": [1.0]}]},
+            b"",
+            "inputs[0].shape",
+            "expected a list of integers",
+        ),
+        (
+            {"inputs": [{"name": "A", "datatype": "FP32", "shape": [1] * 9, "data": [1.0]}]},
+            b"",
+            "inputs[0].shape",
+            "at most 8 dimensions, got 9",
+        ),
+        # An empty tensor whose other dimensions numpy cannot shape (it used to be a 500).
+        (
+            {"inputs": [{"name": "A", "datatype": "FP32", "shape": [0, 2**62, 4], "data": []}]},
+            b"",
+            "inputs[0].shape",
+            "the non-zero dimensions must multiply to at most 2147483648, "
+            "got [0, 4611686018427387904, 4]",
+        ),
+        (
+            {
+                "inputs": [
+                    {
+                        "name": "A",
+                        "datatype": "FP32",
+                        "shape": [0, 2**62, 4],
+                        "parameters": {"binary_data_size": 0},
+                    }
+                ]
+            },
+            b"",
+            "inputs[0].shape",
+            "at most 2147483648",
+        ),
+        # Integers their datatype cannot hold are refused, never wrapped around (300 → 44).
+        (
+            {"inputs": [{"name": "A", "datatype": "UINT8", "shape": [2], "data": [1, 300]}]},
+            b"",
+            "inputs[0].data[1]",
+            "300 is outside the UINT8 range [0, 255]",
+        ),
+        (
+            {"inputs": [{"name": "A", "datatype": "INT8", "shape": [1, 1], "data": [[-129]]}]},
+            b"",
+            "inputs[0].data[0]",
+            "-129 is outside the INT8 range [-128, 127]",
+        ),
+        (
+            {"inputs": [{"name": "A", "datatype": "INT64", "shape": [1], "data": [2**63]}]},
+            b"",
+            "inputs[0].data[0]",
+            "9223372036854775808 is outside the INT64 range",
+        ),
+        (
+            {"inputs": [{"name": "A", "datatype": "UINT64", "shape": [1], "data": [-1]}]},
+            b"",
+            "inputs[0].data[0]",
+            "-1 is outside the UINT64 range [0, 18446744073709551615]",
         ),
         (
             {
@@ -269,6 +329,26 @@ def test_v2_errors_name_the_field(
         codecs.decode_v2_inputs(header, tail)
     assert err.value.field == field
     assert fragment in err.value.message
+
+
+@pytest.mark.parametrize(
+    "datatype", ["INT8", "INT16", "INT32", "INT64", "UINT8", "UINT16", "UINT32", "UINT64"]
+)
+def test_v2_json_integers_at_their_datatype_limits_decode_exactly(datatype: str) -> None:
+    info = np.iinfo(codecs.V2_DTYPES[datatype])
+    for value in (int(info.min), int(info.max)):
+        header = {"inputs": [{"name": "A", "datatype": datatype, "shape": [1], "data": [value]}]}
+        (tensor,) = codecs.decode_v2_inputs(header, b"")
+        assert isinstance(tensor.data, np.ndarray)
+        assert tensor.data.dtype == codecs.V2_DTYPES[datatype] and tensor.data.tolist() == [value]
+
+
+def test_v2_json_floats_out_of_fp16_range_stay_infinite() -> None:
+    # NOTE: as before: the engine refuses them (features must be finite), naming the step.
+    header = {"inputs": [{"name": "A", "datatype": "FP16", "shape": [2], "data": [70000, 1.5]}]}
+    (tensor,) = codecs.decode_v2_inputs(header, b"")
+    assert isinstance(tensor.data, np.ndarray)
+    assert tensor.data.tolist() == [float("inf"), 1.5]
 
 
 def test_v2_header_length_is_checked() -> None:

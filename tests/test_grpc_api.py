@@ -638,6 +638,85 @@ async def test_v2_stream_infer_answers_every_request_and_errors_inline(served: S
         assert by_id[f"ok-{i}"].infer_response.outputs[0].name == "ENCODING"
 
 
+# --- requests that do not parse ----------------------------------------------------------------
+
+# Field 1, length-delimited, claims 5 bytes and has none: no message type parses it.
+NOT_A_MESSAGE = b"\x0a\x05"
+
+
+async def _stream_outcome(call: Any) -> tuple[grpc.StatusCode, str, list[bytes]]:
+    """The status, details and raw messages of a streamed call (no deserializer: bytes)."""
+    received: list[bytes] = []
+    try:
+        async for message in call:
+            received.append(message)
+    except grpc.aio.AioRpcError as exc:
+        return exc.code(), exc.details() or "", received
+    return grpc.StatusCode.OK, "", received
+
+
+async def test_a_unary_request_that_does_not_parse_is_invalid_argument(served: Served) -> None:
+    encode = served.channel.unary_unary("/rnnserve.v1.RnnServe/Encode")
+    code, details = await _code(encode(NOT_A_MESSAGE))
+    assert code == grpc.StatusCode.INVALID_ARGUMENT
+    assert details == "request: not a valid rnnserve.v1.EncodeRequest message"
+    # The same server answers the next, valid request.
+    assert len((await served.api.Encode(_encode_message("enc", _features(1, 1)))).encodings) == 1
+
+
+async def test_a_generate_stream_request_that_does_not_parse_is_invalid_argument(
+    served: Served,
+) -> None:
+    stream = served.channel.unary_stream("/rnnserve.v1.RnnServe/GenerateStream")
+    code, details, events = await _stream_outcome(stream(NOT_A_MESSAGE))
+    assert (code, details, events) == (
+        grpc.StatusCode.INVALID_ARGUMENT,
+        "request: not a valid rnnserve.v1.GenerateRequest message",
+        [],
+    )
+
+
+async def test_a_session_message_that_does_not_parse_ends_the_session(served: Served) -> None:
+    session = served.channel.stream_stream("/rnnserve.v1.RnnServe/StreamSession")
+    opening = pb.SessionRequest(open=pb.SessionOpen(model="enc")).SerializeToString()
+    chunk = pb.SessionRequest(
+        chunk=pb.SessionChunk(inputs=pb.FloatArray(shape=[1, FEATURES], values=[0.5] * FEATURES))
+    ).SerializeToString()
+    expected = "request: not a valid rnnserve.v1.SessionRequest message"
+    # The first message, then one after the session opened (and a chunk never read).
+    code, details, replies = await _stream_outcome(session(iter([NOT_A_MESSAGE, chunk])))
+    assert (code, details, replies) == (grpc.StatusCode.INVALID_ARGUMENT, expected, [])
+    code, details, replies = await _stream_outcome(
+        session(iter([opening, chunk, NOT_A_MESSAGE, chunk]))
+    )
+    assert (code, details) == (grpc.StatusCode.INVALID_ARGUMENT, expected)
+    events = [pb.SessionResponse.FromString(r).WhichOneof("event") for r in replies]
+    assert events == ["opened", "chunk"]
+    failed = {"protocol": "grpc", "endpoint": "session_chunk", "outcome": "invalid_input"}
+    assert _sample(served, "rnnserve_requests_total", model="enc", version="1", **failed) == 1
+
+
+async def test_a_stream_infer_message_that_does_not_parse_is_answered_inline(
+    served: Served,
+) -> None:
+    # NOTE: as any failed request of this stream (Triton's convention): the others still run.
+    stream = served.channel.stream_stream("/inference.GRPCInferenceService/ModelStreamInfer")
+    good = [_v2_features_request(_features(1, seed=s), raw=True) for s in range(2)]
+    for i, request in enumerate(good):
+        request.id = f"ok-{i}"
+    sent = [good[0].SerializeToString(), NOT_A_MESSAGE, good[1].SerializeToString()]
+    code, details, raw = await _stream_outcome(stream(iter(sent)))
+    assert code == grpc.StatusCode.OK, details
+    answers = {
+        a.infer_response.id: a for a in (v2.ModelStreamInferResponse.FromString(r) for r in raw)
+    }
+    assert set(answers) == {"ok-0", "ok-1", ""}
+    assert answers[""].error_message == "request: not a valid inference.ModelInferRequest message"
+    for i in range(2):
+        assert not answers[f"ok-{i}"].error_message
+        assert answers[f"ok-{i}"].infer_response.outputs[0].name == "ENCODING"
+
+
 _TRITON_CLIENT = textwrap.dedent(
     """
     import json, sys

@@ -269,9 +269,13 @@ def test_errors_name_field_and_limit(
 def test_bad_json_and_bad_path_parameters(client: httpx.Client) -> None:
     r = client.post("/v1/models/feat/encode", content=b'{"inputs": [[[NaN]]]}')
     assert r.status_code == 400 and error_of(r)["field"] == "body"
-    r = client.post("/v1/models/feat/versions/abc/encode", json={"inputs": [[[1.0] * 8]]})
-    assert r.status_code == 400
-    assert error_of(r)["field"] == "path.version"
+    # Digits other than 0-9 ('²', Arabic-Indic '١') are no version either.
+    for version in ("abc", "²", "١"):
+        r = client.post(
+            f"/v1/models/feat/versions/{version}/encode", json={"inputs": [[[1.0] * 8]]}
+        )
+        assert r.status_code == 400, (version, r.text)
+        assert error_of(r)["field"] == "path.version"
     r = client.get("/v1/no/such/route")
     assert r.status_code == 404 and error_of(r)["type"] == "HTTPError"
 
@@ -393,7 +397,7 @@ def test_management_with_token(tmp_path: Path) -> None:
         assert c.post("/v1/models/m/versions/1/encode", json={"inputs": [[[1.0] * 4]]}).is_success
         # Names only: no paths, no URLs.
         # (A literal ".." never reaches the server: clients remove dot segments from URLs.)
-        for name in ("%2E%2E", "a%2Fb", "a/b", "http%3A%2F%2Fx"):
+        for name in ("%2E%2E", "a%2Fb", "a/b", "http%3A%2F%2Fx", "a" * 201, "a" * 256):
             for path in (f"{name}/load", f"{name}/versions/1/unload", f"{name}/reload"):
                 r = c.post(f"/v1/management/models/{path}", headers=auth)
                 assert r.status_code == 400, (path, r.status_code)

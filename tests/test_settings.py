@@ -8,7 +8,7 @@ import pytest
 import torch
 from pydantic import ValidationError
 
-from service.settings import Settings
+from service.settings import Settings, is_model_name
 
 
 def test_environment_variables_are_read(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -52,6 +52,25 @@ def test_half_precision_is_refused_on_cpu() -> None:
 def test_bad_model_name_is_refused() -> None:
     with pytest.raises(ValidationError, match="invalid model name"):
         Settings(models=["../etc"])
+
+
+@pytest.mark.parametrize(
+    ("name", "valid"),
+    [
+        ("tagger", True),
+        ("a-b_c.1", True),
+        ("a" * 200, True),
+        ("a" * 201, False),  # over the limit (and 256 is over a file name's 255 bytes)
+        ("", False),
+        (".", False),
+        ("..", False),
+        ("a/b", False),
+        ("tagger\n", False),  # a trailing newline is no part of a name
+        ("é", False),
+    ],
+)
+def test_model_names(name: str, valid: bool) -> None:
+    assert is_model_name(name) is valid
 
 
 def test_unknown_setting_is_an_error() -> None:

@@ -309,7 +309,7 @@ def test_repository_extension(client: triton.InferenceServerClient, http: httpx.
     )
     assert r.status_code == 400 and "parameters" in r.json()["error"]
     # A name with a path separator is bad input (DESIGN §2), named as such.
-    for name in ("..%2Fetc", "a%2Fb", "a%5Cb", "x" * 201):
+    for name in ("..%2Fetc", "a%2Fb", "a%5Cb", "x" * 201, "x" * 256):
         r = http.post(f"/v2/repository/models/{name}/load", headers=AUTH)
         assert r.status_code == 400, (name, r.text)
         assert r.json()["error"].startswith("name: a model name is 1–200 letters"), name
@@ -615,6 +615,92 @@ def test_rest_and_grpc_refuse_a_bad_v2_input_alike(
     code, details, _ = _grpc_outcome(v2_grpc, grpc_infer_request(model, tensors, raw=binary))
     assert code == grpc.StatusCode.INVALID_ARGUMENT, details
     assert details == r.json()["error"] == f"{field}: {message}"
+
+
+# What the gRPC fuzz found (tests/test_grpc_fuzz.py), refused alike by both V2 wires' one check
+# (codecs.tensor_elements, codecs.check_int_range): REST used to wrap such integers around
+# (300 as UINT8 was token 44) and answer such shapes with a 500.
+REFUSED_ALIKE = [
+    pytest.param(
+        "tok",
+        "TOKENS",
+        "UINT8",
+        [1, 2],
+        [1, 300],
+        "inputs[0].data[1]: 300 is outside the UINT8 range [0, 255]",
+        id="uint8-300",
+    ),
+    pytest.param(
+        "tok",
+        "TOKENS",
+        "INT16",
+        [1, 1],
+        [40000],
+        "inputs[0].data[0]: 40000 is outside the INT16 range [-32768, 32767]",
+        id="int16-40000",
+    ),
+    pytest.param(
+        "feat",
+        "INPUT",
+        "FP32",
+        [0, 2**62, 8],
+        [],
+        "inputs[0].shape: the non-zero dimensions must multiply to at most 2147483648, "
+        "got [0, 4611686018427387904, 8]",
+        id="empty-with-huge-dimensions",
+    ),
+    pytest.param(
+        "feat",
+        "INPUT",
+        "FP32",
+        [1, -1, 8],
+        [],
+        "inputs[0].shape: dimensions must be >= 0, got [1, -1, 8]",
+        id="negative-dimension",
+    ),
+    pytest.param(
+        "feat",
+        "INPUT",
+        "FP32",
+        [1] * 9,
+        [0.0],
+        "inputs[0].shape: at most 8 dimensions, got 9",
+        id="nine-dimensions",
+    ),
+]
+_TYPED_FIELD = {"UINT8": "uint_contents", "INT16": "int_contents", "FP32": "fp32_contents"}
+
+
+@pytest.mark.parametrize(("model", "name", "datatype", "shape", "data", "error"), REFUSED_ALIKE)
+def test_rest_and_grpc_refuse_out_of_range_integers_and_unshapeable_tensors_alike(
+    http: httpx.Client,
+    v2_grpc: GRPCInferenceServiceStub,
+    model: str,
+    name: str,
+    datatype: str,
+    shape: list[int],
+    data: list[float],
+    error: str,
+) -> None:
+    r = http.post(
+        f"/v2/models/{model}/infer", content=orjson.dumps(body(tensor(name, datatype, shape, data)))
+    )
+    assert (r.status_code, r.json()) == (400, {"error": error})
+    request = v2.ModelInferRequest(model_name=model)
+    typed = request.inputs.add(name=name, datatype=datatype, shape=shape)
+    getattr(typed.contents, _TYPED_FIELD[datatype]).extend(data)
+    code, details, _ = _grpc_outcome(v2_grpc, request)
+    assert (code, details) == (grpc.StatusCode.INVALID_ARGUMENT, error)
+
+
+@pytest.mark.parametrize("version", ["²", "١"])
+def test_a_version_not_in_ascii_digits_is_refused(http: httpx.Client, version: str) -> None:
+    # NOTE: FastAPI reads {version} as an int, which takes only 0-9 (gRPC: v2_grpc._version).
+    base = f"/v2/models/feat/versions/{version}"
+    infer = http.post(f"{base}/infer", content=orjson.dumps(body(ONE_STEP)))
+    for r in (http.get(base), http.get(f"{base}/ready"), infer):
+        assert r.status_code == 400, r.text
+        assert r.json()["error"].startswith("path.version: ")
 
 
 @settings(max_examples=30, deadline=None)
