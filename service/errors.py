@@ -7,6 +7,14 @@ are safe to show to clients: they name the field and the limit, never a stack tr
 from __future__ import annotations
 
 
+def shown(text: str, limit: int = 200) -> str:
+    """`text` quoted for an error message, cut after `limit` characters: a client's made-up
+    name can be megabytes, and gRPC carries messages in size-limited metadata."""
+    if len(text) <= limit:
+        return repr(text)
+    return f"{text[:limit]!r}… ({len(text)} characters)"
+
+
 class ServiceError(Exception):
     """Base of every error the core reports to a client."""
 

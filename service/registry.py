@@ -23,9 +23,10 @@ from models import checkpoint
 from models.checkpoint import LoadedModel
 from models.config import ModelConfig
 from models.encoder import EncoderModel
+from service import validation
 from service.batching import Batcher, make_encode_compute
 from service.decoding import DecodeScheduler
-from service.errors import Conflict, InvalidInput, NotFound, NotReady
+from service.errors import Conflict, NotFound, NotReady, shown
 from service.executor import DeviceExecutor
 from service.metrics import Metrics
 from service.sessions import Head
@@ -38,11 +39,8 @@ VersionState = Literal["LOADING", "READY", "FAILED", "UNLOADING"]
 
 
 def check_model_name(name: str) -> str:
-    """A model name is letters, digits, '-', '_', '.' (no separators, not '.' or '..')."""
-    if not is_model_name(name):
-        raise InvalidInput(
-            "model", f"invalid model name {name!r} (letters, digits, '-', '_', '.' only)"
-        )
+    """A model name is a repository folder name (`validation.check_model_name`)."""
+    validation.check_model_name(name, "model")
     return name
 
 
@@ -175,8 +173,8 @@ class Registry:
             if entry is not None and entry.state == "READY":
                 return entry
         if name not in self.names():
-            raise NotFound(f"model {name!r} is not known")
-        label = f"model {name!r}" + ("" if version is None else f" version {version}")
+            raise NotFound(f"model {shown(name)} is not known")
+        label = f"model {shown(name)}" + ("" if version is None else f" version {version}")
         entry = self._entry(name, version)
         if entry is None:
             raise NotFound(f"{label} is not loaded")
@@ -194,11 +192,11 @@ class Registry:
     def model_info(self, name: str, version: int | None = None) -> ModelInfo:
         """Versions, states and architecture of `name` (NotFound when unknown)."""
         if name not in self.names():
-            raise NotFound(f"model {name!r} is not known")
+            raise NotFound(f"model {shown(name)} is not known")
         merged = {**self._building.get(name, {}), **self._versions.get(name, {})}
         if version is not None:
             if version not in merged:
-                raise NotFound(f"model {name!r} has no version {version}")
+                raise NotFound(f"model {shown(name)} has no version {version}")
             merged = {version: merged[version]}
         infos = [merged[v].info() for v in sorted(merged)]
         ready = [e for e in merged.values() if e.state == "READY"]
@@ -238,12 +236,12 @@ class Registry:
             on_disk = self._versions_on_disk(self.repository / name)
             if not versions or any(v not in on_disk for v in versions):
                 missing = "any version" if not versions else f"version {versions}"
-                problem = f"model {name!r} has no {missing} in the repository"
+                problem = f"model {shown(name)} has no {missing} in the repository"
                 self._failures[name] = problem
                 raise NotFound(problem)
             results = [await self._build_and_swap(name, v) for v in versions]
             if not any(results):
-                raise NotReady(f"model {name!r} failed to load: {self._failures.get(name)}")
+                raise NotReady(f"model {shown(name)} failed to load: {self._failures.get(name)}")
 
     async def reload(self, name: str) -> None:
         """Rebuild the policy's versions of `name`, swap them in, then unload the others."""
@@ -251,10 +249,10 @@ class Registry:
         async with self._lock(name):
             versions = self.wanted_versions(name)
             if not versions:
-                raise NotFound(f"model {name!r} has no version in the repository")
+                raise NotFound(f"model {shown(name)} has no version in the repository")
             results = [await self._build_and_swap(name, v) for v in versions]
             if not any(results):
-                raise NotReady(f"model {name!r} failed to reload: {self._failures.get(name)}")
+                raise NotReady(f"model {shown(name)} failed to reload: {self._failures.get(name)}")
             stale = [v for v in self._versions.get(name, {}) if v not in versions]
             for version in stale:
                 await self._unload(name, version)
@@ -265,9 +263,9 @@ class Registry:
         async with self._lock(name):
             known = self._versions.get(name, {})
             if not known:
-                raise NotFound(f"model {name!r} is not loaded")
+                raise NotFound(f"model {shown(name)} is not loaded")
             if version is not None and version not in known:
-                raise NotFound(f"model {name!r} version {version} is not loaded")
+                raise NotFound(f"model {shown(name)} version {version} is not loaded")
             for v in [version] if version is not None else list(known):
                 await self._unload(name, v)
             self._failures.pop(name, None)
@@ -292,7 +290,7 @@ class Registry:
 
     async def _build_and_swap(self, name: str, version: int) -> bool:
         if self._building.get(name, {}).get(version) is not None:
-            raise Conflict(f"model {name!r} version {version} is already loading")
+            raise Conflict(f"model {shown(name)} version {version} is already loading")
         entry = ModelVersion(name, version, self.repository / name / str(version))
         self._building.setdefault(name, {})[version] = entry
         previous = self._versions.get(name, {}).get(version)

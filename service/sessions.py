@@ -28,7 +28,7 @@ import numpy as np
 
 from models.config import ModelConfig
 from service.batching import HostState
-from service.errors import Conflict, Draining, InvalidInput, NotFound, Overloaded
+from service.errors import Conflict, Draining, InvalidInput, NotFound, Overloaded, shown
 from service.metrics import Metrics
 from service.settings import Settings
 from service.state_token import (
@@ -476,10 +476,10 @@ class SessionManager:
         if session is None:
             if session_id in self._expired:
                 raise NotFound(
-                    f"session {session_id} expired after {self.idle_timeout_s:g} s idle; "
+                    f"session {shown(session_id)} expired after {self.idle_timeout_s:g} s idle; "
                     "open a new session (or resume it from its last state_token)"
                 )
-            raise NotFound(f"no session {session_id} (never opened, or closed)")
+            raise NotFound(f"no session {shown(session_id)} (never opened, or closed)")
         return session
 
     def _idle(self, session: _Session, now: float) -> bool:

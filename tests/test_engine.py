@@ -125,8 +125,12 @@ async def test_unknown_model_and_version(repository: Path, start_engine: StartEn
         await engine.encode(EncodeRequest("m", feats(2), "features", version=7))
     with pytest.raises(NotFound):
         engine.model_info("nope")
-    with pytest.raises(InvalidInput, match="invalid model name"):
+    with pytest.raises(InvalidInput, match="model: a model name is 1–200 letters"):
         await engine.load("../etc")
+    # A made-up name is echoed cut short: gRPC carries the message in size-limited metadata.
+    with pytest.raises(NotFound) as refused:
+        await engine.encode(EncodeRequest("x" * 100_000, feats(2), "features"))
+    assert len(str(refused.value)) < 300 and "(100000 characters)" in str(refused.value)
 
 
 async def test_a_bad_checkpoint_does_not_stop_the_others(

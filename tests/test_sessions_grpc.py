@@ -199,7 +199,7 @@ def test_session_limit_and_idle_expiry(limited: tuple[Served, pb_grpc.RnnServeSt
         next(replies)
     assert info.value.code() == grpc.StatusCode.NOT_FOUND
     assert info.value.details() == (
-        f"session {opened.session_id} expired after 1 s idle; open a new session "
+        f"session '{opened.session_id}' expired after 1 s idle; open a new session "
         "(or resume it from its last state_token)"
     )
     assert served.sessions.active == 0

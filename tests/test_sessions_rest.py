@@ -237,7 +237,7 @@ def test_expired_session_answers_404_expired(served: Served) -> None:
     )
     assert status == 404
     assert body["error"]["message"] == (
-        f"session {opened['session_id']} expired after 0.05 s idle; open a new session "
+        f"session '{opened['session_id']}' expired after 0.05 s idle; open a new session "
         "(or resume it from its last state_token)"
     )
     served.run(sessions.stop())
