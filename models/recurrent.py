@@ -9,6 +9,7 @@ r,z,n) so vanilla state_dicts load without conversion.
 
 from __future__ import annotations
 
+import bisect
 import math
 from typing import Literal
 
@@ -233,18 +234,30 @@ def run_segmented(
     outputs = x.new_empty(batch, steps, hidden)
     final = _empty_like_state(state)
     start_states = _empty_like_state(state)  # for rows that end inside a segment
-    longest = int(sorted_lengths[0])
+    # NOTE: the bookkeeping runs on a Python list, not tensors: every torch call gives up the
+    # GIL and must win it back, which a busy event loop beside this thread makes slow.
+    ends = sorted_lengths.tolist()  # descending
+    longest = ends[0]
     running = batch
     t0 = 0
-    while t0 < longest:
+    # NOTE: split once (one call) rather than slicing time per segment.
+    x_parts = x.split(segment, dim=1)
+    out_parts = outputs.split(segment, dim=1)
+    for x_part, out_part in zip(x_parts, out_parts, strict=True):
+        if t0 >= longest:
+            break
         t1 = min(t0 + segment, longest)
         part = _narrow_state(state, running)
-        out, state = rnn(x[:running, t0:t1], part)
-        outputs[:running, t0:t1] = out
+        if running < batch:
+            x_part, out_part = x_part[:running], out_part[:running]
+        if t1 - t0 < x_part.shape[1]:
+            x_part, out_part = x_part[:, : t1 - t0], out_part[:, : t1 - t0]
+        out, state = rnn(x_part, part)
+        out_part.copy_(out)
         # Rows ending in (t0, t1] sit at [still, running), longest first: those ending exactly
         # at t1 have their final state now; the others keep their segment-start state.
-        still = int((sorted_lengths > t1).sum())
-        exact = still + int((sorted_lengths[still:running] == t1).sum())
+        still = bisect.bisect_left(ends, -t1, key=lambda n: -n)
+        exact = bisect.bisect_left(ends, -(t1 - 1), key=lambda n: -n)
         _copy_rows(final, state, still, exact)
         _copy_rows(start_states, part, exact, running)
         running = still
@@ -279,12 +292,16 @@ def _empty_like_state(state: State) -> State:
 
 def _narrow_state(state: State, rows: int) -> State:
     # NOTE: cuDNN/oneDNN want contiguous initial states; a prefix of the batch is not.
+    if (state[0] if isinstance(state, tuple) else state).shape[1] == rows:
+        return state
     if isinstance(state, tuple):
         return (state[0][:, :rows].contiguous(), state[1][:, :rows].contiguous())
     return state[:, :rows].contiguous()
 
 
 def _copy_rows(target: State, source: State, first: int, last: int) -> None:
+    if first == last:
+        return
     if isinstance(target, tuple):
         assert isinstance(source, tuple)
         target[0][:, first:last] = source[0][:, first:last]
