@@ -112,8 +112,19 @@ class EncoderModel(nn.Module):
 def collate(sequences: Sequence[Tensor | np.ndarray]) -> tuple[Tensor, Tensor]:
     """Pad sequences ([T_i, F] float or [T_i] int64; tensors or numpy arrays) into
     (inputs [N, T, ...], lengths [N] CPU int64); equal lengths are stacked without padding."""
+    lengths = torch.tensor([s.shape[0] for s in sequences], dtype=torch.int64)
+    if all(isinstance(s, np.ndarray) for s in sequences):
+        # NOTE: numpy arrays are batched in numpy and cross to torch once: a torch call per
+        # row (128 for a batch of streamed chunks) each gives up the GIL and must win it back.
+        arrays = [s for s in sequences if isinstance(s, np.ndarray)]
+        longest = max(a.shape[0] for a in arrays)
+        if all(a.shape[0] == longest for a in arrays):
+            return torch.from_numpy(np.stack(arrays)), lengths
+        padded = np.zeros((len(arrays), longest, *arrays[0].shape[1:]), dtype=arrays[0].dtype)
+        for row, a in enumerate(arrays):
+            padded[row, : a.shape[0]] = a
+        return torch.from_numpy(padded), lengths
     tensors = [torch.from_numpy(s) if isinstance(s, np.ndarray) else s for s in sequences]
-    lengths = torch.tensor([t.shape[0] for t in tensors], dtype=torch.int64)
     if all(t.shape[0] == tensors[0].shape[0] for t in tensors):
         return torch.stack(tensors), lengths
     return nn.utils.rnn.pad_sequence(tensors, batch_first=True), lengths
