@@ -5,8 +5,8 @@ requests, source lengths, greedy rows and beams):
 - waiting requests are encoded together and join the running batch between steps. An encode
   starts when nothing runs, or when the waiting requests number `join_fraction` of the running
   ones, or the oldest has waited `max_wait_steps` steps (encoding one costs about as much as
-  encoding many). With a `prefill` executor (a second worker thread) the encode runs there while
-  the running batch keeps stepping; without one, the device thread encodes as they join;
+  encoding many). The encode runs on the `prefill` executor (a second worker thread) while the
+  running batch keeps stepping;
 - a row leaves at once when its request is done (<eos>, max_length), cancelled (client gone) or
   past its deadline, so a long output never holds short ones hostage;
 - greedy decoding streams each token as it is chosen (`Job.on_token`); beam search reorders its
@@ -77,7 +77,7 @@ class DecodeScheduler:
         version: int,
         network: Seq2SeqModel,
         executor: DeviceExecutor,
-        prefill: DeviceExecutor | None,
+        prefill: DeviceExecutor,
         metrics: Metrics,
         *,
         max_slots: int,
@@ -115,9 +115,9 @@ class DecodeScheduler:
         self._waiting: deque[Job] = deque()
         self._encoding: list[Job] = []
         self._reserved = 0
-        # Groups to join: (jobs, their decoder state and first input), or (jobs, None, None)
-        # when the device thread is to encode them. The loop appends, the device thread takes.
-        self._ready: deque[tuple[list[Job], DecoderState | None, Tensor | None]] = deque()
+        # Encoded groups to join: (jobs, their decoder state, their first input). The loop
+        # appends, the device thread takes.
+        self._ready: deque[tuple[list[Job], DecoderState, Tensor]] = deque()
         # On the device thread: the running batch, slots released, steps run.
         self._running: list[Job] = []  # in row order
         self._released = 0
@@ -179,8 +179,7 @@ class DecodeScheduler:
             state, bos = self._encode([source])
             network.step(state, bos)
 
-        if self._prefill is not None:
-            await self._prefill.run(self._encode, [source])
+        await self._prefill.run(self._encode, [source])
         await self._executor.run(warm)
 
     async def drain(self) -> None:
@@ -314,8 +313,8 @@ class DecodeScheduler:
     # -- the scheduling tasks (on the loop) --------------------------------------------------
 
     async def _run_prefill(self) -> None:
-        """Take waiting jobs when due, encode them on the prefill thread (if any) and hand them
-        to the device thread."""
+        """Take waiting jobs when due, encode them on the prefill thread and hand them to the
+        device thread."""
         assert self._prefill_wakeup is not None and self._wakeup is not None
         while True:
             if not self._should_encode():
@@ -326,11 +325,6 @@ class DecodeScheduler:
             jobs = self._take()
             self._gauges()
             if not jobs:
-                continue
-            if self._prefill is None:
-                # NOTE: the device thread encodes them as they join.
-                self._ready.append((jobs, None, None))
-                self._wakeup.set()
                 continue
             self._encoding = jobs
             try:
@@ -425,31 +419,20 @@ class DecodeScheduler:
         return steps
 
     def _join(self) -> None:
-        """Add every group waiting in `_ready` to the running batch (one copy of the state);
-        groups not encoded yet are encoded here, together."""
+        """Add every encoded group waiting in `_ready` to the running batch (one copy)."""
         jobs: list[Job] = []
         states: list[DecoderState] = []
         feeds: list[Tensor] = []
         if self._state is not None and self._feed is not None:
             states.append(self._state)
             feeds.append(self._feed)
-        raw: list[Job] = []
         while self._ready:
             group, state, bos = self._ready.popleft()
-            if state is None or bos is None:
-                raw.extend(group)
-                continue
             jobs.extend(group)
             states.append(state)
             feeds.append(bos)
-        # NOTE: joined jobs run (and fail with the batch) from here, even if encoding fails.
-        jobs.extend(raw)
         self._running.extend(jobs)
         self._beams += sum(job.search is not None for job in jobs)
-        if raw:
-            state, bos = self._encode([job.source for job in raw])
-            states.append(state)
-            feeds.append(bos)
         self._state = states[0] if len(states) == 1 else DecoderState.cat(states)
         self._feed = feeds[0] if len(feeds) == 1 else torch.cat(feeds)
 

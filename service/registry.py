@@ -108,7 +108,7 @@ class Registry:
         settings: Settings,
         metrics: Metrics,
         executor: DeviceExecutor,
-        prefill: DeviceExecutor | None = None,
+        prefill: DeviceExecutor,
         dtype: torch.dtype = torch.float32,
     ) -> None:
         self.settings = settings
