@@ -102,6 +102,9 @@ class DecodeScheduler:
         self._m_compute = metrics.compute_duration.labels(*labels, "decode")
         self._m_rows = metrics.batch_size.labels(*labels, "decode")
         self._m_calls = metrics.model_calls_total.labels(*labels, "decode")
+        self._m_encode_compute = metrics.compute_duration.labels(*labels, "encode")
+        self._m_encode_rows = metrics.batch_size.labels(*labels, "encode")
+        self._m_encode_calls = metrics.model_calls_total.labels(*labels, "encode")
         self._m_queue = metrics.queue_duration.labels(*labels)
         self._m_dropped_cancelled = metrics.dropped_total.labels(*labels, "cancelled")
         self._m_dropped_deadline = metrics.dropped_total.labels(*labels, "deadline")
@@ -328,7 +331,7 @@ class DecodeScheduler:
                 continue
             self._encoding = jobs
             try:
-                (state, bos), _ = await self._prefill.run(
+                (state, bos), seconds = await self._prefill.run(
                     self._encode, [job.source for job in jobs]
                 )
             except Exception as exc:
@@ -336,6 +339,9 @@ class DecodeScheduler:
                 self._reserved -= sum(job.beam_size for job in jobs)
                 self._fail(jobs, exc)
                 continue
+            self._m_encode_compute.observe(seconds)
+            self._m_encode_rows.observe(len(jobs))
+            self._m_encode_calls.inc()
             # NOTE: ready before no longer encoding: `drain` never sees the jobs nowhere.
             self._ready.append((jobs, state, bos))
             self._encoding = []

@@ -100,7 +100,7 @@ class Metrics:
         )
         self.compute_duration = Histogram(
             "rnnserve_compute_duration_seconds",
-            "Time of one model call (a batch, or one decode step) on the device.",
+            "Time of one model call on the device (an encode batch, or one decode step).",
             (*model, "kind"),
             buckets=LATENCY_BUCKETS,
             registry=registry,

@@ -277,7 +277,7 @@ def _patch_encode(
 
 
 async def test_newcomers_are_encoded_off_the_device_thread_while_the_batch_decodes(
-    repository: Path, start_engine: StartEngine
+    repository: Path, start_engine: StartEngine, metrics: Metrics
 ) -> None:
     path = write_model(repository, "s2s", task="seq2seq", input_type="text", max_length=12)
     engine = await start_engine()
@@ -305,6 +305,9 @@ async def test_newcomers_are_encoded_off_the_device_thread_while_the_batch_decod
     results = await pending
     assert {name.split("_")[0] for name in threads} == {"rnnserve-prefill"}
     assert [r.outputs[0].tokens for r in results] == offline(path, SOURCES, 1, 12)
+    # Encodes are model calls of their own kind (warm-up is outside the metrics).
+    encodes = sample(metrics, "rnnserve_model_calls_total", model="s2s", version="1", kind="encode")
+    assert encodes == len(threads) >= 1
 
 
 async def test_a_failed_encode_fails_only_its_own_requests(
