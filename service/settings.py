@@ -134,8 +134,9 @@ class Settings(BaseSettings):
         gt=0.0,
         le=1.0,
         description=(
-            "Waiting generate requests join a running decode batch once they number this "
-            "fraction of its requests (grouped: encoding one costs about as much as many)."
+            "Waiting generate requests are encoded (then join the running decode batch) once "
+            "they number this fraction of its requests (grouped: encoding one costs about as "
+            "much as many)."
         ),
     )
     decode_max_wait_steps: int = Field(
