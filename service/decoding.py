@@ -162,7 +162,13 @@ class DecodeScheduler:
             "model %s version %s: decoder stopped: %r", self.model, self.version, task.exception()
         )
         self._closed = True
+        self._stopped = True  # a burst in flight ends at its next step
+        # NOTE: the other task stops too: an encode it finishes later would join no batch.
+        for sibling in (self._task, self._prefill_task):
+            if sibling is not None and sibling is not task:
+                sibling.cancel()
         self._fail_all(ComputeError(f"model {self.model} version {self.version}: internal error"))
+        self._gauges()
 
     @property
     def slots_in_use(self) -> int:
@@ -191,6 +197,8 @@ class DecodeScheduler:
         assert self._wakeup is not None and self._emptied is not None
         while not self._empty():
             self._wakeup.set()
+            if self._prefill_wakeup is not None:
+                self._prefill_wakeup.set()
             self._emptied.clear()
             await self._emptied.wait()
         await self.stop()
@@ -218,7 +226,7 @@ class DecodeScheduler:
 
     def _fail_all(self, error: ServiceError) -> None:
         jobs = [*self._waiting, *self._encoding, *self._running]
-        jobs += [job for group, _, _ in self._ready for job in group]
+        jobs += [job for group, _, _ in list(self._ready) for job in group]
         for job in jobs:
             if not job.future.done():
                 job.future.set_exception(error)
@@ -359,8 +367,10 @@ class DecodeScheduler:
             try:
                 steps, _ = await self._executor.run(self._burst, loop)
             except Exception as exc:
-                self._fail(self._running, exc)
+                failed = self._running
                 self._clear_running()
+                self._fail(failed, exc)
+                self._prefill_wakeup.set()  # their slots are free for the waiting ones
                 continue
             for rows, seconds in steps:
                 self._step_seconds = 0.8 * self._step_seconds + 0.2 * seconds
@@ -426,18 +436,18 @@ class DecodeScheduler:
 
     def _join(self) -> None:
         """Add every encoded group waiting in `_ready` to the running batch (one copy)."""
-        jobs: list[Job] = []
-        states: list[DecoderState] = []
-        feeds: list[Tensor] = []
+        # NOTE: the groups join `_running` before they leave `_ready`: the loop (drain) must
+        # never see them in neither. Groups the loop appends meanwhile wait for the next join.
+        groups = list(self._ready)
+        jobs = [job for group, _, _ in groups for job in group]
+        states = [state for _, state, _ in groups]
+        feeds = [bos for _, _, bos in groups]
         if self._state is not None and self._feed is not None:
-            states.append(self._state)
-            feeds.append(self._feed)
-        while self._ready:
-            group, state, bos = self._ready.popleft()
-            jobs.extend(group)
-            states.append(state)
-            feeds.append(bos)
+            states.insert(0, self._state)
+            feeds.insert(0, self._feed)
         self._running.extend(jobs)
+        for _ in groups:
+            self._ready.popleft()
         self._beams += sum(job.search is not None for job in jobs)
         self._state = states[0] if len(states) == 1 else DecoderState.cat(states)
         self._feed = feeds[0] if len(feeds) == 1 else torch.cat(feeds)

@@ -364,3 +364,42 @@ async def test_drain_finishes_a_request_whose_encode_is_under_way(
     assert await asyncio.to_thread(entered.wait, 5.0)
     await engine.drain(5.0)
     assert (await request).outputs[0].tokens == offline(path, ["ab"], 1, 8)[0]
+
+
+async def test_after_a_failed_step_waiting_requests_still_run_and_slots_free(
+    repository: Path, start_engine: StartEngine, metrics: Metrics
+) -> None:
+    path = write_model(repository, "s2s", task="seq2seq", input_type="text", max_length=100_000)
+    engine = await start_engine(max_decode_slots=1)
+    network = engine.registry.resolve("s2s").loaded.model  # type: ignore[union-attr]
+    step = network.step
+    started = asyncio.Event()
+
+    async def long() -> None:
+        async for _ in engine.generate_stream(GenerateRequest("s2s", ["abc"], "text")):
+            started.set()
+
+    running = asyncio.ensure_future(long())
+    await started.wait()
+    # The one slot is taken: this request waits for it.
+    waiting = asyncio.ensure_future(
+        engine.generate(GenerateRequest("s2s", ["ab"], "text", max_length=4))
+    )
+    await asyncio.sleep(0.05)
+    assert not waiting.done()
+    failures = [RuntimeError("step failure")]
+
+    def failing_once(*args: Any) -> Any:
+        if failures:
+            raise failures.pop()
+        return step(*args)
+
+    network.step = failing_once  # type: ignore[method-assign]
+    with pytest.raises(ComputeError):
+        await running
+    # The failed batch's slot goes to the waiting request, which then runs to its end.
+    result = await asyncio.wait_for(waiting, 5.0)
+    assert result.outputs[0].tokens == offline(path, ["ab"], 1, 4)[0]
+    await asyncio.sleep(0.05)
+    assert sample(metrics, "rnnserve_decode_slots_in_use", model="s2s", version="1") == 0
+    await asyncio.wait_for(engine.drain(1.0), 5.0)
