@@ -15,10 +15,18 @@ def shown(text: str, limit: int = 200) -> str:
     return f"{text[:limit]!r}… ({len(text)} characters)"
 
 
+# The longest message sent to a client: gRPC carries it in metadata (16 KiB at most, all
+# metadata together), and no real refusal needs more.
+MAX_MESSAGE_CHARS = 2000
+
+
 class ServiceError(Exception):
     """Base of every error the core reports to a client."""
 
     def __init__(self, message: str) -> None:
+        if len(message) > MAX_MESSAGE_CHARS:
+            # NOTE: a backstop: messages echo client text through `shown`, which cuts it.
+            message = f"{message[:MAX_MESSAGE_CHARS]}… ({len(message)} characters)"
         super().__init__(message)
         self.message = message
 

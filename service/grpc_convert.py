@@ -165,7 +165,7 @@ def encode_request_from_proto(
     """Build the core's EncodeRequest; `deadline_s` is the call's remaining gRPC deadline."""
     if message.pooling and message.pooling not in _POOLINGS:
         raise errors.InvalidInput(
-            "pooling", f"{message.pooling!r} is not one of {', '.join(_POOLINGS)}"
+            "pooling", f"{errors.shown(message.pooling)} is not one of {', '.join(_POOLINGS)}"
         )
     sequences, kind = _sequences(message)
     return EncodeRequest(
@@ -305,7 +305,9 @@ def decode_v2_inputs(request: v2.ModelInferRequest) -> list[V2Tensor]:
         count = tensor_elements(shape, field)
         datatype = tensor.datatype
         if datatype != "BYTES" and datatype not in V2_DTYPES:
-            raise errors.InvalidInput(f"{field}.datatype", f"unknown datatype {datatype!r}")
+            raise errors.InvalidInput(
+                f"{field}.datatype", f"unknown datatype {errors.shown(datatype)}"
+            )
         if raw:
             data = _from_raw(raw[i], datatype, shape, count, i)
         else:

@@ -31,7 +31,9 @@ def pooling_from_proto(value: str) -> StreamPooling | None:
     if not value:
         return None
     if value not in _POOLINGS:
-        raise errors.InvalidInput("pooling", f"{value!r} is not one of {', '.join(_POOLINGS)}")
+        raise errors.InvalidInput(
+            "pooling", f"{errors.shown(value)} is not one of {', '.join(_POOLINGS)}"
+        )
     return cast(StreamPooling, value)
 
 

@@ -18,7 +18,7 @@ import numpy as np
 from models.config import ModelConfig
 from service import validation
 from service.codecs import V2Output, V2Tensor
-from service.errors import InvalidInput, NotFound
+from service.errors import InvalidInput, NotFound, shown
 from service.types import (
     EncodeRequest,
     EncodeResult,
@@ -160,12 +160,13 @@ def infer_sequences(
         if tensor.name not in names:
             allowed = " and optional ".join(names)
             raise InvalidInput(
-                f"inputs[{i}].name", f"unexpected input {tensor.name!r}; this model takes {allowed}"
+                f"inputs[{i}].name",
+                f"unexpected input {shown(tensor.name)}; this model takes {allowed}",
             )
         if tensor.name in positions:
             raise InvalidInput(
                 f"inputs[{i}].name",
-                f"{tensor.name!r} appears twice (first as inputs[{positions[tensor.name]}])",
+                f"{shown(tensor.name)} appears twice (first as inputs[{positions[tensor.name]}])",
             )
         positions[tensor.name] = i
     if main_name not in positions:
@@ -249,7 +250,7 @@ def parameter(
         return default
     if isinstance(value, bool) != (bool in kinds) or not isinstance(value, kinds):
         names = " or ".join(k.__name__ for k in kinds)
-        raise InvalidInput(f"parameters.{name}", f"expected {names}, got {value!r}")
+        raise InvalidInput(f"parameters.{name}", f"expected {names}, got {shown(repr(value))}")
     return value
 
 
@@ -267,7 +268,8 @@ def pooling(params: Mapping[str, Any]) -> Pooling | None:
     value = parameter(params, "pooling", (str,))
     if value is not None and value not in validation.POOLINGS:
         raise InvalidInput(
-            "parameters.pooling", f"must be one of {', '.join(validation.POOLINGS)}; got {value!r}"
+            "parameters.pooling",
+            f"must be one of {', '.join(validation.POOLINGS)}; got {shown(value)}",
         )
     return cast(Pooling | None, value)
 
@@ -390,7 +392,8 @@ def requested_outputs(outputs: list[V2Output], names: list[str | None]) -> list[
     for k, name in enumerate(names):
         if name is None or name not in by_name:
             raise InvalidInput(
-                f"outputs[{k}].name", f"unknown output {name!r}; this model has {sorted(by_name)}"
+                f"outputs[{k}].name",
+                f"unknown output {shown(name or '')}; this model has {sorted(by_name)}",
             )
         chosen.append(by_name[name])
     return chosen

@@ -1064,3 +1064,35 @@ def test_invalid_utf8_in_a_string_field_is_invalid_argument(
     code, details = outcome(lambda: call(b"\x0a\x02\xc3\x28", timeout=CALL_TIMEOUT_S))
     assert code == Code.INVALID_ARGUMENT, (code, details)
     assert details == f"request: not a valid {message} message"
+
+
+def _long_echo_requests(text: str) -> list[tuple[str, Message]]:
+    """Requests that each refuse a long client string they name in the error."""
+    name = _v2_version_request("1")
+    name.inputs[0].name = text
+    output = _v2_version_request("1")
+    output.outputs.add(name=text)
+    pooling = _v2_version_request("1")
+    pooling.parameters["pooling"].string_param = text
+    datatype = _v2_version_request("1")
+    datatype.inputs[0].datatype = text
+    encode = pb.EncodeRequest(model="enc", pooling=text)
+    encode.inputs.sequences.add(shape=[1, FEATURES], values=[0.5] * FEATURES)
+    return [
+        ("ModelInfer", name),
+        ("ModelInfer", output),
+        ("ModelInfer", pooling),
+        ("ModelInfer", datatype),
+        ("Encode", encode),
+    ]
+
+
+@pytest.mark.parametrize("case", range(5))
+def test_a_long_client_string_is_echoed_cut_short(fuzz: FuzzServer, case: int) -> None:
+    # Were RESOURCE_EXHAUSTED: the whole string went back in the status details, over gRPC's
+    # metadata limit, instead of the refusal naming the field.
+    rpc, request = _long_echo_requests("x" * 50_000)[case]
+    stub: Any = fuzz.api if rpc == "Encode" else fuzz.v2
+    code, details = outcome(lambda: getattr(stub, rpc)(request, timeout=CALL_TIMEOUT_S))
+    assert code == Code.INVALID_ARGUMENT, (code, details[:200])
+    assert len(details) < 1000 and "(50000 characters)" in details, details[:300]
