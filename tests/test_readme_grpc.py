@@ -16,13 +16,8 @@ its file and line.
 from __future__ import annotations
 
 import json
-import os
 import re
 import shlex
-import signal
-import subprocess
-import sys
-import threading
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -38,6 +33,7 @@ from grpc_reflection.v1alpha.proto_reflection_descriptor_database import (
 )
 
 from service.settings import Settings
+from tests.test_server import running_server
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -360,60 +356,8 @@ def replay(command: DocCommand, port: int) -> None:
 @pytest.fixture(scope="module")
 def grpc_port() -> Iterator[int]:
     """`rnnserve serve` on the demo repository (CPU, any free ports); its bound gRPC port."""
-    env = {**os.environ, "RNNSERVE_LOG_FORMAT": "json"}
-    process = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "service.cli",
-            "serve",
-            "--repository",
-            str(DEMO),
-            "--host",
-            "127.0.0.1",
-            "--http-port",
-            "0",
-            "--grpc-port",
-            "0",
-            "--device",
-            "cpu",
-            "--cpu-threads",
-            "1",
-            "--drain-grace-s",
-            "1",
-        ],
-        stderr=subprocess.PIPE,
-        stdout=subprocess.DEVNULL,
-        text=True,
-        env=env,
-    )
-    lines: list[str] = []
-    ports: list[int] = []
-    ready = threading.Event()
-
-    def read() -> None:
-        assert process.stderr is not None
-        for raw in process.stderr:
-            lines.append(raw)
-            try:
-                line = json.loads(raw)
-            except json.JSONDecodeError:
-                continue
-            if line.get("event") == "server.ready":
-                ports.append(line["grpc_port"])
-                ready.set()
-
-    threading.Thread(target=read, daemon=True).start()
-    try:
-        assert ready.wait(45), "server did not become ready:\n" + "".join(lines)
-        yield ports[0]
-    finally:
-        process.send_signal(signal.SIGTERM)
-        try:
-            process.wait(10)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait(5)
+    with running_server(DEMO) as served:
+        yield served.grpc_port
 
 
 # --- tests --------------------------------------------------------------------------------------
