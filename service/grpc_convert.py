@@ -367,7 +367,7 @@ def v2_parameters(request: v2.ModelInferRequest) -> dict[str, Any]:
     return values
 
 
-def v2_encode_request(
+def v2_infer_request(
     request: v2.ModelInferRequest,
     config: ModelConfig,
     version: int,
@@ -376,38 +376,14 @@ def v2_encode_request(
     limit: int,
     protocol: Protocol = "v2-grpc",
     endpoint: str = "infer",
-) -> EncodeRequest:
-    """An EncodeRequest from a V2 infer request (at most `limit` sequences; parameters: pooling,
-    timeout_ms)."""
+) -> EncodeRequest | GenerateRequest:
+    """The engine's request of a V2 infer request (at most `limit` sequences; parameters as
+    `v2_common.infer_request`)."""
     kind, sequences = v2_common.infer_sequences(decode_v2_inputs(request), config, limit)
-    return v2_common.encode_request(
+    return v2_common.infer_request(
         request.model_name,
         version,
-        kind,
-        sequences,
-        v2_parameters(request),
-        protocol,
-        endpoint=endpoint,
-        deadline_s=deadline_s,
-    )
-
-
-def v2_generate_request(
-    request: v2.ModelInferRequest,
-    config: ModelConfig,
-    version: int,
-    deadline_s: float | None,
-    *,
-    limit: int,
-    protocol: Protocol = "v2-grpc",
-    endpoint: str = "infer",
-) -> GenerateRequest:
-    """A GenerateRequest from a V2 infer request (at most `limit` sequences; parameters:
-    max_length, beam_size, timeout_ms)."""
-    kind, sequences = v2_common.infer_sequences(decode_v2_inputs(request), config, limit)
-    return v2_common.generate_request(
-        request.model_name,
-        version,
+        config,
         kind,
         sequences,
         v2_parameters(request),

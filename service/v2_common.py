@@ -281,9 +281,10 @@ def generate_options(params: Mapping[str, Any]) -> tuple[int | None, int]:
     return max_length, beam_size
 
 
-def encode_request(
+def infer_request(
     model: str,
     version: int,
+    config: ModelConfig,
     kind: InputKind,
     sequences: list[Sequence],
     params: Mapping[str, Any],
@@ -291,12 +292,26 @@ def encode_request(
     *,
     endpoint: str = "infer",
     deadline_s: float | None = None,
-) -> EncodeRequest:
-    """The engine's EncodeRequest of an encoder's infer (parameters: timeout_ms, pooling).
+) -> EncodeRequest | GenerateRequest:
+    """The engine's request of an infer: a GenerateRequest for a seq2seq model (parameters
+    timeout_ms, max_length, beam_size), else an EncodeRequest (timeout_ms, pooling).
 
     `deadline_s` is the call's own remaining deadline, if the wire has one; the tighter wins.
     """
     timeout = validation.tighter_timeout(timeout_s(params), deadline_s)
+    if config.task == "seq2seq":
+        max_length, beam_size = generate_options(params)
+        return GenerateRequest(
+            model=model,
+            sequences=sequences,
+            kind=kind,
+            version=version,
+            max_length=max_length,
+            beam_size=beam_size,
+            timeout_s=timeout,
+            protocol=protocol,
+            endpoint=endpoint,
+        )
     return EncodeRequest(
         model=model,
         sequences=sequences,
@@ -309,34 +324,15 @@ def encode_request(
     )
 
 
-def generate_request(
-    model: str,
-    version: int,
-    kind: InputKind,
-    sequences: list[Sequence],
-    params: Mapping[str, Any],
-    protocol: Protocol,
-    *,
-    endpoint: str = "infer",
-    deadline_s: float | None = None,
-) -> GenerateRequest:
-    """The engine's GenerateRequest of a seq2seq infer (timeout_ms, max_length, beam_size).
-
-    `deadline_s` is the call's own remaining deadline, if the wire has one; the tighter wins.
-    """
-    timeout = validation.tighter_timeout(timeout_s(params), deadline_s)
-    max_length, beam_size = generate_options(params)
-    return GenerateRequest(
-        model=model,
-        sequences=sequences,
-        kind=kind,
-        version=version,
-        max_length=max_length,
-        beam_size=beam_size,
-        timeout_s=timeout,
-        protocol=protocol,
-        endpoint=endpoint,
-    )
+async def infer(
+    engine: Engine, request: EncodeRequest | GenerateRequest, config: ModelConfig
+) -> tuple[int, list[V2Output]]:
+    """Run an infer request on the engine: the version that answered and its output tensors."""
+    if isinstance(request, GenerateRequest):
+        generated = await engine.generate(request)
+        return generated.version, generate_outputs(generated, config)
+    encoded = await engine.encode(request)
+    return encoded.version, encode_outputs(encoded)
 
 
 # ---------------------------------------------------------------- output tensors

@@ -127,22 +127,16 @@ class InferenceServicer(grpc_service_pb2_grpc.GRPCInferenceServiceServicer):
         version, config = self.engine.model_config(
             request.model_name, _version(request.model_version)
         )
-        limit = self.settings.max_sequences_per_request
-        if config.task == "seq2seq":
-            generate = grpc_convert.v2_generate_request(
-                request, config, version, deadline_s, limit=limit, endpoint=endpoint
-            )
-            generated = await self.engine.generate(generate)
-            return grpc_convert.v2_infer_response(
-                request, generated.version, v2_common.generate_outputs(generated, config)
-            )
-        encode = grpc_convert.v2_encode_request(
-            request, config, version, deadline_s, limit=limit, endpoint=endpoint
+        infer = grpc_convert.v2_infer_request(
+            request,
+            config,
+            version,
+            deadline_s,
+            limit=self.settings.max_sequences_per_request,
+            endpoint=endpoint,
         )
-        encoded = await self.engine.encode(encode)
-        return grpc_convert.v2_infer_response(
-            request, encoded.version, v2_common.encode_outputs(encoded)
-        )
+        answered, outputs = await v2_common.infer(self.engine, infer, config)
+        return grpc_convert.v2_infer_response(request, answered, outputs)
 
     async def ModelInfer(  # noqa: N802
         self, request: v2.ModelInferRequest, context: Context

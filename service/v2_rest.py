@@ -144,17 +144,12 @@ def create_router(engine: Engine, settings: Settings, metrics: Metrics) -> APIRo
             params = codecs.parameters_of(header)
             if not isinstance(params, dict):
                 raise InvalidInput("parameters", "expected an object")
-            outputs: list[codecs.V2Output]
-            if config.task == "seq2seq":
-                generate = v2_common.generate_request(
-                    name, resolved, kind, sequences, params, PROTOCOL
-                )
-                result = await http_common.unless_disconnected(request, engine.generate(generate))
-                outputs = v2_common.generate_outputs(result, config)
-            else:
-                encode = v2_common.encode_request(name, resolved, kind, sequences, params, PROTOCOL)
-                encoded = await http_common.unless_disconnected(request, engine.encode(encode))
-                outputs = v2_common.encode_outputs(encoded)
+            infer = v2_common.infer_request(
+                name, resolved, config, kind, sequences, params, PROTOCOL
+            )
+            _, outputs = await http_common.unless_disconnected(
+                request, v2_common.infer(engine, infer, config)
+            )
             chosen, binary = select_outputs(header, outputs)
             answer: dict[str, Any] = {"model_name": name, "model_version": str(resolved)}
             if isinstance(header.get("id"), str):

@@ -22,7 +22,7 @@ from service.grpc_convert import (
     float_array,
     float_values,
     generate_request_from_proto,
-    v2_encode_request,
+    v2_infer_request,
     v2_infer_response,
 )
 from service.types import GeneratedSequence, GenerateResult
@@ -300,10 +300,10 @@ def test_v2_timeout_ms_out_of_range_is_refused(param: v2.InferParameter) -> None
     with pytest.raises(
         errors.InvalidInput, match=r"^parameters\.timeout_ms: must be greater than 0 and at most"
     ):
-        v2_encode_request(request, FEATURES, 1, None, limit=8)
+        v2_infer_request(request, FEATURES, 1, None, limit=8)
 
 
 def test_v2_timeout_ms_takes_the_tighter_of_it_and_the_deadline() -> None:
     request = _v2_features(timeout_ms=v2.InferParameter(double_param=250.0))
-    assert v2_encode_request(request, FEATURES, 1, None, limit=8).timeout_s == pytest.approx(0.25)
-    assert v2_encode_request(request, FEATURES, 1, 0.1, limit=8).timeout_s == pytest.approx(0.1)
+    assert v2_infer_request(request, FEATURES, 1, None, limit=8).timeout_s == pytest.approx(0.25)
+    assert v2_infer_request(request, FEATURES, 1, 0.1, limit=8).timeout_s == pytest.approx(0.1)
