@@ -161,7 +161,6 @@ class Batcher:
         self._queued_steps = 0
         self._closed = False
         self._flights: list[_Flight] = []  # batches on the device, oldest first (≤ PIPELINE)
-        self._in_flight_rows = 0
         self._population = 0.0  # rows in the system: a decaying maximum, for the target size
         self._batch_seconds = 0.01  # moving average, for the retry hint
         self._step_seconds = 0.0  # moving average of compute seconds per real time step
@@ -261,8 +260,11 @@ class Batcher:
         (max_batch_size when not halving)."""
         if not self.halve:
             return self.max_batch_size
-        rows = max(self._population, self._in_flight_rows + len(self._queue))
+        rows = max(self._population, self._rows_in_system())
         return max(1, min(self.max_batch_size, -(-int(rows) // 2)))
+
+    def _rows_in_system(self) -> int:
+        return sum(len(f.batch) for f in self._flights) + len(self._queue)
 
     def _full(self) -> bool:
         return (
@@ -322,8 +324,7 @@ class Batcher:
             return
         flight = _Flight(batch, sum(item.length for item in batch))
         self._flights.append(flight)
-        self._in_flight_rows += len(batch)
-        self._population = max(self._in_flight_rows + len(self._queue), 0.9 * self._population)
+        self._population = max(self._rows_in_system(), 0.9 * self._population)
         now = time.monotonic()
         for item in batch:
             self._m_queue.observe(now - item.enqueued)
@@ -354,7 +355,6 @@ class Batcher:
         """On the loop, as soon as a batch ends: deliver its rows (or its error)."""
         self._flights.remove(flight)
         batch = flight.batch
-        self._in_flight_rows -= len(batch)
         assert self._wakeup is not None
         self._wakeup.set()
         try:
