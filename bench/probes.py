@@ -41,13 +41,14 @@ def _median_s(work: Callable[[], object], repeats: int = 15) -> float:
 
 
 def gil() -> None:
-    """The encode batch compute of 128 streamed chunks (LSTM 32→256 ×2, 10 steps, states in and
-    out) on a worker thread: alone, then beside a thread running Python, per switch interval."""
+    """The device-thread stage of the encode batch compute of 128 streamed chunks (LSTM 32→256
+    ×2, 10 steps, states in and out) on a worker thread: alone, then beside a thread running
+    Python, per switch interval."""
     from prometheus_client import CollectorRegistry  # noqa: F401  (import cost outside timing)
 
     from models.checkpoint import build_model
     from models.config import ModelConfig
-    from service.batching import Item, make_encode_compute
+    from service.batching import EncodeCompute, Item
 
     config = ModelConfig.model_validate(
         {
@@ -59,7 +60,7 @@ def gil() -> None:
         }
     )
     model = build_model(config).eval()
-    compute = make_encode_compute(model, torch.device("cpu"), torch.float32, (2, 256))
+    compute = EncodeCompute(model, torch.device("cpu"), torch.float32, (2, 256))
     loop = asyncio.new_event_loop()
     rng = np.random.default_rng(0)
 
@@ -77,10 +78,11 @@ def gil() -> None:
         )
         for _ in range(128)
     ]
+    prepared = compute.prepare(items)  # on the event loop in the server
 
     def on_worker() -> float:
         torch.set_num_threads(1)
-        return _median_s(lambda: compute(items))
+        return _median_s(lambda: compute.run(prepared))
 
     with ThreadPoolExecutor(1) as pool:
         print(f"alone on a worker thread: {pool.submit(on_worker).result() * 1000:.1f} ms")

@@ -34,7 +34,7 @@ import contextlib
 import logging
 import time
 from collections import deque
-from collections.abc import Callable, Iterable
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -111,9 +111,6 @@ class Item:
         self.length = int(self.sequence.shape[0])
 
 
-ComputeFn = Callable[[list[Item]], list[Row]]
-
-
 class Batcher:
     """Batches the items of one model version and runs them on the device executor."""
 
@@ -122,7 +119,7 @@ class Batcher:
         model: str,
         version: int,
         executor: DeviceExecutor,
-        compute: ComputeFn,
+        compute: EncodeCompute,
         metrics: Metrics,
         *,
         max_batch_size: int,
@@ -200,7 +197,8 @@ class Batcher:
     async def warm_up(self, sequence: np.ndarray) -> None:
         """Run one sequence through the compute path on the device (outside any metric)."""
         future: asyncio.Future[Row] = asyncio.get_running_loop().create_future()
-        await self._executor.run(self._compute, [Item(sequence, future)])
+        prepared = self._compute.prepare([Item(sequence, future)])
+        await self._executor.run(self._compute.run, prepared)
 
     @property
     def queue_depth(self) -> int:
@@ -332,25 +330,35 @@ class Batcher:
         wakeup = self._wakeup
         assert wakeup is not None
 
-        def compute(items: list[Item]) -> list[Row]:
+        try:
+            prepared = self._compute.prepare(batch)
+        except Exception as exc:
+            self._complete(flight, None, exc)
+            return
+
+        def compute(prepared: EncodeBatch) -> EncodeOutput:
             # NOTE: on the device thread. A flag the loop reads; the loop is woken only when
             # a next batch waits for this one to start.
             flight.started_at = time.monotonic()
             flight.started = True
             if self._queue:
                 loop.call_soon_threadsafe(wakeup.set)
-            return self._compute(items)
+            return self._compute.run(prepared)
 
-        def done(result: tuple[list[Row], float] | None, exc: BaseException | None) -> None:
-            self._complete(flight, result, exc)
+        def done(result: tuple[EncodeOutput, float] | None, exc: BaseException | None) -> None:
+            self._complete(flight, result, exc, prepared)
 
         try:
-            self._executor.submit(compute, done, batch)
+            self._executor.submit(compute, done, prepared)
         except BaseException as exc:
             self._complete(flight, None, exc)
 
     def _complete(
-        self, flight: _Flight, result: tuple[list[Row], float] | None, exc: BaseException | None
+        self,
+        flight: _Flight,
+        result: tuple[EncodeOutput, float] | None,
+        exc: BaseException | None,
+        prepared: EncodeBatch | None = None,
     ) -> None:
         """On the loop, as soon as a batch ends: deliver its rows (or its error)."""
         self._flights.remove(flight)
@@ -358,12 +366,18 @@ class Batcher:
         assert self._wakeup is not None
         self._wakeup.set()
         try:
-            if exc is None and result is not None and len(result[0]) != len(batch):
-                exc = RuntimeError(f"{len(result[0])} results for {len(batch)} sequences")
-            if exc is not None or result is None:
+            rows: list[Row] | None = None
+            if exc is None and result is not None and prepared is not None:
+                try:
+                    rows = self._compute.rows(prepared, result[0])
+                except Exception as error:
+                    exc = error
+                if rows is not None and len(rows) != len(batch):
+                    exc = RuntimeError(f"{len(rows)} results for {len(batch)} sequences")
+            if exc is not None or rows is None or result is None:
                 self._fail_batch(batch, exc)
             else:
-                self._deliver(flight, *result)
+                self._deliver(flight, rows, result[1])
         except Exception:
             # NOTE: never leave a caller waiting, whatever went wrong here.
             log.exception(
@@ -498,97 +512,155 @@ def _fail(items: Iterable[Item], error: BaseException) -> None:
 
 def _stack_states(rows: list[HostState | None], count: int, shape: tuple[int, int]) -> State:
     """Per-row host states ([L*D, H] per tensor, or None = zeros) → a batch state [L*D, N, H]
-    (`count` tensors: 2 for an LSTM), built on the host and moved in one copy per tensor."""
+    (`count` tensors: 2 for an LSTM) as CPU tensors."""
     states, hidden = shape
     parts = []
     for k in range(count):
         if all(row is not None for row in rows):
-            # NOTE: the usual streaming batch (every row carries a state): one C call.
-            batch = np.stack([row[k] for row in rows if row is not None], axis=1)
-        else:
-            batch = np.zeros((states, len(rows), hidden), np.float32)
-            for j, row in enumerate(rows):
-                if row is not None:
-                    batch[:, j] = row[k]
-        parts.append(torch.from_numpy(batch.astype(np.float32, copy=False)))
+            # NOTE: the usual streaming batch (every row carries a state): `np.array` stacks
+            # in C ([N, L*D, H]); `np.stack` runs Python per row.
+            batch = np.array([row[k] for row in rows if row is not None], np.float32)
+            parts.append(torch.from_numpy(batch).transpose(0, 1).contiguous())
+            continue
+        zeros = np.zeros((states, len(rows), hidden), np.float32)
+        for j, row in enumerate(rows):
+            if row is not None:
+                zeros[:, j] = row[k]
+        parts.append(torch.from_numpy(zeros))
     return (parts[0], parts[1]) if count == 2 else parts[0]
 
 
-def make_encode_compute(
-    model: EncoderModel, device: torch.device, dtype: torch.dtype, sizes: tuple[int, int]
-) -> ComputeFn:
-    """A compute function for an `EncoderModel` on `device`.
+@dataclass(eq=False, slots=True)
+class EncodeBatch:
+    """A batch ready for the device: its rows sorted by length (longest first), on the host."""
 
-    `sizes` = (layers × directions, hidden) of the encoder state, for rows without an initial
-    state. All rows run in one model call, sorted by length (longest first); when the rows ask
-    for different poolings, the call keeps every step ("none") and each row is pooled after.
+    items: list[Item]  # in the caller's order
+    order: list[int]  # order[position] = index in `items` of the row at `position`
+    inputs: Tensor  # [N, T, F] float32 or [N, T] int64, CPU
+    lengths: Tensor  # [N] int64, CPU
+    initial: State | None  # [L*D, N, H] per tensor, CPU; None = zeros
+    poolings: set[str]  # the poolings the rows asked for
+    return_state: bool  # any row wants its final state
+
+
+@dataclass(eq=False, slots=True)
+class EncodeOutput:
+    """A batch's results on the host, rows in the batch's (sorted) order."""
+
+    pooled: dict[str, np.ndarray]  # pooling → [N, E] ([N, T, E] for "none")
+    scores: np.ndarray | None  # [N, S]
+    final_state: list[np.ndarray]  # [L*D, N, H] per tensor, when a row asked for it
+
+
+class EncodeCompute:
+    """The model call of an `EncoderModel` on `device`, in three stages so that the device thread
+    runs (almost) only torch: `prepare` and `rows` do the per-row host work on the event loop,
+    `run` calls the model on the device thread.
+
+    All rows run in one model call, sorted by length (longest first); when the rows ask for
+    different poolings, the call keeps every step ("none") and each row is pooled after.
     """
-    states, hidden = sizes
-    config = model.config
-    is_lstm = config.encoder.cell == "lstm"
 
-    on_host = device.type == "cpu" and dtype == torch.float32
+    # NOTE: why the split. Python on the device thread is slow twice over: a busy event loop
+    # takes the GIL from it every switch interval (a batch of 128 streamed chunks spent 9 ms
+    # beside the loop on per-row work that takes 0.9 ms alone, next to 21 ms of LSTM), and
+    # while it holds the GIL the loop waits. On the loop, that work overlaps the other batch's
+    # compute, which releases the GIL.
 
-    # NOTE: every torch call gives up the GIL and takes it back, and a busy event loop makes
-    # each take-back wait (up to the switch interval): conversions that change nothing are
-    # skipped (they were 15 of a batch's 36 torch calls on the CPU).
-    def _placed(tensor: Tensor) -> Tensor:
-        """A float tensor in the model's device and dtype (int64 token ids keep their dtype)."""
-        if on_host or (not tensor.is_floating_point() and device.type == "cpu"):
-            return tensor
-        if tensor.is_floating_point():
-            return tensor.to(device, dtype)
-        return tensor.to(device)
+    def __init__(
+        self, model: EncoderModel, device: torch.device, dtype: torch.dtype, sizes: tuple[int, int]
+    ) -> None:
+        """`sizes` = (layers × directions, hidden) of the encoder state."""
+        self.model = model
+        self.device = device
+        self.dtype = dtype
+        self.sizes = sizes
+        self._is_lstm = model.config.encoder.cell == "lstm"
+        self._on_host = device.type == "cpu" and dtype == torch.float32
 
-    def _host(tensor: Tensor) -> np.ndarray:
-        if on_host:
-            return tensor.numpy()
-        return tensor.float().cpu().numpy()
+    def __call__(self, items: list[Item]) -> list[Row]:
+        """All three stages at once, on the calling thread (warm-up, benchmarks)."""
+        batch = self.prepare(items)
+        return self.rows(batch, self.run(batch))
 
-    def compute(items: list[Item]) -> list[Row]:
+    def prepare(self, items: list[Item]) -> EncodeBatch:
+        """On the loop: sort, pad and stack the rows' inputs and initial states."""
         order = sorted(range(len(items)), key=lambda i: -items[i].length)
         chosen = [items[i] for i in order]
-        padded, lengths = collate([item.sequence for item in chosen])
-        inputs = _placed(padded)
-        initial: State | None = None
+        inputs, lengths = collate([item.sequence for item in chosen])
+        initial = None
         if any(item.initial_state is not None for item in chosen):
-            host = _stack_states(
-                [item.initial_state for item in chosen], 2 if is_lstm else 1, (states, hidden)
+            initial = _stack_states(
+                [item.initial_state for item in chosen], 2 if self._is_lstm else 1, self.sizes
             )
+        default = self.model.config.pooling
+        return EncodeBatch(
+            items,
+            order,
+            inputs,
+            lengths,
+            initial,
+            {item.pooling or default for item in chosen},
+            any(item.return_state for item in chosen),
+        )
+
+    def run(self, batch: EncodeBatch) -> EncodeOutput:
+        """On the device thread: the model call, its outputs copied to the host."""
+        # NOTE: every torch call gives up the GIL and takes it back, and a busy event loop makes
+        # each take-back wait (up to the switch interval): conversions that change nothing are
+        # skipped (they were 15 of a batch's 36 torch calls on the CPU).
+        initial = batch.initial
+        if initial is not None:
             initial = (
-                (_placed(host[0]), _placed(host[1])) if isinstance(host, tuple) else _placed(host)
+                (self._placed(initial[0]), self._placed(initial[1]))
+                if isinstance(initial, tuple)
+                else self._placed(initial)
             )
-        wanted = {item.pooling or config.pooling for item in chosen}
-        shared = next(iter(wanted)) if len(wanted) == 1 else "none"
-        out = model(inputs, lengths, shared, initial)  # encodings [N, E] or [N, T, E]
-        pooled: dict[str, np.ndarray] = {shared: _host(out.encodings)}
+        shared = next(iter(batch.poolings)) if len(batch.poolings) == 1 else "none"
+        out = self.model(self._placed(batch.inputs), batch.lengths, shared, initial)
+        pooled: dict[str, np.ndarray] = {shared: self._host(out.encodings)}
         if shared == "none":
-            final = top_layer_final(out.final_state, config.encoder.bidirectional)  # [N, E]
-            for pooling in wanted - {"none"}:
-                rows = pool(out.encodings, lengths, final, pooling)  # [N, E]
-                pooled[pooling] = _host(rows)
+            final = top_layer_final(out.final_state, self.model.config.encoder.bidirectional)
+            for pooling in batch.poolings - {"none"}:
+                pooled[pooling] = self._host(pool(out.encodings, batch.lengths, final, pooling))
         # NOTE: the head always reads the config's default pooling, whatever a row asked.
-        scores = _host(out.scores) if out.scores is not None else None
-        final_host: list[np.ndarray] = []
-        if any(item.return_state for item in chosen):
+        scores = self._host(out.scores) if out.scores is not None else None
+        final_state: list[np.ndarray] = []
+        if batch.return_state:
             state = out.final_state
-            parts = state if isinstance(state, tuple) else (state,)
-            final_host = [_host(t) for t in parts]  # one copy per tensor
-        results: list[Row | None] = [None] * len(items)
-        for position, (index, item) in enumerate(zip(order, chosen, strict=True)):
-            pooling = item.pooling or config.pooling
-            encoding = pooled[pooling][position]
+            final_state = [self._host(t) for t in (state if isinstance(state, tuple) else (state,))]
+        return EncodeOutput(pooled, scores, final_state)
+
+    def rows(self, batch: EncodeBatch, output: EncodeOutput) -> list[Row]:
+        """On the loop: each item's row, in the items' order."""
+        default = self.model.config.pooling
+        results: list[Row | None] = [None] * len(batch.items)
+        for position, index in enumerate(batch.order):
+            item = batch.items[index]
+            pooling = item.pooling or default
+            encoding = output.pooled[pooling][position]
             if pooling == "none":
                 encoding = encoding[: item.length]
             results[index] = Row(
                 encoding=encoding,
-                scores=scores[position] if scores is not None else None,
+                scores=output.scores[position] if output.scores is not None else None,
                 # NOTE: a row's own copy: a view would keep the whole batch's state alive for
                 # as long as any one session holds its state.
-                final_state=tuple(a[:, position].copy() for a in final_host)
+                final_state=tuple(a[:, position].copy() for a in output.final_state)
                 if item.return_state
                 else None,
             )
         return [row for row in results if row is not None]
 
-    return compute
+    def _placed(self, tensor: Tensor) -> Tensor:
+        """A float tensor in the model's device and dtype (int64 token ids keep their dtype)."""
+        if self._on_host or (not tensor.is_floating_point() and self.device.type == "cpu"):
+            return tensor
+        if tensor.is_floating_point():
+            return tensor.to(self.device, self.dtype)
+        return tensor.to(self.device)
+
+    def _host(self, tensor: Tensor) -> np.ndarray:
+        if self._on_host:
+            return tensor.numpy()
+        return tensor.float().cpu().numpy()

@@ -382,6 +382,11 @@ class Engine:
             abandoned = [future for future in futures if not future.done()]
             for future in abandoned:
                 future.cancel()
+            for future in futures:
+                # NOTE: a batch's error reaches each of its rows' futures; once the first is
+                # raised the others' are read here, or asyncio logs each as never retrieved.
+                if not future.cancelled():
+                    future.exception()
             if abandoned and on_abandon is not None:
                 on_abandon()
             self._leave(model)

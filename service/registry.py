@@ -24,7 +24,7 @@ from models.checkpoint import LoadedModel
 from models.config import ModelConfig
 from models.encoder import EncoderModel
 from service import validation
-from service.batching import Batcher, make_encode_compute
+from service.batching import Batcher, EncodeCompute
 from service.decoding import DecodeScheduler
 from service.errors import Conflict, NotFound, NotReady, shown
 from service.executor import DeviceExecutor
@@ -348,7 +348,7 @@ class Registry:
                 entry.name,
                 entry.version,
                 self._executor,
-                make_encode_compute(
+                EncodeCompute(
                     loaded.model,
                     self._executor.device,
                     self._dtype,

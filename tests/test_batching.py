@@ -216,6 +216,27 @@ async def test_an_exception_reaches_its_batch_and_nothing_else(
     assert len((await engine.encode(request("a", features([3], seed=15)))).encodings) == 1
 
 
+async def test_a_failure_cutting_a_batch_into_rows_fails_that_batch_only(
+    repository: Path, start_engine: StartEngine, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    write_model(repository, "m", input_size=FEATURES)
+    engine = await start_engine()
+    batcher = engine.registry.resolve("m").batcher
+    assert batcher is not None
+    compute = batcher._compute
+    rows = compute.rows
+
+    def fail_once(*args: object) -> object:
+        monkeypatch.setattr(compute, "rows", rows)
+        raise RuntimeError("cut")
+
+    # The loop-side stage after the model call: its callers get an error, not a hang.
+    monkeypatch.setattr(compute, "rows", fail_once)
+    with pytest.raises(ComputeError, match="model m version 1 failed on a batch of 2"):
+        await engine.encode(request("m", features([3, 5], seed=18)))
+    assert len((await engine.encode(request("m", features([3], seed=19)))).encodings) == 1
+
+
 async def test_drain_finishes_admitted_work_then_refuses(
     repository: Path, start_engine: StartEngine
 ) -> None:
