@@ -12,6 +12,9 @@ server (model called in the handler, same JSON codec) is the 1-client latency re
 JSON codec cost per request is measured against the plain-Python path (json + pydantic + tolist).
 
     .venv/bin/python -m bench.http [--duration 8] [--threads 1] [--sequences 128] [--repeats 3]
+        [--workloads varied fixed] [--protocols json binary] [--clients 1 16 64]
+
+The 1-client latency comparison runs when the JSON protocol at 1 client is among the runs.
 """
 
 from __future__ import annotations
@@ -45,6 +48,7 @@ from models.encoder import EncoderModel, collate
 INPUT, HIDDEN, LAYERS = 32, 256, 2
 MODEL = "lstm"
 CONCURRENCY = (1, 16, 64)
+MODES = ["json", "binary"]
 
 LUA = r"""
 local bodies, hlens, idx, path = {}, {}, 0, "/"
@@ -209,18 +213,20 @@ def wrk(
     return result
 
 
-def batch_totals(url: str) -> tuple[float, float]:
-    """(sequences, model calls) so far, from the server's rnnserve_batch_size histogram."""
-    total = calls = 0.0
+def batch_totals(url: str) -> tuple[float, float, float]:
+    """(sequences, model calls, compute seconds) so far, from the server's metrics."""
+    total = calls = seconds = 0.0
     for family in text_string_to_metric_families(httpx.get(f"{url}/metrics").text):
-        if family.name != "rnnserve_batch_size":
-            continue
         for sample in family.samples:
-            if sample.name.endswith("_sum"):
+            if family.name == "rnnserve_batch_size" and sample.name.endswith("_sum"):
                 total += sample.value
-            elif sample.name.endswith("_count"):
+            elif family.name == "rnnserve_batch_size" and sample.name.endswith("_count"):
                 calls += sample.value
-    return total, calls
+            elif family.name == "rnnserve_compute_duration_seconds" and sample.name.endswith(
+                "_sum"
+            ):
+                seconds += sample.value
+    return total, calls, seconds
 
 
 def codec_costs(sequence: np.ndarray, number: int = 200) -> dict[str, float]:
@@ -282,6 +288,11 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=1, help="torch intra-op threads")
     parser.add_argument("--sequences", type=int, default=128, help="distinct bodies per workload")
     parser.add_argument("--repeats", type=int, default=3, help="direct-call repeats per run")
+    parser.add_argument(
+        "--workloads", nargs="+", choices=["varied", "fixed"], default=["varied", "fixed"]
+    )
+    parser.add_argument("--protocols", nargs="+", choices=["json", "binary"], default=MODES)
+    parser.add_argument("--clients", nargs="+", type=int, default=list(CONCURRENCY))
     parser.add_argument("--per-request-server", nargs=2, metavar=("REPOSITORY", "PORT"))
     args = parser.parse_args()
     if args.per_request_server:
@@ -299,9 +310,10 @@ def main() -> None:
         sets = {
             kind: workload(kind, args.sequences, seed=i)
             for i, kind in enumerate(("varied", "fixed"))
+            if kind in args.workloads
         }
         for kind, seqs in sets.items():
-            for mode in ("json", "binary"):
+            for mode in MODES:
                 write_bodies(root / f"{kind}-{mode}", seqs, mode)
 
         costs = codec_costs(sets["fixed"][0])
@@ -324,10 +336,11 @@ def main() -> None:
         print(f"\n{TABLE_HEAD}", flush=True)
         try:
             paths = {"json": f"/v1/models/{MODEL}/encode", "binary": f"/v2/models/{MODEL}/infer"}
-            wrk(url, paths["json"], root / "varied-json", script, 16, 3)  # warm-up
+            first_set = next(iter(sets))
+            wrk(url, paths["json"], root / f"{first_set}-json", script, 16, 3)  # warm-up
             for kind, seqs in sets.items():
-                for mode in ("json", "binary"):
-                    for clients in CONCURRENCY:
+                for mode in args.protocols:
+                    for clients in args.clients:
                         # NOTE: direct calls are measured right before and after each server
                         # run, so that every ratio pairs figures of the same (shared, noisy) time.
                         first = direct_rate(path, seqs, args.repeats)
@@ -337,10 +350,13 @@ def main() -> None:
                         after = batch_totals(url)
                         limit = (first + direct_rate(path, seqs, args.repeats)) / 2
                         r["batch"] = (after[0] - before[0]) / max(1.0, after[1] - before[1])
+                        r["busy"] = (after[2] - before[2]) / (r["duration_us"] / 1e6)
                         rows.append((kind, mode, clients, r))
                         print(table_row(kind, mode, clients, r, limit), flush=True)
         finally:
             stop(server)
+        if not any(m == "json" and c == 1 for _, m, c, _ in rows):
+            return
 
         baseline_port = free_port()
         baseline_url = f"http://127.0.0.1:{baseline_port}"
@@ -365,7 +381,7 @@ def main() -> None:
 
 TABLE_HEAD = (
     "| workload | protocol | clients | req/s | direct batch-64 seq/s | ratio | p50 ms | p99 ms "
-    "| mean batch | errors |\n|---|---|---:|---:|---:|---:|---:|---:|---:|---:|"
+    "| mean batch | device busy | errors |\n|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"
 )
 LATENCY_HEAD = (
     "| workload | per-request server p50 ms (1 client) | rnnserve JSON p50 ms (1 client) "
@@ -380,7 +396,8 @@ def table_row(kind: str, mode: str, clients: int, r: dict[str, Any], limit: floa
     p50, p99 = r["p50_us"] / 1000, r["p99_us"] / 1000
     return (
         f"| {kind} | {protocol} | {clients} | {r['rate']:.1f} | {limit:.1f} | "
-        f"{r['rate'] / limit:.2f} | {p50:.1f} | {p99:.1f} | {r['batch']:.1f} | {errors} |"
+        f"{r['rate'] / limit:.2f} | {p50:.1f} | {p99:.1f} | {r['batch']:.1f} | "
+        f"{100 * r['busy']:.0f} % | {errors} |"
     )
 
 

@@ -539,7 +539,7 @@ class EncodeBatch:
     inputs: Tensor  # [N, T, F] float32 or [N, T] int64, CPU
     lengths: Tensor  # [N] int64, CPU
     initial: State | None  # [L*D, N, H] per tensor, CPU; None = zeros
-    poolings: set[str]  # the poolings the rows asked for
+    poolings: set[RequestPooling]  # the poolings the rows asked for
     return_state: bool  # any row wants its final state
 
 
