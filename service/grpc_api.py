@@ -15,7 +15,7 @@ import hmac
 import logging
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
-from typing import TYPE_CHECKING, Any, Generic, NoReturn, TypeAlias, TypeVar
+from typing import TYPE_CHECKING, Any, ClassVar, Generic, NoReturn, TypeAlias, TypeVar
 
 import grpc
 from google.protobuf.descriptor import MethodDescriptor, ServiceDescriptor
@@ -98,8 +98,11 @@ class ParsedRequests(Generic[M]):
         return parse_request(self._type, await anext(self._raw))
 
 
-def _parsing_handler(method: MethodDescriptor, behaviour: Any) -> grpc.RpcMethodHandler:
-    """The handler of one RPC: raw request bytes in, parsed here, then `behaviour` called."""
+def _parsing_handler(
+    method: MethodDescriptor, behaviour: Any, on_unparsed: Callable[[errors.InvalidInput], None]
+) -> grpc.RpcMethodHandler:
+    """The handler of one RPC: raw request bytes in, parsed here, then `behaviour` called;
+    `on_unparsed` records a request that does not parse (it never reaches `behaviour`)."""
     request_type: type[Message] = GetMessageClass(method.input_type)
     serialize = GetMessageClass(method.output_type).SerializeToString
 
@@ -107,6 +110,7 @@ def _parsing_handler(method: MethodDescriptor, behaviour: Any) -> grpc.RpcMethod
         try:
             return parse_request(request_type, data)
         except errors.InvalidInput as exc:
+            on_unparsed(exc)
             await abort_with(context, exc)
 
     if method.client_streaming:
@@ -136,10 +140,31 @@ def _parsing_handler(method: MethodDescriptor, behaviour: Any) -> grpc.RpcMethod
     return grpc.unary_unary_rpc_method_handler(unary_unary, response_serializer=serialize)
 
 
-def add_service(server: grpc.aio.Server, service: ServiceDescriptor, servicer: object) -> None:
+def add_service(
+    server: grpc.aio.Server,
+    service: ServiceDescriptor,
+    servicer: object,
+    calls: CallRecorder,
+    endpoints: dict[str, str],
+) -> None:
     """Serve `service` with `servicer`'s methods (one per RPC, as the generated base class names
-    them), each parsing its own requests so that a bad message is INVALID_ARGUMENT."""
-    handlers = {m.name: _parsing_handler(m, getattr(servicer, m.name)) for m in service.methods}
+    them), each parsing its own requests so that a bad message is INVALID_ARGUMENT. A request
+    that does not parse is counted by `calls` under its RPC's entry in `endpoints` (RPC name →
+    endpoint label; RPCs without one are not counted, as when they succeed)."""
+
+    def recorder(rpc: str) -> Callable[[errors.InvalidInput], None]:
+        endpoint = endpoints.get(rpc)
+
+        def record(exc: errors.InvalidInput) -> None:
+            if endpoint is not None:
+                calls.observe("", None, endpoint, exc, 0.0)
+
+        return record
+
+    handlers = {
+        m.name: _parsing_handler(m, getattr(servicer, m.name), recorder(m.name))
+        for m in service.methods
+    }
     server.add_generic_rpc_handlers(
         (grpc.method_handlers_generic_handler(service.full_name, handlers),)
     )
@@ -213,6 +238,20 @@ def check_management(settings: Settings, context: grpc.aio.ServicerContext[Any, 
 
 class RnnServeServicer(rnnserve_pb2_grpc.RnnServeServicer):
     """rnnserve.v1.RnnServe on the engine."""
+
+    # The endpoint label of each unary or server-streaming RPC's calls (StreamSession's
+    # messages are counted by the stream itself).
+    ENDPOINTS: ClassVar[dict[str, str]] = {
+        "Encode": "encode",
+        "Generate": "generate",
+        "GenerateStream": "generate_stream",
+        "ListModels": "list_models",
+        "GetModel": "get_model",
+        "LoadModel": "load",
+        "UnloadModel": "unload",
+        "ReloadModel": "reload",
+        "StreamChunk": "stream",
+    }
 
     def __init__(self, engine: Engine, settings: Settings, metrics: Metrics) -> None:
         self.engine = engine
@@ -421,15 +460,21 @@ class GrpcServer:
                 ("grpc.so_reuseport", 0),
             ]
         )
+        servicer = RnnServeServicer(self.engine, self.settings, self.metrics)
         add_service(
             server,
             pb.DESCRIPTOR.services_by_name["RnnServe"],
-            RnnServeServicer(self.engine, self.settings, self.metrics),
+            servicer,
+            servicer.calls,
+            servicer.ENDPOINTS,
         )
+        inference = v2_grpc.InferenceServicer(self.engine, self.settings, self.metrics)
         add_service(
             server,
             v2_pb.DESCRIPTOR.services_by_name["GRPCInferenceService"],
-            v2_grpc.InferenceServicer(self.engine, self.settings, self.metrics),
+            inference,
+            inference.calls,
+            inference.ENDPOINTS,
         )
         health_servicer = HealthServicer()
         # NOTE: the library starts "" as SERVING; nothing is ready before the models load.

@@ -12,7 +12,7 @@ import asyncio
 import logging
 import time
 from collections.abc import AsyncIterable, AsyncIterator
-from typing import TYPE_CHECKING, Any, TypeAlias
+from typing import TYPE_CHECKING, Any, ClassVar, TypeAlias
 
 import grpc
 
@@ -66,6 +66,17 @@ def _tensor_metadata(
 
 class InferenceServicer(grpc_service_pb2_grpc.GRPCInferenceServiceServicer):
     """inference.GRPCInferenceService on the engine."""
+
+    # The endpoint label of each unary RPC's calls (server liveness, readiness and metadata
+    # are not counted; ModelStreamInfer counts its messages itself).
+    ENDPOINTS: ClassVar[dict[str, str]] = {
+        "ModelReady": "model_ready",
+        "ModelMetadata": "model_metadata",
+        "ModelInfer": "infer",
+        "RepositoryIndex": "repository_index",
+        "RepositoryModelLoad": "repository_load",
+        "RepositoryModelUnload": "repository_unload",
+    }
 
     def __init__(self, engine: Engine, settings: Settings, metrics: Metrics) -> None:
         self.engine = engine

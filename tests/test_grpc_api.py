@@ -34,10 +34,11 @@ from service._proto.inference import grpc_service_pb2_grpc as v2_grpc
 from service._proto.rnnserve.v1 import rnnserve_pb2 as pb
 from service._proto.rnnserve.v1 import rnnserve_pb2_grpc as pb_grpc
 from service.engine import Engine
-from service.grpc_api import GrpcServer, create_grpc_server
+from service.grpc_api import GrpcServer, RnnServeServicer, create_grpc_server
 from service.grpc_convert import decode_v2_outputs, encode_bytes
 from service.metrics import Metrics
 from service.settings import Settings
+from service.v2_grpc import InferenceServicer
 from tests.factories import write_model
 
 pytestmark = pytest.mark.timeout(60)
@@ -660,8 +661,34 @@ async def test_a_unary_request_that_does_not_parse_is_invalid_argument(served: S
     code, details = await _code(encode(NOT_A_MESSAGE))
     assert code == grpc.StatusCode.INVALID_ARGUMENT
     assert details == "request: not a valid rnnserve.v1.EncodeRequest message"
+    # Counted as a failed request of its endpoint (no model: the message never said which).
+    failed = {"protocol": "grpc", "endpoint": "encode", "outcome": "invalid_input"}
+    assert _sample(served, "rnnserve_requests_total", model="", version="", **failed) == 1
     # The same server answers the next, valid request.
     assert len((await served.api.Encode(_encode_message("enc", _features(1, 1)))).encodings) == 1
+
+
+def test_every_counted_rpc_names_a_real_method() -> None:
+    # A misspelt entry would leave that RPC's unparseable requests uncounted, silently.
+    cases = [
+        (RnnServeServicer.ENDPOINTS, pb.DESCRIPTOR.services_by_name["RnnServe"], {"StreamSession"}),
+        (
+            InferenceServicer.ENDPOINTS,
+            v2.DESCRIPTOR.services_by_name["GRPCInferenceService"],
+            {"ServerLive", "ServerReady", "ServerMetadata", "ModelStreamInfer"},
+        ),
+    ]
+    for endpoints, service, uncounted in cases:
+        assert set(endpoints) == {m.name for m in service.methods} - uncounted
+
+
+async def test_a_v2_infer_request_that_does_not_parse_is_counted(served: Served) -> None:
+    infer = served.channel.unary_unary("/inference.GRPCInferenceService/ModelInfer")
+    code, details = await _code(infer(NOT_A_MESSAGE))
+    assert code == grpc.StatusCode.INVALID_ARGUMENT
+    assert details == "request: not a valid inference.ModelInferRequest message"
+    failed = {"protocol": "v2-grpc", "endpoint": "infer", "outcome": "invalid_input"}
+    assert _sample(served, "rnnserve_requests_total", model="", version="", **failed) == 1
 
 
 async def test_a_generate_stream_request_that_does_not_parse_is_invalid_argument(
@@ -674,6 +701,8 @@ async def test_a_generate_stream_request_that_does_not_parse_is_invalid_argument
         "request: not a valid rnnserve.v1.GenerateRequest message",
         [],
     )
+    failed = {"protocol": "grpc", "endpoint": "generate_stream", "outcome": "invalid_input"}
+    assert _sample(served, "rnnserve_requests_total", model="", version="", **failed) == 1
 
 
 async def test_a_session_message_that_does_not_parse_ends_the_session(served: Served) -> None:
