@@ -11,16 +11,27 @@ import hmac
 import time
 from collections.abc import Awaitable, Iterator
 from contextlib import contextmanager
-from typing import Any, TypeVar
+from typing import Annotated, Any, TypeVar
 
 from fastapi import Request
 from fastapi.responses import Response
-from pydantic import BaseModel, ValidationError
+from pydantic import BaseModel, BeforeValidator, ValidationError
 
-from service import codecs, http_errors, metric_labels, rest_schemas
+from service import codecs, http_errors, metric_labels, rest_schemas, validation
 from service.errors import InvalidInput, PermissionDenied, Unauthenticated
 from service.metrics import Metrics, outcome_of
 from service.settings import Settings
+
+
+def _path_version(value: object) -> object:
+    # NOTE: an InvalidInput (not a ValueError) passes through pydantic to the ServiceError
+    # handler: the same 400 and message as gRPC's for the same version string.
+    return validation.parse_version(value, "path.version") if isinstance(value, str) else value
+
+
+# A `{version}` path parameter: 1–19 digits 0-9, at least 1 ("+1", " 1" or "1_0" are refused,
+# where plain `int` would read them as 1, 1 and 10).
+VersionPath = Annotated[int, BeforeValidator(_path_version)]
 
 _B = TypeVar("_B", bound=BaseModel)
 _T = TypeVar("_T")

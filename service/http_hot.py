@@ -7,7 +7,8 @@ the exception and exit-stack middlewares, request-object construction and depend
 cost ~0.17 ms per request on this CPU (`python -m bench.probes hot-routes`: 1.3–1.4× the
 front-end's capacity). Errors go
 through the app's own exception handlers, so answers are the same byte for byte; anything that
-does not match exactly (another method, a non-integer version) goes down the normal stack.
+does not match exactly (another method, a version that is not plain digits) goes down the normal
+stack.
 Installed inside BodySizeLimit, so the body limit applies here too.
 """
 
@@ -36,8 +37,9 @@ HOT_PATHS = (
     "/v2/models/{name}/infer",
     "/v2/models/{name}/versions/{version}/infer",
 )
-# A version this matches converts to the same int FastAPI's `version: int` would give;
-# anything else (a sign, a non-digit) takes FastAPI's stack and its error answers.
+# A version this matches (and that is not 0) is one `http_common.VersionPath` takes, as the same
+# int; anything else (0, a sign, a non-digit, 10 digits or more) takes FastAPI's stack and its
+# error answers.
 _VERSION = re.compile(r"[0-9]{1,9}")
 
 
@@ -66,7 +68,8 @@ class HotRoutes:
                 if match is None:
                     continue
                 params = match.groupdict()
-                if "version" in params and not _VERSION.fullmatch(params["version"]):
+                version = params.get("version")
+                if version is not None and not (_VERSION.fullmatch(version) and int(version)):
                     break
                 await self._serve(endpoint, params, scope, receive, send)
                 return

@@ -30,6 +30,7 @@ from service.errors import InvalidInput, ServiceError
 from service.http_common import (
     ClientDisconnectedError,
     RequestObserver,
+    VersionPath,
     documented_body,
     errors_doc,
     json_response,
@@ -187,7 +188,7 @@ def create_router(engine: Engine, settings: Settings, metrics: Metrics) -> APIRo
     @router.post(
         "/v1/models/{name}/versions/{version}/encode", summary="Encode (version)", **encode_doc
     )
-    async def encode_version(name: str, version: int, request: Request) -> Response:
+    async def encode_version(name: str, version: VersionPath, request: Request) -> Response:
         """Encode a batch of sequences with one version of the model."""
         return await encode(name, version, request)
 
@@ -201,7 +202,7 @@ def create_router(engine: Engine, settings: Settings, metrics: Metrics) -> APIRo
         summary="Generate (version)",
         **generate_doc,
     )
-    async def generate_version(name: str, version: int, request: Request) -> Response:
+    async def generate_version(name: str, version: VersionPath, request: Request) -> Response:
         """Generate with one version of a seq2seq model."""
         return await generate(name, version, request)
 
@@ -226,7 +227,7 @@ def create_router(engine: Engine, settings: Settings, metrics: Metrics) -> APIRo
         responses=errors_doc(False, 404),
         tags=["models"],
     )
-    async def get_model_version(name: str, version: int) -> Response:
+    async def get_model_version(name: str, version: VersionPath) -> Response:
         """One version of a model."""
         return json_response(model_status(engine.model_info(name, version)))
 
@@ -255,12 +256,12 @@ def create_router(engine: Engine, settings: Settings, metrics: Metrics) -> APIRo
     # NOTE: `{name:path}` so that a name with a slash reaches the name check (400) instead of
     # missing every route (404); the versioned routes come first, or `path` would swallow them.
     @router.post("/v1/management/models/{name:path}/versions/{version}/load", **manage_doc)
-    async def load_version(name: str, version: int, request: Request) -> Response:
+    async def load_version(name: str, version: VersionPath, request: Request) -> Response:
         """Load one version of a model from the repository."""
         return await manage("load", name, version, request)
 
     @router.post("/v1/management/models/{name:path}/versions/{version}/unload", **manage_doc)
-    async def unload_version(name: str, version: int, request: Request) -> Response:
+    async def unload_version(name: str, version: VersionPath, request: Request) -> Response:
         """Unload one version of a model."""
         return await manage("unload", name, version, request)
 

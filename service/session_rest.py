@@ -22,7 +22,7 @@ from pydantic import BaseModel, ConfigDict, Field, SkipValidation, model_validat
 
 from service import codecs, rest_schemas
 from service.errors import InvalidInput
-from service.http_common import documented_body, parse_body
+from service.http_common import VersionPath, documented_body, parse_body
 from service.metrics import Metrics, outcome_of
 from service.sessions import ChunkResult, SessionInfo, SessionManager
 from service.types import InputKind, Sequence
@@ -257,7 +257,7 @@ def create_session_router(sessions: SessionManager, metrics: Metrics | None = No
         summary="Open a streaming session on one version",
         openapi_extra=_optional(documented_body(SessionBody)),
     )
-    async def open_session_version(name: str, version: int, request: Request) -> Response:
+    async def open_session_version(name: str, version: VersionPath, request: Request) -> Response:
         return _open(name, version, parse_body(SessionBody, await request.body()))
 
     @router.post(
@@ -317,7 +317,7 @@ def create_session_router(sessions: SessionManager, metrics: Metrics | None = No
         summary="Encode one chunk statelessly on one version",
         openapi_extra=documented_body(StreamBody),
     )
-    async def stream_version(name: str, version: int, request: Request) -> Response:
+    async def stream_version(name: str, version: VersionPath, request: Request) -> Response:
         return await _stream(name, version, parse_body(StreamBody, await request.body()))
 
     return router

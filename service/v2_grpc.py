@@ -31,28 +31,9 @@ log = logging.getLogger(__name__)
 Context: TypeAlias = grpc.aio.ServicerContext[Any, Any]
 
 
-# NOTE: int() refuses strings of over 4300 digits (ValueError), and an error echoing a long
-# string could outgrow gRPC's metadata limit: a longer version is refused unread.
-MAX_VERSION_DIGITS = 19
-
-
 def _version(text: str, field: str = "model_version") -> int | None:
     """A V2 version string ("" = the server's choice) as the engine's int version."""
-    if not text:
-        return None
-    if len(text) > MAX_VERSION_DIGITS:
-        raise errors.InvalidInput(
-            field,
-            f"must be a positive integer of at most {MAX_VERSION_DIGITS} digits, "
-            f"got {len(text)} characters",
-        )
-    # NOTE: str.isdigit() also takes other scripts' digits and superscripts ('²'), which int()
-    # refuses or reads as something else: only 0-9 name a version.
-    if not (text.isascii() and text.isdigit()) or int(text) < 1:
-        raise errors.InvalidInput(
-            field, f"must be a positive integer written with the digits 0-9, got {text!r}"
-        )
-    return int(text)
+    return validation.parse_version(text, field) if text else None
 
 
 def _tensor_metadata(

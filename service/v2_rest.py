@@ -116,7 +116,7 @@ def create_router(engine: Engine, settings: Settings, metrics: Metrics) -> APIRo
         return metadata(name, None)
 
     @router.get("/v2/models/{name}/versions/{version}", **meta_doc)
-    async def model_version_meta(name: str, version: int) -> Response:
+    async def model_version_meta(name: str, version: http_common.VersionPath) -> Response:
         """Inputs and outputs of one version."""
         return metadata(name, version)
 
@@ -126,7 +126,7 @@ def create_router(engine: Engine, settings: Settings, metrics: Metrics) -> APIRo
         return ready(name, None)
 
     @router.get("/v2/models/{name}/versions/{version}/ready", **ready_doc)
-    async def model_version_ready(name: str, version: int) -> Response:
+    async def model_version_ready(name: str, version: http_common.VersionPath) -> Response:
         """200 when this version is READY, 503 otherwise."""
         return ready(name, version)
 
@@ -175,7 +175,9 @@ def create_router(engine: Engine, settings: Settings, metrics: Metrics) -> APIRo
         return await infer(name, None, request)
 
     @router.post("/v2/models/{name}/versions/{version}/infer", **infer_doc)
-    async def infer_version(name: str, version: int, request: Request) -> Response:
+    async def infer_version(
+        name: str, version: http_common.VersionPath, request: Request
+    ) -> Response:
         """Run inference on one version."""
         return await infer(name, version, request)
 

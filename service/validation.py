@@ -39,6 +39,29 @@ def check_model_name(name: str, field: str = "name") -> None:
         )
 
 
+# NOTE: int() refuses strings of over 4300 digits (ValueError), and an error echoing a long
+# string could outgrow gRPC's metadata limit: a longer version is refused unread.
+MAX_VERSION_DIGITS = 19
+
+
+def parse_version(text: str, field: str = "version") -> int:
+    """A model version written on the wire as text: 1–19 digits 0-9, at least 1 (REST paths and
+    V2 gRPC alike; "+1", " 1" or "1_0" are refused, not read as 1 or 10)."""
+    if len(text) > MAX_VERSION_DIGITS:
+        raise InvalidInput(
+            field,
+            f"must be a positive integer of at most {MAX_VERSION_DIGITS} digits, "
+            f"got {len(text)} characters",
+        )
+    # NOTE: str.isdigit() also takes other scripts' digits and superscripts ('²'), which int()
+    # refuses or reads as something else: only 0-9 name a version.
+    if not (text.isascii() and text.isdigit()) or int(text) < 1:
+        raise InvalidInput(
+            field, f"must be a positive integer written with the digits 0-9, got {text!r}"
+        )
+    return int(text)
+
+
 def check_task(name: str, config: ModelConfig, task: str) -> None:
     """`InvalidInput("model")` when `name` is not a model of `task` (encode / seq2seq)."""
     if config.task != task:

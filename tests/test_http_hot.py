@@ -46,6 +46,8 @@ CASES: list[tuple[str, bytes, dict[str, str]]] = [
     ("/v1/models/feat/versions/007/encode", orjson.dumps({"inputs": FEATURES}), {}),
     ("/v1/models/feat/versions/x/encode", orjson.dumps({"inputs": FEATURES}), {}),
     ("/v1/models/feat/versions/-1/encode", orjson.dumps({"inputs": FEATURES}), {}),
+    ("/v1/models/feat/versions/+1/encode", orjson.dumps({"inputs": FEATURES}), {}),
+    ("/v1/models/feat/versions/0/encode", orjson.dumps({"inputs": FEATURES}), {}),
     ("/v1/models/feat/versions/9/encode", orjson.dumps({"inputs": FEATURES}), {}),
     ("/v1/models/nope/encode", orjson.dumps({"inputs": FEATURES}), {}),
     ("/v1/models/feat/encode", b"{not json", {}),
@@ -150,6 +152,7 @@ async def test_hot_routes_take_exactly_the_inference_paths(
     passed = [
         "/v1/models/feat/versions/x/encode",
         "/v1/models/feat/versions/-1/encode",
+        "/v1/models/feat/versions/0/encode",
         "/v1/models/feat/encode/",
         "/v1/models",
         "/v2/repository/index",

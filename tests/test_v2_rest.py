@@ -693,14 +693,18 @@ def test_rest_and_grpc_refuse_out_of_range_integers_and_unshapeable_tensors_alik
     assert (code, details) == (grpc.StatusCode.INVALID_ARGUMENT, error)
 
 
-@pytest.mark.parametrize("version", ["²", "١"])
-def test_a_version_not_in_ascii_digits_is_refused(http: httpx.Client, version: str) -> None:
-    # NOTE: FastAPI reads {version} as an int, which takes only 0-9 (gRPC: v2_grpc._version).
+@pytest.mark.parametrize("version", ["²", "١", "+1", "%201", "1_0", "0", "1.0", "1" * 20])
+def test_a_version_that_is_not_plain_digits_is_refused(http: httpx.Client, version: str) -> None:
+    # NOTE: as gRPC's model_version (v2_grpc._version): a plain int path parameter would have
+    # read "+1" and " 1" as 1 and "1_0" as 10.
     base = f"/v2/models/feat/versions/{version}"
     infer = http.post(f"{base}/infer", content=orjson.dumps(body(ONE_STEP)))
+    v1 = http.post(f"/v1/models/feat/versions/{version}/encode", json={"inputs": [ONE_STEP]})
     for r in (http.get(base), http.get(f"{base}/ready"), infer):
         assert r.status_code == 400, r.text
-        assert r.json()["error"].startswith("path.version: ")
+        assert r.json()["error"].startswith("path.version: must be a positive integer"), r.text
+    assert v1.status_code == 400, v1.text
+    assert v1.json()["error"]["field"] == "path.version"
 
 
 @settings(max_examples=30, deadline=None)
