@@ -5,8 +5,8 @@ requests, source lengths, greedy rows and beams):
 - waiting requests are encoded together and join the running batch between steps. An encode
   starts when nothing runs, or when the waiting requests number `join_fraction` of the running
   ones, or the oldest has waited `max_wait_steps` steps (encoding one costs about as much as
-  encoding many). The encode runs on the `prefill` executor (a second worker thread) while the
-  running batch keeps stepping;
+  encoding many; the device thread wakes the loop at that step, mid-burst). The encode runs
+  on the `prefill` executor (a second worker thread) while the running batch keeps stepping;
 - a row leaves at once when its request is done (<eos>, max_length), cancelled (client gone) or
   past its deadline, so a long output never holds short ones hostage;
 - greedy decoding streams each token as it is chosen (`Job.on_token`); beam search reorders its
@@ -126,6 +126,10 @@ class DecodeScheduler:
         self._released = 0
         self._beams = 0  # beam-search jobs in `_running`: they need host log-probs
         self._steps = 0
+        # The step at which the oldest waiting request has waited max_wait_steps (written by the
+        # loop), and the last such step the device thread woke the loop for (its own).
+        self._wait_until_step: int | None = None
+        self._woken_at_step: int | None = None
         self._state: DecoderState | None = None
         # NOTE: the token each running row reads at the next step, kept on the device.
         self._feed: Tensor | None = None
@@ -277,9 +281,13 @@ class DecodeScheduler:
             return True
         if self.slots_in_use + self._waiting[0].beam_size > self.max_slots:
             return False  # the next one does not fit until rows leave
-        if self._steps - self._waiting[0].enqueued_step >= self.max_wait_steps:
+        due = self._waiting[0].enqueued_step + self.max_wait_steps
+        if self._steps >= due or len(self._waiting) >= max(1, int(running * self.join_fraction)):
             return True
-        return len(self._waiting) >= max(1, int(running * self.join_fraction))
+        # NOTE: the device thread wakes the loop at that step, not only at the end of its
+        # burst (up to max_burst steps later).
+        self._wait_until_step = due
+        return False
 
     def _take(self) -> list[Job]:
         """Take waiting jobs that fit into free slots (reserving them); drop expired and
@@ -432,6 +440,11 @@ class DecodeScheduler:
                 self._feed = best
             self._steps += 1
             steps.append((rows, time.perf_counter() - start))
+            due = self._wait_until_step
+            if due is not None and self._steps >= due and due != self._woken_at_step:
+                self._woken_at_step = due
+                assert self._prefill_wakeup is not None
+                loop.call_soon_threadsafe(self._prefill_wakeup.set)
         return steps
 
     def _join(self) -> None:

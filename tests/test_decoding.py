@@ -403,3 +403,41 @@ async def test_after_a_failed_step_waiting_requests_still_run_and_slots_free(
     await asyncio.sleep(0.05)
     assert sample(metrics, "rnnserve_decode_slots_in_use", model="s2s", version="1") == 0
     await asyncio.wait_for(engine.drain(1.0), 5.0)
+
+
+async def test_a_waiting_request_is_encoded_once_it_waited_max_wait_steps_mid_burst(
+    repository: Path, start_engine: StartEngine
+) -> None:
+    write_model(repository, "s2s", task="seq2seq", input_type="text", max_length=400)
+    # Too few newcomers to reach the join fraction: only max_wait_steps lets the one join.
+    engine = await start_engine(decode_join_fraction=1.0, decode_max_wait_steps=4)
+    scheduler = engine.registry.resolve("s2s").decoder
+    assert scheduler is not None
+    # NOTE: one burst is longer than the whole test: the wake-up must come from inside it.
+    scheduler.max_burst = 10_000
+    waited: list[int] = []
+
+    def wrap(encode: Callable[..., Any]) -> Callable[..., Any]:
+        def recorded(*args: Any) -> Any:
+            waited.append(scheduler._steps)
+            return encode(*args)
+
+        return recorded
+
+    long = [
+        asyncio.ensure_future(engine.generate(GenerateRequest("s2s", [t], "text", max_length=400)))
+        for t in SOURCES
+    ]
+    for _ in range(400):
+        if scheduler._steps >= 3:
+            break
+        await asyncio.sleep(0.001)
+    _patch_encode(engine, "s2s", wrap)
+    enqueued = scheduler._steps
+    newcomer = await engine.generate(GenerateRequest("s2s", ["late"], "text", max_length=3))
+    assert len(newcomer.outputs[0].tokens) <= 3
+    # Encoded within a few steps of max_wait_steps (a loop turn and a thread hand-off late),
+    # while the long requests were still decoding, not once their burst ended.
+    assert waited and waited[0] - enqueued <= 4 + 6, (enqueued, waited)
+    assert not all(f.done() for f in long)
+    await asyncio.gather(*long)
