@@ -316,7 +316,7 @@ def main() -> None:
             for mode in MODES:
                 write_bodies(root / f"{kind}-{mode}", seqs, mode)
 
-        costs = codec_costs(sets["fixed"][0])
+        costs = codec_costs(workload("fixed", 1, seed=1)[0])
         print(
             f"\ncodec, one 64×32 sequence in + one 256-float encoding out: plain Python "
             f"{costs['plain']:.0f} µs, rnnserve codecs {costs['fast']:.0f} µs "

@@ -60,8 +60,10 @@ PIPELINE = 2
 # up to 1.5× slower per sequence than 32–64, 16 up to 1.2× (`python -m bench.probes batch-sizes`).
 MIN_SPLIT = 16
 # How long before the running batch should end the next one is queued behind it when it has
-# not reached its target size: enough for a loop turn and the device thread to pick it up
-# (at most a tenth of the running batch's time, so that short batches still fill up).
+# not reached its target size: enough for a loop turn, the batch's host preparation on the loop
+# (`EncodeCompute.prepare`: ~0.1 ms for 32 rows, ~0.5 ms for 128 streamed chunks) and the
+# device thread to pick it up (at most a tenth of the running batch's time, so that short
+# batches still fill up).
 HANDOVER_S = 0.001
 
 
@@ -322,33 +324,30 @@ class Batcher:
             return
         flight = _Flight(batch, sum(item.length for item in batch))
         self._flights.append(flight)
-        self._population = max(self._rows_in_system(), 0.9 * self._population)
-        now = time.monotonic()
-        for item in batch:
-            self._m_queue.observe(now - item.enqueued)
-        loop = asyncio.get_running_loop()
-        wakeup = self._wakeup
-        assert wakeup is not None
-
+        # NOTE: once the flight is listed, whatever fails must end it (`_complete`): a flight
+        # never started blocks every later batch.
         try:
+            self._population = max(self._rows_in_system(), 0.9 * self._population)
+            now = time.monotonic()
+            for item in batch:
+                self._m_queue.observe(now - item.enqueued)
+            loop = asyncio.get_running_loop()
+            wakeup = self._wakeup
+            assert wakeup is not None
             prepared = self._compute.prepare(batch)
-        except Exception as exc:
-            self._complete(flight, None, exc)
-            return
 
-        def compute(prepared: EncodeBatch) -> EncodeOutput:
-            # NOTE: on the device thread. A flag the loop reads; the loop is woken only when
-            # a next batch waits for this one to start.
-            flight.started_at = time.monotonic()
-            flight.started = True
-            if self._queue:
-                loop.call_soon_threadsafe(wakeup.set)
-            return self._compute.run(prepared)
+            def compute(prepared: EncodeBatch) -> EncodeOutput:
+                # NOTE: on the device thread. A flag the loop reads; the loop is woken only when
+                # a next batch waits for this one to start.
+                flight.started_at = time.monotonic()
+                flight.started = True
+                if self._queue:
+                    loop.call_soon_threadsafe(wakeup.set)
+                return self._compute.run(prepared)
 
-        def done(result: tuple[EncodeOutput, float] | None, exc: BaseException | None) -> None:
-            self._complete(flight, result, exc, prepared)
+            def done(result: tuple[EncodeOutput, float] | None, exc: BaseException | None) -> None:
+                self._complete(flight, result, exc, prepared)
 
-        try:
             self._executor.submit(compute, done, prepared)
         except BaseException as exc:
             self._complete(flight, None, exc)
@@ -507,7 +506,7 @@ def _fail(items: Iterable[Item], error: BaseException) -> None:
             item.future.set_exception(error)
 
 
-# -- the model call (runs on the executor thread) -------------------------------------------
+# -- the model call (prepared on the loop, run on the device thread) --------------------------
 
 
 def _stack_states(rows: list[HostState | None], count: int, shape: tuple[int, int]) -> State:
@@ -577,11 +576,6 @@ class EncodeCompute:
         self.sizes = sizes
         self._is_lstm = model.config.encoder.cell == "lstm"
         self._on_host = device.type == "cpu" and dtype == torch.float32
-
-    def __call__(self, items: list[Item]) -> list[Row]:
-        """All three stages at once, on the calling thread (warm-up, benchmarks)."""
-        batch = self.prepare(items)
-        return self.rows(batch, self.run(batch))
 
     def prepare(self, items: list[Item]) -> EncodeBatch:
         """On the loop: sort, pad and stack the rows' inputs and initial states."""

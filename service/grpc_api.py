@@ -99,18 +99,22 @@ class ParsedRequests(Generic[M]):
 
 
 def _parsing_handler(
-    method: MethodDescriptor, behaviour: Any, on_unparsed: Callable[[errors.InvalidInput], None]
+    method: MethodDescriptor,
+    behaviour: Any,
+    on_unparsed: Callable[[errors.InvalidInput, float], None],
 ) -> grpc.RpcMethodHandler:
     """The handler of one RPC: raw request bytes in, parsed here, then `behaviour` called;
-    `on_unparsed` records a request that does not parse (it never reaches `behaviour`)."""
+    `on_unparsed(error, seconds)` records a request that does not parse (it never reaches
+    `behaviour`)."""
     request_type: type[Message] = GetMessageClass(method.input_type)
     serialize = GetMessageClass(method.output_type).SerializeToString
 
     async def parsed(data: bytes, context: Context) -> Message:
+        start = time.perf_counter()
         try:
             return parse_request(request_type, data)
         except errors.InvalidInput as exc:
-            on_unparsed(exc)
+            on_unparsed(exc, time.perf_counter() - start)
             await abort_with(context, exc)
 
     if method.client_streaming:
@@ -152,12 +156,12 @@ def add_service(
     that does not parse is counted by `calls` under its RPC's entry in `endpoints` (RPC name →
     endpoint label; RPCs without one are not counted, as when they succeed)."""
 
-    def recorder(rpc: str) -> Callable[[errors.InvalidInput], None]:
+    def recorder(rpc: str) -> Callable[[errors.InvalidInput, float], None]:
         endpoint = endpoints.get(rpc)
 
-        def record(exc: errors.InvalidInput) -> None:
+        def record(exc: errors.InvalidInput, seconds: float) -> None:
             if endpoint is not None:
-                calls.observe("", None, endpoint, exc, 0.0)
+                calls.observe("", None, endpoint, exc, seconds)
 
         return record
 
@@ -337,7 +341,7 @@ class RnnServeServicer(rnnserve_pb2_grpc.RnnServeServicer):
         async def call() -> pb.ModelInfo:
             check_management(self.settings, context)
             validation.check_model_name(request.name)
-            version = request.version if request.HasField("version") else None
+            version = grpc_convert.optional_version(request)
             await self.engine.load(request.name, version)
             return grpc_convert.model_info_to_proto(self.engine.model_info(request.name))
 
@@ -349,7 +353,7 @@ class RnnServeServicer(rnnserve_pb2_grpc.RnnServeServicer):
         async def call() -> pb.UnloadModelResponse:
             check_management(self.settings, context)
             validation.check_model_name(request.name)
-            version = request.version if request.HasField("version") else None
+            version = grpc_convert.optional_version(request)
             await self.engine.unload(request.name, version)
             return pb.UnloadModelResponse()
 

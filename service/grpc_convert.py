@@ -151,6 +151,16 @@ def _sequences(message: pb.EncodeRequest | pb.GenerateRequest) -> tuple[list[Seq
     raise errors.InvalidInput("input", "one of 'inputs', 'tokens' or 'texts' is required")
 
 
+def optional_version(message: Any, field: str = "version") -> int | None:
+    """A v1 message's `optional uint32 version`: None when unset (the newest READY version);
+    an explicit 0 is refused, as REST refuses the path version 0."""
+    if not message.HasField("version"):
+        return None
+    if message.version < 1:
+        raise errors.InvalidInput(field, "must be a positive integer, got 0")
+    return int(message.version)
+
+
 def request_timeout(timeout_ms: int, deadline_s: float | None) -> float | None:
     """Seconds: the tighter of a message's timeout_ms (0: unset, as proto3 sends it; else within
     the wires' one limit) and the call's remaining gRPC deadline."""
@@ -172,7 +182,7 @@ def encode_request_from_proto(
         model=message.model,
         sequences=sequences,
         kind=kind,
-        version=message.version if message.HasField("version") else None,
+        version=optional_version(message),
         pooling=cast(PoolingName, message.pooling) if message.pooling else None,
         timeout_s=request_timeout(message.timeout_ms, deadline_s),
         protocol=protocol,
@@ -203,7 +213,7 @@ def generate_request_from_proto(
         model=message.model,
         sequences=sequences,
         kind=kind,
-        version=message.version if message.HasField("version") else None,
+        version=optional_version(message),
         max_length=message.max_length or None,
         beam_size=max(1, message.beam_size),
         timeout_s=request_timeout(message.timeout_ms, deadline_s),

@@ -25,7 +25,8 @@ from service.settings import Settings
 
 def _path_version(value: object) -> object:
     # NOTE: an InvalidInput (not a ValueError) passes through pydantic to the ServiceError
-    # handler: the same 400 and message as gRPC's for the same version string.
+    # handler: a 400 with the message V2 gRPC gives the same version string (its field there
+    # is `model_version`).
     return validation.parse_version(value, "path.version") if isinstance(value, str) else value
 
 

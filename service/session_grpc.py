@@ -19,7 +19,7 @@ import numpy as np
 from service import errors
 from service._proto.rnnserve.v1 import rnnserve_pb2 as pb
 from service.grpc_api import CallRecorder, abort_with, deadline_of
-from service.grpc_convert import float_values, request_timeout
+from service.grpc_convert import float_values, optional_version, request_timeout
 from service.sessions import ChunkResult, SessionManager, StreamPooling
 from service.types import InputKind, Sequence
 
@@ -101,7 +101,7 @@ async def stream_session(
             model = opening.model
             info = sessions.create(
                 opening.model,
-                opening.version if opening.HasField("version") else None,
+                optional_version(opening, "open.version"),
                 pooling=pooling_from_proto(opening.pooling),
                 return_state=opening.return_state,
                 state_token=opening.state_token or None,
@@ -170,7 +170,7 @@ async def stream_chunk(
             request.model,
             sequence,
             kind,
-            version=request.version if request.HasField("version") else None,
+            version=optional_version(request),
             pooling=pooling_from_proto(request.pooling),
             state_token=request.state_token or None,
             timeout_s=request_timeout(request.chunk.timeout_ms, deadline_of(context)),

@@ -202,7 +202,8 @@ async def test_an_exception_reaches_its_batch_and_nothing_else(
     batcher = engine.registry.resolve("a").batcher
     assert batcher is not None
     loop = asyncio.get_running_loop()
-    # A row of the wrong width reaches the real model only by skipping the engine's validation.
+    # A row of the wrong width reaches the batch only by skipping the engine's validation; it
+    # fails while the batch is prepared on the loop (padding), before any model call.
     broken = Item(np.zeros((3, FEATURES + 1), np.float32), loop.create_future())
     sound = Item(features([3], seed=15)[0], loop.create_future())
     async with device_held(engine):

@@ -434,6 +434,19 @@ async def test_not_found(served: Served) -> None:
     assert (await _code(served.api.Encode(message)))[0] == grpc.StatusCode.NOT_FOUND
 
 
+async def test_an_explicit_version_0_is_invalid_and_an_unset_one_is_the_newest(
+    served: Served,
+) -> None:
+    # NOTE: as REST refuses the path version 0 (versions are the repository's folders 1, 2, ...).
+    zero = _encode_message("enc", _features(1, seed=1), version=0)
+    assert await _code(served.api.Encode(zero)) == (
+        grpc.StatusCode.INVALID_ARGUMENT,
+        "version: must be a positive integer, got 0",
+    )
+    unset = await served.api.Encode(_encode_message("enc", _features(1, seed=1)))
+    assert unset.version == 1
+
+
 async def test_deadline_exceeded_before_compute(served: Served) -> None:
     # While the device is busy, "slow" closes a batch only after 3 s: 50 ms expire in the queue.
     message = _encode_message("slow", _features(1, seed=2), timeout_ms=50)
