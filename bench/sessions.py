@@ -9,8 +9,9 @@ real engine (SessionManager → encode batcher → executor). Modes, each on a f
 - `unbatched`: `max_batch_size` = 1: the same concurrent clients, one chunk per model call (what
   serving one session at a time costs);
 - `tokens`: batched, stateless: every chunk carries the portable state token in and out.
-Reports chunk throughput (chunks/s) and latency percentiles per mode, and the batched/unbatched
-throughput ratio measured in the same run.
+Reports chunk throughput (chunks/s) and latency percentiles per mode, the batched/unbatched
+throughput ratio measured in the same run, and the model call's own ratio (a chunk's row alone
+vs inside a batch of half / all the sessions: what batching can gain by compute alone).
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ import argparse
 import asyncio
 import gc
 import json
+import os
 import secrets
 import statistics
 import sys
@@ -128,6 +130,42 @@ async def run_mode(mode: str, args: argparse.Namespace) -> dict[str, Any]:
     }
 
 
+def kernel_ratios(args: argparse.Namespace) -> dict[str, float]:
+    """The model call alone on one chunk's shape: a row alone vs a row inside batches of half and
+    all the sessions (the compute-bound ceiling of the batched/unbatched ratio)."""
+    config = ModelConfig.model_validate(
+        {
+            "format": "rnnserve/v1",
+            "task": "encode",
+            "input": {"type": "features", "size": args.features},
+            "encoder": {"cell": args.cell, "hidden_size": args.hidden, "num_layers": args.layers},
+            "pooling": "mean",
+        }
+    )
+    device = torch.device(args.device)
+    model = build_model(config).eval().to(device)
+
+    def per_row_s(rows: int) -> float:
+        x = torch.randn(rows, args.chunk, args.features, device=device)
+        lengths = torch.full((rows,), args.chunk, dtype=torch.int64)
+        state: Any = torch.zeros(args.layers, rows, args.hidden, device=device)
+        if args.cell == "lstm":
+            state = (state, state.clone())
+        times = []
+        with torch.inference_mode():
+            for _ in range(12):
+                start = time.perf_counter()
+                model(x, lengths, "none", state).encodings.cpu()
+                times.append(time.perf_counter() - start)
+        return statistics.median(times[2:]) / rows
+
+    alone = per_row_s(1)
+    return {
+        f"row_alone_over_row_in_{n}": round(alone / per_row_s(n), 2)
+        for n in (args.sessions // 2, args.sessions)
+    }
+
+
 async def main_async(args: argparse.Namespace) -> tuple[list[dict[str, Any]], list[float]]:
     """Run `--repeats` rounds of every mode (interleaved, so that a noisy neighbour hits every
     mode alike); keep each mode's median-throughput run and every round's batched/unbatched
@@ -183,6 +221,12 @@ def main() -> None:
             "per_round": [round(r, 2) for r in ratios],
         }
         print(json.dumps(summary))
+    # NOTE: the engine's thread count (Settings' default: cores − 1) on this thread too.
+    threads = Settings(repository=Path("."), cpu_threads=args.threads).intra_op_threads(
+        os.cpu_count() or 1
+    )
+    torch.set_num_threads(threads)
+    print(json.dumps({"model_call_alone": kernel_ratios(args), "threads": threads}))
 
 
 if __name__ == "__main__":
