@@ -46,9 +46,9 @@ from service.metrics import Metrics  # noqa: E402
 from service.settings import Settings  # noqa: E402
 
 
-def write_model(repository: Path, args: argparse.Namespace, max_batch_size: int) -> None:
-    """A random-weight model of the benchmark's shape with the given batch limit."""
-    config = ModelConfig.model_validate(
+def model_config(args: argparse.Namespace, max_batch_size: int) -> ModelConfig:
+    """The benchmark's model shape with the given batch limit."""
+    return ModelConfig.model_validate(
         {
             "format": "rnnserve/v1",
             "task": "encode",
@@ -62,8 +62,12 @@ def write_model(repository: Path, args: argparse.Namespace, max_batch_size: int)
             },
         }
     )
+
+
+def write_model(repository: Path, args: argparse.Namespace, max_batch_size: int) -> None:
+    """A random-weight model of the benchmark's shape with the given batch limit."""
     torch.manual_seed(0)
-    save(build_model(config), repository / "bench" / "1")
+    save(build_model(model_config(args, max_batch_size)), repository / "bench" / "1")
 
 
 async def run_mode(mode: str, args: argparse.Namespace) -> dict[str, Any]:
@@ -133,17 +137,9 @@ async def run_mode(mode: str, args: argparse.Namespace) -> dict[str, Any]:
 def kernel_ratios(args: argparse.Namespace) -> dict[str, float]:
     """The model call alone on one chunk's shape: a row alone vs a row inside batches of half and
     all the sessions (the compute-bound ceiling of the batched/unbatched ratio)."""
-    config = ModelConfig.model_validate(
-        {
-            "format": "rnnserve/v1",
-            "task": "encode",
-            "input": {"type": "features", "size": args.features},
-            "encoder": {"cell": args.cell, "hidden_size": args.hidden, "num_layers": args.layers},
-            "pooling": "mean",
-        }
-    )
     device = torch.device(args.device)
-    model = build_model(config).eval().to(device)
+    torch.manual_seed(0)
+    model = build_model(model_config(args, args.sessions)).eval().to(device)
 
     def per_row_s(rows: int) -> float:
         x = torch.randn(rows, args.chunk, args.features, device=device)
