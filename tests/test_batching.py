@@ -13,7 +13,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from models import checkpoint
-from service.batching import Item
+from models.encoder import EncoderModel
+from service.batching import EncodeCompute, Item
 from service.engine import Engine
 from service.errors import ComputeError, DeadlineExceeded, Overloaded
 from service.metrics import Metrics
@@ -22,6 +23,7 @@ from tests.conftest import StartEngine, device_held, sample
 from tests.factories import write_model
 
 FEATURES = 8
+HIDDEN = 16  # tests.factories' default hidden size
 
 
 def features(lengths: list[int], seed: int) -> list[np.ndarray]:
@@ -521,3 +523,93 @@ async def test_queued_rows_split_into_two_balanced_batches_on_the_cpu(
     # Halved: 24 now and 24 queued right behind them, so one half's callers can turn around
     # while the other half computes; whole: one batch of 48.
     assert batches(metrics, "m") == expected
+
+
+# -- the batch compute's stages, row by row (service/batching.py EncodeCompute) ---------------
+
+
+@pytest.mark.parametrize(
+    ("cell", "layers", "bidirectional"),
+    [("lstm", 2, False), ("gru", 1, True), ("rnn", 2, False)],
+)
+@settings(
+    max_examples=12, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+)
+@given(
+    rows=st.lists(
+        st.tuples(
+            st.integers(1, 12),  # length
+            st.sampled_from([None, "last", "mean", "max", "none"]),  # pooling
+            st.booleans(),  # starts from a state of its own
+            st.booleans(),  # wants its final state back
+        ),
+        min_size=1,
+        max_size=6,
+    ),
+    every_row_has_a_state=st.booleans(),  # the streaming batch: states stacked in one call
+    seed=st.integers(0, 2**16),
+)
+def test_property_every_row_of_a_batch_equals_the_row_computed_alone(
+    tmp_path: Path,
+    cell: str,
+    layers: int,
+    bidirectional: bool,
+    rows: list[tuple[int, str | None, bool, bool]],
+    every_row_has_a_state: bool,
+    seed: int,
+) -> None:
+    path = tmp_path / f"{cell}{layers}{bidirectional}"
+    if not path.exists():
+        shape = {"cell": cell, "num_layers": layers, "bidirectional": bidirectional}
+        write_model(path, "m", input_size=FEATURES, **shape)
+    model = checkpoint.load(path / "m" / "1").model
+    assert isinstance(model, EncoderModel)
+    states = layers * (2 if bidirectional else 1)
+    compute = EncodeCompute(model, torch.device("cpu"), torch.float32, (states, HIDDEN))
+    rng = np.random.default_rng(seed)
+    loop = asyncio.new_event_loop()
+    try:
+        items = []
+        for length, pooling, own_state, return_state in rows:
+            state = None
+            if own_state or every_row_has_a_state:
+                parts = 2 if cell == "lstm" else 1
+                state = tuple(
+                    rng.standard_normal((states, HIDDEN)).astype(np.float32) for _ in range(parts)
+                )
+            items.append(
+                Item(
+                    rng.standard_normal((length, FEATURES)).astype(np.float32),
+                    loop.create_future(),
+                    pooling,  # type: ignore[arg-type]
+                    None,
+                    state,
+                    return_state,
+                )
+            )
+        with torch.inference_mode():
+            prepared = compute.prepare(items)
+            batch_rows = compute.rows(prepared, compute.run(prepared))
+            for item, row in zip(items, batch_rows, strict=True):
+                initial = None
+                if item.initial_state is not None:
+                    tensors = [torch.from_numpy(a)[:, None] for a in item.initial_state]
+                    initial = (tensors[0], tensors[1]) if len(tensors) == 2 else tensors[0]
+                pooling = item.pooling or model.config.pooling
+                alone = model(
+                    torch.from_numpy(item.sequence)[None],
+                    torch.tensor([item.length]),
+                    pooling,
+                    initial,
+                )
+                expected = alone.encodings[0].numpy()
+                np.testing.assert_allclose(row.encoding, expected, rtol=1e-5, atol=1e-5)
+                assert (row.final_state is not None) == item.return_state
+                if row.final_state is not None:
+                    final = alone.final_state
+                    parts = final if isinstance(final, tuple) else (final,)
+                    for got, want in zip(row.final_state, parts, strict=True):
+                        assert got.flags.owndata  # a copy: never a view of the batch
+                        np.testing.assert_allclose(got, want[:, 0].numpy(), rtol=1e-5, atol=1e-5)
+    finally:
+        loop.close()
