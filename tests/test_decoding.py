@@ -408,7 +408,7 @@ async def test_after_a_failed_step_waiting_requests_still_run_and_slots_free(
 async def test_a_waiting_request_is_encoded_once_it_waited_max_wait_steps_mid_burst(
     repository: Path, start_engine: StartEngine
 ) -> None:
-    write_model(repository, "s2s", task="seq2seq", input_type="text", max_length=400)
+    write_model(repository, "s2s", task="seq2seq", input_type="text", max_length=1000)
     # Too few newcomers to reach the join fraction: only max_wait_steps lets the one join.
     engine = await start_engine(decode_join_fraction=1.0, decode_max_wait_steps=4)
     scheduler = engine.registry.resolve("s2s").decoder
@@ -425,7 +425,7 @@ async def test_a_waiting_request_is_encoded_once_it_waited_max_wait_steps_mid_bu
         return recorded
 
     long = [
-        asyncio.ensure_future(engine.generate(GenerateRequest("s2s", [t], "text", max_length=400)))
+        asyncio.ensure_future(engine.generate(GenerateRequest("s2s", [t], "text", max_length=1000)))
         for t in SOURCES
     ]
     for _ in range(400):
@@ -436,8 +436,9 @@ async def test_a_waiting_request_is_encoded_once_it_waited_max_wait_steps_mid_bu
     enqueued = scheduler._steps
     newcomer = await engine.generate(GenerateRequest("s2s", ["late"], "text", max_length=3))
     assert len(newcomer.outputs[0].tokens) <= 3
-    # Encoded within a few steps of max_wait_steps (a loop turn and a thread hand-off late),
-    # while the long requests were still decoding, not once their burst ended.
-    assert waited and waited[0] - enqueued <= 4 + 6, (enqueued, waited)
+    # Encoded a few steps after max_wait_steps (a loop turn and a thread hand-off late; ~6 on
+    # a quiet machine, the slack is for a loaded one), while the long requests were still
+    # decoding, not once their burst ended (~1000 steps).
+    assert waited and waited[0] - enqueued <= 4 + 200, (enqueued, waited)
     assert not all(f.done() for f in long)
     await asyncio.gather(*long)
