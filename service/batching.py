@@ -59,6 +59,10 @@ PIPELINE = 2
 # but never fewer than this many rows when more are queued: on this CPU a batch of 8 computes
 # up to 1.5× slower per sequence than 32–64, 16 up to 1.2× (`python -m bench.probes batch-sizes`).
 MIN_SPLIT = 16
+# A batch whose padded inputs take more than this is padded on the device thread, not the loop:
+# 64 rows of 2 048 steps × 80 features (42 MB) took 6 ms to pad, the loop's time for hundreds of
+# requests; 1 MB takes ~0.1 ms.
+PAD_ON_LOOP_BYTES = 1 << 20
 # How long before the running batch should end the next one is queued behind it when it has
 # not reached its target size: enough for a loop turn, the batch's host preparation on the loop
 # (`EncodeCompute.prepare`: ~0.1 ms for 32 rows, ~0.5 ms for 128 streamed chunks) and the
@@ -535,7 +539,8 @@ class EncodeBatch:
 
     items: list[Item]  # in the caller's order
     order: list[int]  # order[position] = index in `items` of the row at `position`
-    inputs: Tensor  # [N, T, F] float32 or [N, T] int64, CPU
+    # [N, T, F] float32 or [N, T] int64, CPU; None = padded on the device thread (large batches)
+    inputs: Tensor | None
     lengths: Tensor  # [N] int64, CPU
     initial: State | None  # [L*D, N, H] per tensor, CPU; None = zeros
     poolings: set[RequestPooling]  # the poolings the rows asked for
@@ -578,10 +583,17 @@ class EncodeCompute:
         self._on_host = device.type == "cpu" and dtype == torch.float32
 
     def prepare(self, items: list[Item]) -> EncodeBatch:
-        """On the loop: sort, pad and stack the rows' inputs and initial states."""
+        """On the loop: sort the rows, pad their inputs (unless the padded batch is large) and
+        stack their initial states."""
         order = sorted(range(len(items)), key=lambda i: -items[i].length)
         chosen = [items[i] for i in order]
-        inputs, lengths = collate([item.sequence for item in chosen])
+        first = chosen[0].sequence
+        padded_bytes = len(chosen) * first.nbytes  # the longest row first: the padded batch
+        inputs: Tensor | None = None
+        if padded_bytes <= PAD_ON_LOOP_BYTES:
+            inputs, lengths = collate([item.sequence for item in chosen])
+        else:
+            lengths = torch.tensor([item.length for item in chosen], dtype=torch.int64)
         initial = None
         if any(item.initial_state is not None for item in chosen):
             initial = _stack_states(
@@ -611,7 +623,11 @@ class EncodeCompute:
                 else self._placed(initial)
             )
         shared = next(iter(batch.poolings)) if len(batch.poolings) == 1 else "none"
-        out = self.model(self._placed(batch.inputs), batch.lengths, shared, initial)
+        inputs = batch.inputs
+        if inputs is None:
+            # NOTE: a large copy, here rather than on the loop: numpy releases the GIL for it.
+            inputs, _ = collate([batch.items[i].sequence for i in batch.order])
+        out = self.model(self._placed(inputs), batch.lengths, shared, initial)
         pooled: dict[str, np.ndarray] = {shared: self._host(out.encodings)}
         if shared == "none":
             final = top_layer_final(out.final_state, self.model.config.encoder.bidirectional)

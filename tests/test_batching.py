@@ -14,6 +14,7 @@ from hypothesis import strategies as st
 
 from models import checkpoint
 from models.encoder import EncoderModel
+from service import batching
 from service.batching import EncodeCompute, Item
 from service.engine import Engine
 from service.errors import ComputeError, DeadlineExceeded, Overloaded
@@ -528,6 +529,7 @@ async def test_queued_rows_split_into_two_balanced_batches_on_the_cpu(
 # -- the batch compute's stages, row by row (service/batching.py EncodeCompute) ---------------
 
 
+@pytest.mark.parametrize("pad_on_loop_bytes", [batching.PAD_ON_LOOP_BYTES, 0])
 @pytest.mark.parametrize(
     ("cell", "layers", "bidirectional"),
     [("lstm", 2, False), ("gru", 1, True), ("rnn", 2, False)],
@@ -557,7 +559,11 @@ def test_property_every_row_of_a_batch_equals_the_row_computed_alone(
     rows: list[tuple[int, str | None, bool, bool]],
     every_row_has_a_state: bool,
     seed: int,
+    pad_on_loop_bytes: int,
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
+    # 0: every batch is padded on the device thread (as large batches are).
+    monkeypatch.setattr(batching, "PAD_ON_LOOP_BYTES", pad_on_loop_bytes)
     path = tmp_path / f"{cell}{layers}{bidirectional}"
     if not path.exists():
         shape = {"cell": cell, "num_layers": layers, "bidirectional": bidirectional}
