@@ -159,7 +159,7 @@ def _features(name: str, item: Sequence, size: int) -> np.ndarray:
             name,
             f"each step must have {size} features (the model's input size), got {array.shape[1]}",
         )
-    if not (np.issubdtype(array.dtype, np.floating) or np.issubdtype(array.dtype, np.integer)):
+    if array.dtype.kind not in "fiu":  # floating, signed or unsigned integer
         raise InvalidInput(name, f"expected numbers, got {array.dtype}")
     array = np.ascontiguousarray(array, dtype=np.float32)
     if not np.isfinite(array).all():
@@ -174,7 +174,7 @@ def _tokens(name: str, item: Sequence, vocab_size: int) -> np.ndarray:
     array = np.asarray(item)
     if array.ndim != 1:
         raise InvalidInput(name, f"expected a list of token ids, got {array.ndim} dimension(s)")
-    if array.shape[0] and not np.issubdtype(array.dtype, np.integer):
+    if array.shape[0] and array.dtype.kind not in "iu":  # signed or unsigned integer
         raise InvalidInput(name, f"token ids must be integers, got {array.dtype}")
     array = np.ascontiguousarray(array, dtype=np.int64)
     bad = np.flatnonzero((array < 0) | (array >= vocab_size))
