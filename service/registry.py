@@ -38,12 +38,6 @@ log = logging.getLogger(__name__)
 VersionState = Literal["LOADING", "READY", "FAILED", "UNLOADING"]
 
 
-def check_model_name(name: str) -> str:
-    """A model name is a repository folder name (`validation.check_model_name`)."""
-    validation.check_model_name(name, "model")
-    return name
-
-
 def select_versions(available: list[int], policy: str) -> list[int]:
     """The versions a policy picks from `available` (ascending)."""
     ordered = sorted(available)
@@ -230,7 +224,7 @@ class Registry:
 
         Raises NotFound when nothing on disk matches, NotReady when every build failed.
         """
-        check_model_name(name)
+        validation.check_model_name(name, "model")
         async with self._lock(name):
             versions = [version] if version is not None else self.wanted_versions(name)
             on_disk = self._versions_on_disk(self.repository / name)
@@ -245,7 +239,7 @@ class Registry:
 
     async def reload(self, name: str) -> None:
         """Rebuild the policy's versions of `name`, swap them in, then unload the others."""
-        check_model_name(name)
+        validation.check_model_name(name, "model")
         async with self._lock(name):
             versions = self.wanted_versions(name)
             if not versions:
@@ -259,7 +253,7 @@ class Registry:
 
     async def unload(self, name: str, version: int | None = None) -> None:
         """Drain and unload `version` of `name` (None: every version)."""
-        check_model_name(name)
+        validation.check_model_name(name, "model")
         async with self._lock(name):
             known = self._versions.get(name, {})
             if not known:

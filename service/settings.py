@@ -22,6 +22,8 @@ _POLICY = re.compile(r"^(latest|latest:[1-9]\d*|all|specific:[1-9]\d*(,[1-9]\d*)
 _MODEL_NAME = re.compile(r"[A-Za-z0-9_.-]+")
 # NOTE: a model name is a folder name (DESIGN §2): well under the 255 bytes a file name may have.
 MAX_MODEL_NAME_LENGTH = 200
+# The rule, as every refusal of a model name states it.
+MODEL_NAME_RULE = f"1–{MAX_MODEL_NAME_LENGTH} letters, digits, '-', '_' or '.', and not '.' or '..'"
 
 
 def is_model_name(name: str) -> bool:
@@ -225,8 +227,7 @@ class Settings(BaseSettings):
         for name, policy in value.items():
             if not is_model_name(name):
                 raise ValueError(
-                    f"version_policies: invalid model name {name!r} "
-                    f"(1–{MAX_MODEL_NAME_LENGTH} letters, digits, '-', '_', '.')"
+                    f"version_policies: invalid model name {name!r} ({MODEL_NAME_RULE})"
                 )
             check_version_policy(policy)
         return value
@@ -244,10 +245,7 @@ class Settings(BaseSettings):
     def _model_names(cls, value: list[str] | None) -> list[str] | None:
         for name in value or []:
             if not is_model_name(name):
-                raise ValueError(
-                    f"models: invalid model name {name!r} "
-                    f"(1–{MAX_MODEL_NAME_LENGTH} letters, digits, '-', '_', '.')"
-                )
+                raise ValueError(f"models: invalid model name {name!r} ({MODEL_NAME_RULE})")
         return value
 
     @model_validator(mode="after")

@@ -11,7 +11,7 @@ import numpy as np
 from models.config import FeaturesInput, ModelConfig, TextInput, TokensInput
 from models.tokenizer import Tokenizer
 from service.errors import InvalidInput
-from service.settings import MAX_MODEL_NAME_LENGTH, is_model_name
+from service.settings import MODEL_NAME_RULE, is_model_name
 from service.types import InputKind, Sequence
 
 FIELD_OF_KIND: dict[str, str] = {"features": "inputs", "tokens": "tokens", "text": "texts"}
@@ -32,11 +32,7 @@ def model_kind(config: ModelConfig) -> InputKind:
 def check_model_name(name: str, field: str = "name") -> None:
     """Management takes repository names only (no paths, no URLs): `InvalidInput(field)` else."""
     if not is_model_name(name):
-        raise InvalidInput(
-            field,
-            f"a model name is 1–{MAX_MODEL_NAME_LENGTH} letters, digits, '-', '_' or '.', "
-            "and not '.' or '..'",
-        )
+        raise InvalidInput(field, f"a model name is {MODEL_NAME_RULE}")
 
 
 # NOTE: int() refuses strings of over 4300 digits (ValueError), and an error echoing a long

@@ -10,8 +10,8 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from service.errors import InvalidInput
-from service.registry import check_model_name, select_versions
-from service.validation import sequences
+from service.registry import select_versions
+from service.validation import check_model_name, sequences
 from tests.conftest import StartEngine
 from tests.factories import make_config, write_model
 
@@ -40,7 +40,7 @@ def test_specific_is_the_intersection(available: list[int], wanted: list[int]) -
 @pytest.mark.parametrize("name", ["..", ".", "a/b", "a b", "", "x\\y", "é", "a" * 201])
 def test_bad_model_names(name: str) -> None:
     with pytest.raises(InvalidInput, match=r"^model: a model name is 1–200 letters"):
-        check_model_name(name)
+        check_model_name(name, "model")  # as the registry checks names it loads
 
 
 async def test_scan_skips_bad_folders(repository: Path, start_engine: StartEngine) -> None:
