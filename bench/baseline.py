@@ -10,8 +10,25 @@ from __future__ import annotations
 from torch import Tensor
 from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
 
+from models.config import ModelConfig
 from models.encoder import EncoderModel, pool
 from models.recurrent import top_layer_final
+
+# The reference workload's model (issues 4–6): a 2-layer LSTM, input 32, hidden 256.
+INPUT, HIDDEN, LAYERS = 32, 256, 2
+
+
+def reference_config() -> ModelConfig:
+    """The reference model's config (serving: batches of up to 64, 2 ms delay)."""
+    return ModelConfig.model_validate(
+        {
+            "format": "rnnserve/v1",
+            "task": "encode",
+            "input": {"type": "features", "size": INPUT},
+            "encoder": {"cell": "lstm", "hidden_size": HIDDEN, "num_layers": LAYERS},
+            "serving": {"max_batch_size": 64, "max_delay_ms": 2.0, "max_queue_size": 4096},
+        }
+    )
 
 
 def packed_encode(model: EncoderModel, inputs: Tensor, lengths: Tensor) -> Tensor:

@@ -28,7 +28,7 @@ import numpy as np
 import torch
 from prometheus_client import CollectorRegistry
 
-from bench.baseline import packed_encode
+from bench.baseline import packed_encode, reference_config
 from models.checkpoint import build_model, save
 from models.config import ModelConfig
 from models.decoding import greedy_decode
@@ -42,18 +42,6 @@ from service.types import EncodeRequest, GenerateRequest
 CALLERS = 64
 FEATURES = 32
 VOCAB = ["<pad>", "<bos>", "<eos>", "<unk>", *string.ascii_lowercase]
-
-
-def encoder_config() -> ModelConfig:
-    return ModelConfig.model_validate(
-        {
-            "format": "rnnserve/v1",
-            "task": "encode",
-            "input": {"type": "features", "size": FEATURES},
-            "encoder": {"cell": "lstm", "hidden_size": 256, "num_layers": 2},
-            "serving": {"max_batch_size": 64, "max_delay_ms": 2.0, "max_queue_size": 4096},
-        }
-    )
 
 
 def tiny_config() -> ModelConfig:
@@ -229,7 +217,7 @@ async def main() -> None:
 
     with tempfile.TemporaryDirectory() as tmp:
         repository = Path(tmp)
-        write(repository, "enc", encoder_config())
+        write(repository, "enc", reference_config())
         for size in SEQ2SEQ_SIZES:
             write(repository, f"s2s-{size}", seq2seq_config(size))
         write(repository, "tiny", tiny_config())

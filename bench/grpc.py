@@ -35,7 +35,8 @@ import numpy as np
 
 ROOT = Path(__file__).resolve().parent.parent
 
-INPUT, HIDDEN, LAYERS = 32, 256, 2
+# NOTE: bench.baseline.INPUT, not imported: this module's load generator stays free of torch.
+INPUT = 32
 MIN_LEN, MAX_LEN = 16, 128
 BATCH = 64
 MODEL = "reference"
@@ -49,18 +50,10 @@ def write_reference(repository: Path) -> Path:
     """The reference checkpoint (random weights, fixed seed) in repository/reference/1."""
     import torch
 
+    from bench.baseline import reference_config
     from models.checkpoint import build_model, save
-    from models.config import ModelConfig
 
-    config = ModelConfig.model_validate(
-        {
-            "format": "rnnserve/v1",
-            "task": "encode",
-            "input": {"type": "features", "size": INPUT},
-            "encoder": {"cell": "lstm", "hidden_size": HIDDEN, "num_layers": LAYERS},
-            "serving": {"max_batch_size": BATCH, "max_delay_ms": 2.0, "max_queue_size": 4096},
-        }
-    )
+    config = reference_config()
     torch.manual_seed(0)
     return save(build_model(config), repository / MODEL / "1")
 

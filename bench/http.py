@@ -40,12 +40,10 @@ import uvicorn
 from fastapi import FastAPI, Request, Response
 from prometheus_client.parser import text_string_to_metric_families
 
-from bench.baseline import packed_encode
+from bench.baseline import HIDDEN, INPUT, packed_encode, reference_config
 from models import checkpoint
-from models.config import ModelConfig
 from models.encoder import EncoderModel, collate
 
-INPUT, HIDDEN, LAYERS = 32, 256, 2
 MODEL = "lstm"
 CONCURRENCY = (1, 16, 64)
 MODES = ["json", "binary"]
@@ -83,19 +81,6 @@ done = function(summary, latency, requests)
     latency:percentile(50), latency:percentile(99)))
 end
 """
-
-
-def reference_config() -> ModelConfig:
-    """The reference model's config (serving: batches of up to 64, 2 ms delay)."""
-    return ModelConfig.model_validate(
-        {
-            "format": "rnnserve/v1",
-            "task": "encode",
-            "input": {"type": "features", "size": INPUT},
-            "encoder": {"cell": "lstm", "hidden_size": HIDDEN, "num_layers": LAYERS},
-            "serving": {"max_batch_size": 64, "max_delay_ms": 2.0, "max_queue_size": 4096},
-        }
-    )
 
 
 def write_reference_model(repository: Path) -> Path:

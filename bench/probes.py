@@ -44,22 +44,11 @@ def gil() -> None:
     """The device-thread stage of the encode batch compute of 128 streamed chunks (LSTM 32→256
     ×2, 10 steps, states in and out) on a worker thread: alone, then beside a thread running
     Python, per switch interval."""
-    from prometheus_client import CollectorRegistry  # noqa: F401  (import cost outside timing)
-
+    from bench.baseline import reference_config
     from models.checkpoint import build_model
-    from models.config import ModelConfig
     from service.batching import EncodeCompute, Item
 
-    config = ModelConfig.model_validate(
-        {
-            "format": "rnnserve/v1",
-            "task": "encode",
-            "input": {"type": "features", "size": 32},
-            "encoder": {"cell": "lstm", "hidden_size": 256, "num_layers": 2},
-            "pooling": "mean",
-        }
-    )
-    model = build_model(config).eval()
+    model = build_model(reference_config()).eval()
     compute = EncodeCompute(model, torch.device("cpu"), torch.float32, (2, 256))
     loop = asyncio.new_event_loop()
     rng = np.random.default_rng(0)
