@@ -23,12 +23,10 @@ way, first as a strict xfail.
 
 from __future__ import annotations
 
-import asyncio
 import math
 import re
 import struct
-import threading
-from collections.abc import Callable, Coroutine, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar, cast
@@ -39,19 +37,16 @@ from google.protobuf import text_format
 from google.protobuf.message import Message
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from prometheus_client import CollectorRegistry
 
 from service._proto.inference import grpc_service_pb2 as v2
 from service._proto.inference import grpc_service_pb2_grpc as v2_grpc
 from service._proto.rnnserve.v1 import rnnserve_pb2 as pb
 from service._proto.rnnserve.v1 import rnnserve_pb2_grpc as pb_grpc
 from service.codecs import V2_DTYPES
-from service.engine import Engine
-from service.grpc_api import GrpcServer, create_grpc_server
+from service.grpc_api import create_grpc_server
 from service.grpc_convert import encode_bytes
-from service.metrics import Metrics
-from service.settings import Settings
 from tests.factories import CHARS, TOKENS_VOCAB_SIZE, write_model
+from tests.test_sessions import Served
 
 pytestmark = pytest.mark.timeout(180)
 
@@ -91,17 +86,11 @@ FUZZ = settings(
 
 @dataclass
 class FuzzServer:
-    loop: asyncio.AbstractEventLoop
-    engine: Engine
-    server: GrpcServer
     channel: grpc.Channel
     api: pb_grpc.RnnServeStub
     v2: v2_grpc.GRPCInferenceServiceStub
     # A genuine state token of "enc" version 1 (for resumed and tampered sessions).
     state_token: bytes
-
-    def run(self, coro: Coroutine[Any, Any, T]) -> T:
-        return asyncio.run_coroutine_threadsafe(coro, self.loop).result(60)
 
 
 def _repository(root: Path) -> Path:
@@ -124,16 +113,12 @@ def _repository(root: Path) -> Path:
 
 @pytest.fixture(scope="module")
 def fuzz(tmp_path_factory: pytest.TempPathFactory) -> Iterator[FuzzServer]:
-    # NOTE: the server lives on its own loop in a thread, so that Hypothesis drives a plain
-    # synchronous client (Hypothesis does not run async test functions).
-    repository = _repository(tmp_path_factory.mktemp("grpc-fuzz"))
-    options = Settings(
-        repository=repository,
+    # NOTE: the engine and server live on their own loop in a thread (tests.test_sessions.Served),
+    # so that Hypothesis drives a plain synchronous client (it does not run async test functions).
+    served = Served(
+        _repository(tmp_path_factory.mktemp("grpc-fuzz")),
         host="127.0.0.1",
         grpc_port=0,
-        http_port=0,
-        device="cpu",
-        cpu_threads=1,
         management_enabled=True,
         management_token=TOKEN,
         drain_grace_s=1.0,
@@ -141,34 +126,18 @@ def fuzz(tmp_path_factory: pytest.TempPathFactory) -> Iterator[FuzzServer]:
         max_text_length=MAX_TEXT_LENGTH,
         grpc_max_message_bytes=MAX_MESSAGE_BYTES,
     )
-    loop = asyncio.new_event_loop()
-    thread = threading.Thread(target=loop.run_forever, name="grpc-fuzz-server", daemon=True)
-    thread.start()
-    metrics = Metrics(CollectorRegistry())
-    engine = Engine(options, metrics)
-    server = create_grpc_server(engine, options, metrics)
-
-    async def start() -> int:
-        await engine.start()
-        return await server.start()
-
-    port = asyncio.run_coroutine_threadsafe(start(), loop).result(60)
+    server = create_grpc_server(served.engine, served.engine.settings, served.metrics)
+    port = served.run(server.start())
     channel = grpc.insecure_channel(f"127.0.0.1:{port}")
     api = pb_grpc.RnnServeStub(channel)
     chunk = pb.SessionChunk(inputs=pb.FloatArray(shape=[2, FEATURES], values=[0.5] * 2 * FEATURES))
     token = api.StreamChunk(pb.StreamChunkRequest(model="enc", chunk=chunk)).state_token
-    served = FuzzServer(
-        loop, engine, server, channel, api, v2_grpc.GRPCInferenceServiceStub(channel), token
-    )
     try:
-        yield served
+        yield FuzzServer(channel, api, v2_grpc.GRPCInferenceServiceStub(channel), token)
     finally:
         channel.close()
         served.run(server.stop(0))
-        served.run(engine.drain(1.0))
-        loop.call_soon_threadsafe(loop.stop)
-        thread.join(5)
-        loop.close()
+        served.close()
 
 
 # --- the property ------------------------------------------------------------------------------
@@ -991,7 +960,7 @@ def test_typed_contents_out_of_their_datatype_range_are_invalid_argument(
     # Was INTERNAL (grpc_convert._from_contents: numpy's OverflowError).
     request = v2.ModelInferRequest(model_name="tok")
     tensor = request.inputs.add(name="TOKENS", datatype=datatype, shape=[1, 2])
-    field = "int_contents" if datatype.startswith("INT") else "uint_contents"
+    field = TYPED_FIELD[datatype]
     getattr(tensor.contents, field).extend([1, value])
     code, details = outcome(lambda: fuzz.v2.ModelInfer(request, timeout=CALL_TIMEOUT_S))
     assert code == Code.INVALID_ARGUMENT, (code, details)
