@@ -29,10 +29,12 @@ from service.engine import Engine
 from service.errors import InvalidInput, ServiceError
 from service.http_common import (
     ClientDisconnectedError,
+    InvalidPathParameter,
     RequestObserver,
     VersionPath,
     documented_body,
     errors_doc,
+    handle_refused_path,
     json_response,
     management_guard,
     parse_body,
@@ -188,6 +190,7 @@ def create_router(engine: Engine, settings: Settings, metrics: Metrics) -> APIRo
     @router.post(
         "/v1/models/{name}/versions/{version}/encode", summary="Encode (version)", **encode_doc
     )
+    @observer.route("encode")
     async def encode_version(name: str, version: VersionPath, request: Request) -> Response:
         """Encode a batch of sequences with one version of the model."""
         return await encode(name, version, request)
@@ -202,6 +205,7 @@ def create_router(engine: Engine, settings: Settings, metrics: Metrics) -> APIRo
         summary="Generate (version)",
         **generate_doc,
     )
+    @observer.route("generate")
     async def generate_version(name: str, version: VersionPath, request: Request) -> Response:
         """Generate with one version of a seq2seq model."""
         return await generate(name, version, request)
@@ -238,9 +242,9 @@ def create_router(engine: Engine, settings: Settings, metrics: Metrics) -> APIRo
     }
 
     async def manage(action: str, name: str, version: int | None, request: Request) -> Response:
-        management_guard(settings, request)
-        validation.check_model_name(name)
         with observer.observe(name, version, action):
+            management_guard(settings, request)
+            validation.check_model_name(name)
             if action == "load":
                 await engine.load(name, version)
             elif action == "unload":
@@ -256,11 +260,13 @@ def create_router(engine: Engine, settings: Settings, metrics: Metrics) -> APIRo
     # NOTE: `{name:path}` so that a name with a slash reaches the name check (400) instead of
     # missing every route (404); the versioned routes come first, or `path` would swallow them.
     @router.post("/v1/management/models/{name:path}/versions/{version}/load", **manage_doc)
+    @observer.route("load")
     async def load_version(name: str, version: VersionPath, request: Request) -> Response:
         """Load one version of a model from the repository."""
         return await manage("load", name, version, request)
 
     @router.post("/v1/management/models/{name:path}/versions/{version}/unload", **manage_doc)
+    @observer.route("unload")
     async def unload_version(name: str, version: VersionPath, request: Request) -> Response:
         """Unload one version of a model."""
         return await manage("unload", name, version, request)
@@ -454,6 +460,7 @@ def create_app(
         app.add_middleware(HotRoutes, fastapi_app=app, routes=[*api.routes, *v2_api.routes])
     app.add_middleware(BodySizeLimit, max_bytes=settings.max_body_bytes)
     app.add_exception_handler(ServiceError, http_errors.handle_service_error)
+    app.add_exception_handler(InvalidPathParameter, handle_refused_path)
     app.add_exception_handler(RequestValidationError, http_errors.handle_validation_error)
     app.add_exception_handler(StarletteHTTPException, http_errors.handle_http_exception)
     app.add_exception_handler(ClientDisconnectedError, http_errors.handle_client_disconnected)
@@ -463,7 +470,11 @@ def create_app(
     app.include_router(v2_api)
     from service.session_rest import create_session_router
 
-    app.include_router(create_session_router(sessions or engine.sessions, metrics))
+    app.include_router(
+        create_session_router(
+            sessions or engine.sessions, metrics, metric_labels.known_model(engine)
+        )
+    )
     add_offline_docs(app)
     install_openapi(app)
     return app

@@ -12,7 +12,6 @@ Core errors propagate to the app's exception handlers (one table, in `service/re
 from __future__ import annotations
 
 import base64
-import time
 from collections.abc import Callable
 from typing import Annotated, Any, Literal
 
@@ -20,10 +19,10 @@ import numpy as np
 from fastapi import APIRouter, Request, Response
 from pydantic import BaseModel, ConfigDict, Field, SkipValidation, model_validator
 
-from service import codecs, rest_schemas
+from service import codecs, metric_labels, rest_schemas
 from service.errors import InvalidInput
-from service.http_common import VersionPath, documented_body, parse_body
-from service.metrics import Metrics, outcome_of
+from service.http_common import RequestObserver, VersionPath, documented_body, parse_body
+from service.metrics import Metrics
 from service.sessions import ChunkResult, SessionInfo, SessionManager
 from service.types import InputKind, Sequence
 
@@ -184,36 +183,20 @@ def _optional(extra: dict[str, Any]) -> dict[str, Any]:
     return extra
 
 
-def create_session_router(sessions: SessionManager, metrics: Metrics | None = None) -> APIRouter:
-    """The session routes over `sessions`; requests are counted in `metrics` when given."""
+def create_session_router(
+    sessions: SessionManager, metrics: Metrics, known: metric_labels.Known
+) -> APIRouter:
+    """The session routes over `sessions`; requests are counted in `metrics` like every route's
+    (failed requests for models `known` rejects get blank labels)."""
     router = APIRouter(tags=["streaming sessions"])
+    observer = RequestObserver(metrics, "rest", known)
     errors: dict[int | str, dict[str, Any]] = {
         status: {"model": rest_schemas.ErrorBody} for status in (400, 404, 409, 503, 504)
     }
 
-    class _Observe:
-        """Count one request (model, endpoint, outcome, latency) like the other routes."""
-
-        def __init__(self, model: str, version: int | None, endpoint: str) -> None:
-            self.model, self.version, self.endpoint = model, version, endpoint
-            self.start = time.perf_counter()
-
-        def __enter__(self) -> _Observe:
-            return self
-
-        def __exit__(self, kind: object, exc: BaseException | None, tb: object) -> None:
-            if metrics is not None:
-                metrics.observe_request(
-                    self.model,
-                    self.version,
-                    "rest",
-                    self.endpoint,
-                    outcome_of(exc),
-                    time.perf_counter() - self.start,
-                )
-
-    def _open(name: str, version: int | None, body: SessionBody) -> Response:
-        with _Observe(name, version, "session_open"):
+    async def _open(name: str, version: int | None, request: Request) -> Response:
+        with observer.observe(name, version, "session_open"):
+            body = parse_body(SessionBody, await request.body())
             info = sessions.create(
                 name,
                 version,
@@ -223,8 +206,9 @@ def create_session_router(sessions: SessionManager, metrics: Metrics | None = No
             )
         return _json(_session(info), status=201)
 
-    async def _stream(name: str, version: int | None, body: StreamBody) -> Response:
-        with _Observe(name, version, "stream"):
+    async def _stream(name: str, version: int | None, request: Request) -> Response:
+        with observer.observe(name, version, "stream"):
+            body = parse_body(StreamBody, await request.body())
             sequence, kind = chunk_sequence(body)
             result = await sessions.stream(
                 name,
@@ -247,7 +231,7 @@ def create_session_router(sessions: SessionManager, metrics: Metrics | None = No
         openapi_extra=_optional(documented_body(SessionBody)),
     )
     async def open_session(name: str, request: Request) -> Response:
-        return _open(name, None, parse_body(SessionBody, await request.body()))
+        return await _open(name, None, request)
 
     @router.post(
         "/v1/models/{name}/versions/{version}/sessions",
@@ -257,8 +241,9 @@ def create_session_router(sessions: SessionManager, metrics: Metrics | None = No
         summary="Open a streaming session on one version",
         openapi_extra=_optional(documented_body(SessionBody)),
     )
+    @observer.route("session_open")
     async def open_session_version(name: str, version: VersionPath, request: Request) -> Response:
-        return _open(name, version, parse_body(SessionBody, await request.body()))
+        return await _open(name, version, request)
 
     @router.post(
         "/v1/sessions/{session_id}/chunks",
@@ -268,10 +253,10 @@ def create_session_router(sessions: SessionManager, metrics: Metrics | None = No
         openapi_extra=documented_body(ChunkBody),
     )
     async def send_chunk(session_id: str, request: Request) -> Response:
-        body = parse_body(ChunkBody, await request.body())
         info = sessions.peek(session_id)
         model, version = (info.model, info.version) if info is not None else ("", None)
-        with _Observe(model, version, "session_chunk"):
+        with observer.observe(model, version, "session_chunk"):
+            body = parse_body(ChunkBody, await request.body())
             sequence, kind = chunk_sequence(body)
             result = await sessions.chunk(
                 session_id,
@@ -308,7 +293,7 @@ def create_session_router(sessions: SessionManager, metrics: Metrics | None = No
         openapi_extra=documented_body(StreamBody),
     )
     async def stream(name: str, request: Request) -> Response:
-        return await _stream(name, None, parse_body(StreamBody, await request.body()))
+        return await _stream(name, None, request)
 
     @router.post(
         "/v1/models/{name}/versions/{version}/stream",
@@ -317,7 +302,8 @@ def create_session_router(sessions: SessionManager, metrics: Metrics | None = No
         summary="Encode one chunk statelessly on one version",
         openapi_extra=documented_body(StreamBody),
     )
+    @observer.route("stream")
     async def stream_version(name: str, version: VersionPath, request: Request) -> Response:
-        return await _stream(name, version, parse_body(StreamBody, await request.body()))
+        return await _stream(name, version, request)
 
     return router

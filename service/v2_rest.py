@@ -175,6 +175,7 @@ def create_router(engine: Engine, settings: Settings, metrics: Metrics) -> APIRo
         return await infer(name, None, request)
 
     @router.post("/v2/models/{name}/versions/{version}/infer", **infer_doc)
+    @observer.route("infer")
     async def infer_version(
         name: str, version: http_common.VersionPath, request: Request
     ) -> Response:
@@ -211,21 +212,23 @@ def create_router(engine: Engine, settings: Settings, metrics: Metrics) -> APIRo
         return http_common.json_response(entries)
 
     async def repository_action(action: str, name: str, request: Request) -> Response:
-        http_common.management_guard(settings, request)
-        validation.check_model_name(name)
-        body = await request.body()
-        value = codecs.loads(body) if body.strip() else {}
-        if not isinstance(value, dict):
-            raise InvalidInput("body", "expected a JSON object")
-        params = codecs.parameters_of(value)
-        unknown = sorted(set(params) - {"unload_dependents"}) if isinstance(params, dict) else [""]
-        if unknown:
-            # NOTE: Triton's load parameters can carry model files or a config; loading only
-            # ever reads the configured repository, by name.
-            raise InvalidInput(
-                "parameters", f"unsupported load/unload parameters {unknown} (names only)"
-            )
         with observer.observe(name, None, f"repository_{action}"):
+            http_common.management_guard(settings, request)
+            validation.check_model_name(name)
+            body = await request.body()
+            value = codecs.loads(body) if body.strip() else {}
+            if not isinstance(value, dict):
+                raise InvalidInput("body", "expected a JSON object")
+            params = codecs.parameters_of(value)
+            unknown = (
+                sorted(set(params) - {"unload_dependents"}) if isinstance(params, dict) else [""]
+            )
+            if unknown:
+                # NOTE: Triton's load parameters can carry model files or a config; loading only
+                # ever reads the configured repository, by name.
+                raise InvalidInput(
+                    "parameters", f"unsupported load/unload parameters {unknown} (names only)"
+                )
             if action == "unload":
                 await engine.unload(name)
             else:

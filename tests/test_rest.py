@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import httpx
 import numpy as np
@@ -167,6 +168,56 @@ def test_health_ready_and_metrics(client: httpx.Client) -> None:
     text = client.get("/metrics").text
     assert 'rnnserve_requests_total{endpoint="encode",model="feat",outcome="success"' in text
     assert 'protocol="rest"' in text
+
+
+REFUSED: list[tuple[str, Any, str, str]] = [
+    # (path, JSON body or raw bytes, model label, endpoint label the refusal is counted under)
+    # A bad {version} is refused while FastAPI reads the path: the route never runs.
+    ("/v1/models/feat/versions/1_0/encode", {"inputs": [[[0.0] * 8]]}, "feat", "encode"),
+    ("/v1/models/translit/versions/+1/generate", {"inputs": ["ab"]}, "translit", "generate"),
+    ("/v2/models/feat/versions/0/infer", {"inputs": []}, "feat", "infer"),
+    ("/v1/models/feat/versions/x/sessions", {}, "feat", "session_open"),
+    ("/v1/models/feat/versions/%201/stream", {"inputs": [[0.0] * 8]}, "feat", "stream"),
+    ("/v1/management/models/feat/versions/2x/load", b"", "feat", "load"),
+    # Bodies refused before the work starts, and management while it is disabled.
+    ("/v1/models/feat/sessions", b"[1]", "feat", "session_open"),
+    ("/v1/models/feat/stream", {"inputs": "no"}, "feat", "stream"),
+    ("/v1/sessions/no-such-session/chunks", b"{", "", "session_chunk"),
+    ("/v1/management/models/feat/reload", b"", "feat", "reload"),
+    ("/v2/repository/models/feat/load", b"", "feat", "repository_load"),
+]
+
+
+@pytest.mark.parametrize(
+    ("path", "body", "model", "endpoint"), REFUSED, ids=[r[0] for r in REFUSED]
+)
+def test_refused_requests_are_counted(
+    client: httpx.Client, path: str, body: Any, model: str, endpoint: str
+) -> None:
+    # NOTE: a refusal that bypassed the counter hid bad clients from 4xx-rate alerts.
+    labels = {"model": model, "version": "", "endpoint": endpoint}
+    before = client.get("/metrics").text
+    r = client.post(path, content=body if isinstance(body, bytes) else orjson.dumps(body))
+    assert 400 <= r.status_code < 500, r.text
+    after = client.get("/metrics").text
+    counted = metric_value(after, "rnnserve_requests_total", **labels) - metric_value(
+        before, "rnnserve_requests_total", **labels
+    )
+    assert counted == 1, (r.status_code, r.text)
+
+
+def test_refusals_for_made_up_models_add_no_metric_series(client: httpx.Client) -> None:
+    # NOTE: every distinct name would otherwise be a new series, which a client could grow
+    # without bound (the session routes did).
+    for path in (
+        "/v1/models/made-up-1/sessions",
+        "/v1/models/made-up-2/stream",
+        "/v1/models/made-up-3/versions/1/sessions",
+        "/v1/models/made-up-4/versions/1x/encode",
+        "/v1/management/models/made-up-5/load",
+    ):
+        assert 400 <= client.post(path, json={"inputs": [[0.0] * 8]}).status_code < 500
+    assert "made-up" not in client.get("/metrics").text
 
 
 def test_docs_work_offline(client: httpx.Client) -> None:

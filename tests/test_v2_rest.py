@@ -679,6 +679,7 @@ def test_a_version_that_is_not_plain_digits_is_refused(http: httpx.Client, versi
         assert r.json()["error"].startswith("path.version: must be a positive integer"), r.text
     assert v1.status_code == 400, v1.text
     assert v1.json()["error"]["field"] == "path.version"
+    assert v1.json()["error"]["type"] == "InvalidInput"
 
 
 @settings(max_examples=30, deadline=None)
