@@ -213,7 +213,8 @@ def create_router(engine: Engine, settings: Settings, metrics: Metrics) -> APIRo
     @router.get("/v1/models", response_model=rest_schemas.ModelList, tags=["models"])
     async def list_models() -> Response:
         """Every known model with its versions, states and architecture."""
-        return json_response({"models": [model_status(m) for m in engine.list_models()]})
+        with observer.observe("", None, "list_models"):
+            return json_response({"models": [model_status(m) for m in engine.list_models()]})
 
     @router.get(
         "/v1/models/{name}",
@@ -223,7 +224,8 @@ def create_router(engine: Engine, settings: Settings, metrics: Metrics) -> APIRo
     )
     async def get_model(name: str) -> Response:
         """One model: versions, states (with failure reasons) and architecture."""
-        return json_response(model_status(engine.model_info(name)))
+        with observer.observe(name, None, "get_model"):
+            return json_response(model_status(engine.model_info(name)))
 
     @router.get(
         "/v1/models/{name}/versions/{version}",
@@ -231,9 +233,11 @@ def create_router(engine: Engine, settings: Settings, metrics: Metrics) -> APIRo
         responses=errors_doc(False, 404),
         tags=["models"],
     )
+    @observer.route("get_model")
     async def get_model_version(name: str, version: VersionPath) -> Response:
         """One version of a model."""
-        return json_response(model_status(engine.model_info(name, version)))
+        with observer.observe(name, version, "get_model"):
+            return json_response(model_status(engine.model_info(name, version)))
 
     manage_doc: dict[str, Any] = {
         "response_model": rest_schemas.ManagementResult,

@@ -96,13 +96,15 @@ def create_router(engine: Engine, settings: Settings, metrics: Metrics) -> APIRo
         )
 
     def metadata(name: str, version: int | None) -> Response:
-        resolved, config = engine.model_config(name, version)
-        versions = v2_common.ready_versions(engine, name) or [str(resolved)]
-        return http_common.json_response(model_metadata(name, versions, config))
+        with observer.observe(name, version, "model_metadata"):
+            resolved, config = engine.model_config(name, version)
+            versions = v2_common.ready_versions(engine, name) or [str(resolved)]
+            return http_common.json_response(model_metadata(name, versions, config))
 
     def ready(name: str, version: int | None) -> Response:
-        ready = v2_common.model_ready(engine, name, version)
-        return Response(status_code=200 if ready else 503)
+        with observer.observe(name, version, "model_ready"):
+            ready = v2_common.model_ready(engine, name, version)
+            return Response(status_code=200 if ready else 503)
 
     meta_doc: dict[str, Any] = {
         "response_model": rest_schemas.V2ModelMetadata,
@@ -116,6 +118,7 @@ def create_router(engine: Engine, settings: Settings, metrics: Metrics) -> APIRo
         return metadata(name, None)
 
     @router.get("/v2/models/{name}/versions/{version}", **meta_doc)
+    @observer.route("model_metadata")
     async def model_version_meta(name: str, version: http_common.VersionPath) -> Response:
         """Inputs and outputs of one version."""
         return metadata(name, version)
@@ -126,6 +129,7 @@ def create_router(engine: Engine, settings: Settings, metrics: Metrics) -> APIRo
         return ready(name, None)
 
     @router.get("/v2/models/{name}/versions/{version}/ready", **ready_doc)
+    @observer.route("model_ready")
     async def model_version_ready(name: str, version: http_common.VersionPath) -> Response:
         """200 when this version is READY, 503 otherwise."""
         return ready(name, version)
@@ -195,21 +199,26 @@ def create_router(engine: Engine, settings: Settings, metrics: Metrics) -> APIRo
     )
     async def repository_index(request: Request) -> Response:
         """Every model version known to the server, with its state."""
-        http_common.management_guard(settings, request)
-        body = await request.body()
-        query = (
-            http_common.parse_body(rest_schemas.V2RepositoryIndexBody, body)
-            if body.strip()
-            else None
-        )
-        ready_only = query is not None and query.ready is True
-        entries = []
-        for model, v in v2_common.repository_index(engine, ready_only):
-            entry: dict[str, Any] = {"name": model, "version": str(v.version), "state": v.state}
-            if v.reason:
-                entry["reason"] = v.reason
-            entries.append(entry)
-        return http_common.json_response(entries)
+        with observer.observe("", None, "repository_index"):
+            http_common.management_guard(settings, request)
+            body = await request.body()
+            query = (
+                http_common.parse_body(rest_schemas.V2RepositoryIndexBody, body)
+                if body.strip()
+                else None
+            )
+            ready_only = query is not None and query.ready is True
+            entries = []
+            for model, v in v2_common.repository_index(engine, ready_only):
+                entry: dict[str, Any] = {
+                    "name": model,
+                    "version": str(v.version),
+                    "state": v.state,
+                }
+                if v.reason:
+                    entry["reason"] = v.reason
+                entries.append(entry)
+            return http_common.json_response(entries)
 
     async def repository_action(action: str, name: str, request: Request) -> Response:
         with observer.observe(name, None, f"repository_{action}"):

@@ -170,35 +170,54 @@ def test_health_ready_and_metrics(client: httpx.Client) -> None:
     assert 'protocol="rest"' in text
 
 
-REFUSED: list[tuple[str, Any, str, str]] = [
-    # (path, JSON body or raw bytes, model label, endpoint label the refusal is counted under)
+COUNTED: list[tuple[str, Any, str, str, int]] = [
+    # (method and path, JSON body or raw bytes, model and endpoint labels, status)
     # A bad {version} is refused while FastAPI reads the path: the route never runs.
-    ("/v1/models/feat/versions/1_0/encode", {"inputs": [[[0.0] * 8]]}, "feat", "encode"),
-    ("/v1/models/translit/versions/+1/generate", {"inputs": ["ab"]}, "translit", "generate"),
-    ("/v2/models/feat/versions/0/infer", {"inputs": []}, "feat", "infer"),
-    ("/v1/models/feat/versions/x/sessions", {}, "feat", "session_open"),
-    ("/v1/models/feat/versions/%201/stream", {"inputs": [[0.0] * 8]}, "feat", "stream"),
-    ("/v1/management/models/feat/versions/2x/load", b"", "feat", "load"),
+    ("POST /v1/models/feat/versions/1_0/encode", {"inputs": [[[0.0] * 8]]}, "feat", "encode", 400),
+    (
+        "POST /v1/models/translit/versions/+1/generate",
+        {"inputs": ["ab"]},
+        "translit",
+        "generate",
+        400,
+    ),
+    ("POST /v2/models/feat/versions/0/infer", {"inputs": []}, "feat", "infer", 400),
+    ("POST /v1/models/feat/versions/x/sessions", {}, "feat", "session_open", 400),
+    ("POST /v1/models/feat/versions/%201/stream", {"inputs": [[0.0] * 8]}, "feat", "stream", 400),
+    ("POST /v1/management/models/feat/versions/2x/load", b"", "feat", "load", 400),
+    ("GET /v1/models/feat/versions/x", b"", "feat", "get_model", 400),
+    ("GET /v2/models/feat/versions/x", b"", "feat", "model_metadata", 400),
+    ("GET /v2/models/feat/versions/x/ready", b"", "feat", "model_ready", 400),
     # Bodies refused before the work starts, and management while it is disabled.
-    ("/v1/models/feat/sessions", b"[1]", "feat", "session_open"),
-    ("/v1/models/feat/stream", {"inputs": "no"}, "feat", "stream"),
-    ("/v1/sessions/no-such-session/chunks", b"{", "", "session_chunk"),
-    ("/v1/management/models/feat/reload", b"", "feat", "reload"),
-    ("/v2/repository/models/feat/load", b"", "feat", "repository_load"),
+    ("POST /v1/models/feat/sessions", b"[1]", "feat", "session_open", 400),
+    ("POST /v1/models/feat/stream", {"inputs": "no"}, "feat", "stream", 400),
+    ("POST /v1/sessions/no-such-session/chunks", b"{", "", "session_chunk", 400),
+    ("POST /v1/management/models/feat/reload", b"", "feat", "reload", 403),
+    ("POST /v2/repository/models/feat/load", b"", "feat", "repository_load", 403),
+    ("POST /v2/repository/index", b"", "", "repository_index", 403),
+    # The model-status routes, counted as gRPC counts its GetModel, ModelMetadata, ...
+    ("GET /v1/models", b"", "", "list_models", 200),
+    ("GET /v1/models/feat", b"", "feat", "get_model", 200),
+    ("GET /v2/models/feat", b"", "feat", "model_metadata", 200),
+    ("GET /v2/models/feat/ready", b"", "feat", "model_ready", 200),
 ]
 
 
 @pytest.mark.parametrize(
-    ("path", "body", "model", "endpoint"), REFUSED, ids=[r[0] for r in REFUSED]
+    ("route", "body", "model", "endpoint", "status"), COUNTED, ids=[r[0] for r in COUNTED]
 )
-def test_refused_requests_are_counted(
-    client: httpx.Client, path: str, body: Any, model: str, endpoint: str
+def test_requests_are_counted_refused_or_not(
+    client: httpx.Client, route: str, body: Any, model: str, endpoint: str, status: int
 ) -> None:
     # NOTE: a refusal that bypassed the counter hid bad clients from 4xx-rate alerts.
-    labels = {"model": model, "version": "", "endpoint": endpoint}
+    labels = {"model": model, "endpoint": endpoint}
+    if status >= 400:
+        labels["version"] = ""
     before = client.get("/metrics").text
-    r = client.post(path, content=body if isinstance(body, bytes) else orjson.dumps(body))
-    assert 400 <= r.status_code < 500, r.text
+    method, path = route.split(" ")
+    content = body if isinstance(body, bytes) else orjson.dumps(body)
+    r = client.request(method, path, content=content)
+    assert r.status_code == status, r.text
     after = client.get("/metrics").text
     counted = metric_value(after, "rnnserve_requests_total", **labels) - metric_value(
         before, "rnnserve_requests_total", **labels
