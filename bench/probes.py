@@ -2,6 +2,7 @@
 
     .venv/bin/python -m bench.probes gil          # batch compute beside a busy Python thread
     .venv/bin/python -m bench.probes segments     # packed vs segmented RNN paths, by shape
+    .venv/bin/python -m bench.probes call-costs   # the segment planner's cost model, fitted
     .venv/bin/python -m bench.probes batch-sizes  # per-sequence cost by batch size (LSTM 2×256)
     .venv/bin/python -m bench.probes hot-routes   # HTTP front-end capacity, HotRoutes on / off
     .venv/bin/python -m bench.probes fixed-ceiling  # the served fixed-length ratio's upper bound
@@ -28,7 +29,7 @@ import numpy as np
 import torch
 from torch.nn.utils.rnn import pack_padded_sequence
 
-from models.recurrent import make_rnn, run_rnn, run_segmented
+from models.recurrent import make_rnn, run_rnn, run_rnn_outputs, run_segmented
 
 
 def _median_s(work: Callable[[], object], repeats: int = 15) -> float:
@@ -99,32 +100,63 @@ def gil() -> None:
 
 
 def segments() -> None:
-    """Packed vs `run_segmented` per cell, size, longest length T and rows N (lengths uniform
-    in [T/4, T]); > 1 means segmented is faster."""
+    """Packed vs the segmented path, with final states and outputs alone, per cell, size, rows N
+    and lengths (uniform in [lo, hi], sorted as the batcher sends them); > 1: segmented faster."""
     generator = torch.Generator().manual_seed(0)
-    for cell, hidden, features, layers in (
-        ("lstm", 256, 32, 2),
-        ("lstm", 64, 8, 2),
-        ("gru", 128, 32, 1),
-    ):
-        rnn = make_rnn(cell, features, hidden, layers).eval()
-        for steps in (16, 32, 64, 128):
-            row = []
-            for rows in (8, 32, 64):
-                lengths = torch.randint(max(1, steps // 4), steps + 1, (rows,), generator=generator)
+    for cell, hidden, features in (("lstm", 256, 32), ("lstm", 128, 32), ("lstm", 64, 16)):
+        rnn = make_rnn(cell, features, hidden, 2).eval()
+        assert isinstance(rnn, torch.nn.RNNBase)
+        for low, high, rows in (
+            (8, 16, 32),
+            (16, 32, 32),
+            (16, 63, 32),
+            (16, 128, 32),
+            (32, 63, 8),
+        ):
+            batches = []
+            for _ in range(max(2, 256 // rows)):
+                lengths = torch.randint(low, high + 1, (rows,), generator=generator)
+                lengths = lengths.sort(descending=True).values
                 x = torch.randn(rows, int(lengths.max()), features, generator=generator)
-                assert isinstance(rnn, torch.nn.RNNBase)
-                packed, segmented = _packed_vs_segmented(rnn, x, lengths)
-                row.append(f"N={rows}: {packed / segmented:.2f}×")
-            print(f"{cell} hidden {hidden}, T {steps:3d}: " + ", ".join(row))
+                batches.append((x, lengths))
+            state, alone = _segmented_speedups(rnn, batches)
+            print(
+                f"{cell} hidden {hidden}, lengths {low}-{high}, N={rows}: "
+                f"with states {state:.2f}×, outputs alone {alone:.2f}×"
+            )
 
 
-def _packed_vs_segmented(
-    rnn: torch.nn.RNNBase, x: torch.Tensor, lengths: torch.Tensor
+def _segmented_speedups(
+    rnn: torch.nn.RNNBase, batches: list[tuple[torch.Tensor, torch.Tensor]]
 ) -> tuple[float, float]:
-    """Median seconds of one packed call and of `run_segmented` on the same batch."""
-    packed = _median_s(lambda: rnn(pack_padded_sequence(x, lengths, True, enforce_sorted=False)))
-    return packed, _median_s(lambda: run_segmented(rnn, x, lengths))
+    """Packed time over segmented time, with final states and for outputs alone."""
+    packed = _median_s(
+        lambda: [rnn(pack_padded_sequence(x, n, True)) for x, n in batches], repeats=5
+    )
+    state = _median_s(lambda: [run_segmented(rnn, x, n) for x, n in batches], repeats=5)
+    alone = _median_s(lambda: [run_rnn_outputs(rnn, x, n) for x, n in batches], repeats=5)
+    return packed / state, packed / alone
+
+
+def call_costs() -> None:
+    """One plain call of the reference LSTM by rows n and steps s, fitted as C + s·(c + n·r):
+    the cost model of `models.recurrent.plan_segments`, in row-steps (C/r, c/r)."""
+    rnn = make_rnn("lstm", 32, 256, 2).eval()
+    generator = torch.Generator().manual_seed(0)
+    shapes = [(n, s) for n in (4, 8, 16, 32, 64) for s in (4, 8, 16, 32, 64)]
+    times: dict[tuple[int, int], list[float]] = {shape: [] for shape in shapes}
+    for _ in range(3):
+        for n, s in shapes:
+            x = torch.randn(n, s, 32, generator=generator)
+            times[(n, s)].append(_median_s(lambda x=x: rnn(x), repeats=5 if n * s < 1024 else 3))
+    design = np.array([[1.0, s, n * s] for n, s in shapes])
+    seconds = np.array([statistics.median(times[shape]) for shape in shapes])
+    (fixed, per_step, per_row_step), *_ = np.linalg.lstsq(design, seconds, rcond=None)
+    print(
+        f"per call {fixed * 1e3:.3f} ms, per step {per_step * 1e6:.1f} µs, "
+        f"per row-step {per_row_step * 1e6:.2f} µs: in row-steps, call "
+        f"{fixed / per_row_step:.0f}, step {per_step / per_row_step:.2f}"
+    )
 
 
 def batch_sizes() -> None:
@@ -279,7 +311,16 @@ def _serve(repository: str, port: int, mode: str) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument(
-        "probe", choices=["gil", "segments", "batch-sizes", "fixed-ceiling", "hot-routes", "_serve"]
+        "probe",
+        choices=[
+            "gil",
+            "segments",
+            "call-costs",
+            "batch-sizes",
+            "fixed-ceiling",
+            "hot-routes",
+            "_serve",
+        ],
     )
     parser.add_argument("args", nargs="*")
     parser.add_argument("--duration", type=float, default=8.0, help="seconds per wrk run")
@@ -289,6 +330,8 @@ def main() -> None:
         gil()
     elif args.probe == "segments":
         segments()
+    elif args.probe == "call-costs":
+        call_costs()
     elif args.probe == "batch-sizes":
         batch_sizes()
     elif args.probe == "fixed-ceiling":

@@ -13,7 +13,14 @@ import torch
 from torch import Tensor, nn
 
 from models.config import EncoderSpec, FeaturesInput, InputSpec, ModelConfig, RequestPooling
-from models.recurrent import State, make_rnn, run_rnn, top_layer_final
+from models.recurrent import (
+    State,
+    last_outputs,
+    make_rnn,
+    run_rnn,
+    run_rnn_outputs,
+    top_layer_final,
+)
 
 
 class SequenceEncoder(nn.Module):
@@ -45,14 +52,23 @@ class SequenceEncoder(nn.Module):
         x = self.embedding(inputs) if self.embedding is not None else inputs  # [N, T, F]
         return run_rnn(self.rnn, x, lengths, initial_state)
 
+    def outputs_only(
+        self, inputs: Tensor, lengths: Tensor, initial_state: State | None = None
+    ) -> Tensor:
+        """`forward`'s outputs alone, faster where no final state is needed (`run_rnn_outputs`)."""
+        x = self.embedding(inputs) if self.embedding is not None else inputs
+        return run_rnn_outputs(self.rnn, x, lengths, initial_state)
+
 
 @dataclass(frozen=True)
 class EncodeOutput:
-    """encodings [N, E] (or [N, T, E] for pooling "none"); scores [N, head.size] or None."""
+    """encodings [N, E] (or [N, T, E] for pooling "none"); scores [N, head.size] or None; the
+    top layer's final h [N, E]; the final state, unless the call asked for none."""
 
     encodings: Tensor
     scores: Tensor | None
-    final_state: State
+    final: Tensor
+    final_state: State | None
 
 
 def pool(outputs: Tensor, lengths: Tensor, final: Tensor, pooling: RequestPooling) -> Tensor:
@@ -86,13 +102,21 @@ class EncoderModel(nn.Module):
         lengths: Tensor,
         pooling: RequestPooling | None = None,
         initial_state: State | None = None,
+        return_state: bool = True,
     ) -> EncodeOutput:
         """Encode a padded batch; the head always reads the config's default pooling.
 
         Scores are softmax probabilities when the head has labels, raw outputs otherwise.
+        `return_state=False` leaves `final_state` out, which lets long batches run faster.
         """
-        outputs, state = self.encoder(inputs, lengths, initial_state)  # [N, T, E]
-        final = top_layer_final(state, self.config.encoder.bidirectional)  # [N, E]
+        bidirectional = self.config.encoder.bidirectional
+        state: State | None = None
+        if return_state:
+            outputs, state = self.encoder(inputs, lengths, initial_state)  # [N, T, E]
+            final = top_layer_final(state, bidirectional)  # [N, E]
+        else:
+            outputs = self.encoder.outputs_only(inputs, lengths, initial_state)
+            final = last_outputs(outputs, lengths, bidirectional)
         requested = pooling or self.config.pooling
         encodings = pool(outputs, lengths, final, requested)
         scores: Tensor | None = None
@@ -106,7 +130,7 @@ class EncoderModel(nn.Module):
             assert self.config.head is not None
             if self.config.head.labels is not None:
                 scores = torch.softmax(scores, dim=-1)
-        return EncodeOutput(encodings=encodings, scores=scores, final_state=state)
+        return EncodeOutput(encodings=encodings, scores=scores, final=final, final_state=state)
 
 
 def collate(sequences: Sequence[Tensor | np.ndarray]) -> tuple[Tensor, Tensor]:

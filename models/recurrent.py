@@ -159,13 +159,23 @@ def make_rnn(
     return ResetBeforeGRU(input_size, hidden_size, num_layers, bidirectional)
 
 
-# Segment length of the segmented path (see `run_rnn`); 4–16 measured alike on CPU.
-SEGMENT_STEPS = 8
-# Where the segmented path beats packing on the CPU (bench/RESULTS.md, Models): nn.LSTM only
-# (PyTorch's fused oneDNN kernel is LSTM's; a GRU/RNN lost 20–50 %), hidden ≥ 128, ≥ 64 steps
-# (at hidden 256: 1.0–1.3× at 64–128 steps; 0.7–1.1× at 16–32).
-SEGMENTED_MIN_HIDDEN = 128
-SEGMENTED_MIN_STEPS = 64
+# Where the segmented path beats packing on the CPU (`python -m bench.probes segments`, bench/
+# RESULTS.md): nn.LSTM only (the fused oneDNN kernel is LSTM's; a GRU lost 11–21 %). With final
+# states (replays of rows ending inside a segment): hidden ≥ 128 and ≥ 32 steps (0.97–1.04× for
+# lengths 16–32, 1.09–1.32× up to 63, 0.88–0.94× at 8–16). Outputs alone: hidden ≥ 64 and ≥ 8
+# steps (1.15–2.24×).
+SEGMENTED_MIN_HIDDEN = {True: 128, False: 64}  # by whether final states are wanted
+SEGMENTED_MIN_STEPS = {True: 32, False: 8}
+# The cost model of `plan_segments`, in row-steps (one row through one step of a plain call),
+# fitted on the reference LSTM (`python -m bench.probes call-costs`); both sides grow with the
+# weights, so the ratios carry across sizes. oneDNN reorders every weight on each call (CALL) and
+# reads the recurrent weights once per step whatever the rows (STEP); a row that ends inside a
+# segment and whose final state is wanted is finished by the packed path (FINISH per step).
+PLAN_CALL_COST = 48.0
+PLAN_STEP_COST = 0.6
+PLAN_FINISH_COST = 3.0
+# The plan considers at most this many cut points (its cost grows with their square, in Python).
+PLAN_MAX_POINTS = 24
 
 
 def run_rnn(
@@ -187,13 +197,8 @@ def run_rnn(
         # NOTE: every row is full length, so packing would change nothing; skip its cost.
         outputs, state = rnn(inputs, initial_state)
         return outputs, state
-    if (
-        isinstance(rnn, nn.LSTM)
-        and not rnn.bidirectional
-        and inputs.device.type == "cpu"
-        and rnn.hidden_size >= SEGMENTED_MIN_HIDDEN
-        and steps >= SEGMENTED_MIN_STEPS
-    ):
+    if _segments_win(rnn, inputs, need_state=True):
+        assert isinstance(rnn, nn.RNNBase)
         return run_segmented(rnn, inputs, lengths, initial_state)
     packed = pack_padded_sequence(inputs, lengths, batch_first=True, enforce_sorted=False)
     packed_out, state = rnn(packed, initial_state)
@@ -201,22 +206,98 @@ def run_rnn(
     return outputs, state
 
 
+def run_rnn_outputs(
+    rnn: nn.Module, inputs: Tensor, lengths: Tensor, initial_state: State | None = None
+) -> Tensor:
+    """`run_rnn`'s outputs alone: the segmented path then skips finishing the final states of
+    rows that end inside a segment, and plans fewer, longer segments."""
+    if lengths.device.type != "cpu":
+        lengths = lengths.cpu()
+    if int(lengths.min()) < inputs.shape[1] and _segments_win(rnn, inputs, need_state=False):
+        assert isinstance(rnn, nn.RNNBase)
+        return _segmented(rnn, inputs, lengths, initial_state, None, need_state=False)[0]
+    return run_rnn(rnn, inputs, lengths, initial_state)[0]
+
+
+def _segments_win(rnn: nn.Module, inputs: Tensor, need_state: bool) -> bool:
+    return (
+        isinstance(rnn, nn.LSTM)
+        and not rnn.bidirectional
+        and inputs.device.type == "cpu"
+        and rnn.hidden_size >= SEGMENTED_MIN_HIDDEN[need_state]
+        and inputs.shape[1] >= SEGMENTED_MIN_STEPS[need_state]
+    )
+
+
+def plan_segments(ends: list[int], need_state: bool = True) -> list[int]:
+    """Where `run_segmented` cuts time for rows of lengths `ends` (descending, each ≥ 1): each
+    segment's end, ascending, the last the longest length. The cheapest split under the cost
+    model above, cutting only where rows end (a row ending on a cut needs no finishing)."""
+    ascending = ends[::-1]
+    points = sorted(set(ascending))
+    if len(points) > PLAN_MAX_POINTS:
+        count = len(points)
+        points = sorted(
+            {points[(i * count) // PLAN_MAX_POINTS - 1] for i in range(1, PLAN_MAX_POINTS + 1)}
+        )
+    cuts = [0, *points]
+    rows = len(ascending)
+    prefix = [0]
+    for n in ascending:
+        prefix.append(prefix[-1] + n)
+    ended = [bisect.bisect_right(ascending, t) for t in cuts]  # rows of length ≤ t
+    short = [bisect.bisect_left(ascending, t) for t in cuts]  # rows of length < t
+    best = [0.0] + [math.inf] * (len(cuts) - 1)
+    previous = [0] * len(cuts)
+    for j in range(1, len(cuts)):
+        stop, inside_end = cuts[j], short[j]
+        for i in range(j):
+            start, first = cuts[i], ended[i]
+            cost = best[i] + PLAN_CALL_COST + (stop - start) * (PLAN_STEP_COST + rows - first)
+            if need_state and inside_end > first:
+                # NOTE: rows ending strictly inside (start, stop) replay their last segment.
+                replay = prefix[inside_end] - prefix[first] - (inside_end - first) * start
+                cost += PLAN_FINISH_COST * replay
+            if cost < best[j]:
+                best[j], previous[j] = cost, i
+    plan: list[int] = []
+    j = len(cuts) - 1
+    while j:
+        plan.append(cuts[j])
+        j = previous[j]
+    return plan[::-1]
+
+
 def run_segmented(
     rnn: nn.RNNBase,
     inputs: Tensor,
     lengths: Tensor,
     initial_state: State | None = None,
-    segment: int = SEGMENT_STEPS,
+    cuts: list[int] | None = None,
 ) -> tuple[Tensor, State]:
-    """`run_rnn` for a unidirectional nn.RNN/LSTM/GRU, by time segments of `segment` steps.
+    """`run_rnn` for a unidirectional nn.RNN/LSTM/GRU, by time segments ending at `cuts`
+    (ascending, the last ≥ the longest length; default: `plan_segments`).
 
     Rows sorted longest first; each segment is one plain (unpacked) call over the rows still
     running, from their state at the segment's start. On the CPU a plain call runs a fused
     kernel that is several times faster per step than the packed path's step-by-step loop, so
-    this beats packing even though rows that end inside a segment compute up to `segment` − 1
-    extra steps. Those rows' exact final states come from one short packed call from their
-    segment-start state. Same results as the packed path (to float rounding).
+    this beats packing even though rows that end inside a segment compute extra steps. Those
+    rows' exact final states come from one short packed call from their segment-start state.
+    Same results as the packed path (to float rounding).
     """
+    outputs, state = _segmented(rnn, inputs, lengths, initial_state, cuts, need_state=True)
+    assert state is not None
+    return outputs, state
+
+
+def _segmented(
+    rnn: nn.RNNBase,
+    inputs: Tensor,
+    lengths: Tensor,
+    initial_state: State | None,
+    cuts: list[int] | None,
+    need_state: bool,
+) -> tuple[Tensor, State | None]:
     batch, steps, _ = inputs.shape
     order = torch.argsort(lengths, descending=True, stable=True)
     # NOTE: the batcher already sorts longest first; then no row is moved (no copies).
@@ -230,49 +311,45 @@ def run_segmented(
         state: State = (zero, zero.clone()) if isinstance(rnn, nn.LSTM) else zero
     else:
         state = initial_state if in_order else select_state(initial_state, order.to(x.device))
-    # NOTE: every step is written by a segment or zeroed by the final mask.
-    outputs = x.new_empty(batch, steps, hidden)
-    final = _empty_like_state(state)
-    start_states = _empty_like_state(state)  # for rows that end inside a segment
-    # NOTE: the bookkeeping runs on a Python list, not tensors: every torch call gives up the
+    # NOTE: the bookkeeping runs on Python lists, not tensors: every torch call gives up the
     # GIL and must win it back, which a busy event loop beside this thread makes slow.
     ends = sorted_lengths.tolist()  # descending
-    longest = ends[0]
+    if cuts is None:
+        cuts = plan_segments(ends, need_state)
+    # NOTE: every step is written by a segment or zeroed by the final mask.
+    outputs = x.new_empty(batch, steps, hidden)
+    final = _empty_like_state(state) if need_state else None
+    start_states = _empty_like_state(state) if need_state else None
+    inside: list[int] = []  # rows that end inside a segment (their final state is replayed)
+    inside_starts: list[int] = []  # … and where that segment starts
     running = batch
     t0 = 0
-    # NOTE: split once (one call) rather than slicing time per segment.
-    x_parts = x.split(segment, dim=1)
-    out_parts = outputs.split(segment, dim=1)
-    for x_part, out_part in zip(x_parts, out_parts, strict=True):
-        if t0 >= longest:
+    for t1 in cuts:
+        if running == 0:
             break
-        t1 = min(t0 + segment, longest)
         part = _narrow_state(state, running)
-        if running < batch:
-            x_part, out_part = x_part[:running], out_part[:running]
-        if t1 - t0 < x_part.shape[1]:
-            x_part, out_part = x_part[:, : t1 - t0], out_part[:, : t1 - t0]
-        out, state = rnn(x_part, part)
-        out_part.copy_(out)
+        out, state = rnn(x[:running, t0:t1], part)
+        outputs[:running, t0:t1].copy_(out)
         # Rows ending in (t0, t1] sit at [still, running), longest first: those ending exactly
         # at t1 have their final state now; the others keep their segment-start state.
         still = bisect.bisect_left(ends, -t1, key=lambda n: -n)
-        exact = bisect.bisect_left(ends, -(t1 - 1), key=lambda n: -n)
-        _copy_rows(final, state, still, exact)
-        _copy_rows(start_states, part, exact, running)
+        if final is not None and start_states is not None:
+            exact = bisect.bisect_left(ends, -(t1 - 1), key=lambda n: -n)
+            _copy_rows(final, state, still, exact)
+            _copy_rows(start_states, part, exact, running)
+            inside += range(exact, running)
+            inside_starts += [t0] * (running - exact)
         running = still
         t0 = t1
-    # Rows that end strictly inside a segment: length not on a segment boundary (the last
-    # segment ends at the longest length). One short packed call from their segment start.
-    inside = (sorted_lengths % segment != 0) & (sorted_lengths != longest)
-    if bool(inside.any()):
-        rows = inside.nonzero().squeeze(1)
-        offsets = sorted_lengths[rows] // segment * segment
-        remaining = sorted_lengths[rows] - offsets  # 1 … segment − 1
-        index = offsets[:, None] + torch.arange(segment)[None, :]
+    if final is not None and start_states is not None and inside:
+        # One short packed call replays each such row's last segment from its start state.
+        rows = torch.tensor(inside)
+        starts = torch.tensor(inside_starts)
+        remaining = sorted_lengths[rows] - starts  # 1 … its segment's length − 1
+        index = starts[:, None] + torch.arange(int(remaining.max()))[None, :]
         index = index.clamp(max=steps - 1).to(inputs.device)
         device_rows = rows.to(inputs.device)
-        tail = x[device_rows[:, None], index]  # [R, segment, F]
+        tail = x[device_rows[:, None], index]  # [R, longest remainder, F]
         packed = pack_padded_sequence(tail, remaining, batch_first=True, enforce_sorted=False)
         _, fixed = rnn(packed, select_state(start_states, device_rows))
         _scatter_rows(final, fixed, device_rows)
@@ -281,7 +358,8 @@ def run_segmented(
     if in_order:
         return outputs, final
     inverse = torch.argsort(order).to(x.device)
-    return outputs.index_select(0, inverse), select_state(final, inverse)
+    outputs = outputs.index_select(0, inverse)
+    return outputs, None if final is None else select_state(final, inverse)
 
 
 def _empty_like_state(state: State) -> State:
@@ -374,6 +452,17 @@ def top_layer_final(state: State, bidirectional: bool) -> Tensor:
     if bidirectional:
         return torch.cat([h[-2], h[-1]], dim=-1)
     return h[-1]
+
+
+def last_outputs(outputs: Tensor, lengths: Tensor, bidirectional: bool) -> Tensor:
+    """`top_layer_final` read from the outputs [N, T, D*H] of `run_rnn`: each row's forward h at
+    its last step (and backward h at step 0), the same values as in the final state."""
+    rows = torch.arange(outputs.shape[0], device=outputs.device)
+    last = outputs[rows, (lengths - 1).to(outputs.device)]  # [N, D*H]
+    if not bidirectional:
+        return last
+    hidden = outputs.shape[-1] // 2
+    return torch.cat([last[:, :hidden], outputs[:, 0, hidden:]], dim=-1)
 
 
 def select_state(state: State, rows: Tensor) -> State:

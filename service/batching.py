@@ -43,7 +43,7 @@ from torch import Tensor
 
 from models.config import RequestPooling
 from models.encoder import EncoderModel, collate, pool
-from models.recurrent import State, top_layer_final
+from models.recurrent import State
 from service.errors import ComputeError, DeadlineExceeded, Draining, Overloaded, ServiceError
 from service.executor import DeviceExecutor
 from service.metrics import Metrics
@@ -627,17 +627,19 @@ class EncodeCompute:
         if inputs is None:
             # NOTE: a large copy, here rather than on the loop: numpy releases the GIL for it.
             inputs, _ = collate([batch.items[i].sequence for i in batch.order])
-        out = self.model(self._placed(inputs), batch.lengths, shared, initial)
+        out = self.model(
+            self._placed(inputs), batch.lengths, shared, initial, return_state=batch.return_state
+        )
         pooled: dict[str, np.ndarray] = {shared: self._host(out.encodings)}
         if shared == "none":
-            final = top_layer_final(out.final_state, self.model.config.encoder.bidirectional)
             for pooling in batch.poolings - {"none"}:
-                pooled[pooling] = self._host(pool(out.encodings, batch.lengths, final, pooling))
+                pooled[pooling] = self._host(pool(out.encodings, batch.lengths, out.final, pooling))
         # NOTE: the head always reads the config's default pooling, whatever a row asked.
         scores = self._host(out.scores) if out.scores is not None else None
         final_state: list[np.ndarray] = []
         if batch.return_state:
             state = out.final_state
+            assert state is not None
             final_state = [self._host(t) for t in (state if isinstance(state, tuple) else (state,))]
         return EncodeOutput(pooled, scores, final_state)
 

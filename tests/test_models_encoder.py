@@ -70,6 +70,39 @@ def test_batch_invariance(
                 torch.testing.assert_close(batched.encodings[row], alone.encodings[0])
 
 
+torch.manual_seed(0)
+# Hidden ≥ 128: the size that takes the segmented path on long batches (models/recurrent.py).
+LONG_LSTM = build_model(
+    make_config(cell="lstm", hidden_size=128, input_size=4, num_layers=2, head=["a", "b"])
+).eval()
+
+
+@pytest.mark.parametrize("key", [*sorted(MODELS), "long-lstm"], ids=str)
+@settings(max_examples=8, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    lengths=st.lists(st.integers(1, 90), min_size=1, max_size=9),
+    pooling=st.sampled_from(["last", "mean", "max", "none"]),
+    seed=st.integers(0, 1000),
+)
+def test_leaving_out_the_final_state_changes_no_answer(
+    key: tuple[int, bool, int] | str, lengths: list[int], pooling: str, seed: int
+) -> None:
+    """`return_state=False` (outputs only: fewer segments, no replays) answers the same."""
+    model = LONG_LSTM if key == "long-lstm" else MODELS[key]
+    if key == "long-lstm":
+        lengths = [*lengths, 70]  # ≥ 64 steps: the segmented path
+    generator = torch.Generator().manual_seed(seed)
+    inputs, lens = collate([torch.randn(n, 4, generator=generator) for n in lengths])
+    with torch.no_grad():
+        full = model(inputs, lens, pooling=pooling)  # type: ignore[arg-type]
+        lean = model(inputs, lens, pooling=pooling, return_state=False)  # type: ignore[arg-type]
+    assert lean.final_state is None and full.final_state is not None
+    torch.testing.assert_close(lean.encodings, full.encodings)
+    torch.testing.assert_close(lean.final, full.final)
+    if full.scores is not None:
+        torch.testing.assert_close(lean.scores, full.scores)
+
+
 @pytest.mark.parametrize("variant", VARIANTS, ids=lambda v: "-".join(map(str, v.values())))
 def test_chunked_continuation_equals_whole(variant: dict[str, Any]) -> None:
     """encoder(chunk2, initial_state=final_state(chunk1)) == encoder(chunk1 + chunk2)."""
@@ -88,6 +121,7 @@ def test_chunked_continuation_equals_whole(variant: dict[str, Any]) -> None:
         torch.testing.assert_close(
             second.encodings[row, : len(s) - k], full.encodings[row, k : len(s)]
         )
+    assert full.final_state is not None and second.final_state is not None
     full_h = full.final_state[0] if isinstance(full.final_state, tuple) else full.final_state
     second_h = (
         second.final_state[0] if isinstance(second.final_state, tuple) else second.final_state

@@ -12,7 +12,14 @@ from torch import nn
 from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
 
 from models import recurrent
-from models.recurrent import State, make_rnn, run_rnn, run_segmented, step_rnn
+from models.recurrent import (
+    State,
+    make_rnn,
+    run_rnn,
+    run_rnn_outputs,
+    run_segmented,
+    step_rnn,
+)
 
 
 def _packed(
@@ -65,9 +72,41 @@ def test_segmented_equals_packed(
         initial = (h0, torch.randn_like(h0)) if cell == "lstm" else h0
     with torch.inference_mode():
         expected_out, expected_state = _packed(rnn, inputs, lens, initial)
-        outputs, state = run_segmented(rnn, inputs, lens, initial, segment)
-    torch.testing.assert_close(outputs, expected_out, rtol=1e-5, atol=1e-5)
+        # Fixed-width segments, then the planned cuts (with and without final states).
+        longest = max(lengths)
+        fixed = [*range(segment, longest, segment), longest]
+        outputs, state = run_segmented(rnn, inputs, lens, initial, fixed)
+        planned_out, planned_state = run_segmented(rnn, inputs, lens, initial)
+        outputs_only, no_state = recurrent._segmented(rnn, inputs, lens, initial, None, False)
+    for out in (outputs, planned_out, outputs_only):
+        torch.testing.assert_close(out, expected_out, rtol=1e-5, atol=1e-5)
     _close(state, expected_state)
+    _close(planned_state, expected_state)
+    assert no_state is None
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    lengths=st.lists(st.integers(1, 300), min_size=1, max_size=128),
+    need_state=st.booleans(),
+)
+def test_planned_cuts_end_segments_where_rows_end(lengths: list[int], need_state: bool) -> None:
+    ends = sorted(lengths, reverse=True)
+    cuts = recurrent.plan_segments(ends, need_state)
+    assert cuts == sorted(set(cuts)) and cuts[-1] == ends[0]
+    assert set(cuts) <= set(lengths)
+    assert len(cuts) <= recurrent.PLAN_MAX_POINTS
+
+
+def test_the_plan_cuts_less_where_no_final_state_is_wanted() -> None:
+    # NOTE: a cut costs a call (oneDNN reorders the weights each time); a row ending inside a
+    # segment costs a replay only when its final state is wanted.
+    ends = list(range(128, 16, -4))
+    assert len(recurrent.plan_segments(ends, need_state=False)) < len(
+        recurrent.plan_segments(ends, need_state=True)
+    )
+    # Equal lengths: one call, whatever is wanted.
+    assert recurrent.plan_segments([64] * 32, True) == [64]
 
 
 def test_run_rnn_segments_long_lstm_batches_and_equals_packing(
@@ -95,9 +134,33 @@ def test_run_rnn_segments_long_lstm_batches_and_equals_packing(
     # Where it was measured to lose, the packed path stays: a GRU, a short batch, a small LSTM.
     with torch.inference_mode():
         run_rnn(make_rnn("gru", 4, 128, 2), inputs, lengths)
-        run_rnn(rnn, inputs[:, :40], torch.tensor([40, 9, 33, 17, 30]))
+        run_rnn(rnn, inputs[:, :20], torch.tensor([20, 9, 13, 17, 20]))
         run_rnn(make_rnn("lstm", 4, 64, 2), inputs, lengths)
     assert taken == ["segmented"]
+
+
+def test_outputs_alone_segment_smaller_and_shorter_lstm_batches(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    wanted: list[bool] = []
+    real = recurrent._segmented
+
+    def spy(*args: Any, need_state: bool) -> tuple[torch.Tensor, State | None]:
+        wanted.append(need_state)
+        return real(*args, need_state=need_state)
+
+    monkeypatch.setattr(recurrent, "_segmented", spy)
+    torch.manual_seed(0)
+    small = make_rnn("lstm", 4, 64, 2)
+    inputs = torch.randn(4, 12, 4)
+    lengths = torch.tensor([12, 3, 9, 7])
+    with torch.inference_mode():
+        outputs = run_rnn_outputs(small, inputs, lengths)
+        expected, _ = _packed(small, inputs, lengths, None)
+        run_rnn(small, inputs, lengths)  # with states: packed at this size
+        run_rnn_outputs(make_rnn("gru", 4, 64, 2), inputs, lengths)
+    assert wanted == [False]
+    torch.testing.assert_close(outputs, expected, rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.parametrize(
