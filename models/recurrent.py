@@ -160,12 +160,13 @@ def make_rnn(
 
 
 # Where the segmented path beats packing on the CPU (`python -m bench.probes segments`, bench/
-# RESULTS.md): nn.LSTM only (the fused oneDNN kernel is LSTM's; a GRU lost 11–21 %). With final
-# states (replays of rows ending inside a segment): hidden ≥ 128 and ≥ 32 steps (0.97–1.04× for
-# lengths 16–32, 1.09–1.32× up to 63, 0.88–0.94× at 8–16). Outputs alone: hidden ≥ 64 and ≥ 8
-# steps (1.15–2.24×).
+# RESULTS.md 2026-11-26 fourth session; packed time ÷ segmented, batches of 32): nn.LSTM only
+# (the fused oneDNN kernel is LSTM's; a GRU lost 11–21 %). With final states (replays of rows
+# ending inside a segment): hidden ≥ 128 over ≥ 64 steps (lengths 16–128: 1.21× at hidden 128,
+# 1.39× at 256; up to 63 steps 0.99–1.10×, too close to call). Outputs alone: hidden ≥ 64 and
+# ≥ 8 steps (1.13–2.19× from lengths 8–16 to 32–63, hidden 64–256).
 SEGMENTED_MIN_HIDDEN = {True: 128, False: 64}  # by whether final states are wanted
-SEGMENTED_MIN_STEPS = {True: 32, False: 8}
+SEGMENTED_MIN_STEPS = {True: 64, False: 8}
 # The cost model of `plan_segments`, in row-steps (one row through one step of a plain call),
 # fitted on the reference LSTM (`python -m bench.probes call-costs`); both sides grow with the
 # weights, so the ratios carry across sizes. oneDNN reorders every weight on each call (CALL) and
@@ -314,8 +315,12 @@ def _segmented(
     # NOTE: the bookkeeping runs on Python lists, not tensors: every torch call gives up the
     # GIL and must win it back, which a busy event loop beside this thread makes slow.
     ends = sorted_lengths.tolist()  # descending
+    if ends[0] > steps:
+        raise ValueError(f"a length of {ends[0]} exceeds the {steps} steps of the inputs")
     if cuts is None:
         cuts = plan_segments(ends, need_state)
+    elif not cuts or cuts[-1] < ends[0]:
+        raise ValueError(f"the last cut must reach the longest length {ends[0]}, got {cuts}")
     # NOTE: every step is written by a segment or zeroed by the final mask.
     outputs = x.new_empty(batch, steps, hidden)
     final = _empty_like_state(state) if need_state else None

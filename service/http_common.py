@@ -20,17 +20,9 @@ from pydantic import BaseModel, BeforeValidator, ValidationError
 
 from service import codecs, http_errors, metric_labels, rest_schemas, validation
 from service.errors import InvalidInput, PermissionDenied, Unauthenticated
+from service.http_limits import BodyTooLargeError
 from service.metrics import Metrics, outcome_of
 from service.settings import Settings
-
-
-class InvalidPathParameter(InvalidInput):
-    """A path parameter refused while FastAPI reads the path: the route itself never runs.
-    Answered as the InvalidInput it is (`handle_refused_path`)."""
-
-    def __init__(self, field: str, reason: str) -> None:
-        super().__init__(field, reason)
-        self.reason = reason
 
 
 def _path_version(value: object) -> object:
@@ -39,11 +31,7 @@ def _path_version(value: object) -> object:
     # `model_version`), counted by `handle_refused_path`.
     if not isinstance(value, str):
         return value
-    try:
-        return validation.parse_version(value, "path.version")
-    except InvalidInput as exc:
-        reason = exc.message.removeprefix(f"{exc.field}: ")
-        raise InvalidPathParameter(exc.field, reason) from None
+    return validation.parse_version(value, "path.version", http_errors.InvalidPathParameter)
 
 
 # A `{version}` path parameter: 1–19 digits 0-9, at least 1 ("+1", " 1" or "1_0" are refused,
@@ -177,6 +165,9 @@ class RequestObserver:
         model, version = metric_labels.request_labels(self.known, model, version, error)
         if isinstance(error, ClientDisconnectedError):
             error = asyncio.CancelledError()
+        elif isinstance(error, BodyTooLargeError):
+            # NOTE: a chunked body crossing the size limit: the client's fault (413), not ours.
+            error = InvalidInput("body", "too large")
         self.metrics.observe_request(
             model, version, self.protocol, endpoint, outcome_of(error), seconds
         )
@@ -205,14 +196,13 @@ _PATH_CHECKED: weakref.WeakKeyDictionary[Callable[..., Any], tuple[RequestObserv
 
 
 async def handle_refused_path(request: Request, exc: Exception) -> Response:
-    """The answer to an `InvalidPathParameter`, recorded under the matched route's endpoint (the
-    route's own observer never saw the request)."""
-    assert isinstance(exc, InvalidPathParameter)
+    """The answer to an `http_errors.InvalidPathParameter`, recorded under the matched route's
+    endpoint (the route's own observer never saw the request)."""
+    assert isinstance(exc, http_errors.InvalidPathParameter)
     found = _PATH_CHECKED.get(request.scope.get("endpoint"))  # type: ignore[arg-type]
     if found is not None:
         observer, endpoint = found
         # NOTE: refused while routing, before any work and with no start time to measure from;
         # 0 lands in the lowest latency bucket (0.5 ms), as the few µs it took would.
         observer.record(request.path_params.get("name", ""), None, endpoint, exc, 0.0)
-    answer = InvalidInput(exc.field, exc.reason)
-    return http_errors.service_error_response(answer, http_errors.is_v2(request))
+    return http_errors.service_error_response(exc, http_errors.is_v2(request))

@@ -32,6 +32,11 @@ HTTP_STATUS: dict[type[errors.ServiceError], int] = {
 }
 
 
+class InvalidPathParameter(errors.InvalidInput):
+    """A path parameter refused while FastAPI reads the path: the route itself never runs.
+    Answered as the InvalidInput it is (the error body's type says so)."""
+
+
 def status_of(exc: errors.ServiceError) -> int:
     """The HTTP status of a core error (a subclass takes its nearest listed ancestor's)."""
     for cls in type(exc).__mro__:
@@ -65,7 +70,9 @@ def service_error_response(exc: errors.ServiceError, v2: bool) -> Response:
     elif isinstance(exc, errors.Unauthenticated):
         headers["WWW-Authenticate"] = "Bearer"
     field = exc.field if isinstance(exc, errors.InvalidInput) else None
-    body = error_body(v2, type(exc).__name__, exc.message, field)
+    # NOTE: the body's type is public: a path refusal is an InvalidInput like any other.
+    name = "InvalidInput" if isinstance(exc, InvalidPathParameter) else type(exc).__name__
+    body = error_body(v2, name, exc.message, field)
     return Response(
         body, status_code=status_of(exc), media_type="application/json", headers=headers
     )

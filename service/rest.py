@@ -29,7 +29,6 @@ from service.engine import Engine
 from service.errors import InvalidInput, ServiceError
 from service.http_common import (
     ClientDisconnectedError,
-    InvalidPathParameter,
     RequestObserver,
     VersionPath,
     documented_body,
@@ -464,7 +463,7 @@ def create_app(
         app.add_middleware(HotRoutes, fastapi_app=app, routes=[*api.routes, *v2_api.routes])
     app.add_middleware(BodySizeLimit, max_bytes=settings.max_body_bytes)
     app.add_exception_handler(ServiceError, http_errors.handle_service_error)
-    app.add_exception_handler(InvalidPathParameter, handle_refused_path)
+    app.add_exception_handler(http_errors.InvalidPathParameter, handle_refused_path)
     app.add_exception_handler(RequestValidationError, http_errors.handle_validation_error)
     app.add_exception_handler(StarletteHTTPException, http_errors.handle_http_exception)
     app.add_exception_handler(ClientDisconnectedError, http_errors.handle_client_disconnected)

@@ -194,6 +194,10 @@ def create_session_router(
         status: {"model": rest_schemas.ErrorBody} for status in (400, 404, 409, 503, 504)
     }
 
+    def _labels(session_id: str) -> tuple[str, int | None]:
+        info = sessions.peek(session_id)
+        return (info.model, info.version) if info is not None else ("", None)
+
     async def _open(name: str, version: int | None, request: Request) -> Response:
         with observer.observe(name, version, "session_open"):
             body = parse_body(SessionBody, await request.body())
@@ -253,9 +257,7 @@ def create_session_router(
         openapi_extra=documented_body(ChunkBody),
     )
     async def send_chunk(session_id: str, request: Request) -> Response:
-        info = sessions.peek(session_id)
-        model, version = (info.model, info.version) if info is not None else ("", None)
-        with observer.observe(model, version, "session_chunk"):
+        with observer.observe(*_labels(session_id), "session_chunk"):
             body = parse_body(ChunkBody, await request.body())
             sequence, kind = chunk_sequence(body)
             result = await sessions.chunk(
@@ -274,7 +276,8 @@ def create_session_router(
         summary="Look at a session",
     )
     async def get_session(session_id: str) -> Response:
-        return _json(_session(sessions.info(session_id)))
+        with observer.observe(*_labels(session_id), "session_get"):
+            return _json(_session(sessions.info(session_id)))
 
     @router.delete(
         "/v1/sessions/{session_id}",
@@ -283,7 +286,8 @@ def create_session_router(
         summary="Close a session",
     )
     async def close_session(session_id: str) -> Response:
-        return _json(_session(sessions.close(session_id)))
+        with observer.observe(*_labels(session_id), "session_close"):
+            return _json(_session(sessions.close(session_id)))
 
     @router.post(
         "/v1/models/{name}/stream",

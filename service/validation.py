@@ -40,11 +40,13 @@ def check_model_name(name: str, field: str = "name") -> None:
 MAX_VERSION_DIGITS = 19
 
 
-def parse_version(text: str, field: str = "version") -> int:
+def parse_version(
+    text: str, field: str = "version", error: type[InvalidInput] = InvalidInput
+) -> int:
     """A model version written on the wire as text: 1–19 digits 0-9, at least 1 (REST paths and
-    V2 gRPC alike; "+1", " 1" or "1_0" are refused, not read as 1 or 10)."""
+    V2 gRPC alike; "+1", " 1" or "1_0" are refused, not read as 1 or 10), else `error`."""
     if len(text) > MAX_VERSION_DIGITS:
-        raise InvalidInput(
+        raise error(
             field,
             f"must be a positive integer of at most {MAX_VERSION_DIGITS} digits, "
             f"got {len(text)} characters",
@@ -52,9 +54,7 @@ def parse_version(text: str, field: str = "version") -> int:
     # NOTE: str.isdigit() also takes other scripts' digits and superscripts ('²'), which int()
     # refuses or reads as something else: only 0-9 name a version.
     if not (text.isascii() and text.isdigit()) or int(text) < 1:
-        raise InvalidInput(
-            field, f"must be a positive integer written with the digits 0-9, got {text!r}"
-        )
+        raise error(field, f"must be a positive integer written with the digits 0-9, got {text!r}")
     return int(text)
 
 

@@ -626,3 +626,36 @@ def test_property_every_row_of_a_batch_equals_the_row_computed_alone(
                         np.testing.assert_allclose(got, want[:, 0].numpy(), rtol=1e-5, atol=1e-5)
     finally:
         loop.close()
+
+
+def test_a_batch_asks_for_final_states_only_when_a_row_wants_its_own(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # NOTE: without final states a long unequal batch runs fewer, longer segments with no
+    # replays (models.recurrent.run_rnn_outputs): plain encodes must not ask for them.
+    write_model(tmp_path, "m", input_size=FEATURES)
+    model = checkpoint.load(tmp_path / "m" / "1").model
+    assert isinstance(model, EncoderModel)
+    asked: list[bool] = []
+    real = model.forward
+
+    def spy(*args: object, return_state: bool = True) -> object:
+        asked.append(return_state)
+        return real(*args, return_state=return_state)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(model, "forward", spy)
+    compute = EncodeCompute(model, torch.device("cpu"), torch.float32, (1, HIDDEN))
+    loop = asyncio.new_event_loop()
+    try:
+        for wanted in ((False, False), (False, True)):
+            items = [
+                Item(sequence, loop.create_future(), None, None, None, wants)
+                for sequence, wants in zip(features([5, 3], seed=1), wanted, strict=True)
+            ]
+            with torch.inference_mode():
+                prepared = compute.prepare(items)
+                rows = compute.rows(prepared, compute.run(prepared))
+            assert [row.final_state is not None for row in rows] == list(wanted)
+    finally:
+        loop.close()
+    assert asked == [False, True]

@@ -109,6 +109,34 @@ def test_the_plan_cuts_less_where_no_final_state_is_wanted() -> None:
     assert recurrent.plan_segments([64] * 32, True) == [64]
 
 
+@pytest.mark.parametrize("need_state", [True, False])
+def test_a_thinned_plan_still_equals_packing(need_state: bool) -> None:
+    # NOTE: over PLAN_MAX_POINTS distinct lengths the plan cuts at some of them only, so rows
+    # end inside segments (replayed when their state is wanted).
+    torch.manual_seed(3)
+    rnn = make_rnn("lstm", 5, 6, 2)
+    assert isinstance(rnn, nn.RNNBase)
+    lengths = torch.randperm(60) + 1  # 60 distinct lengths, unsorted
+    inputs = torch.randn(60, 60, 5)
+    with torch.inference_mode():
+        expected_out, expected_state = _packed(rnn, inputs, lengths, None)
+        outputs, state = recurrent._segmented(rnn, inputs, lengths, None, None, need_state)
+    assert len(recurrent.plan_segments(sorted(lengths.tolist(), reverse=True))) <= 24
+    torch.testing.assert_close(outputs, expected_out, rtol=1e-5, atol=1e-5)
+    if need_state:
+        assert state is not None
+        _close(state, expected_state)
+
+
+def test_cuts_that_stop_short_and_lengths_past_the_inputs_are_refused() -> None:
+    rnn = make_rnn("lstm", 5, 6, 1)
+    assert isinstance(rnn, nn.RNNBase)
+    with torch.inference_mode(), pytest.raises(ValueError, match="last cut"):
+        run_segmented(rnn, torch.randn(3, 8, 5), torch.tensor([8, 5, 3]), None, [3, 5])
+    with torch.inference_mode(), pytest.raises(ValueError, match="exceeds"):
+        run_segmented(rnn, torch.randn(2, 8, 5), torch.tensor([9, 5]))
+
+
 def test_run_rnn_segments_long_lstm_batches_and_equals_packing(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:

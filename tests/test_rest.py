@@ -185,6 +185,7 @@ COUNTED: list[tuple[str, Any, str, str, int]] = [
     ("POST /v1/models/feat/versions/x/sessions", {}, "feat", "session_open", 400),
     ("POST /v1/models/feat/versions/%201/stream", {"inputs": [[0.0] * 8]}, "feat", "stream", 400),
     ("POST /v1/management/models/feat/versions/2x/load", b"", "feat", "load", 400),
+    ("POST /v1/management/models/feat/versions/-1/unload", b"", "feat", "unload", 400),
     ("GET /v1/models/feat/versions/x", b"", "feat", "get_model", 400),
     ("GET /v2/models/feat/versions/x", b"", "feat", "model_metadata", 400),
     ("GET /v2/models/feat/versions/x/ready", b"", "feat", "model_ready", 400),
@@ -192,6 +193,8 @@ COUNTED: list[tuple[str, Any, str, str, int]] = [
     ("POST /v1/models/feat/sessions", b"[1]", "feat", "session_open", 400),
     ("POST /v1/models/feat/stream", {"inputs": "no"}, "feat", "stream", 400),
     ("POST /v1/sessions/no-such-session/chunks", b"{", "", "session_chunk", 400),
+    ("GET /v1/sessions/no-such-session", b"", "", "session_get", 404),
+    ("DELETE /v1/sessions/no-such-session", b"", "", "session_close", 404),
     ("POST /v1/management/models/feat/reload", b"", "feat", "reload", 403),
     ("POST /v2/repository/models/feat/load", b"", "feat", "repository_load", 403),
     ("POST /v2/repository/index", b"", "", "repository_index", 403),
@@ -223,6 +226,21 @@ def test_requests_are_counted_refused_or_not(
         before, "rnnserve_requests_total", **labels
     )
     assert counted == 1, (r.status_code, r.text)
+
+
+def test_a_chunked_body_over_the_limit_counts_as_the_clients_fault(client: httpx.Client) -> None:
+    labels = {"model": "feat", "endpoint": "stream", "outcome": "invalid_input"}
+    before = metric_value(client.get("/metrics").text, "rnnserve_requests_total", **labels)
+
+    def chunks() -> Iterator[bytes]:  # no Content-Length: the limit trips while reading
+        yield b'{"inputs": ['
+        for _ in range(40):
+            yield b"[" + b"0.0," * 2000 + b"0.0],"
+
+    r = client.post("/v1/models/feat/stream", content=chunks())
+    assert r.status_code == 413, r.text
+    after = metric_value(client.get("/metrics").text, "rnnserve_requests_total", **labels)
+    assert after == before + 1
 
 
 def test_refusals_for_made_up_models_add_no_metric_series(client: httpx.Client) -> None:
