@@ -246,15 +246,21 @@ def test_a_chunked_body_over_the_limit_counts_as_the_clients_fault(client: httpx
 def test_refusals_for_made_up_models_add_no_metric_series(client: httpx.Client) -> None:
     # NOTE: every distinct name would otherwise be a new series, which a client could grow
     # without bound (the session routes did).
-    for path in (
+    paths = (
         "/v1/models/made-up-1/sessions",
         "/v1/models/made-up-2/stream",
         "/v1/models/made-up-3/versions/1/sessions",
         "/v1/models/made-up-4/versions/1x/encode",
         "/v1/management/models/made-up-5/load",
-    ):
+    )
+    blank = {"model": "", "version": ""}
+    before = metric_value(client.get("/metrics").text, "rnnserve_requests_total", **blank)
+    for path in paths:
         assert 400 <= client.post(path, json={"inputs": [[0.0] * 8]}).status_code < 500
-    assert "made-up" not in client.get("/metrics").text
+    text = client.get("/metrics").text
+    assert "made-up" not in text
+    # Counted all the same, under blank labels.
+    assert metric_value(text, "rnnserve_requests_total", **blank) == before + len(paths)
 
 
 def test_docs_work_offline(client: httpx.Client) -> None:
