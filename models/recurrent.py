@@ -212,11 +212,14 @@ def run_rnn_outputs(
 ) -> Tensor:
     """`run_rnn`'s outputs alone: the segmented path then skips finishing the final states of
     rows that end inside a segment, and plans fewer, longer segments."""
-    if lengths.device.type != "cpu":
-        lengths = lengths.cpu()
-    if int(lengths.min()) < inputs.shape[1] and _segments_win(rnn, inputs, need_state=False):
+    # NOTE: the gate first: it is plain Python, while `lengths.min()` is a torch call that gives
+    # up the GIL (and `run_rnn` makes it again).
+    if _segments_win(rnn, inputs, need_state=False):
         assert isinstance(rnn, nn.RNNBase)
-        return _segmented(rnn, inputs, lengths, initial_state, None, need_state=False)[0]
+        if lengths.device.type != "cpu":
+            lengths = lengths.cpu()
+        if int(lengths.min()) < inputs.shape[1]:
+            return _segmented(rnn, inputs, lengths, initial_state, None, need_state=False)[0]
     return run_rnn(rnn, inputs, lengths, initial_state)[0]
 
 
