@@ -165,6 +165,12 @@ class Engine:
         entry = self.registry.resolve(name, version)
         return entry.version, entry.config
 
+    def request_config(self, name: str, version: int | None = None) -> tuple[int, ModelConfig]:
+        """What a new request would be checked against before it is read: the READY version's
+        number and config (Draining while shutting down, then NotFound / NotReady)."""
+        self._check_admitting()
+        return self.model_config(name, version)
+
     def model_head(self, name: str, version: int) -> Head | None:
         """A READY version's linear head as numpy arrays (None without a head), copied from the
         device when the version loaded (sessions ask for it every chunk)."""
@@ -195,6 +201,14 @@ class Engine:
         validation.check_pooling(request.pooling)
         timeout = self._timeout(request.timeout_s)
         arrays = self._sequences(entry, request.kind, request.sequences)
+        if request.answer_limit is not None:
+            validation.check_answer_size(
+                config,
+                request.kind,
+                arrays,
+                request.pooling or config.pooling,
+                request.answer_limit,
+            )
         deadline = None if timeout is None else time.monotonic() + timeout
         loop = asyncio.get_running_loop()
         items = [Item(a, loop.create_future(), request.pooling, deadline) for a in arrays]
