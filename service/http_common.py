@@ -16,6 +16,7 @@ from typing import Annotated, Any, TypeVar
 from fastapi import Request
 from fastapi.responses import Response
 from pydantic import BaseModel, BeforeValidator, ValidationError
+from starlette.requests import ClientDisconnect
 
 from service import codecs, http_errors, management, metric_labels, rest_schemas, validation
 from service.errors import InvalidInput
@@ -153,7 +154,7 @@ class RequestObserver:
     ) -> None:
         """Count one answered request."""
         model, version = metric_labels.request_labels(self.known, model, version, error)
-        if isinstance(error, ClientDisconnectedError):
+        if isinstance(error, ClientDisconnectedError | ClientDisconnect):
             error = asyncio.CancelledError()
         elif isinstance(error, BodyTooLargeError):
             # NOTE: a chunked body crossing the size limit: the client's fault (413), not ours.

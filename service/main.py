@@ -26,6 +26,7 @@ from pydantic import ValidationError
 
 from service import logging_setup
 from service.grpc_api import create_grpc_server
+from service.http_protocol import deadline_protocol
 from service.metrics import Metrics
 from service.settings import Settings
 
@@ -142,6 +143,7 @@ async def serve(settings: Settings) -> int:
             access_log=False,
             lifespan="off",
             timeout_graceful_shutdown=max(1, int(settings.drain_grace_s) + 1),
+            http=deadline_protocol(settings.http_header_timeout_s, settings.http_body_timeout_s),
         )
     )
     grpc_server = create_grpc_server(engine, settings, metrics)

@@ -22,6 +22,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from pydantic import BaseModel
 from pydantic.json_schema import models_json_schema
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.requests import ClientDisconnect
 from swagger_ui_bundle import swagger_ui_path
 
 from service import codecs, http_errors, metric_labels, rest_schemas, v2_rest, validation
@@ -491,6 +492,8 @@ def create_app(
     app.add_exception_handler(RequestValidationError, http_errors.handle_validation_error)
     app.add_exception_handler(StarletteHTTPException, http_errors.handle_http_exception)
     app.add_exception_handler(ClientDisconnectedError, http_errors.handle_client_disconnected)
+    # NOTE: a client gone while its body was read (or cut off by its body deadline).
+    app.add_exception_handler(ClientDisconnect, http_errors.handle_client_disconnected)
     app.add_exception_handler(Exception, http_errors.handle_unexpected)
     app.include_router(create_ops_router(engine, metrics))
     app.include_router(api)
