@@ -108,15 +108,26 @@ def _count(data: bytes, descriptor: Descriptor, max_walked: int) -> tuple[int, i
                 if field is not None and field.type == FieldDescriptor.TYPE_MESSAGE:
                     stack.append((pos, pos + length, field.message_type))
                 elif field is not None and field.type in _VARINT_TYPES:
-                    # NOTE: a packed field: one value per byte that ends a varint (< 0x80).
-                    chunk = np.frombuffer(view, np.uint8, length, pos)
-                    values += int(np.count_nonzero(chunk < 0x80)) - 1
+                    values += _varints(view, pos, pos + length) - 1
                 pos += length
             else:
                 raise _Malformed
         if pos != end:
             raise _Malformed
     return values, walked
+
+
+def _varints(view: memoryview, start: int, end: int) -> int:
+    """The integers of a packed field: one per byte that ends a varint (< 0x80), counted in
+    slices so that the comparison's array stays small."""
+    count = 0
+    for first in range(start, end, _SLICE):
+        chunk = np.frombuffer(view, np.uint8, min(_SLICE, end - first), first)
+        count += int(np.count_nonzero(chunk < 0x80))
+    return count
+
+
+_SLICE = 1 << 22
 
 
 def _varint(view: memoryview, pos: int, end: int) -> tuple[int, int]:

@@ -10,7 +10,7 @@ from __future__ import annotations
 import time
 from collections.abc import AsyncIterator
 from dataclasses import asdict
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from fastapi import APIRouter, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -60,6 +60,7 @@ if TYPE_CHECKING:
     from service.sessions import SessionManager
 
 PROTOCOL: WireProtocol = "rest"
+Body = TypeVar("Body", rest_schemas.EncodeBody, rest_schemas.GenerateBody)
 # Request bodies read raw (fast path) but documented from these models.
 REQUEST_MODELS: tuple[type[BaseModel], ...] = (
     rest_schemas.EncodeBody,
@@ -103,11 +104,8 @@ def create_router(engine: Engine, settings: Settings, metrics: Metrics) -> APIRo
     answers = AnswerLimit(settings.max_answer_bytes, 16, False, "--max-answer-bytes")
 
     async def sequences_of(
-        name: str,
-        version: int | None,
-        request: Request,
-        schema: type[rest_schemas.EncodeBody] | type[rest_schemas.GenerateBody],
-    ) -> tuple[Any, InputKind, list[Sequence]]:
+        name: str, version: int | None, request: Request, schema: type[Body]
+    ) -> tuple[Body, InputKind, list[Sequence]]:
         # NOTE: the model first: an unknown model's body is never read, and sequences longer
         # than the model takes are refused before numpy converts them.
         _, config = engine.request_config(name, version)

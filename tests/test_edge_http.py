@@ -189,16 +189,18 @@ def test_a_large_body_on_a_slow_link_is_not_cut(repository: Path) -> None:
     # 160 KiB over ~1.6 s against a 0.5 s deadline: each 64 KiB received earns a second more.
     body = _rows(100)
     body += b" " * (160 * 1024 - len(body))
-    with live_server(repository, http_header_timeout_s=0.5, http_body_timeout_s=0.5) as live:
-        with _open(live.port) as sock:
-            sock.sendall(
-                b"POST /v1/models/enc/encode HTTP/1.1\r\nHost: x\r\nconnection: close\r\n"
-                b"content-length: " + str(len(body)).encode() + b"\r\n\r\n"
-            )
-            for start in range(0, len(body), 10 * 1024):
-                sock.sendall(body[start : start + 10 * 1024])
-                time.sleep(0.1)
-            assert _answer(sock).startswith(b"HTTP/1.1 200 ")
+    with (
+        live_server(repository, http_header_timeout_s=0.5, http_body_timeout_s=0.5) as live,
+        _open(live.port) as sock,
+    ):
+        sock.sendall(
+            b"POST /v1/models/enc/encode HTTP/1.1\r\nHost: x\r\nconnection: close\r\n"
+            b"content-length: " + str(len(body)).encode() + b"\r\n\r\n"
+        )
+        for start in range(0, len(body), 10 * 1024):
+            sock.sendall(body[start : start + 10 * 1024])
+            time.sleep(0.1)
+        assert _answer(sock).startswith(b"HTTP/1.1 200 ")
 
 
 def test_a_request_head_over_64_kib_is_431(repository: Path) -> None:
