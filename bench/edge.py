@@ -1,15 +1,16 @@
 """Hostile and careless clients against a real `rnnserve serve` (run as `python -m bench.edge`).
 
 Starts the server on the demo repository (management on, with a token) as a subprocess and
-sends each request below while a thread polls `/healthz` every 50 ms. For each case it prints
-what the client got, how long it took, the slowest `/healthz` answer meanwhile (the event loop's
-longest stall, give or take 50 ms), the growth of the server's peak RSS (VmHWM, reset before
-each case through /proc/PID/clear_refs) and of its RSS a second after the case.
+sends each request below while another process polls `/healthz` every 50 ms. Each case runs on a
+fresh server; the table says what the client got, how long it took, the slowest `/healthz`
+answer meanwhile (the event loop's longest stall, give or take 50 ms; polled from another
+process), the growth of the server's peak RSS (VmHWM, reset before the case through
+/proc/PID/clear_refs) and of its RSS a second after the case.
 
     .venv/bin/python -m bench.edge [--cases rest-rows grpc-int64 ...] [--scale 1.0]
 
-`--scale` shrinks every request (0.1 = a tenth) for a quick check that the script runs; the
-targets hold for the full sizes: the largest request each limit lets through.
+`--scale` shrinks every request (0.1 = a tenth) for a quick check that the script runs; at full
+size the bodies and messages are as large as the 64 MiB body and message limits let through.
 """
 
 from __future__ import annotations
@@ -263,10 +264,20 @@ def grpc_pooling_none(scale: float) -> Send:
     return _unary(ENCODE, request.SerializeToString(), pb.EncodeResponse)
 
 
+def _stream_infers(server: Server) -> float:
+    text = httpx.get(f"{server.url}/metrics", timeout=60).text
+    return sum(
+        float(line.rsplit(" ", 1)[1])
+        for line in text.splitlines()
+        if line.startswith("rnnserve_requests_total{") and 'endpoint="stream_infer"' in line
+    )
+
+
 def stream_unread(scale: float) -> Send:
-    """ModelStreamInfer: 20 requests of 16 texts × 2,000 characters, pooling "none", answers
-    never read (the case waits 10 s, then leaves)."""
-    texts = [t.encode() for t in _texts(16, max(1, int(2000 * scale)))]
+    """ModelStreamInfer: 64 requests of 16 texts × 500 characters, pooling "none" (8 MB answers),
+    answers never read; once the server stops running more of them (or after 60 s), how many
+    it ran and its RSS."""
+    texts = [t.encode() for t in _texts(16, max(1, int(500 * scale)))]
     request = v2.ModelInferRequest(model_name="surnames")
     request.parameters["pooling"].string_param = "none"
     tensor = request.inputs.add(name="TEXT", datatype="BYTES", shape=[len(texts)])
@@ -274,16 +285,23 @@ def stream_unread(scale: float) -> Send:
 
     def send(server: Server) -> str:
         def requests() -> Iterator[v2.ModelInferRequest]:
-            yield from [request] * 20
-            time.sleep(15)
+            yield from [request] * 64
+            time.sleep(120)
 
         with grpc.insecure_channel(server.target, options=GRPC_OPTIONS) as channel:
             stub = v2_grpc.GRPCInferenceServiceStub(channel)
-            call = stub.ModelStreamInfer(requests(), timeout=30)
-            time.sleep(10)
+            call = stub.ModelStreamInfer(requests(), timeout=180)
+            ran, still = -1.0, 0
+            for _ in range(60):
+                time.sleep(1.0)
+                now = _stream_infers(server)
+                still = still + 1 if now == ran else 0
+                ran = now
+                if still == 3:
+                    break
             rss = server.status("VmRSS")
             call.cancel()
-        return f"RSS after 10 s with 20 answers unread: {rss} MB"
+        return f"ran {ran:.0f} of 64 with no answer read; RSS then {rss} MB"
 
     return send
 
@@ -366,7 +384,8 @@ CASES: dict[str, Callable[[float], Send]] = {
 
 
 def main() -> int:
-    """Run the cases one after another on one server and print a Markdown table."""
+    """Run each case on a fresh server (nothing one case keeps can weigh on the next) and print
+    a Markdown table."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--cases", nargs="+", choices=list(CASES), default=list(CASES))
     parser.add_argument("--scale", type=float, default=1.0, help="request size factor")
@@ -374,14 +393,17 @@ def main() -> int:
     args = parser.parse_args()
     if not __package__:
         raise SystemExit("run from the repository root as a module: python -m bench.edge")
-    server = start_server(args.server_flag)
-    print(f"load average at start: {os.getloadavg()[0]:.1f} on {os.cpu_count()} CPUs")
-    print(f"server RSS at start: {server.status('VmRSS')} MB; scale {args.scale}\n")
-    print("| case | answer | seconds | slowest /healthz s | peak RSS growth MB | RSS +1 s MB |")
-    print("|---|---|---:|---:|---:|---:|")
-    try:
-        for name in args.cases:
-            send = CASES[name](args.scale)
+    print(f"load average at start: {os.getloadavg()[0]:.1f} on {os.cpu_count()} CPUs; ", end="")
+    print(f"scale {args.scale}\n")
+    print(
+        "| case | answer | seconds | slowest /healthz s | RSS at start MB "
+        "| peak RSS growth MB | RSS +1 s MB |"
+    )
+    print("|---|---|---:|---:|---:|---:|---:|")
+    for name in args.cases:
+        send = CASES[name](args.scale)
+        server = start_server(args.server_flag)
+        try:
             time.sleep(1.0)
             rss_before = server.status("VmRSS")
             peak_reset = server.reset_peak()
@@ -392,18 +414,19 @@ def main() -> int:
             peak = server.status("VmHWM") - rss_before if peak_reset else float("nan")
             time.sleep(1.0)
             after = server.status("VmRSS") - rss_before
-            slowest = max(latencies, default=float("nan"))
-            answer = answer.replace("|", "/")
-            print(
-                f"| {name} | {answer} | {seconds:.1f} | {slowest:.2f} | {peak:.0f} | {after:+d} |",
-                flush=True,
-            )
-    finally:
-        server.process.terminate()
-        try:
-            server.process.wait(60)
-        except subprocess.TimeoutExpired:
-            server.process.kill()
+        finally:
+            server.process.terminate()
+            try:
+                server.process.wait(60)
+            except subprocess.TimeoutExpired:
+                server.process.kill()
+        slowest = max(latencies, default=float("nan"))
+        answer = answer.replace("|", "/")
+        print(
+            f"| {name} | {answer} | {seconds:.1f} | {slowest:.2f} | {rss_before} | {peak:.0f} "
+            f"| {after:+d} |",
+            flush=True,
+        )
     return 0
 
 

@@ -55,7 +55,7 @@ _INT64 = np.iinfo(np.int64)
 
 # NOTE: with more strings than this, a body's values are bounded by its raw byte counts (the
 # commas and brackets inside strings counted too); no acceptable request comes near it (at most
-# max_sequences_per_request texts and a few keys), and splitting on quotes stays cheap below it.
+# max_sequences_per_request texts and a few keys), and walking the strings stays cheap below it.
 MAX_COUNTED_STRINGS = 65536
 # Above this size a body is parsed with the garbage collector paused: orjson allocates every list
 # and object while the collector runs again and again over the growing heap: time grows faster
