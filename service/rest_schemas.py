@@ -253,6 +253,7 @@ class V2ModelMetadata(BaseModel):
                         {"name": "LENGTHS", "datatype": "INT64", "shape": [-1]},
                     ],
                     "outputs": [{"name": "ENCODING", "datatype": "FP32", "shape": [-1, 256]}],
+                    "parameters": {"precision.encoder": "bfloat16"},
                 }
             ]
         }
@@ -262,6 +263,13 @@ class V2ModelMetadata(BaseModel):
     platform: str
     inputs: list[V2TensorMetadata]
     outputs: list[V2TensorMetadata]
+    parameters: dict[str, str] = Field(
+        default_factory=dict,
+        description=(
+            "An extension (as MLServer's): `precision.<part>` is the dtype each part of the "
+            "model computes in (encoder, head, decoder, attention, output)."
+        ),
+    )
 
 
 class V2RequestInput(BaseModel):
