@@ -54,7 +54,7 @@ from service._proto.inference import grpc_service_pb2 as v2
 from service._proto.inference.grpc_service_pb2_grpc import GRPCInferenceServiceStub
 from service.metrics import Metrics
 from service.types import EncodeRequest, GenerateRequest
-from tests.conftest import StartEngine, sample
+from tests.conftest import StartEngine, device_held, sample
 from tests.factories import CHAR_VOCAB, TARGET_VOCAB, make_config, write_model
 from tests.test_server import running_server
 
@@ -470,13 +470,13 @@ async def test_continuous_decoding_with_a_decoder_that_switches_dtype_by_rows(
     precision = engine.model_info("s2s").architecture["precision"]
     assert precision["decoder"] == {**precision["decoder"], "dtype": "bfloat16", "from_rows": 8}
     rng = random.Random(3)
-    texts = ["".join(rng.choice("abcdefgh ") for _ in range(rng.randint(2, 14))) for _ in range(12)]
-    results = await asyncio.gather(
-        *(
-            engine.generate(GenerateRequest("s2s", [t], "text", max_length=rng.randint(3, 16)))
-            for t in texts
-        )
-    )
+    texts = ["".join(rng.choice("abcdefgh ") for _ in range(rng.randint(2, 14))) for _ in range(16)]
+    requests = [GenerateRequest("s2s", [t], "text", max_length=2 + i) for i, t in enumerate(texts)]
+    # NOTE: queued behind a busy device, the 16 rows start decoding together, then leave.
+    async with device_held(engine):
+        pending = asyncio.gather(*(engine.generate(r) for r in requests))
+        await asyncio.sleep(0.2)
+    results = await pending
     clear = 0
     model = checkpoint.load(path).model
     assert isinstance(model, Seq2SeqModel)
