@@ -58,6 +58,23 @@ def cpu_bfloat16_missing(capabilities: Mapping[str, Any]) -> str | None:
     return f"{' or '.join(features)} (the {architecture} CPU reports neither)"
 
 
+def check_cpu_dtype(dtype: str, capabilities: Mapping[str, Any]) -> None:
+    """Raise ValueError unless a CPU with `capabilities` (`cpu_capabilities()`) can run `dtype`:
+    float32 always, bfloat16 with native support, float16 never (no faster than float32)."""
+    if dtype == "float16":
+        raise ValueError(
+            "dtype float16 needs a GPU: on the CPU it is no faster than float32 "
+            "(use bfloat16 on a CPU that has it, or float32)"
+        )
+    if dtype == "bfloat16":
+        missing = cpu_bfloat16_missing(capabilities)
+        if missing is not None:
+            raise ValueError(
+                f"dtype bfloat16 on the CPU needs native bfloat16, and this CPU lacks {missing}; "
+                "use float32 (or a GPU)"
+            )
+
+
 def cpu_capabilities() -> Mapping[str, Any]:
     """This machine's CPU features as PyTorch's cpuinfo reports them."""
     return torch.cpu.get_capabilities()

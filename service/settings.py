@@ -8,15 +8,14 @@ setting, so a bad deployment fails at start-up and not at the first request.
 from __future__ import annotations
 
 import re
-from collections.abc import Mapping
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import Annotated, Literal
 
 import torch
 from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
-from models.precision import cpu_bfloat16_missing, cpu_capabilities
+from models.precision import check_cpu_dtype, cpu_capabilities
 
 DType = Literal["float32", "float16", "bfloat16"]
 
@@ -45,23 +44,6 @@ def check_version_policy(policy: str) -> str:
             f"version policy {policy!r} must be 'latest', 'latest:N', 'all' or 'specific:1,3'"
         )
     return policy
-
-
-def check_cpu_dtype(dtype: str, capabilities: Mapping[str, Any]) -> None:
-    """Raise ValueError unless a CPU with `capabilities` (torch.cpu.get_capabilities()) can run
-    `dtype`: float32 always, bfloat16 with native support, float16 never (not faster there)."""
-    if dtype == "float16":
-        raise ValueError(
-            "dtype float16 needs a GPU: on the CPU it is no faster than float32 "
-            "(use bfloat16 on a CPU that has it, or float32)"
-        )
-    if dtype == "bfloat16":
-        missing = cpu_bfloat16_missing(capabilities)
-        if missing is not None:
-            raise ValueError(
-                f"dtype bfloat16 on the CPU needs native bfloat16, and this CPU lacks {missing}; "
-                "use float32 (or a GPU)"
-            )
 
 
 class Settings(BaseSettings):
