@@ -11,6 +11,8 @@
     .venv/bin/python -m bench.probes fixed-ceiling  # the served fixed-length ratio's upper bound
 
 One intra-op thread throughout (the server's default on 2 cores); medians of repeated runs.
+segments and call-costs time the thread's CPU time (`time.thread_time`), which a host shared
+with other work does not inflate; the others wall time.
 """
 
 from __future__ import annotations
@@ -35,14 +37,16 @@ from torch.nn.utils.rnn import pack_padded_sequence
 from models.recurrent import make_rnn, run_rnn, run_rnn_outputs, run_segmented
 
 
-def _median_s(work: Callable[[], object], repeats: int = 15) -> float:
+def _median_s(
+    work: Callable[[], object], repeats: int = 15, clock: Callable[[], float] = time.perf_counter
+) -> float:
     times = []
     with torch.inference_mode():
         work()
         for _ in range(repeats):
-            start = time.perf_counter()
+            start = clock()
             work()
-            times.append(time.perf_counter() - start)
+            times.append(clock() - start)
     return statistics.median(times)
 
 
@@ -133,11 +137,10 @@ def _segmented_speedups(
     rnn: torch.nn.RNNBase, batches: list[tuple[torch.Tensor, torch.Tensor]]
 ) -> tuple[float, float]:
     """Packed time over segmented time, with final states and for outputs alone."""
-    packed = _median_s(
-        lambda: [rnn(pack_padded_sequence(x, n, True)) for x, n in batches], repeats=5
-    )
-    state = _median_s(lambda: [run_segmented(rnn, x, n) for x, n in batches], repeats=5)
-    alone = _median_s(lambda: [run_rnn_outputs(rnn, x, n) for x, n in batches], repeats=5)
+    cpu = time.thread_time
+    packed = _median_s(lambda: [rnn(pack_padded_sequence(x, n, True)) for x, n in batches], 5, cpu)
+    state = _median_s(lambda: [run_segmented(rnn, x, n) for x, n in batches], 5, cpu)
+    alone = _median_s(lambda: [run_rnn_outputs(rnn, x, n) for x, n in batches], 5, cpu)
     return packed / state, packed / alone
 
 
@@ -151,7 +154,8 @@ def call_costs(dtype: torch.dtype) -> None:
     for _ in range(3):
         for n, s in shapes:
             x = torch.randn(n, s, 32, generator=generator).to(dtype)
-            times[(n, s)].append(_median_s(lambda x=x: rnn(x), repeats=5 if n * s < 1024 else 3))
+            repeats = 5 if n * s < 1024 else 3
+            times[(n, s)].append(_median_s(lambda x=x: rnn(x), repeats, time.thread_time))
     design = np.array([[1.0, s, n * s] for n, s in shapes])
     seconds = np.array([statistics.median(times[shape]) for shape in shapes])
     (fixed, per_step, per_row_step), *_ = np.linalg.lstsq(design, seconds, rcond=None)
