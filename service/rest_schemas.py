@@ -228,6 +228,25 @@ class ManagementResult(BaseModel):
 # ---------------------------------------------------------------- Open Inference Protocol (V2)
 
 
+class V2ServerLive(BaseModel):
+    """Answer of `GET /v2/health/live` (the status alone says it too; KServe's SDK reads this)."""
+
+    live: bool
+
+
+class V2ServerReady(BaseModel):
+    """Answer of `GET /v2/health/ready`."""
+
+    ready: bool
+
+
+class V2ModelReady(BaseModel):
+    """Answer of `GET /v2/models/{name}[/versions/{version}]/ready`."""
+
+    name: str
+    ready: bool
+
+
 class V2ServerMetadata(BaseModel):
     name: str
     version: str
