@@ -199,7 +199,7 @@ def create_session_router(
         return (info.model, info.version) if info is not None else ("", None)
 
     async def _open(name: str, version: int | None, request: Request) -> Response:
-        with observer.observe(name, version, "session_open"):
+        with observer.observe(name, version, "session_open") as labels:
             body = parse_body(SessionBody, await request.body())
             info = sessions.create(
                 name,
@@ -208,10 +208,11 @@ def create_session_router(
                 return_state=body.return_state,
                 state_token=body.state_token,
             )
+            labels["version"] = info.version
         return _json(_session(info), status=201)
 
     async def _stream(name: str, version: int | None, request: Request) -> Response:
-        with observer.observe(name, version, "stream"):
+        with observer.observe(name, version, "stream") as labels:
             body = parse_body(StreamBody, await request.body())
             sequence, kind = chunk_sequence(body)
             result = await sessions.stream(
@@ -224,6 +225,7 @@ def create_session_router(
                 timeout_s=None if body.timeout_ms is None else body.timeout_ms / 1000.0,
                 protocol="rest",
             )
+            labels["version"] = result.version
         return _json(_chunk(result))
 
     @router.post(
