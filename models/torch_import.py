@@ -421,7 +421,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         default=None,
         help="comma-separated class names, one per head output: the head becomes a "
         "classifier, answered as softmax probabilities ('scores') and the most probable name "
-        "('labels'); without: the head's raw outputs (e.g. regression)",
+        "('labels') (default: none: the head's raw outputs, e.g. a regression)",
     )
     parser.add_argument(
         "--pooling",
