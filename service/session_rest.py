@@ -79,7 +79,7 @@ class ChunkBody(_Chunk):
     """Body of `POST /v1/sessions/{id}/chunks`."""
 
     model_config = ConfigDict(
-        json_schema_extra={"examples": [{"inputs": [[0.1, -0.2, 0.3], [0.0, 0.5, -0.1]]}]}
+        json_schema_extra={"examples": [{"inputs": [[22.7], [24.4], [25.5]]}]}
     )
 
 
@@ -88,7 +88,10 @@ class StreamBody(_Chunk):
 
     model_config = ConfigDict(
         json_schema_extra={
-            "examples": [{"tokens": [5, 17, 3]}, {"tokens": [8, 2], "state_token": "AQ…"}]
+            "examples": [
+                {"inputs": [[22.7], [24.4]]},
+                {"inputs": [[25.5]], "state_token": "<the state_token of the previous answer>"},
+            ]
         }
     )
     pooling: StreamPooling | None = Field(default=None, description="As for sessions.")

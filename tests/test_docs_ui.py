@@ -146,3 +146,27 @@ def test_redoc_renders_every_operation_in_a_browser(
     shown = set(re.findall(r'id="operation/([^"]+)"', dom))
     expected = {str(operation["operationId"]) for _, _, operation in operations(spec)}
     assert shown == expected, (expected - shown, shown - expected)
+
+
+def _example_model_names(value: object) -> set[str]:
+    """The model names the examples of an OpenAPI document mention."""
+    if isinstance(value, dict):
+        names = {
+            str(v) for k, v in value.items() if k in ("model", "model_name") and isinstance(v, str)
+        }
+        for item in value.values():
+            names |= _example_model_names(item)
+        return names
+    if isinstance(value, list):
+        return set().union(*(_example_model_names(item) for item in value))
+    return set()
+
+
+def test_examples_name_the_demo_models(spec: dict[str, object]) -> None:
+    # "Try it out" against `make serve` should meet models that exist there.
+    schemas = spec["components"]["schemas"]  # type: ignore[index]
+    examples = [schema.get("examples", []) for schema in schemas.values()]
+    demo = {p.name for p in (ROOT / "demo-repository").iterdir() if p.is_dir()}
+    status = schemas["ModelStatus"]["examples"] + schemas["V2ModelMetadata"]["examples"]
+    named = _example_model_names(examples) | {example["name"] for example in status}
+    assert named and named <= demo, named - demo
