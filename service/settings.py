@@ -91,7 +91,7 @@ class Settings(BaseSettings):
     )
     version_policies: dict[str, str] = Field(
         default_factory=dict,
-        description='Per-model overrides of version_policy, e.g. {"tagger": "all"} (JSON).',
+        description='Per-model overrides of version_policy, e.g. {"dates": "all"} (JSON).',
     )
     strict_readiness: bool = Field(
         default=True,
