@@ -177,9 +177,9 @@ def uniform_dtype(plan: Plan) -> torch.dtype | None:
 # bfloat16 was slower at every size and batch measured (hidden 32–512, rows 1–128).
 Tiers = tuple[tuple[int, int], ...]
 CPU_BF16_RULES: dict[tuple[str, str, bool], Tiers] = {
-    # oneDNN's LSTM: from hidden 128 faster at every batch (rows 1: 1.3–1.7×, 32–64: 1.3–2.0×
-    # with final states, segmented); hidden 32–64 0.8–1.1×.
-    ("encoder", "lstm", False): ((128, 1),),
+    # oneDNN's LSTM: from hidden 256 faster at every batch (1.3–2.4×, with final states,
+    # segmented); hidden 128 from 32 rows (1.2–1.4×; rows 8 0.8–1.0×); hidden 32–64 0.7–1.15×.
+    ("encoder", "lstm", False): ((256, 1), (128, 32)),
     # bidirectional runs packed (ATen's loop for unequal lengths): small batches lose (rows 8:
     # 0.5–0.7× up to hidden 256).
     ("encoder", "lstm", True): ((512, 1), (256, 32), (128, 128)),
@@ -190,8 +190,8 @@ CPU_BF16_RULES: dict[tuple[str, str, bool], Tiers] = {
     ("encoder", "gru-reset-before", True): ((512, 8), (256, 32)),
     ("encoder", "rnn", False): ((512, 32), (256, 128)),
     ("encoder", "rnn", True): ((512, 32), (256, 64)),
-    # One step of fused cells (torch.*_cell): hidden 512 from 8 rows 1.2–1.8×, 256 from 32.
-    ("decoder", "lstm", False): ((512, 8), (256, 32)),
+    # One step of fused cells (torch.*_cell): hidden 512 from 8 rows 1.1–2.4×, 256 from 32.
+    ("decoder", "lstm", False): ((512, 8), (256, 32), (128, 128)),
     ("decoder", "gru", False): ((512, 8), (256, 32), (128, 128)),
     ("decoder", "gru-reset-before", False): ((512, 8), (256, 32)),
     ("decoder", "rnn", False): ((512, 8), (256, 64)),

@@ -392,7 +392,7 @@ def test_a_1000_step_stream_chunked_equals_whole_and_does_not_drift(
 async def test_the_server_says_which_dtype_each_part_runs_in(
     repository: Path, start_engine: StartEngine
 ) -> None:
-    write_model(repository, "big", cell="lstm", hidden_size=128, num_layers=2, head=3)
+    write_model(repository, "big", cell="lstm", hidden_size=256, num_layers=2, head=3)
     write_model(repository, "small", cell="gru", hidden_size=16, serving={"dtype": "float32"})
     path = write_model(
         repository, "opts-in", cell="lstm", hidden_size=128, serving={"dtype": "bfloat16"}
@@ -425,7 +425,7 @@ async def test_a_long_stream_through_sessions_and_tokens_equals_one_call(
 ) -> None:
     """1,000 steps in chunks of 1–60 through a server-held session and through state tokens
     (float32 between chunks), against one encode of the whole sequence, in bfloat16."""
-    write_model(repository, "lstm", cell="lstm", hidden_size=128, num_layers=2, pooling="mean")
+    write_model(repository, "lstm", cell="lstm", hidden_size=256, num_layers=2, pooling="mean")
     engine = await start_engine(dtype="bfloat16", state_key="a-test-key-of-enough-bytes")
     assert engine.model_info("lstm").architecture["precision"]["encoder"]["dtype"] == "bfloat16"
     sequence = np.random.default_rng(1).standard_normal((1000, 8)).astype(np.float32)
