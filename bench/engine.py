@@ -207,6 +207,9 @@ async def compare_dtypes(
     print(f"{dtype} plan of the reference model: {plan}")
     kernel: dict[str, list[float]] = {name: [] for name in engines}
     served: dict[str, list[float]] = {name: [] for name in engines}
+    # NOTE: also per second of the process's CPU time: on a host shared with other work the
+    # wall-clock rates include waits for a core, which pull both dtypes' rates together.
+    served_cpu: dict[str, list[float]] = {name: [] for name in engines}
     for name in engines:  # warm-up: oneDNN builds its kernels for new shapes on first use
         direct_forward(models[name], seqs[: 2 * CALLERS], return_state=False)
         await engine_closed_loop(engines[name], seqs[: 2 * CALLERS])
@@ -215,9 +218,15 @@ async def compare_dtypes(
         for name in order:
             kernel[name].append(direct_forward(models[name], seqs, return_state=False))
         for name in order:
+            cpu = time.process_time()
             served[name].append(await engine_closed_loop(engines[name], seqs))
-    labels = (f"model call alone (batches of {CALLERS})", f"engine ({CALLERS} callers)")
-    for label, rates in zip(labels, (kernel, served), strict=True):
+            served_cpu[name].append(len(seqs) / (time.process_time() - cpu))
+    labels = (
+        f"model call alone (batches of {CALLERS})",
+        f"engine ({CALLERS} callers)",
+        f"engine ({CALLERS} callers) per CPU-second",
+    )
+    for label, rates in zip(labels, (kernel, served, served_cpu), strict=True):
         base, other = statistics.median(rates["float32"]), statistics.median(rates[dtype])
         ratios = ", ".join(
             f"{b / a:.2f}" for a, b in zip(rates["float32"], rates[dtype], strict=True)

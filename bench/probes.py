@@ -175,7 +175,9 @@ def plan_sweep() -> None:
     from models.recurrent import PlanCosts
 
     kept = recurrent.PLAN_COSTS[torch.bfloat16]
-    pairs = [(call, replay) for call in (30.0, 60.0, 120.0, 200.0) for replay in (5.5, 12.0, 25.0)]
+    pairs = [
+        (call, replay) for call in (30.0, 60.0, 120.0, 200.0, 400.0) for replay in (5.5, 12.0, 25.0)
+    ]
     totals: dict[tuple[float, float], list[float]] = {pair: [] for pair in pairs}
     try:
         for hidden in (64, 256):

@@ -194,12 +194,13 @@ class PlanCosts:
 # Fitted on the reference LSTM (`python -m bench.probes call-costs [--dtype bfloat16]`); both
 # sides grow with the weights, so the ratios carry across sizes. float32: a call 48 (fitted at
 # 34–44), a step 0.6 (0.4–0.6), a replayed step 3 (the best of a sweep, bench/RESULTS.md).
-# bfloat16: a row-step costs 4–5× less than in float32 (fitted: a call 200–400, a step 1.6–5),
-# but a call of 60 with a replay of 5.5 planned the fastest in a sweep of call 30–200 × replay
-# 5.5–25 (`python -m bench.probes plan-sweep`; bench/RESULTS.md "bfloat16 on the CPU").
+# bfloat16: a row-step costs 4–5× less than in float32 (fitted: a call ~200, a step ~2), and a
+# call of 60–200 with a replay of 5.5 planned within noise of the best in sweeps of call
+# 30–400 × replay 5.5–25 (`python -m bench.probes plan-sweep`; bench/RESULTS.md "bfloat16 on
+# the CPU"); 120 is the middle.
 PLAN_COSTS = {
     torch.float32: PlanCosts(call=48.0, step=0.6, finish=3.0),
-    torch.bfloat16: PlanCosts(call=60.0, step=1.6, finish=5.5),
+    torch.bfloat16: PlanCosts(call=120.0, step=1.6, finish=5.5),
 }
 # The plan considers at most this many cut points (its cost grows with their square, in Python).
 PLAN_MAX_POINTS = 24
