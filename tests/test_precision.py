@@ -43,6 +43,7 @@ from models.config import ModelConfig
 from models.encoder import EncoderModel, collate
 from models.precision import (
     PartDtype,
+    Plan,
     cpu_bfloat16_missing,
     cpu_capabilities,
     plan_precision,
@@ -74,13 +75,16 @@ def _config(**kwargs: Any) -> ModelConfig:
     return make_config(**kwargs)
 
 
+def _cpu_plan(config: ModelConfig) -> Plan:
+    """The bfloat16 plan on a CPU that has it (whatever CPU runs the test)."""
+    return plan_precision(config, torch.bfloat16, "cpu", capabilities=BF16_CPU)
+
+
 # ------------------------------------------------------------------------------------ the plan
 
 
 def test_the_reference_lstm_runs_its_encoder_in_bfloat16_at_every_batch_size() -> None:
-    plan = plan_precision(
-        _config(cell="lstm", hidden_size=256, num_layers=2, input_size=32), torch.bfloat16, "cpu"
-    )
+    plan = _cpu_plan(_config(cell="lstm", hidden_size=256, num_layers=2, input_size=32))
     assert plan["encoder"] == PartDtype(torch.bfloat16, 1, plan["encoder"].reason)
     assert "every batch size" in plan["encoder"].reason
     assert plan["encoder"].describe()["dtype"] == "bfloat16"
@@ -100,7 +104,7 @@ def test_the_reference_lstm_runs_its_encoder_in_bfloat16_at_every_batch_size() -
 def test_recurrent_encoders_follow_the_measured_rules(
     kwargs: dict[str, Any], encoder: str, from_rows: int | None
 ) -> None:
-    described = plan_precision(_config(**kwargs), torch.bfloat16, "cpu")["encoder"].describe()
+    described = _cpu_plan(_config(**kwargs))["encoder"].describe()
     assert described["dtype"] == encoder
     assert described.get("from_rows") == from_rows
     if from_rows is not None:
@@ -111,14 +115,14 @@ def test_recurrent_encoders_follow_the_measured_rules(
 def test_a_rule_above_the_models_batches_keeps_float32() -> None:
     big = _config(cell="gru", hidden_size=256, serving={"max_batch_size": 256})
     small = _config(cell="gru", hidden_size=256, serving={"max_batch_size": 16})
-    assert plan_precision(big, torch.bfloat16, "cpu")["encoder"].switches
-    part = plan_precision(small, torch.bfloat16, "cpu")["encoder"]
+    assert _cpu_plan(big)["encoder"].switches
+    part = _cpu_plan(small)["encoder"]
     assert part.reduced == torch.float32 and "batches (16)" in part.reason
 
 
 def test_seq2seq_parts_attention_stays_float32() -> None:
     config = _config(task="seq2seq", cell="lstm", hidden_size=512, attention=True)
-    plan = plan_precision(config, torch.bfloat16, "cpu")
+    plan = _cpu_plan(config)
     assert set(plan) == {"encoder", "decoder", "attention", "output"}
     assert plan["encoder"].reduced == torch.bfloat16 and not plan["encoder"].switches
     assert (plan["decoder"].reduced, plan["decoder"].min_rows) == (torch.bfloat16, 8)
