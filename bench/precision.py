@@ -1,7 +1,7 @@
 """The measurements behind `models.precision`'s CPU rules: each part of a model in float32 and in
 bfloat16, by cell, hidden size and rows per call (bench/RESULTS.md "bfloat16 on the CPU").
 
-    .venv/bin/python -m bench.precision                 # every part, the whole grid (~5 min)
+    .venv/bin/python -m bench.precision                 # every part, the whole grid (~15 min)
     .venv/bin/python -m bench.precision --parts encoder --cells lstm --hidden 256 --rows 1 64
     .venv/bin/python -m bench.precision --quick         # a few shapes per part (a smoke run)
 
