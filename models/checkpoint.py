@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import json
 import struct
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -21,6 +21,7 @@ from safetensors.torch import load_file, save_file
 
 from models.config import FeaturesInput, ModelConfig, TextInput
 from models.encoder import EncoderModel
+from models.precision import DTYPES, Plan, plan_precision, uniform_dtype
 from models.recurrent import GATES
 from models.seq2seq import Seq2SeqModel
 from models.tokenizer import BOS, EOS, PAD, UNK, Tokenizer
@@ -46,13 +47,15 @@ class CheckpointError(Exception):
 
 @dataclass(frozen=True)
 class LoadedModel:
-    """A loaded checkpoint; `model` is in eval mode on the requested device."""
+    """A loaded checkpoint; `model` is in eval mode on the requested device, each part in the
+    dtype(s) of `plan` (`models.precision`)."""
 
     config: ModelConfig
     model: Model
     input_tokenizer: Tokenizer | None
     output_tokenizer: Tokenizer | None
     path: Path
+    plan: Plan
 
 
 def build_model(config: ModelConfig) -> Model:
@@ -175,9 +178,16 @@ def load(
     device: str | torch.device = "cpu",
     dtype: torch.dtype | None = None,
     root: Path | str | None = None,
+    every_part: bool = False,
+    capabilities: Mapping[str, Any] | None = None,
 ) -> LoadedModel:
-    """Load and check the checkpoint in folder `path`; `dtype` None keeps float32. With `root`,
-    the folder and every file read must resolve (symbolic links followed) inside `root`."""
+    """Load and check the checkpoint in folder `path`.
+
+    `dtype` is the precision asked for (None: float32) unless the config's `serving.dtype` asks
+    its own; `models.precision.plan_precision(config, that, device, every_part, capabilities)`
+    decides each part's dtype. Everything that leaves the model stays float32. With `root`, the
+    folder and every file read must resolve (symbolic links followed) inside `root`.
+    """
     folder = Path(path)
     confine = _confinement(root)
     confine(folder)
@@ -205,9 +215,15 @@ def load(
             raise CheckpointError(weights_path, f"tensor {name} has non-finite values (NaN or Inf)")
     model = build_model(config)
     model.load_state_dict(tensors, strict=True)
-    model = model.to(device=device, dtype=dtype or torch.float32)
+    place = torch.device(device)
+    requested = DTYPES[config.serving.dtype] if config.serving.dtype else dtype or torch.float32
+    plan = plan_precision(config, requested, place.type, every_part, capabilities)
+    # NOTE: one dtype for every part casts the whole model, embeddings too (as on a GPU);
+    # otherwise embeddings stay float32 and each part is cast (or copied) by its plan.
+    model = model.to(device=place, dtype=uniform_dtype(plan) or torch.float32)
     model.eval()
-    return LoadedModel(config, model, input_tokenizer, output_tokenizer, folder)
+    model.set_precision(plan)
+    return LoadedModel(config, model, input_tokenizer, output_tokenizer, folder, plan)
 
 
 def _confinement(root: Path | str | None) -> Callable[[Path], None]:

@@ -215,6 +215,8 @@ async def test_stream_infer_reads_no_further_than_its_unread_answers(repository:
 
 async def test_made_up_versions_add_no_metric_series(repository: Path) -> None:
     async with served(repository) as server:
+        for name in ("made-up-1", "made-up-2"):
+            assert not (await server.v2.ModelReady(v2.ModelReadyRequest(name=name))).ready
         for version in range(100_000, 100_010):
             ready = v2.ModelReadyRequest(name="enc", version=str(version))
             assert not (await server.v2.ModelReady(ready)).ready
@@ -231,3 +233,4 @@ async def test_made_up_versions_add_no_metric_series(repository: Path) -> None:
         }
         assert versions <= {"", "1"}
         assert server.count(model="enc", version="", endpoint="encode") == 10
+        assert server.count(model="", endpoint="model_ready") == 2
