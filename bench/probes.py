@@ -430,6 +430,7 @@ def _serve(repository: str, port: int, mode: str) -> None:
     from prometheus_client import CollectorRegistry
 
     from service.engine import Engine
+    from service.http_protocol import deadline_protocol
     from service.metrics import Metrics
     from service.rest import create_app
     from service.settings import Settings
@@ -441,7 +442,11 @@ def _serve(repository: str, port: int, mode: str) -> None:
         engine = Engine(settings, metrics)
         await engine.start()
         app = create_app(engine, settings, metrics, hot_routes=mode == "hot")
-        config = uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning")
+        # NOTE: the HTTP protocol `rnnserve serve` runs (service/main.py).
+        protocol = deadline_protocol(settings.http_header_timeout_s, settings.http_body_timeout_s)
+        config = uvicorn.Config(
+            app, host="127.0.0.1", port=port, log_level="warning", http=protocol
+        )
         await uvicorn.Server(config).serve()
 
     # NOTE: the loop `rnnserve serve` runs (service/main.py).
