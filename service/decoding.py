@@ -76,6 +76,7 @@ log = logging.getLogger(__name__)
 # model, another model's burst) is queued on it: that work waits at most about one step more.
 DEVICE_TURN_S = 0.005
 
+
 @dataclass(eq=False)
 class Share:
     """What one generate request (the jobs of one `submit`) holds of the running batch: rows

@@ -22,6 +22,8 @@ from typing import Any, TypeVar
 import torch
 
 T = TypeVar("T")
+# Every compute thread's name starts so (service/main.py looks for those still running at exit).
+COMPUTE_THREAD_PREFIX = "rnnserve-"
 # Called on the loop when a submitted call ends: ((result, seconds), None) or (None, exception).
 Done = Callable[[tuple[T, float] | None, BaseException | None], None]
 
@@ -50,7 +52,7 @@ class DeviceExecutor:
             self._thread = threading.Thread(
                 target=self._work,
                 args=(self._queue,),
-                name=f"rnnserve-{self.name or self.device}",
+                name=f"{COMPUTE_THREAD_PREFIX}{self.name or self.device}",
                 daemon=True,
             )
             self._thread.start()
