@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
+import logging
 import random
 import threading
 import time
@@ -442,3 +444,23 @@ async def test_a_waiting_request_is_encoded_once_it_waited_max_wait_steps_mid_bu
     assert waited and waited[0] - enqueued <= 4 + 200, (enqueued, waited)
     assert not all(f.done() for f in long)
     await asyncio.gather(*long)
+
+
+async def test_streamed_jobs_past_their_deadline_leave_no_unretrieved_exceptions(
+    repository: Path, start_engine: StartEngine, caplog: pytest.LogCaptureFixture
+) -> None:
+    write_model(repository, "s2s", task="seq2seq", input_type="text", max_length=100_000)
+    engine = await start_engine()
+    request = GenerateRequest("s2s", ["abc", "de", "fghi"], "text", timeout_s=0.3)
+    events = engine.generate_stream(request)
+    with caplog.at_level(logging.ERROR, logger="asyncio"):
+        assert isinstance(await anext(events), TokenEvent)
+        # The client reads nothing while the deadline passes: the scheduler fails every job.
+        await asyncio.sleep(0.6)
+        with pytest.raises(DeadlineExceeded):
+            async for _ in events:
+                pass
+        del events
+        gc.collect()
+        await asyncio.sleep(0.05)
+    assert "never retrieved" not in caplog.text
