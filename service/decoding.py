@@ -481,40 +481,46 @@ class DecodeScheduler:
     async def _run_prefill(self) -> None:
         """Take waiting jobs when due, encode them on the prefill thread and hand them to the
         device thread."""
-        assert self._prefill_wakeup is not None and self._wakeup is not None
+        assert self._prefill_wakeup is not None
         while True:
             if not self._should_encode():
                 self._check_emptied()
                 self._prefill_wakeup.clear()
                 await self._prefill_wakeup.wait()
                 continue
-            jobs = self._take()
-            self._gauges()
-            if not jobs:
-                self._check_emptied()
-                continue
-            self._encoding = jobs
-            try:
-                (state, bos), seconds = await self._prefill.run(
-                    self._encode, [job.source for job in jobs]
-                )
-            except Exception as exc:
-                self._encoding = []
-                for job in jobs:
-                    self._release(job)
-                self._fail(jobs, exc)
-                self._check_emptied()
-                continue
-            self._m_encode_compute.observe(seconds)
-            self._m_encode_rows.observe(len(jobs))
-            self._m_encode_calls.inc()
-            # NOTE: admitted before no longer encoding: `drain` never sees the jobs nowhere.
-            for job in jobs:
-                self._admitted[job] = None
-            with self._lock:
-                self._ready.append((jobs, state, bos))
+            # NOTE: one group per call, so that no local keeps its jobs (and their sources,
+            # results and errors) alive until the next encode.
+            await self._encode_group()
+
+    async def _encode_group(self) -> None:
+        assert self._wakeup is not None
+        jobs = self._take()
+        self._gauges()
+        if not jobs:
+            self._check_emptied()
+            return
+        self._encoding = jobs
+        try:
+            (state, bos), seconds = await self._prefill.run(
+                self._encode, [job.source for job in jobs]
+            )
+        except Exception as exc:
             self._encoding = []
-            self._wakeup.set()
+            for job in jobs:
+                self._release(job)
+            self._fail(jobs, exc)
+            self._check_emptied()
+            return
+        self._m_encode_compute.observe(seconds)
+        self._m_encode_rows.observe(len(jobs))
+        self._m_encode_calls.inc()
+        # NOTE: admitted before no longer encoding: `drain` never sees the jobs nowhere.
+        for job in jobs:
+            self._admitted[job] = None
+        with self._lock:
+            self._ready.append((jobs, state, bos))
+        self._encoding = []
+        self._wakeup.set()
 
     async def _run(self) -> None:
         assert self._wakeup is not None and self._prefill_wakeup is not None
@@ -528,15 +534,7 @@ class DecodeScheduler:
             try:
                 steps = await self._submit_burst(loop)
             except Exception as exc:
-                # NOTE: the burst has returned (`_bursting` is off): the batch is ours to clear.
-                failed = [job for job in self._running if job in self._admitted]
-                self._clear_running()
-                for job in failed:
-                    del self._admitted[job]
-                    self._release(job)
-                self._fail(failed, exc)
-                self._check_emptied()
-                self._prefill_wakeup.set()  # their slots are free for the waiting ones
+                self._burst_failed(exc)
                 continue
             for rows, seconds in steps:
                 self._step_seconds = 0.8 * self._step_seconds + 0.2 * seconds
@@ -547,6 +545,19 @@ class DecodeScheduler:
             self._prefill_wakeup.set()
             # NOTE: a loop turn lets finished callers submit again before the next burst.
             await asyncio.sleep(0)
+
+    def _burst_failed(self, exc: Exception) -> None:
+        """A burst raised: fail the jobs it was running and free their slots."""
+        # NOTE: the burst has returned (`_bursting` is off): the batch is the loop's to clear.
+        failed = [job for job in self._running if job in self._admitted]
+        self._clear_running()
+        for job in failed:
+            del self._admitted[job]
+            self._release(job)
+        self._fail(failed, exc)
+        self._check_emptied()
+        assert self._prefill_wakeup is not None
+        self._prefill_wakeup.set()  # their slots are free for the waiting ones
 
     async def _submit_burst(self, loop: asyncio.AbstractEventLoop) -> list[tuple[int, float]]:
         """Run one burst on the device thread; `_bursting` is on until the thread returns from
