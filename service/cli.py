@@ -1,4 +1,4 @@
-"""The `rnnserve` command line: serve, train, import-torch."""
+"""The `rnnserve` command line: serve, train, eval, import-torch."""
 
 from __future__ import annotations
 
@@ -8,9 +8,12 @@ import sys
 
 def build_parser() -> argparse.ArgumentParser:
     """Build the top-level parser; each subcommand's module adds its own flags."""
+    from service.v2_common import server_version
+
     parser = argparse.ArgumentParser(
         prog="rnnserve", description="A model server for recurrent neural networks."
     )
+    parser.add_argument("--version", action="version", version=f"rnnserve {server_version()}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     from models import torch_import
@@ -26,6 +29,12 @@ def build_parser() -> argparse.ArgumentParser:
 
     train_cli.add_arguments(
         sub.add_parser("train", help="train a bundled task into a new repository version")
+    )
+
+    from models.training import evaluate
+
+    evaluate.add_arguments(
+        sub.add_parser("eval", help="print a bundled task's held-out metric for a repository model")
     )
 
     from service import main as serve_main

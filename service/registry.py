@@ -16,6 +16,7 @@ RESTART_RESET_S starts again from the first delay.
 from __future__ import annotations
 
 import asyncio
+import difflib
 import logging
 import time
 from collections.abc import Callable
@@ -30,6 +31,8 @@ from models import checkpoint
 from models.checkpoint import LoadedModel
 from models.config import ModelConfig
 from models.encoder import EncoderModel
+from models.precision import Plan, uniform_dtype
+from models.precision import describe as describe_plan
 from service import validation
 from service.batching import Batcher, EncodeCompute
 from service.decoding import DecodeScheduler
@@ -37,10 +40,12 @@ from service.errors import Conflict, NotFound, NotReady, shown
 from service.executor import DeviceExecutor
 from service.metrics import Metrics
 from service.sessions import Head
-from service.settings import Settings, is_model_name
+from service.settings import MAX_MODEL_NAME_LENGTH, Settings, is_model_name
 from service.types import ModelInfo, VersionInfo
 
 log = logging.getLogger(__name__)
+# Known model names an unknown-model refusal lists (the rest are counted).
+KNOWN_NAMES_SHOWN = 10
 
 VersionState = Literal["LOADING", "READY", "FAILED", "UNLOADING"]
 
@@ -90,11 +95,14 @@ class ModelVersion:
         return self.loaded.config
 
     def info(self) -> VersionInfo:
-        return VersionInfo(self.version, self.state, self.reason, self.load_seconds)
+        """The public view of this version (load time in milliseconds' precision)."""
+        seconds = None if self.load_seconds is None else round(self.load_seconds, 3)
+        return VersionInfo(self.version, self.state, self.reason, seconds)
 
 
-def architecture(config: ModelConfig) -> dict[str, Any]:
-    """What a client may know of a model's architecture (JSON-ready)."""
+def architecture(config: ModelConfig, plan: Plan | None = None) -> dict[str, Any]:
+    """What a client may know of a model's architecture (JSON-ready); with the load's `plan`,
+    `precision`: the dtype each part computes in, and why (`models.precision`)."""
     arch: dict[str, Any] = {
         "task": config.task,
         "input": config.input.model_dump(),
@@ -107,6 +115,8 @@ def architecture(config: ModelConfig) -> dict[str, Any]:
         arch["head"] = config.head.model_dump(exclude_none=True)
     if config.decoder is not None:
         arch["decoder"] = config.decoder.model_dump(exclude_none=True)
+    if plan is not None:
+        arch["precision"] = describe_plan(plan)
     return arch
 
 
@@ -172,6 +182,23 @@ class Registry:
         """Every model name known (serving, loading, or failed)."""
         return sorted(set(self._versions) | set(self._building) | set(self._failures))
 
+    def unknown(self, name: str) -> NotFound:
+        """The refusal of a model name the server does not know, naming the closest known name
+        (`Surnames` → `surnames`) or, failing one, the known names."""
+        known = self.names()
+        message = f"model {shown(name)} is not known"
+        if not known:
+            return NotFound(f"{message}: no models are loaded")
+        # NOTE: a made-up name can be long; closeness is worth computing for real names only.
+        if len(name) <= MAX_MODEL_NAME_LENGTH:
+            folded = {n.casefold(): n for n in known}
+            close = difflib.get_close_matches(name.casefold(), list(folded), n=1, cutoff=0.6)
+            if close:
+                return NotFound(f"{message}; did you mean {folded[close[0]]!r}?")
+        listed = ", ".join(known[:KNOWN_NAMES_SHOWN])
+        more = len(known) - KNOWN_NAMES_SHOWN
+        return NotFound(f"{message} (known: {listed}{f' and {more} more' if more > 0 else ''})")
+
     def resolve(self, name: str, version: int | None = None) -> ModelVersion:
         """The READY build of `name` (its highest READY version when `version` is None)."""
         versions = self._versions.get(name)
@@ -184,7 +211,7 @@ class Registry:
             if entry is not None and entry.state == "READY":
                 return entry
         if name not in self.names():
-            raise NotFound(f"model {shown(name)} is not known")
+            raise self.unknown(name)
         label = f"model {shown(name)}" + ("" if version is None else f" version {version}")
         entry = self._entry(name, version)
         if entry is None:
@@ -203,7 +230,7 @@ class Registry:
     def model_info(self, name: str, version: int | None = None) -> ModelInfo:
         """Versions, states and architecture of `name` (NotFound when unknown)."""
         if name not in self.names():
-            raise NotFound(f"model {shown(name)} is not known")
+            raise self.unknown(name)
         merged = {**self._building.get(name, {}), **self._versions.get(name, {})}
         if version is not None:
             if version not in merged:
@@ -412,7 +439,7 @@ class Registry:
             checkpoint.load, entry.path, self._executor.device, self._dtype
         )
         entry.loaded = loaded
-        entry.architecture = architecture(loaded.config)
+        entry.architecture = architecture(loaded.config, loaded.plan)
         if isinstance(loaded.model, EncoderModel):
             entry.head = _host_head(loaded.model, loaded.config)
         await self._start_serving(entry)
@@ -425,6 +452,11 @@ class Registry:
         config = loaded.config
         serving = config.serving
         budget = self.settings.max_batch_timesteps or serving.max_batch_size * 128
+        # NOTE: on the CPU the model takes float32 whatever its parts compute in (each part
+        # casts); on a GPU inputs are cast on the way in, to the one dtype of every part.
+        input_dtype = torch.float32
+        if self._executor.device.type != "cpu":
+            input_dtype = uniform_dtype(loaded.plan) or torch.float32
 
         def failed(component: object) -> Callable[[str], None]:
             return lambda reason: self._component_failed(entry, component, reason)
@@ -438,7 +470,7 @@ class Registry:
                 EncodeCompute(
                     loaded.model,
                     self._executor.device,
-                    self._dtype,
+                    input_dtype,
                     (encoder.num_layers * encoder.num_directions, encoder.hidden_size),
                 ),
                 self._metrics,
