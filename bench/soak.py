@@ -11,7 +11,8 @@ chunk must equal the whole sequence encoded at once.
 
     .venv/bin/python -m bench.soak [--duration 180] [--interval 30] [--callers 2] [--threads N]
 
-Every interval prints, per kind: requests, failures, p50 / p99 latency; and the server's RSS.
+Every interval prints, per kind: requests, failures, p50 / p99 latency; the server's RSS and
+the host's load average (a drift shared by every kind, trivial encodes included, is the host's).
 The end prints each kind's p50 drift (last interval ÷ first) and the RSS growth; the exit
 status is 1 if any answer was wrong or failed.
 """
@@ -19,6 +20,7 @@ status is 1 if any answer was wrong or failed.
 from __future__ import annotations
 
 import argparse
+import os
 import random
 import statistics
 import threading
@@ -398,7 +400,8 @@ def main() -> int:
             latencies, failures = record.take()
             rss.append(rss_mb(pid))
             elapsed = time.monotonic() - started
-            print(f"\n-- {elapsed:5.0f} s, server RSS {rss[-1]:.0f} MB")
+            load = ", ".join(f"{x:.1f}" for x in os.getloadavg())
+            print(f"\n-- {elapsed:5.0f} s, server RSS {rss[-1]:.0f} MB, host load {load}")
             for kind in KINDS:
                 values = latencies.get(kind, [])
                 failed = failures.get(kind, [])
