@@ -88,8 +88,8 @@ def direct_baseline(folder: Path, threads: int, device: str, seconds: float) -> 
 
 
 def _requests(service: str, n: int) -> list[Any]:
-    from service._proto.inference import grpc_service_pb2 as v2
-    from service._proto.rnnserve.v1 import rnnserve_pb2 as pb
+    from rnnserve_client.proto.inference import grpc_service_pb2 as v2
+    from rnnserve_client.proto.rnnserve.v1 import rnnserve_pb2 as pb
 
     rng = np.random.default_rng(2)
     messages: list[Any] = []

@@ -29,10 +29,10 @@ from prometheus_client import CollectorRegistry
 
 from models.checkpoint import load
 from models.encoder import collate
-from service._proto.inference import grpc_service_pb2 as v2
-from service._proto.inference import grpc_service_pb2_grpc as v2_grpc
-from service._proto.rnnserve.v1 import rnnserve_pb2 as pb
-from service._proto.rnnserve.v1 import rnnserve_pb2_grpc as pb_grpc
+from rnnserve_client.proto.inference import grpc_service_pb2 as v2
+from rnnserve_client.proto.inference import grpc_service_pb2_grpc as v2_grpc
+from rnnserve_client.proto.rnnserve.v1 import rnnserve_pb2 as pb
+from rnnserve_client.proto.rnnserve.v1 import rnnserve_pb2_grpc as pb_grpc
 from service.engine import Engine
 from service.grpc_api import GrpcServer, RnnServeServicer, create_grpc_server
 from service.grpc_convert import decode_v2_outputs, encode_bytes
@@ -475,7 +475,7 @@ async def test_full_queue_is_resource_exhausted(served: Served) -> None:
     assert len((await queued).encodings) == 2
 
 
-async def test_draining_refuses_with_unavailable_and_health_goes_not_serving(
+async def test_draining_sends_goaway_finishes_running_calls_and_health_goes_not_serving(
     served: Served,
 ) -> None:
     assert served.loading_status == health_pb2.HealthCheckResponse.NOT_SERVING
@@ -483,16 +483,28 @@ async def test_draining_refuses_with_unavailable_and_health_goes_not_serving(
     await _wait_status(served, "rnnserve.v1.RnnServe", health_pb2.HealthCheckResponse.SERVING)
     await _wait_status(served, "enc", health_pb2.HealthCheckResponse.SERVING)
 
-    await served.server.begin_drain()
-    drained = asyncio.ensure_future(served.engine.drain(1.0))
-    for service in ("", "enc", "inference.GRPCInferenceService"):
-        status = (await served.health.Check(health_pb2.HealthCheckRequest(service=service))).status
-        assert status == health_pb2.HealthCheckResponse.NOT_SERVING
-    code, _ = await _code(served.api.Encode(_encode_message("enc", _features(1, seed=3))))
-    assert code == grpc.StatusCode.UNAVAILABLE
-    ready = await served.v2.ServerReady(v2.ServerReadyRequest())
-    assert not ready.ready
+    watch = served.health.Watch(health_pb2.HealthCheckRequest(service=""))
+    assert (await watch.read()).status == health_pb2.HealthCheckResponse.SERVING
+    async with device_held(served.engine):
+        running = served.api.Encode(_encode_message("enc", _features(1, seed=3)))
+        await eventually(lambda: _inflight(served) > 0)
+        await served.server.begin_drain()
+        drained = asyncio.ensure_future(served.engine.drain(2.0))
+        # A watcher hears NOT_SERVING. Once the client has read the GOAWAY, a new call cannot
+        # reach this server (it stopped listening): it would go to another replica. (A call
+        # that races the GOAWAY is CANCELLED unprocessed; rnnserve_client retries it.)
+        assert (await watch.read()).status == health_pb2.HealthCheckResponse.NOT_SERVING
+        await eventually(lambda: served.channel.get_state() != grpc.ChannelConnectivity.READY)
+        code, details = await _code(served.api.Encode(_encode_message("enc", _features(1, seed=4))))
+        assert code == grpc.StatusCode.UNAVAILABLE, details
+    # The call admitted before the drain is answered.
+    assert len((await running).encodings) == 1
+    watch.cancel()
     await drained
+
+
+def _inflight(served: Served) -> float:
+    return _sample(served, "rnnserve_inflight_requests", model="enc") or 0.0
 
 
 async def test_request_metrics_are_recorded_with_protocol(served: Served) -> None:
