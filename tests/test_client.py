@@ -9,8 +9,12 @@ between addresses are checked by what the server counted.
 from __future__ import annotations
 
 import asyncio
+import re
 import socket
+import subprocess
+import sys
 import time
+import tomllib
 from collections.abc import Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
@@ -36,6 +40,7 @@ from tests.test_server import ServerProcess, running_server
 
 pytestmark = pytest.mark.timeout(120)
 
+ROOT = Path(__file__).resolve().parent.parent
 FEATURES = 4
 HEAVY_STEPS = 10_000  # a second or more of single-thread compute for the 512-unit LSTM "slow"
 WIRES = ("http", "grpc")
@@ -308,3 +313,19 @@ def test_a_list_of_addresses_is_round_robin_with_fail_over(
     assert all(r.encodings.shape == results[0].encodings.shape for r in results)
     with Client([dead], timeout=2, max_attempts=3) as alone, pytest.raises(ConnectionFailed):
         alone.models()
+
+
+def test_the_client_package_needs_no_torch() -> None:
+    # Importing every module of the client loads no torch (the server's stack stays out).
+    code = (
+        "import sys, rnnserve_client, rnnserve_client.aio, rnnserve_client.proto.inference."
+        "grpc_service_pb2_grpc; print(sorted(m for m in ('torch', 'service', 'models') "
+        "if m in sys.modules))"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=60, check=True
+    )
+    assert done.stdout.strip() == "[]"
+    project = tomllib.loads((ROOT / "client" / "pyproject.toml").read_text())["project"]
+    names = {re.split(r"[<>=!~ ;\[]", dep, maxsplit=1)[0] for dep in project["dependencies"]}
+    assert names == {"grpcio", "protobuf", "httpx", "numpy"}

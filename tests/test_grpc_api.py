@@ -471,8 +471,29 @@ async def test_full_queue_is_resource_exhausted(served: Served) -> None:
         with pytest.raises(grpc.aio.AioRpcError) as caught:
             await call
     assert caught.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
-    assert any(key == "retry-after" for key, _ in caught.value.trailing_metadata() or ())
+    trailing = dict(caught.value.trailing_metadata() or ())
+    assert float(trailing["retry-after"]) > 0
+    assert trailing["rnnserve-error-type"] == "Overloaded"
     assert len((await queued).encodings) == 2
+
+
+async def test_refusals_name_the_error_type_and_field_in_trailing_metadata(served: Served) -> None:
+    # One gRPC code may stand for several error types (UNAVAILABLE: NotReady and Draining):
+    # the metadata names the type, as REST's error body does, and the field of bad input.
+    bad_size = _encode_message("enc", [np.zeros((3, FEATURES + 1), np.float32)])
+    with pytest.raises(grpc.aio.AioRpcError) as caught:
+        await served.api.Encode(bad_size)
+    trailing = dict(caught.value.trailing_metadata() or ())
+    assert trailing["rnnserve-error-type"] == "InvalidInput"
+    assert trailing["rnnserve-error-field"] == "inputs[0]"
+    with pytest.raises(grpc.aio.AioRpcError) as caught:
+        await served.api.Encode(_encode_message("nope", _features(1, seed=1)))
+    assert dict(caught.value.trailing_metadata() or ())["rnnserve-error-type"] == "NotFound"
+    await served.engine.drain(1.0)
+    with pytest.raises(grpc.aio.AioRpcError) as caught:
+        await served.api.Encode(_encode_message("enc", _features(1, seed=1)))
+    assert caught.value.code() == grpc.StatusCode.UNAVAILABLE
+    assert dict(caught.value.trailing_metadata() or ())["rnnserve-error-type"] == "Draining"
 
 
 async def test_draining_sends_goaway_finishes_running_calls_and_health_goes_not_serving(

@@ -16,6 +16,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import math
 import signal
 import subprocess
 import sys
@@ -28,11 +29,17 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import grpc
 import httpx
 import numpy as np
 import pytest
+from pydantic import ValidationError
 
-from rnnserve_client import Client, RnnserveError
+from rnnserve_client import Client, ConnectionFailed, RnnserveError
+from rnnserve_client.proto.inference import grpc_service_pb2 as v2
+from rnnserve_client.proto.inference import grpc_service_pb2_grpc as v2_grpc
+from service.grpc_api import connection_age_options
+from service.settings import Settings
 from tests.factories import write_model
 from tests.test_client import requests_total
 from tests.test_server import ServerProcess, running_server
@@ -382,3 +389,80 @@ def test_a_list_of_addresses_spreads_calls_round_robin(pair: list[ServerProcess]
         assert all(call.result(60).encodings.shape[0] == 1 for call in calls)
     after = [requests_total(s.url, **labels, protocol=p) for p in ("grpc", "rest") for s in pair]
     assert [a - b for a, b in zip(after, before, strict=True)] == [2, 2, 2, 2]
+
+
+def _v2_stream_request(seed: int) -> v2.ModelInferRequest:
+    x = _features(seed, 3)[None]
+    request = v2.ModelInferRequest(model_name="feat", id=str(seed))
+    request.inputs.add(name="INPUT", datatype="FP32", shape=x.shape)
+    request.raw_input_contents.append(x.astype("<f4").tobytes())
+    return request
+
+
+def test_streams_outlive_the_connection_age(pair: list[ServerProcess]) -> None:
+    # The default grace is unlimited: a stream open when its connection ages goes on (any call
+    # in flight does: StreamSession, ModelStreamInfer, GenerateStream alike); only new calls
+    # move to a new connection.
+    server = pair[0]
+    with (
+        Client(f"grpc://127.0.0.1:{server.grpc_port}") as client,
+        client.session("feat") as session,
+    ):
+        for i in range(8):
+            assert session.send(_features(i, 1)).steps == i + 1
+            time.sleep(0.5 * AGE_S)
+
+    def slow_requests() -> Iterator[v2.ModelInferRequest]:
+        for seed in range(8):
+            yield _v2_stream_request(seed)
+            time.sleep(0.5 * AGE_S)
+
+    with grpc.insecure_channel(f"127.0.0.1:{server.grpc_port}") as channel:
+        stub = v2_grpc.GRPCInferenceServiceStub(channel)
+        started = time.monotonic()
+        answers = list(stub.ModelStreamInfer(slow_requests(), timeout=60))
+    assert time.monotonic() - started > 3 * AGE_S
+    assert [a.error_message for a in answers] == [""] * 8
+    assert [a.infer_response.id for a in answers] == [str(seed) for seed in range(8)]
+
+
+def test_a_finite_grace_cuts_a_stream_at_age_plus_grace(repository: Path) -> None:
+    flags = ("--grpc-max-connection-age-s", str(AGE_S), "--grpc-max-connection-age-grace-s", "1")
+    with (
+        running_server(repository, *flags) as server,
+        Client(f"grpc://127.0.0.1:{server.grpc_port}") as client,
+    ):
+        session = client.session("feat")
+        opened = time.monotonic()
+        with pytest.raises(ConnectionFailed, match="max connection age"):
+            for i in range(40):
+                session.send(_features(i, 1))
+                time.sleep(0.1)
+        cut_after = time.monotonic() - opened
+        session.close()
+        # New calls go on, on a new connection.
+        assert client.encode("feat", inputs=[_features(1)]).encodings.shape[0] == 1
+    # Cut at the connection's age (±10%) plus the grace, after the session opened on it.
+    assert cut_after < 1.1 * AGE_S + 1 + 1.0
+
+
+def test_connection_age_settings_become_grpc_core_options(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    defaults = Settings()
+    assert defaults.grpc_max_connection_age_s == 60.0
+    assert math.isinf(defaults.grpc_max_connection_age_grace_s)
+    assert connection_age_options(defaults) == [
+        ("grpc.max_connection_age_ms", 60_000),
+        # INT_MAX: grpc core's "never" (streams are not cut by ageing).
+        ("grpc.max_connection_age_grace_ms", 2**31 - 1),
+    ]
+    monkeypatch.setenv("RNNSERVE_GRPC_MAX_CONNECTION_AGE_S", "inf")
+    monkeypatch.setenv("RNNSERVE_GRPC_MAX_CONNECTION_AGE_GRACE_S", "2.5")
+    assert connection_age_options(Settings()) == [
+        ("grpc.max_connection_age_ms", 2**31 - 1),
+        ("grpc.max_connection_age_grace_ms", 2500),
+    ]
+    for bad in (0, -1):
+        with pytest.raises(ValidationError, match="grpc_max_connection_age_s"):
+            Settings(grpc_max_connection_age_s=bad)
