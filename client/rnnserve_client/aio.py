@@ -349,8 +349,12 @@ class AsyncSession:
     """A server-held streaming session (`async with client.session("m") as s:`): `send` chunks
     in order; every chunk goes to the server that opened it and is not retried."""
 
-    def __init__(self, opener: Callable[[], Awaitable[_SessionConnection]]) -> None:
+    def __init__(
+        self, opener: Callable[[], Awaitable[_SessionConnection]], timeout: float | None
+    ) -> None:
         self._opener = opener
+        # A chunk's deadline when `send` gives none (the client's default).
+        self.timeout = timeout
         self._connection: _SessionConnection | None = None
         self.session_id = ""
         self.model = ""
@@ -373,7 +377,9 @@ class AsyncSession:
         everything so far (or of this chunk's steps, for pooling "none")."""
         if self._connection is None:
             raise RuntimeError("the session is not open (use `async with` or `await open()`)")
-        result = await self._connection.send(chunk_of(chunk), timeout)
+        result = await self._connection.send(
+            chunk_of(chunk), self.timeout if timeout is None else timeout
+        )
         self.steps = result.steps
         return result
 
@@ -557,7 +563,7 @@ class AsyncClient:
                 timeout, lambda t, rest: t.open_session(model, options, version, rest)
             )
 
-        return AsyncSession(opener)
+        return AsyncSession(opener, self.timeout if timeout is None else timeout)
 
     async def models(self, *, timeout: float | None = None) -> list[ModelInfo]:
         """Every model the server knows, with its versions' states."""

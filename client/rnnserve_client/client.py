@@ -167,10 +167,17 @@ class Session:
     version: int
     pooling: str
     steps: int
+    # A chunk's deadline when `send` gives none (the client's default).
+    timeout: float | None = None
 
     def send(self, chunk: Any, *, timeout: float | None = None) -> ChunkResult:
         """One chunk (text, [time][features] numbers or [time] token ids); the encoding of
         everything so far (or of this chunk's steps, for pooling "none")."""
+        result = self._send(chunk_of(chunk), self.timeout if timeout is None else timeout)
+        self.steps = result.steps
+        return result
+
+    def _send(self, chunk: Chunk, timeout: float | None) -> ChunkResult:
         raise NotImplementedError
 
     def close(self) -> None:
@@ -196,12 +203,10 @@ class HttpSession(Session):
         self.model, self.version = opened["model"], opened["version"]
         self.pooling, self.steps = opened["pooling"], opened["steps"]
 
-    def send(self, chunk: Any, *, timeout: float | None = None) -> ChunkResult:
-        body = _http.chunk_body(chunk_of(chunk), timeout)
+    def _send(self, chunk: Chunk, timeout: float | None) -> ChunkResult:
+        body = _http.chunk_body(chunk, timeout)
         path = f"/v1/sessions/{self.session_id}/chunks"
-        result = _http.chunk_result(self._transport.request("POST", path, timeout, body))
-        self.steps = result.steps
-        return result
+        return _http.chunk_result(self._transport.request("POST", path, timeout, body))
 
     def close(self) -> None:
         if self._closed:
@@ -367,14 +372,11 @@ class GrpcSession(Session):
         except grpc.RpcError as exc:
             raise _grpc.error_of(self._url, exc) from None
 
-    def send(self, chunk: Any, *, timeout: float | None = None) -> ChunkResult:
-        message = _grpc.session_chunk(chunk_of(chunk))
-        if timeout is not None:
-            message.timeout_ms = _http.timeout_ms(timeout) or 0
+    def _send(self, chunk: Chunk, timeout: float | None) -> ChunkResult:
+        message = _grpc.session_chunk(chunk)
+        message.timeout_ms = _http.timeout_ms(timeout) or 0
         self._requests.put(pb.SessionRequest(chunk=message))
-        result = _grpc.chunk_result(self._next().chunk)
-        self.steps = result.steps
-        return result
+        return _grpc.chunk_result(self._next().chunk)
 
     def close(self) -> None:
         if self._closed:
@@ -535,7 +537,9 @@ class Client:
     ) -> Session:
         """Open a server-held session (`with client.session("m") as s: s.send(chunk)`)."""
         options = (pooling, return_state, state_token)
-        return self._call(timeout, lambda t, rest: t.open_session(model, options, version, rest))
+        session = self._call(timeout, lambda t, rest: t.open_session(model, options, version, rest))
+        session.timeout = self.timeout if timeout is None else timeout
+        return session
 
     def models(self, *, timeout: float | None = None) -> list[ModelInfo]:
         """Every model the server knows, with its versions' states."""
