@@ -12,16 +12,19 @@ A user who trained with plain PyTorch, e.g.
 
 gets a servable encode model with `rnnserve import-torch net.pt --repository repo --name net`
 (or `import_state_dict("net.pt", "repo", "net")`). Cell, sizes, layers and directions are read
-from the weight shapes; the recurrent keys may carry any prefix (`lstm.`, `rnn.`, none). The head
-must read rnnserve's "last" encoding (top layer's final h; bidirectional: concat(forward final,
-backward final)) or the pooling you name. A missing bias (`bias=False`) is imported as zeros.
-`.pt` files are read with `torch.load(weights_only=True)`: no code from the file runs.
+from the weight shapes; the recurrent keys may carry any prefix (`lstm.`, `rnn.`, none), and the
+embedding and the head are found by their shapes whatever their names (`embedding.`, `emb.`,
+`fc.`, `head.`...). The head must read rnnserve's "last" encoding (top layer's final h;
+bidirectional: concat(forward final, backward final)) or the pooling you name. A missing bias
+(`bias=False`) is imported as zeros. `.pt` files are read with `torch.load(weights_only=True)`:
+no code from the file runs.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import pickle
 import re
 import sys
 import warnings
@@ -41,6 +44,10 @@ from models.versions import discard, publish_version, staging_folder
 
 NAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
 CELL_BY_GATES = {gates: cell for cell, gates in GATES.items()}
+# Terminal styling that torch puts in some of its messages.
+_ANSI = re.compile(r"\x1b\[[0-9;]*m")
+_PICKLED_CLASS = re.compile(r"Unsupported global: GLOBAL ([\w.]+)")
+SAVE_STATE_DICT = "save the weights with torch.save(model.state_dict(), PATH) and import that file"
 RNN_KEY = re.compile(
     r"^(?P<prefix>.*?)(?P<kind>weight_ih|weight_hh|bias_ih|bias_hh)_l(?P<layer>\d+)(?P<rev>_reverse)?$"
 )
@@ -65,20 +72,37 @@ def read_state_dict(path: Path | str) -> dict[str, Tensor]:
             warnings.simplefilter("ignore")  # NOTE: the refusal below is the one message to show
             loaded: Any = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # NOTE: weights_only refusals and corrupt files alike
-        reason = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
-        raise TorchImportError(
-            f"{path}: not a plain weights-only state_dict (loading it would need to run code "
-            f"or it is corrupt): {reason}"
-        ) from exc
+        raise TorchImportError(_load_refusal(path, exc)) from exc
     if isinstance(loaded, Mapping) and isinstance(loaded.get("state_dict"), Mapping):
         loaded = loaded["state_dict"]
     if not isinstance(loaded, Mapping):
-        raise TorchImportError(f"{path}: holds a {type(loaded).__name__}, not a state_dict")
+        raise TorchImportError(
+            f"{path}: holds a {type(loaded).__name__}, not a state_dict; {SAVE_STATE_DICT}"
+        )
     tensors = {str(k): v for k, v in loaded.items() if isinstance(v, Tensor)}
     others = sorted(str(k) for k, v in loaded.items() if not isinstance(v, Tensor))
     if others:
         raise TorchImportError(f"{path}: entries that are not tensors: {', '.join(others)}")
     return tensors
+
+
+def _load_refusal(path: Path, exc: Exception) -> str:
+    """Why `torch.load(weights_only=True)` refused `path`, in a sentence that says what to do."""
+    text = _ANSI.sub("", str(exc))
+    pickled = _PICKLED_CLASS.search(text)
+    if pickled is not None:
+        return (
+            f"{path}: holds a pickled {pickled.group(1)} object (torch.save(model) stores the "
+            f"whole module, and loading it would run code), not a state_dict; {SAVE_STATE_DICT}"
+        )
+    if isinstance(exc, pickle.UnpicklingError):
+        return (
+            f"{path}: not a plain state_dict (it holds objects other than tensors, which loading "
+            f"would have to run code for); {SAVE_STATE_DICT}"
+        )
+    first = (text.strip().splitlines() or [type(exc).__name__])[0]
+    sentence = first.split(". ")[0].rstrip(".")
+    return f"{path}: not a PyTorch state_dict file, or a corrupt one ({sentence})"
 
 
 def import_state_dict(
@@ -92,8 +116,8 @@ def import_state_dict(
     vocab: list[str] | None = None,
     tokenizer: Literal["char", "whitespace"] = "char",
     rnn_prefix: str | None = None,
-    embedding_prefix: str = "embedding.",
-    head_prefix: str = "fc.",
+    embedding_prefix: str | None = None,
+    head_prefix: str | None = None,
     labels: list[str] | None = None,
     pooling: Literal["last", "mean", "max"] = "last",
     nonlinearity: Literal["tanh", "relu"] | None = None,
@@ -104,6 +128,8 @@ def import_state_dict(
     `version` None = the next free number; an existing version is never overwritten. `cell` and
     `input_size` are inferred from the shapes (given ones are checked). With an embedding the
     input is token ids, or text when `vocab` (JSON-array order, "<pad>" = 0, "<unk>" = 1) is given.
+    The embedding and the head are found by their shapes unless their prefixes are given.
+    With `labels` the head is a classifier: the server answers its softmax probabilities.
     `nonlinearity` is needed for a relu nn.RNN (shapes cannot tell); `reset_after=False` marks a
     GRU of the reset-before form (nn.GRU is reset-after). The written version is loaded back
     before this returns, so it is known to be servable.
@@ -138,9 +164,13 @@ def import_state_dict(
 
     raw: dict[str, Any] = {"format": "rnnserve/v1", "task": "encode", "pooling": pooling}
     state: dict[str, Tensor] = {}
-    embedding = tensors.get(f"{embedding_prefix}weight")
-    if embedding is not None:
-        used.add(f"{embedding_prefix}weight")
+    encoding_size = hidden * (2 if bidirectional else 1)
+    embedding_at, head_at = _find_layers(
+        tensors, used, first_input, encoding_size, embedding_prefix, head_prefix, vocab
+    )
+    if embedding_at is not None:
+        embedding = tensors[f"{embedding_at}weight"]
+        used.add(f"{embedding_at}weight")
         state["encoder.embedding.weight"] = embedding
         raw["input"] = {
             "type": "tokens",
@@ -152,7 +182,8 @@ def import_state_dict(
     else:
         if vocab is not None:
             raise TorchImportError(
-                f"a vocab was given but there is no {embedding_prefix}weight embedding"
+                "a vocab was given but there is no embedding (a 2-D weight without bias of "
+                f"width {first_input}, the recurrent layer's input size)"
             )
         if input_size is not None and input_size != first_input:
             raise TorchImportError(
@@ -170,20 +201,25 @@ def import_state_dict(
     if reset_after is not None:
         encoder["reset_after"] = reset_after
     raw["encoder"] = encoder
-    head_weight = tensors.get(f"{head_prefix}weight")
-    if head_weight is not None:
-        used.update(k for k in (f"{head_prefix}weight", f"{head_prefix}bias") if k in tensors)
+    if head_at is not None:
+        head_weight = tensors[f"{head_at}weight"]
+        used.update(k for k in (f"{head_at}weight", f"{head_at}bias") if k in tensors)
         size = head_weight.shape[0]
         raw["head"] = {"size": size} if labels is None else {"size": size, "labels": labels}
         state["head.weight"] = head_weight
-        state["head.bias"] = tensors.get(f"{head_prefix}bias", torch.zeros(size))
+        state["head.bias"] = tensors.get(f"{head_at}bias", torch.zeros(size))
     elif labels is not None:
-        raise TorchImportError(f"labels were given but there is no {head_prefix}weight head")
+        raise TorchImportError(
+            f"labels were given but there is no head (a 2-D weight of width {encoding_size}, "
+            "the encoding size, with an optional bias)"
+        )
     leftover = sorted(set(tensors) - used)
     if leftover:
+        shapes = ", ".join(f"{k} {list(tensors[k].shape)}" for k in leftover)
         raise TorchImportError(
-            f"tensors that map to nothing: {', '.join(leftover)} "
-            "(set rnn_prefix / embedding_prefix / head_prefix?)"
+            f"tensors that map to nothing: {shapes} (an embedding is a 2-D weight of width "
+            f"{first_input} without bias, a head a 2-D weight of width {encoding_size} with an "
+            "optional bias; name them with --embedding-prefix / --head-prefix)"
         )
     try:
         config = ModelConfig.model_validate(raw)
@@ -199,6 +235,71 @@ def import_state_dict(
     except RuntimeError as exc:
         raise TorchImportError(f"weights do not fit the inferred architecture: {exc}") from exc
     return _write_version(Path(out_repository) / name, version, model, vocab)
+
+
+def _find_layers(
+    tensors: Mapping[str, Tensor],
+    used: set[str],
+    input_size: int,
+    encoding_size: int,
+    embedding_prefix: str | None,
+    head_prefix: str | None,
+    vocab: list[str] | None,
+) -> tuple[str | None, str | None]:
+    """The key prefixes (`"embedding."`, `"head."`) of the embedding and the head, or None.
+
+    A given prefix must exist (a missing final dot is added); otherwise each is found by shape
+    among the 2-D `<prefix>weight` tensors the recurrent layer does not use: the embedding has no
+    bias and is as wide as the recurrent input, the head is as wide as the encoding.
+    """
+    linear = {
+        key[: -len("weight")]: value
+        for key, value in tensors.items()
+        if key.endswith("weight") and key not in used and value.dim() == 2
+    }
+
+    def given(prefix: str, role: str, flag: str) -> str:
+        if prefix and not prefix.endswith(".") and f"{prefix}weight" not in tensors:
+            prefix += "."
+        if f"{prefix}weight" not in tensors:
+            raise TorchImportError(f"no tensor {prefix + 'weight'!r} for the {role} ({flag})")
+        return prefix
+
+    def unbiased(prefix: str) -> bool:
+        return f"{prefix}bias" not in tensors
+
+    def one(found: list[str], role: str, flag: str) -> str | None:
+        if len(found) > 1:
+            raise TorchImportError(
+                f"more than one tensor could be the {role}: "
+                f"{', '.join(p + 'weight' for p in sorted(found))}; name it with {flag}"
+            )
+        return found[0] if found else None
+
+    embedding = (
+        None
+        if embedding_prefix is None
+        else given(embedding_prefix, "embedding", "--embedding-prefix")
+    )
+    head = None if head_prefix is None else given(head_prefix, "head", "--head-prefix")
+    embeddings = [
+        p for p, w in linear.items() if w.shape[1] == input_size and unbiased(p) and p != head
+    ]
+    heads = [p for p, w in linear.items() if w.shape[1] == encoding_size and p != embedding]
+    if embedding_prefix is None and head_prefix is None:
+        either = sorted(set(embeddings) & set(heads))
+        if either and vocab is None:
+            raise TorchImportError(
+                f"{either[0]}weight could be the embedding or the head (no bias, width "
+                f"{input_size} = the encoding size); name it with --embedding-prefix or "
+                "--head-prefix"
+            )
+        heads = [p for p in heads if p not in either]  # NOTE: a vocab means an embedding
+    if embedding_prefix is None:
+        embedding = one(embeddings, "embedding", "--embedding-prefix")
+    if head_prefix is None:
+        head = one(heads, "head", "--head-prefix")
+    return embedding, head
 
 
 def _recurrent_weights(
@@ -266,23 +367,80 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "state_dict", type=Path, help="a torch.save'd state_dict (.pt) or .safetensors"
     )
-    parser.add_argument("--repository", type=Path, required=True, help="model repository folder")
+    parser.add_argument(
+        "--repository", type=Path, required=True, help="model repository folder to write into"
+    )
     parser.add_argument("--name", required=True, help="model name")
-    parser.add_argument("--version", type=int, default=None, help="default: the next free number")
-    parser.add_argument("--cell", choices=["rnn", "lstm", "gru"], default=None)
-    parser.add_argument("--input-size", type=int, default=None, help="checked against the weights")
-    parser.add_argument("--vocab", type=Path, default=None, help="JSON array of tokens: text input")
-    parser.add_argument("--tokenizer", choices=["char", "whitespace"], default="char")
-    parser.add_argument("--rnn-prefix", default=None, help="default: found from the keys")
-    parser.add_argument("--embedding-prefix", default="embedding.")
-    parser.add_argument("--head-prefix", default="fc.")
-    parser.add_argument("--labels", default=None, help="comma-separated head labels")
-    parser.add_argument("--pooling", choices=["last", "mean", "max"], default="last")
-    parser.add_argument("--nonlinearity", choices=["tanh", "relu"], default=None)
+    parser.add_argument(
+        "--version", type=int, default=None, help="version number (default: the next free one)"
+    )
+    parser.add_argument(
+        "--cell",
+        choices=["rnn", "lstm", "gru"],
+        default=None,
+        help="checked against the weights (default: read from the weights' gate blocks)",
+    )
+    parser.add_argument(
+        "--input-size",
+        type=int,
+        default=None,
+        help="features per step, checked against the weights (default: read from the weights)",
+    )
+    parser.add_argument(
+        "--vocab",
+        type=Path,
+        default=None,
+        help="JSON array of tokens ('<pad>', '<unk>' first): the model reads text (default: "
+        "token ids with an embedding, features without)",
+    )
+    parser.add_argument(
+        "--tokenizer",
+        choices=["char", "whitespace"],
+        default="char",
+        help="how text is split into vocab tokens (default: char)",
+    )
+    parser.add_argument(
+        "--rnn-prefix",
+        default=None,
+        help="key prefix of the nn.RNN/LSTM/GRU weights (default: found from the keys)",
+    )
+    parser.add_argument(
+        "--embedding-prefix",
+        default=None,
+        help="key prefix of the nn.Embedding, e.g. 'emb.' (default: found from the shapes: the "
+        "2-D weight without bias as wide as the recurrent layer's input)",
+    )
+    parser.add_argument(
+        "--head-prefix",
+        default=None,
+        help="key prefix of the nn.Linear head, e.g. 'fc.' (default: found from the shapes: the "
+        "2-D weight as wide as the encoding)",
+    )
+    parser.add_argument(
+        "--labels",
+        default=None,
+        help="comma-separated class names, one per head output: the head becomes a "
+        "classifier, answered as softmax probabilities ('scores') and the most probable name "
+        "('labels') (default: none: the head's raw outputs, e.g. a regression)",
+    )
+    parser.add_argument(
+        "--pooling",
+        choices=["last", "mean", "max"],
+        default="last",
+        help="the encoding the head reads and encode answers by default (default: last: the "
+        "final state; bidirectional: both directions' final states)",
+    )
+    parser.add_argument(
+        "--nonlinearity",
+        choices=["tanh", "relu"],
+        default=None,
+        help="an nn.RNN's nonlinearity, which the weights cannot tell (default: tanh)",
+    )
     parser.add_argument(
         "--reset-before",
         action="store_true",
-        help="the GRU applies the reset gate before the recurrent product (not nn.GRU)",
+        help="the GRU applies the reset gate before the recurrent product (default: off, as "
+        "nn.GRU)",
     )
     parser.set_defaults(run=run)
 

@@ -8,9 +8,12 @@ import sys
 
 def build_parser() -> argparse.ArgumentParser:
     """Build the top-level parser; each subcommand's module adds its own flags."""
+    from service.v2_common import server_version
+
     parser = argparse.ArgumentParser(
         prog="rnnserve", description="A model server for recurrent neural networks."
     )
+    parser.add_argument("--version", action="version", version=f"rnnserve {server_version()}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     from models import torch_import

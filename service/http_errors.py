@@ -16,7 +16,7 @@ from fastapi.responses import Response
 from pydantic import ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from service import codecs, errors
+from service import codecs, errors, validation
 
 HTTP_STATUS: dict[type[errors.ServiceError], int] = {
     errors.NotFound: 404,
@@ -79,14 +79,15 @@ def service_error_response(exc: errors.ServiceError, v2: bool) -> Response:
 
 
 def validation_error(exc: ValidationError | RequestValidationError) -> errors.InvalidInput:
-    """The first pydantic/FastAPI validation problem as an InvalidInput naming its field."""
+    """The first pydantic/FastAPI validation problem as an InvalidInput naming its field, in the
+    project's words (`validation.pydantic_problem`)."""
     problems = exc.errors()
     if not problems:
         return errors.InvalidInput("body", "invalid request")
     first = problems[0]
     loc = [str(p) for p in first.get("loc", ()) if p != "body"]
     field = ".".join(loc) if loc else "body"
-    message = str(first.get("msg", "invalid value"))
+    message = validation.pydantic_problem(first)
     if isinstance(exc, ValidationError) or len(problems) == 1:
         return errors.InvalidInput(field, message)
     return errors.InvalidInput(field, f"{message} (and {len(problems) - 1} more problems)")

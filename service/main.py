@@ -23,8 +23,9 @@ from typing import Any, get_args, get_origin
 import uvicorn
 from prometheus_client import CollectorRegistry
 from pydantic import ValidationError
+from pydantic.fields import FieldInfo
 
-from service import logging_setup
+from service import logging_setup, validation
 from service.grpc_api import create_grpc_server
 from service.metrics import Metrics
 from service.settings import Settings
@@ -51,11 +52,38 @@ def _choices(annotation: Any) -> list[str] | None:
     return None
 
 
+def _default_text(field: FieldInfo) -> str:
+    """A setting's default as `--help` shows it."""
+    if field.default_factory is not None:
+        value: Any = field.default_factory()  # type: ignore[call-arg]
+    else:
+        value = field.default
+    if value is None:
+        return "unset"
+    if isinstance(value, bool):
+        return "on" if value else "off"
+    if isinstance(value, dict):
+        return json.dumps(value)
+    if isinstance(value, int) and value >= 1024 * 1024 and value % (1024 * 1024) == 0:
+        return f"{value} ({value // (1024 * 1024)} MiB)"
+    if isinstance(value, float) and value.is_integer():
+        return str(int(value))
+    return str(value)
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    """One flag per Settings field (`--http-port` for `http_port`); each overrides RNNSERVE_*."""
+    """One flag per Settings field (`--http-port` for `http_port`); each overrides RNNSERVE_*.
+    `--help` shows each one's default (or the rule that makes it) and its variable."""
+    parser.description = (
+        "Serve a model repository over REST (HTTP) and gRPC. Every flag is also an environment "
+        "variable (--http-port = RNNSERVE_HTTP_PORT); a flag given wins."
+    )
     for name, field in Settings.model_fields.items():
         env = f"RNNSERVE_{name.upper()}"
-        help_text = f"{field.description or ''} [env {env}]"
+        description = field.description or ""
+        # NOTE: a field whose default is computed says so in its description ("default: ...").
+        shown = "" if "default:" in description.lower() else f"default: {_default_text(field)}; "
+        help_text = f"{description} [{shown}env {env}]"
         # NOTE: SUPPRESS keeps unset flags out of the namespace, so the environment applies.
         common: dict[str, Any] = {"dest": name, "default": argparse.SUPPRESS, "help": help_text}
         annotation = field.annotation
@@ -84,11 +112,20 @@ def run(args: argparse.Namespace) -> int:
     except ValidationError as exc:
         for error in exc.errors():
             where = ".".join(str(p) for p in error["loc"]) or "settings"
-            print(f"rnnserve serve: {where}: {error['msg']}", flush=True)
+            print(f"rnnserve serve: {where}: {validation.pydantic_problem(error)}", flush=True)
         return 2
     logging_setup.configure(settings.log_format, settings.log_level)
     sys.setswitchinterval(settings.gil_switch_interval_us / 1e6)
     return _run_loop(serve(settings))
+
+
+def http_url(host: str, port: int) -> str:
+    """The address a person on this machine opens to reach the HTTP server bound to `host`."""
+    if host in ("", "0.0.0.0"):
+        host = "127.0.0.1"
+    elif host == "::":
+        host = "::1"
+    return f"http://[{host}]:{port}" if ":" in host else f"http://{host}:{port}"
 
 
 def _run_loop(main: Coroutine[Any, Any, int]) -> int:
@@ -183,7 +220,7 @@ async def serve(settings: Settings) -> int:
                 "name": m.name,
                 "version": v.version,
                 "state": v.state,
-                "load_s": None if v.load_seconds is None else round(v.load_seconds, 3),
+                "load_s": v.load_seconds,
             }
             | ({"reason": v.reason} if v.reason else {})
             for m in engine.list_models()
@@ -195,6 +232,7 @@ async def serve(settings: Settings) -> int:
             host=settings.host,
             http_port=http_port,
             grpc_port=grpc_port,
+            docs=f"{http_url(settings.host, http_port)}/docs",
             device=device,
             startup_s=round(time.perf_counter() - started, 3),
             models=models,

@@ -12,9 +12,12 @@ Request outcomes (`rnnserve_requests_total{outcome}`): "success", and one per er
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Iterator
 from typing import Any
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client.metrics_core import Metric
+from prometheus_client.registry import Collector
 
 from service import errors
 
@@ -68,6 +71,22 @@ def outcome_of(exc: BaseException | None) -> str:
         if cls in _OUTCOMES:
             return _OUTCOMES[cls]
     return "error"
+
+
+class _WithoutCreated(Collector):
+    """A registry's collection less the `_created` samples of counters and histograms: one
+    timestamp series per child that nobody graphs (prometheus-client's own switch,
+    `disable_created_metrics`, is process-wide)."""
+
+    def __init__(self, registry: CollectorRegistry) -> None:
+        self.registry = registry
+
+    def collect(self) -> Iterator[Metric]:
+        for family in self.registry.collect():
+            created = family.name + "_created"
+            kept = Metric(family.name, family.documentation, family.type, family.unit)
+            kept.samples = [s for s in family.samples if s.name != created]
+            yield kept
 
 
 class Metrics:
@@ -194,6 +213,10 @@ class Metrics:
             ("model", "mode"),
             registry=registry,
         )
+
+    def exposition(self) -> bytes:
+        """The Prometheus text of every metric (what `/metrics` serves), without `_created`."""
+        return generate_latest(_WithoutCreated(self.registry))
 
     def observe_request(
         self,

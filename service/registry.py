@@ -10,6 +10,7 @@ load leaves whatever was serving untouched; one bad checkpoint never stops the o
 from __future__ import annotations
 
 import asyncio
+import difflib
 import logging
 import time
 from dataclasses import dataclass, field
@@ -30,10 +31,12 @@ from service.errors import Conflict, NotFound, NotReady, shown
 from service.executor import DeviceExecutor
 from service.metrics import Metrics
 from service.sessions import Head
-from service.settings import Settings, is_model_name
+from service.settings import MAX_MODEL_NAME_LENGTH, Settings, is_model_name
 from service.types import ModelInfo, VersionInfo
 
 log = logging.getLogger(__name__)
+# Known model names an unknown-model refusal lists (the rest are counted).
+KNOWN_NAMES_SHOWN = 10
 
 VersionState = Literal["LOADING", "READY", "FAILED", "UNLOADING"]
 
@@ -74,7 +77,9 @@ class ModelVersion:
         return self.loaded.config
 
     def info(self) -> VersionInfo:
-        return VersionInfo(self.version, self.state, self.reason, self.load_seconds)
+        """The public view of this version (load time in milliseconds' precision)."""
+        seconds = None if self.load_seconds is None else round(self.load_seconds, 3)
+        return VersionInfo(self.version, self.state, self.reason, seconds)
 
 
 def architecture(config: ModelConfig) -> dict[str, Any]:
@@ -155,6 +160,23 @@ class Registry:
         """Every model name known (serving, loading, or failed)."""
         return sorted(set(self._versions) | set(self._building) | set(self._failures))
 
+    def unknown(self, name: str) -> NotFound:
+        """The refusal of a model name the server does not know, naming the closest known name
+        (`Surnames` → `surnames`) or, failing one, the known names."""
+        known = self.names()
+        message = f"model {shown(name)} is not known"
+        if not known:
+            return NotFound(f"{message}: no models are loaded")
+        # NOTE: a made-up name can be long; closeness is worth computing for real names only.
+        if len(name) <= MAX_MODEL_NAME_LENGTH:
+            folded = {n.casefold(): n for n in known}
+            close = difflib.get_close_matches(name.casefold(), list(folded), n=1, cutoff=0.6)
+            if close:
+                return NotFound(f"{message}; did you mean {folded[close[0]]!r}?")
+        listed = ", ".join(known[:KNOWN_NAMES_SHOWN])
+        more = len(known) - KNOWN_NAMES_SHOWN
+        return NotFound(f"{message} (known: {listed}{f' and {more} more' if more > 0 else ''})")
+
     def resolve(self, name: str, version: int | None = None) -> ModelVersion:
         """The READY build of `name` (its highest READY version when `version` is None)."""
         versions = self._versions.get(name)
@@ -167,7 +189,7 @@ class Registry:
             if entry is not None and entry.state == "READY":
                 return entry
         if name not in self.names():
-            raise NotFound(f"model {shown(name)} is not known")
+            raise self.unknown(name)
         label = f"model {shown(name)}" + ("" if version is None else f" version {version}")
         entry = self._entry(name, version)
         if entry is None:
@@ -186,7 +208,7 @@ class Registry:
     def model_info(self, name: str, version: int | None = None) -> ModelInfo:
         """Versions, states and architecture of `name` (NotFound when unknown)."""
         if name not in self.names():
-            raise NotFound(f"model {shown(name)} is not known")
+            raise self.unknown(name)
         merged = {**self._building.get(name, {}), **self._versions.get(name, {})}
         if version is not None:
             if version not in merged:

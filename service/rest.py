@@ -7,6 +7,7 @@ service/codecs.py, the work is the engine's, core errors are mapped by service/h
 
 from __future__ import annotations
 
+import importlib.resources
 import time
 from collections.abc import AsyncIterator
 from dataclasses import asdict
@@ -14,17 +15,24 @@ from typing import TYPE_CHECKING, Any
 
 from fastapi import APIRouter, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.openapi.docs import get_swagger_ui_html
+from fastapi.openapi.docs import get_redoc_html, get_swagger_ui_html
 from fastapi.openapi.utils import get_openapi
 from fastapi.responses import HTMLResponse, Response, StreamingResponse
 from fastapi.staticfiles import StaticFiles
-from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from prometheus_client import CONTENT_TYPE_LATEST
 from pydantic import BaseModel
 from pydantic.json_schema import models_json_schema
 from starlette.exceptions import HTTPException as StarletteHTTPException
-from swagger_ui_bundle import swagger_ui_path
 
-from service import codecs, http_errors, metric_labels, rest_schemas, v2_rest, validation
+from service import (
+    codecs,
+    http_errors,
+    metric_labels,
+    rest_schemas,
+    v2_common,
+    v2_rest,
+    validation,
+)
 from service.engine import Engine
 from service.errors import InvalidInput, ServiceError
 from service.http_common import (
@@ -369,23 +377,39 @@ def create_ops_router(engine: Engine, metrics: Metrics) -> APIRouter:
     @router.get("/metrics", response_class=Response)
     async def prometheus() -> Response:
         """Prometheus text exposition of the server's registry."""
-        return Response(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)
+        return Response(metrics.exposition(), media_type=CONTENT_TYPE_LATEST)
 
     return router
 
 
+# Swagger UI 5 (it reads OpenAPI 3.1, which FastAPI writes) and ReDoc, as the fastapi-offline
+# package ships them: the docs pages load nothing from the network.
+DOCS_ASSETS = importlib.resources.files("fastapi_offline") / "static"
+DOCS_STATIC = "/docs/static"
+
+
 def add_offline_docs(app: FastAPI) -> None:
-    """`/docs` with Swagger UI served from the swagger-ui-bundle package (no CDN)."""
-    app.mount("/docs/static", StaticFiles(directory=str(swagger_ui_path)), name="swagger-ui")
+    """`/docs` (Swagger UI) and `/redoc` (ReDoc), their assets served locally (no CDN)."""
+    app.mount(DOCS_STATIC, StaticFiles(directory=str(DOCS_ASSETS)), name="docs-static")
 
     @app.get("/docs", include_in_schema=False)
     async def docs() -> HTMLResponse:
         return get_swagger_ui_html(
             openapi_url="/openapi.json",
             title="rnnserve API",
-            swagger_js_url="/docs/static/swagger-ui-bundle.js",
-            swagger_css_url="/docs/static/swagger-ui.css",
-            swagger_favicon_url="/docs/static/favicon-32x32.png",
+            swagger_js_url=f"{DOCS_STATIC}/swagger-ui-bundle.js",
+            swagger_css_url=f"{DOCS_STATIC}/swagger-ui.css",
+            swagger_favicon_url=f"{DOCS_STATIC}/favicon.png",
+        )
+
+    @app.get("/redoc", include_in_schema=False)
+    async def redoc() -> HTMLResponse:
+        return get_redoc_html(
+            openapi_url="/openapi.json",
+            title="rnnserve API",
+            redoc_js_url=f"{DOCS_STATIC}/redoc.standalone.js",
+            redoc_favicon_url=f"{DOCS_STATIC}/favicon.png",
+            with_google_fonts=False,
         )
 
 
@@ -450,7 +474,7 @@ def create_app(
     """
     app = FastAPI(
         title="rnnserve",
-        version="0.1.0",
+        version=v2_common.server_version(),
         description="Serving recurrent neural networks (Elman, LSTM, GRU, deep, bidirectional, "
         "seq2seq) over REST and the Open Inference Protocol (KServe V2).",
         docs_url=None,

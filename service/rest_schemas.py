@@ -19,7 +19,9 @@ FeatureBatch = Annotated[list[list[list[float]]] | None, SkipValidation]
 TokenBatch = Annotated[list[list[int]] | None, SkipValidation]
 TextBatch = Annotated[list[str] | None, SkipValidation]
 
-_FEATURES_EXAMPLE: list[Any] = [[[0.1, -0.2, 0.3], [0.0, 0.5, -0.1]]]
+# Examples name the bundled demo models (demo-repository/), so that "Try it out" on /docs works
+# against `make serve`.
+_FEATURES_EXAMPLE: list[Any] = [[[22.7], [24.4], [25.5], [25.5], [25.8], [24.9]]]
 
 
 class _Body(BaseModel):
@@ -59,7 +61,11 @@ class ErrorBody(BaseModel):
 class V2ErrorBody(BaseModel):
     """Error body of the Open Inference Protocol endpoints."""
 
-    model_config = ConfigDict(json_schema_extra={"examples": [{"error": "model 'x' not found"}]})
+    model_config = ConfigDict(
+        json_schema_extra={
+            "examples": [{"error": "model 'Surnames' is not known; did you mean 'surnames'?"}]
+        }
+    )
     error: str
 
 
@@ -95,9 +101,9 @@ class EncodeBody(_Inputs):
     model_config = ConfigDict(
         json_schema_extra={
             "examples": [
+                {"texts": ["Virtanen", "Rossi"]},
                 {"inputs": _FEATURES_EXAMPLE, "pooling": "last"},
-                {"tokens": [[5, 17, 3], [8, 2]]},
-                {"texts": ["hello world"], "timeout_ms": 500},
+                {"tokens": [[5, 17, 3], [8, 2]], "timeout_ms": 500},
             ]
         }
     )
@@ -113,11 +119,11 @@ class EncodeResponse(BaseModel):
         json_schema_extra={
             "examples": [
                 {
-                    "model": "tagger",
+                    "model": "surnames",
                     "version": 1,
                     "encodings": [[0.12, -0.4, 0.9]],
-                    "labels": ["positive"],
-                    "scores": [[0.8, 0.2]],
+                    "labels": ["Italian"],
+                    "scores": [[0.01, 0.02, 0.93, 0.04]],
                 }
             ]
         }
@@ -135,8 +141,9 @@ class GenerateBody(_Inputs):
     model_config = ConfigDict(
         json_schema_extra={
             "examples": [
-                {"texts": ["hello"], "max_length": 32, "beam_size": 1, "stream": False},
-                {"tokens": [[5, 6, 7]], "beam_size": 4},
+                {"texts": ["25 December 2021", "8 de junio de 2004"]},
+                {"texts": ["Montag, 2. Oktober 2023"], "max_length": 12, "beam_size": 4},
+                {"texts": ["25 December 2021"], "stream": True},
             ]
         }
     )
@@ -164,7 +171,11 @@ class GenerateResponse(BaseModel):
     model_config = ConfigDict(
         json_schema_extra={
             "examples": [
-                {"model": "translit", "version": 2, "outputs": [{"tokens": [7, 9], "text": "ab"}]}
+                {
+                    "model": "dates",
+                    "version": 1,
+                    "outputs": [{"tokens": [6, 4, 6, 5, 14, 5, 6, 14, 6, 9], "text": "2021-12-25"}],
+                }
             ]
         }
     )
@@ -198,9 +209,9 @@ class ModelStatus(BaseModel):
         json_schema_extra={
             "examples": [
                 {
-                    "name": "tagger",
-                    "versions": [{"version": 1, "state": "READY", "load_seconds": 0.4}],
-                    "architecture": {"task": "encode", "cell": "lstm", "num_layers": 2},
+                    "name": "elnino",
+                    "versions": [{"version": 1, "state": "READY", "load_seconds": 0.041}],
+                    "architecture": {"task": "encode", "encoder": {"cell": "lstm"}},
                 }
             ]
         }
@@ -228,6 +239,25 @@ class ManagementResult(BaseModel):
 # ---------------------------------------------------------------- Open Inference Protocol (V2)
 
 
+class V2ServerLive(BaseModel):
+    """Answer of `GET /v2/health/live` (the status alone says it too; KServe's SDK reads this)."""
+
+    live: bool
+
+
+class V2ServerReady(BaseModel):
+    """Answer of `GET /v2/health/ready`."""
+
+    ready: bool
+
+
+class V2ModelReady(BaseModel):
+    """Answer of `GET /v2/models/{name}[/versions/{version}]/ready`."""
+
+    name: str
+    ready: bool
+
+
 class V2ServerMetadata(BaseModel):
     name: str
     version: str
@@ -245,14 +275,17 @@ class V2ModelMetadata(BaseModel):
         json_schema_extra={
             "examples": [
                 {
-                    "name": "tagger",
+                    "name": "elnino",
                     "versions": ["1"],
                     "platform": "rnnserve",
                     "inputs": [
-                        {"name": "INPUT", "datatype": "FP32", "shape": [-1, -1, 32]},
+                        {"name": "INPUT", "datatype": "FP32", "shape": [-1, -1, 1]},
                         {"name": "LENGTHS", "datatype": "INT64", "shape": [-1]},
                     ],
-                    "outputs": [{"name": "ENCODING", "datatype": "FP32", "shape": [-1, 256]}],
+                    "outputs": [
+                        {"name": "ENCODING", "datatype": "FP32", "shape": [-1, 32]},
+                        {"name": "SCORES", "datatype": "FP32", "shape": [-1, 1]},
+                    ],
                 }
             ]
         }
@@ -288,13 +321,13 @@ class V2InferRequest(BaseModel):
                 {
                     "inputs": [
                         {
-                            "name": "INPUT",
-                            "shape": [1, 2, 3],
-                            "datatype": "FP32",
-                            "data": [0.1, -0.2, 0.3, 0.0, 0.5, -0.1],
+                            "name": "TEXT",
+                            "shape": [2],
+                            "datatype": "BYTES",
+                            "data": ["Virtanen", "Rossi"],
                         }
                     ],
-                    "outputs": [{"name": "ENCODING"}],
+                    "outputs": [{"name": "LABELS"}],
                 }
             ]
         }

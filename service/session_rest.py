@@ -79,7 +79,7 @@ class ChunkBody(_Chunk):
     """Body of `POST /v1/sessions/{id}/chunks`."""
 
     model_config = ConfigDict(
-        json_schema_extra={"examples": [{"inputs": [[0.1, -0.2, 0.3], [0.0, 0.5, -0.1]]}]}
+        json_schema_extra={"examples": [{"inputs": [[22.7], [24.4], [25.5]]}]}
     )
 
 
@@ -88,7 +88,10 @@ class StreamBody(_Chunk):
 
     model_config = ConfigDict(
         json_schema_extra={
-            "examples": [{"tokens": [5, 17, 3]}, {"tokens": [8, 2], "state_token": "AQ…"}]
+            "examples": [
+                {"inputs": [[22.7], [24.4]]},
+                {"inputs": [[25.5]], "state_token": "<the state_token of the previous answer>"},
+            ]
         }
     )
     pooling: StreamPooling | None = Field(default=None, description="As for sessions.")
@@ -199,7 +202,7 @@ def create_session_router(
         return (info.model, info.version) if info is not None else ("", None)
 
     async def _open(name: str, version: int | None, request: Request) -> Response:
-        with observer.observe(name, version, "session_open"):
+        with observer.observe(name, version, "session_open") as labels:
             body = parse_body(SessionBody, await request.body())
             info = sessions.create(
                 name,
@@ -208,10 +211,11 @@ def create_session_router(
                 return_state=body.return_state,
                 state_token=body.state_token,
             )
+            labels["version"] = info.version
         return _json(_session(info), status=201)
 
     async def _stream(name: str, version: int | None, request: Request) -> Response:
-        with observer.observe(name, version, "stream"):
+        with observer.observe(name, version, "stream") as labels:
             body = parse_body(StreamBody, await request.body())
             sequence, kind = chunk_sequence(body)
             result = await sessions.stream(
@@ -224,6 +228,7 @@ def create_session_router(
                 timeout_s=None if body.timeout_ms is None else body.timeout_ms / 1000.0,
                 protocol="rest",
             )
+            labels["version"] = result.version
         return _json(_chunk(result))
 
     @router.post(

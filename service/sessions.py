@@ -446,8 +446,12 @@ class SessionManager:
     def _open_token(
         self, model: str, version: int, config: ModelConfig, token: str | bytes | None
     ) -> StreamState:
-        if token is None or token == "" or token == b"":
+        if token is None:
             return initial_state(config)
+        if not token:
+            # NOTE: an empty token is a client's bug (a lost token), not "start over": a stream
+            # silently restarted from zeros would answer wrongly without a word.
+            raise InvalidInput("state_token", "is empty; leave it out to start a new stream")
         binding = TokenBinding(model, version, signature(config))
         if isinstance(token, bytes):
             state = self.codec.open(token, binding)

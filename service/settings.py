@@ -88,7 +88,7 @@ class Settings(BaseSettings):
     )
     version_policies: dict[str, str] = Field(
         default_factory=dict,
-        description='Per-model overrides of version_policy, e.g. {"tagger": "all"} (JSON).',
+        description='Per-model overrides of version_policy, e.g. {"dates": "all"} (JSON).',
     )
     strict_readiness: bool = Field(
         default=True,
@@ -119,8 +119,9 @@ class Settings(BaseSettings):
         default=60.0,
         gt=0.0,
         description=(
-            "gRPC connections are ended gracefully (GOAWAY) after this many seconds (±10%), so "
-            "clients reconnect through the Service and spread over new replicas; inf = never."
+            "gRPC connections are ended gracefully (GOAWAY) after this many seconds (give or take "
+            "a tenth), so clients reconnect through the Service and spread over new replicas; "
+            "inf = never."
         ),
     )
     grpc_max_connection_age_grace_s: float = Field(
@@ -128,7 +129,7 @@ class Settings(BaseSettings):
         gt=0.0,
         description=(
             "Calls still running on an aged connection may take this long before it is closed "
-            "and they fail UNAVAILABLE; inf (default) = streams are never cut by ageing."
+            "and they fail UNAVAILABLE; inf = streams are never cut by ageing."
         ),
     )
     max_sequences_per_request: int = Field(

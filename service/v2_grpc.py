@@ -77,7 +77,10 @@ class InferenceServicer(grpc_service_pb2_grpc.GRPCInferenceServiceServicer):
     async def ModelReady(  # noqa: N802
         self, request: v2.ModelReadyRequest, context: Context
     ) -> v2.ModelReadyResponse:
+        version: int | None = None
+
         async def call() -> v2.ModelReadyResponse:
+            nonlocal version
             version = _version(request.version, "version")
             try:
                 ready = v2_common.model_ready(self.engine, request.name, version)
@@ -85,7 +88,7 @@ class InferenceServicer(grpc_service_pb2_grpc.GRPCInferenceServiceServicer):
                 ready = False
             return v2.ModelReadyResponse(ready=ready)
 
-        return await self.calls.run(context, request.name, "model_ready", call)
+        return await self.calls.run(context, request.name, "model_ready", call, lambda _: version)
 
     async def ServerMetadata(  # noqa: N802
         self, request: v2.ServerMetadataRequest, context: Context
@@ -99,10 +102,14 @@ class InferenceServicer(grpc_service_pb2_grpc.GRPCInferenceServiceServicer):
     async def ModelMetadata(  # noqa: N802
         self, request: v2.ModelMetadataRequest, context: Context
     ) -> v2.ModelMetadataResponse:
+        resolved: int | None = None
+
         async def call() -> v2.ModelMetadataResponse:
+            nonlocal resolved
             version, config = self.engine.model_config(
                 request.name, _version(request.version, "version")
             )
+            resolved = version
             return v2.ModelMetadataResponse(
                 name=request.name,
                 versions=v2_common.ready_versions(self.engine, request.name) or [str(version)],
@@ -111,7 +118,9 @@ class InferenceServicer(grpc_service_pb2_grpc.GRPCInferenceServiceServicer):
                 outputs=_tensor_metadata(v2_common.output_metadata(config)),
             )
 
-        return await self.calls.run(context, request.name, "model_metadata", call)
+        return await self.calls.run(
+            context, request.name, "model_metadata", call, lambda _: resolved
+        )
 
     async def _infer(
         self, request: v2.ModelInferRequest, deadline_s: float | None, endpoint: str

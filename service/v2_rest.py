@@ -22,6 +22,9 @@ from service.settings import Settings
 from service.types import Protocol as WireProtocol
 
 PROTOCOL: WireProtocol = "v2-rest"
+# NOTE: one tag per route (a router's tags add to a route's own): each route is listed once.
+TAG = "open inference protocol (v2)"
+REPOSITORY_TAG = "open inference protocol (v2): model repository"
 EXTENSIONS = ["binary_tensor_data", "model_repository"]
 
 
@@ -70,21 +73,35 @@ def select_outputs(
 
 def create_router(engine: Engine, settings: Settings, metrics: Metrics) -> APIRouter:
     """The V2 REST routes: health, metadata, infer, and the model repository extension."""
-    router = APIRouter(tags=["open inference protocol (v2)"])
+    router = APIRouter()
     observer = http_common.RequestObserver(metrics, PROTOCOL, metric_labels.known_model(engine))
     bad = http_common.errors_doc(True, 400, 404, 413, 503, 504)
 
-    @router.get("/v2/health/live", responses={503: {"description": "Not live"}})
+    # NOTE: the status is the answer (Triton's clients read only it); the body says it again
+    # for clients that read it, as KServe's servers answer and its SDK expects.
+    @router.get(
+        "/v2/health/live",
+        response_model=rest_schemas.V2ServerLive,
+        responses={503: {"model": rest_schemas.V2ServerLive}},
+        tags=[TAG],
+    )
     async def server_live() -> Response:
-        """200 while the process answers."""
-        return Response(status_code=200 if engine.live else 503)
+        """200 `{"live": true}` while the process answers."""
+        live = engine.live
+        return http_common.json_response({"live": live}, 200 if live else 503)
 
-    @router.get("/v2/health/ready", responses={503: {"description": "Not ready"}})
+    @router.get(
+        "/v2/health/ready",
+        response_model=rest_schemas.V2ServerReady,
+        responses={503: {"model": rest_schemas.V2ServerReady}},
+        tags=[TAG],
+    )
     async def server_ready() -> Response:
-        """200 when the server is ready for inference (same rule as /readyz)."""
-        return Response(status_code=200 if engine.ready else 503)
+        """200 `{"ready": true}` when the server is ready for inference (the rule of /readyz)."""
+        ready = engine.ready
+        return http_common.json_response({"ready": ready}, 200 if ready else 503)
 
-    @router.get("/v2", response_model=rest_schemas.V2ServerMetadata)
+    @router.get("/v2", response_model=rest_schemas.V2ServerMetadata, tags=[TAG])
     async def server_metadata() -> Response:
         """Server name, version and protocol extensions."""
         return http_common.json_response(
@@ -96,21 +113,30 @@ def create_router(engine: Engine, settings: Settings, metrics: Metrics) -> APIRo
         )
 
     def metadata(name: str, version: int | None) -> Response:
-        with observer.observe(name, version, "model_metadata"):
+        with observer.observe(name, version, "model_metadata") as labels:
             resolved, config = engine.model_config(name, version)
+            labels["version"] = resolved
             versions = v2_common.ready_versions(engine, name) or [str(resolved)]
             return http_common.json_response(model_metadata(name, versions, config))
 
     def ready(name: str, version: int | None) -> Response:
         with observer.observe(name, version, "model_ready"):
             ready = v2_common.model_ready(engine, name, version)
-            return Response(status_code=200 if ready else 503)
+            return http_common.json_response({"name": name, "ready": ready}, 200 if ready else 503)
 
     meta_doc: dict[str, Any] = {
         "response_model": rest_schemas.V2ModelMetadata,
         "responses": http_common.errors_doc(True, 404, 503),
+        "tags": [TAG],
     }
-    ready_doc: dict[str, Any] = {"responses": {**http_common.errors_doc(True, 404), 503: {}}}
+    ready_doc: dict[str, Any] = {
+        "response_model": rest_schemas.V2ModelReady,
+        "responses": {
+            **http_common.errors_doc(True, 404),
+            503: {"model": rest_schemas.V2ModelReady},
+        },
+        "tags": [TAG],
+    }
 
     @router.get("/v2/models/{name}", **meta_doc)
     async def model_meta(name: str) -> Response:
@@ -171,6 +197,7 @@ def create_router(engine: Engine, settings: Settings, metrics: Metrics) -> APIRo
         "response_model": rest_schemas.V2InferResponse,
         "responses": bad,
         "openapi_extra": http_common.documented_body(rest_schemas.V2InferRequest, binary=True),
+        "tags": [TAG],
     }
 
     @router.post("/v2/models/{name}/infer", **infer_doc)
@@ -187,7 +214,7 @@ def create_router(engine: Engine, settings: Settings, metrics: Metrics) -> APIRo
         return await infer(name, version, request)
 
     repo_doc: dict[str, Any] = {
-        "tags": ["open inference protocol (v2): model repository"],
+        "tags": [REPOSITORY_TAG],
         "responses": http_common.errors_doc(True, 400, 401, 403, 404, 409, 503),
     }
 

@@ -6,6 +6,9 @@ Every error is `InvalidInput(field, message)`; fields use the wire's vocabulary 
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+from typing import Any
+
 import numpy as np
 
 from models.config import FeaturesInput, ModelConfig, TextInput, TokensInput
@@ -213,3 +216,56 @@ def generate_limits(
             "max_length", f"must be between 1 and {limit} (this model's limit), got {max_length}"
         )
     return max_length
+
+
+# pydantic's error types → the project's words ({…} from the error's ctx and input).
+_PYDANTIC_WORDS: dict[str, str] = {
+    "missing": "is required",
+    "extra_forbidden": "is not a field of this body",
+    "literal_error": "must be one of {expected}, got {input}",
+    "enum": "must be one of {expected}, got {input}",
+    "greater_than": "must be greater than {gt}, got {input}",
+    "greater_than_equal": "must be at least {ge}, got {input}",
+    "less_than": "must be less than {lt}, got {input}",
+    "less_than_equal": "must be at most {le}, got {input}",
+    "int_type": "expected an integer, got {input}",
+    "int_parsing": "expected an integer, got {input}",
+    "int_from_float": "expected an integer, got {input}",
+    "float_type": "expected a number, got {input}",
+    "float_parsing": "expected a number, got {input}",
+    "bool_type": "expected true or false, got {input}",
+    "bool_parsing": "expected true or false, got {input}",
+    "string_type": "expected a string, got {input}",
+    "list_type": "expected a list, got {input}",
+    "dict_type": "expected an object, got {input}",
+    "model_type": "expected an object, got {input}",
+    "model_attributes_type": "expected an object, got {input}",
+    "too_short": "expected at least {min_length} items, got {actual_length}",
+    "too_long": "expected at most {max_length} items, got {actual_length}",
+}
+_SHOWN_INPUT_CHARS = 60
+
+
+def pydantic_problem(error: Mapping[str, Any]) -> str:
+    """One pydantic error (an item of `ValidationError.errors()`) in the project's words: the
+    rule and the value given, without pydantic's own prefixes ("Value error, ...")."""
+    kind = str(error.get("type", ""))
+    ctx = error.get("ctx") or {}
+    if kind in ("value_error", "assertion_error") and "error" in ctx:
+        return str(ctx["error"])
+    template = _PYDANTIC_WORDS.get(kind)
+    if template is None:
+        message = str(error.get("msg", "invalid value"))
+        return message[:1].lower() + message[1:]
+    shown_input = repr(error.get("input"))
+    if len(shown_input) > _SHOWN_INPUT_CHARS:
+        shown_input = shown_input[:_SHOWN_INPUT_CHARS] + "…"
+    values = {
+        key: str(int(value)) if isinstance(value, float) and value.is_integer() else str(value)
+        for key, value in ctx.items()
+    }
+    try:
+        return template.format(**values, input=shown_input)
+    except KeyError:
+        message = str(error.get("msg", "invalid value"))
+        return message[:1].lower() + message[1:]

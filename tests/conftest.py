@@ -8,9 +8,9 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import threading
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import pytest
 import torch
@@ -20,7 +20,11 @@ from service.engine import Engine
 from service.metrics import Metrics
 from service.settings import Settings
 
+if TYPE_CHECKING:
+    from tests.test_server import ServerProcess
+
 StartEngine = Callable[..., Awaitable[Engine]]
+DEMO_REPOSITORY = Path(__file__).resolve().parent.parent / "demo-repository"
 
 # NOTE: one intra-op thread for everything the suite computes in this process: on 2 shared
 # cores more threads make tests slower and their timings unstable (bench/RESULTS.md, Engine).
@@ -64,6 +68,16 @@ async def start_engine(repository: Path, metrics: Metrics) -> AsyncIterator[Star
     for engine in engines:
         if not engine.draining:
             await engine.drain(2.0)
+
+
+@pytest.fixture(scope="session")
+def demo_server() -> Iterator[ServerProcess]:
+    """`rnnserve serve` on the bundled demo repository (CPU, free ports), shared by the tests
+    that replay the README and run independent clients."""
+    from tests.test_server import running_server
+
+    with running_server(DEMO_REPOSITORY) as served:
+        yield served
 
 
 def sample(metrics: Metrics, name: str, **labels: str) -> float:

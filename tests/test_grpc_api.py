@@ -434,6 +434,22 @@ async def test_not_found(served: Served) -> None:
     assert (await _code(served.api.Encode(message)))[0] == grpc.StatusCode.NOT_FOUND
 
 
+async def test_an_unknown_model_names_the_closest_known_one(served: Served) -> None:
+    # As over REST: the refusal says which model the client probably meant.
+    code, details = await _code(served.api.Encode(_encode_message("Enc", _features(1, seed=1))))
+    assert (code, details) == (
+        grpc.StatusCode.NOT_FOUND,
+        "model 'Enc' is not known; did you mean 'enc'?",
+    )
+    request = _v2_features_request(_features(2, seed=6), raw=True)
+    request.model_name = "ENC"
+    code, details = await _code(served.v2.ModelInfer(request))
+    assert (code, details) == (
+        grpc.StatusCode.NOT_FOUND,
+        "model 'ENC' is not known; did you mean 'enc'?",
+    )
+
+
 async def test_an_explicit_version_0_is_invalid_and_an_unset_one_is_the_newest(
     served: Served,
 ) -> None:

@@ -9,8 +9,8 @@ this also proves reflection is all grpcurl needs), the `-d` body becomes the req
 protobuf's JSON mapping (grpcurl's protojson: lowerCamelCase or proto field names, unknown fields
 refused), and the answer, printed as grpcurl prints it (lowerCamelCase, int64 as strings, no
 default values), must match the output the doc shows under the command (`[...]` marks an elided
-part). `list` commands become reflection `list_services` queries. A wrong command fails naming
-its file and line.
+part; tests/doc_examples.py says how a doc elides). `list` commands become reflection
+`list_services` queries. A wrong command fails naming its file and line.
 """
 
 from __future__ import annotations
@@ -18,9 +18,7 @@ from __future__ import annotations
 import json
 import re
 import shlex
-from collections.abc import Iterator
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import grpc
@@ -33,12 +31,20 @@ from grpc_reflection.v1alpha.proto_reflection_descriptor_database import (
 )
 
 from service.settings import Settings
-from tests.test_server import running_server
+from tests.doc_examples import (
+    DocCommand,
+    DocError,
+    brief,
+    check_json_output,
+    code_blocks,
+    doc_files,
+    documented_json,
+    shell_commands,
+)
+from tests.test_server import ServerProcess
 
 pytestmark = pytest.mark.timeout(60)
 
-ROOT = Path(__file__).resolve().parent.parent
-DEMO = ROOT / "demo-repository"
 # The docs address the server that `make serve` (and the CLI's defaults) start.
 DOCUMENTED_HOSTS = {"127.0.0.1", "localhost"}
 DOCUMENTED_GRPC_PORT: int = Settings.model_fields["grpc_port"].default
@@ -47,20 +53,8 @@ CALL_TIMEOUT_S = 30.0
 # grpcurl's flags that a replay understands; anything else is refused rather than ignored.
 BOOL_FLAGS = {"plaintext", "emit-defaults", "allow-unknown-fields", "v", "vv", "format-error"}
 VALUE_FLAGS = {"d", "H", "rpc-header", "max-time", "connect-timeout", "format"}
-# `[...]`, `[...256 floats...]`: a part of the output the doc leaves out.
-ELIDED = re.compile(r"\[[^\[\]]*\.\.\.[^\[\]]*\]")
-ANY = "<elided>"
-
-
-class CommandError(Exception):
-    """A documented command that grpcurl would reject, or whose answer differs from the doc."""
-
-
-@dataclass(frozen=True)
-class DocCommand:
-    where: str  # "README.md:135"
-    text: str  # the shell text, continuation lines joined as the shell joins them
-    output: list[str]  # the comment lines right below it: what the doc says it prints
+# A documented grpcurl command that grpcurl would reject, or whose answer differs from the doc.
+CommandError = DocError
 
 
 @dataclass
@@ -79,41 +73,18 @@ class Grpcurl:
 # --- reading the docs ---------------------------------------------------------------------------
 
 
-def _doc_files() -> list[Path]:
-    return sorted(
-        path
-        for path in ROOT.rglob("*.md")
-        if not any(part.startswith(".") for part in path.relative_to(ROOT).parts)
-    )
+def doc_commands() -> list[DocCommand]:
+    """The grpcurl commands in the fenced code blocks of every Markdown file."""
+    return [
+        command
+        for path in doc_files()
+        for block in code_blocks(path)
+        for command in shell_commands(block)
+        if command.text.startswith("grpcurl ")
+    ]
 
 
-def doc_commands(path: Path) -> list[DocCommand]:
-    """The grpcurl commands in the fenced code blocks of one Markdown file."""
-    lines = path.read_text(encoding="utf-8").splitlines()
-    commands: list[DocCommand] = []
-    in_code = False
-    i = 0
-    while i < len(lines):
-        stripped = lines[i].strip()
-        if stripped.startswith("```"):
-            in_code = not in_code
-        elif in_code and stripped.removeprefix("$ ").startswith("grpcurl "):
-            start = i
-            raw = [stripped.removeprefix("$ ")]
-            while raw[-1].endswith("\\") and i + 1 < len(lines):
-                i += 1
-                raw.append(lines[i])
-            output: list[str] = []
-            while i + 1 < len(lines) and lines[i + 1].strip().startswith("#"):
-                i += 1
-                output.append(lines[i].strip().removeprefix("#").strip())
-            where = f"{path.relative_to(ROOT)}:{start + 1}"
-            commands.append(DocCommand(where, "\n".join(raw).replace("\\\n", ""), output))
-        i += 1
-    return commands
-
-
-DOC_COMMANDS = [command for path in _doc_files() for command in doc_commands(path)]
+DOC_COMMANDS = doc_commands()
 
 
 def parse_grpcurl(text: str) -> Grpcurl:
@@ -192,61 +163,6 @@ def _check_address(call: Grpcurl) -> None:
 
 
 # --- comparing with the documented output -------------------------------------------------------
-
-
-def documented_json(output: list[str]) -> list[Any]:
-    """The JSON values the doc shows as the output (one per message), `[...]` parts as ANY."""
-    text = " ".join(output)
-    while (elided := ELIDED.sub(json.dumps(ANY), text)) != text:
-        text = elided
-    decoder = json.JSONDecoder()
-    values: list[Any] = []
-    position = 0
-    while text[position:].strip():
-        position = len(text) - len(text[position:].lstrip())
-        try:
-            value, position = decoder.raw_decode(text, position)
-        except json.JSONDecodeError as exc:
-            raise CommandError(f"documented output is not JSON ([...] elides): {exc}") from None
-        values.append(value)
-    return values
-
-
-def matches(documented: Any, printed: Any) -> bool:
-    """Whether grpcurl's printed value fits the documented one (keys the doc omits may exist)."""
-    if documented == ANY:
-        return True
-    if isinstance(documented, dict):
-        return isinstance(printed, dict) and all(
-            key in printed and matches(value, printed[key]) for key, value in documented.items()
-        )
-    if isinstance(documented, list):
-        return (
-            isinstance(printed, list)
-            and len(documented) == len(printed)
-            and all(matches(d, p) for d, p in zip(documented, printed, strict=True))
-        )
-    return bool(documented == printed)
-
-
-def _brief(value: Any) -> Any:
-    """`value` with long lists cut to their first items, for a readable failure message."""
-    if isinstance(value, dict):
-        return {key: _brief(item) for key, item in value.items()}
-    if isinstance(value, list):
-        return [_brief(item) for item in value[:3]] + (["..."] if len(value) > 3 else [])
-    return value
-
-
-def _check_output(command: DocCommand, printed: list[dict[str, Any]]) -> None:
-    """Each documented message is printed, in order (a stream's doc may show only some)."""
-    remaining = iter(printed)
-    for documented in documented_json(command.output):
-        if not any(matches(documented, message) for message in remaining):
-            raise CommandError(
-                f"the doc says it prints {json.dumps(documented, ensure_ascii=False)}, "
-                f"grpcurl would print {json.dumps(_brief(printed), ensure_ascii=False)}"
-            )
 
 
 def _sensible(type_name: str, message: dict[str, Any]) -> str | None:
@@ -346,18 +262,17 @@ def replay(command: DocCommand, port: int) -> None:
     ]
     for message in printed:
         if (problem := _sensible(method.output_type.full_name, message)) is not None:
-            raise CommandError(f"{problem}: {json.dumps(_brief(message), ensure_ascii=False)}")
-    _check_output(command, printed)
+            raise CommandError(f"{problem}: {json.dumps(brief(message), ensure_ascii=False)}")
+    check_json_output(documented_json(command.output), printed)
 
 
 # --- the server ---------------------------------------------------------------------------------
 
 
 @pytest.fixture(scope="module")
-def grpc_port() -> Iterator[int]:
-    """`rnnserve serve` on the demo repository (CPU, any free ports); its bound gRPC port."""
-    with running_server(DEMO) as served:
-        yield served.grpc_port
+def grpc_port(demo_server: ServerProcess) -> int:
+    """The bound gRPC port of `rnnserve serve` on the demo repository (tests/conftest.py)."""
+    return demo_server.grpc_port
 
 
 # --- tests --------------------------------------------------------------------------------------

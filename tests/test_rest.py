@@ -281,6 +281,104 @@ def test_docs_work_offline(client: httpx.Client) -> None:
 
 # ---------------------------------------------------------------- errors
 
+# pydantic's own phrasing, which a client should never read.
+PYDANTIC_WORDS = ("Value error", "Input should", "Field required", "Extra inputs", "validation")
+
+
+@pytest.mark.parametrize(
+    ("path", "body", "message"),
+    [
+        (
+            "/v1/models/feat/encode",
+            {},
+            "body: exactly one of 'inputs', 'tokens', 'texts' is required, got none",
+        ),
+        (
+            "/v1/models/words/encode",
+            {"texts": ["a"], "tokens": [[1]]},
+            "body: exactly one of 'inputs', 'tokens', 'texts' is required, got ['tokens', 'texts']",
+        ),
+        (
+            "/v1/models/words/encode",
+            {"texts": ["a"], "pooling": "avg"},
+            "pooling: must be one of 'last', 'mean', 'max' or 'none', got 'avg'",
+        ),
+        (
+            "/v1/models/words/encode",
+            {"texts": ["a"], "timeout_ms": 0},
+            "timeout_ms: must be greater than 0, got 0",
+        ),
+        (
+            "/v1/models/words/encode",
+            {"texts": ["a"], "timeout_ms": 3_600_001},
+            "timeout_ms: must be at most 3600000, got 3600001",
+        ),
+        (
+            "/v1/models/words/encode",
+            {"texts": ["a"], "text": "a"},
+            "text: is not a field of this body",
+        ),
+        (
+            "/v1/models/translit/generate",
+            {"texts": ["a"], "stream": "yes"},
+            "stream: expected true or false, got 'yes'",
+        ),
+        (
+            "/v1/models/translit/generate",
+            {"texts": ["a"], "max_length": 2.5},
+            "max_length: expected an integer, got 2.5",
+        ),
+        (
+            "/v1/models/feat/stream",
+            {"inputs": [[1.0] * 8], "state_token": ""},
+            "state_token: is empty; leave it out to start a new stream",
+        ),
+        (
+            "/v1/models/feat/sessions",
+            {"state_token": ""},
+            "state_token: is empty; leave it out to start a new stream",
+        ),
+        (
+            "/v1/models/feat/stream",
+            {},
+            "body: exactly one of 'inputs', 'tokens', 'text' is required, got none",
+        ),
+    ],
+)
+def test_refusals_are_in_the_projects_words(
+    client: httpx.Client, path: str, body: dict[str, object], message: str
+) -> None:
+    r = client.post(path, json=body)
+    assert r.status_code == 400, r.text
+    detail = error_of(r)
+    assert detail["message"] == message
+    assert detail["field"] == message.split(":")[0]
+    assert not any(words in detail["message"] for words in PYDANTIC_WORDS)
+
+
+def test_an_empty_state_token_is_refused_not_a_new_stream(client: httpx.Client) -> None:
+    first = client.post("/v1/models/feat/stream", json={"inputs": [[0.5] * 8]})
+    assert first.status_code == 200, first.text
+    assert first.json()["steps"] == 1
+    # A client that lost its token must hear so, not get a stream silently restarted at step 1.
+    again = client.post("/v1/models/feat/stream", json={"inputs": [[0.5] * 8], "state_token": ""})
+    assert again.status_code == 400 and error_of(again)["field"] == "state_token"
+
+
+def test_an_unknown_model_names_the_closest_or_the_known_ones(client: httpx.Client) -> None:
+    known = sorted(m["name"] for m in client.get("/v1/models").json()["models"])
+    r = client.post("/v1/models/Feat/encode", json={"inputs": [[[1.0] * 8]]})
+    assert r.status_code == 404
+    assert error_of(r)["message"] == "model 'Feat' is not known; did you mean 'feat'?"
+    r = client.post("/v1/models/zzzz/encode", json={"inputs": [[[1.0] * 8]]})
+    assert error_of(r)["message"] == f"model 'zzzz' is not known (known: {', '.join(known)})"
+    r = client.get("/v1/models/translt")
+    assert error_of(r)["message"] == "model 'translt' is not known; did you mean 'translit'?"
+    v2 = {"inputs": [{"name": "INPUT", "datatype": "FP32", "shape": [1, 1, 8], "data": [0] * 8}]}
+    r = client.post("/v2/models/FEAT/infer", json=v2)
+    assert r.status_code == 404
+    assert r.json() == {"error": "model 'FEAT' is not known; did you mean 'feat'?"}
+
 
 @pytest.mark.parametrize(
     ("path", "body", "status", "field", "fragment"),

@@ -172,6 +172,9 @@ def test_startup_summary_and_health(shared_server: ServerProcess) -> None:
     server = shared_server
     (ready,) = server.events("server.ready")
     assert ready["device"] == "cpu"
+    # The ready line tells a person where the API's docs are.
+    assert ready["docs"] == f"{server.url}/docs"
+    assert "swagger-ui" in httpx.get(ready["docs"], timeout=10).text
     assert {m["name"] for m in ready["models"]} == {"pair", "enc", "heavy"}
     assert all(m["state"] == "READY" and m["load_s"] > 0 for m in ready["models"])
     assert httpx.get(f"{server.url}/readyz", timeout=10).status_code == 200
@@ -379,6 +382,7 @@ def test_bad_flag_is_a_clear_error_naming_the_setting(capsys: pytest.CaptureFixt
     out = capsys.readouterr().out
     assert "http_port" in out and "65535" in out
     assert "device" in out and "tpu" in out
+    assert "Value error" not in out and "Input should" not in out  # pydantic's words
 
 
 def test_flag_wins_over_environment(monkeypatch: pytest.MonkeyPatch) -> None:

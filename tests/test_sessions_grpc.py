@@ -133,7 +133,10 @@ def test_refusals_have_grpc_codes(api: tuple[Served, pb_grpc.RnnServeStub]) -> N
         grpc.StatusCode.INVALID_ARGUMENT,
         "open: the first message of a session must be 'open' (model and options)",
     )
-    assert codes["missing"] == (grpc.StatusCode.NOT_FOUND, "model 'missing' is not known")
+    assert codes["missing"] == (
+        grpc.StatusCode.NOT_FOUND,
+        "model 'missing' is not known (known: bidirectional, tagger)",
+    )
     assert codes["bad token"] == (grpc.StatusCode.INVALID_ARGUMENT, "state_token: is truncated")
     assert codes["bad width"] == (
         grpc.StatusCode.INVALID_ARGUMENT,

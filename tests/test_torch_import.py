@@ -110,3 +110,89 @@ def test_refusals(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     assert "Traceback" not in err.err
     (tmp_path / "bad_vocab.json").write_text(json.dumps({"a": 1}))
     assert main([*argv[:-1], "v", "--vocab", str(tmp_path / "bad_vocab.json")]) == 1
+
+
+class HeadNet(nn.Module):
+    """A classifier whose layers are named as many people name them: `emb`, `rnn`, `head`."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.emb = nn.Embedding(30, 6)
+        self.rnn = nn.GRU(6, 10, batch_first=True)
+        self.head = nn.Linear(10, 3)
+
+    def forward(self, tokens: Tensor, lengths: Tensor) -> Tensor:
+        packed = nn.utils.rnn.pack_padded_sequence(
+            self.emb(tokens), lengths, batch_first=True, enforce_sorted=False
+        )
+        _, h = self.rnn(packed)
+        out: Tensor = self.head(h[-1])
+        return out
+
+
+def test_embedding_and_head_are_found_whatever_their_names(tmp_path: Path) -> None:
+    torch.manual_seed(3)
+    net = HeadNet().eval()
+    torch.save(net.state_dict(), tmp_path / "net.pt")
+    argv = ["import-torch", str(tmp_path / "net.pt"), "--repository", str(tmp_path / "repo")]
+    assert main([*argv, "--name", "plain"]) == 0
+    assert main([*argv, "--name", "labelled", "--labels", "a,b,c"]) == 0
+    tokens, lengths = collate([torch.tensor([1, 5, 7, 2]), torch.tensor([3, 9])])
+    with torch.no_grad():
+        expected = net(tokens, lengths)
+        plain = load(tmp_path / "repo" / "plain" / "1").model(tokens, lengths).scores
+        labelled = load(tmp_path / "repo" / "labelled" / "1").model(tokens, lengths).scores
+    assert plain is not None and labelled is not None
+    torch.testing.assert_close(plain, expected, rtol=0, atol=1e-6)
+    # --labels: the head is a classifier, answered as softmax probabilities.
+    torch.testing.assert_close(labelled, expected.softmax(-1), rtol=0, atol=1e-6)
+
+
+def test_a_prefix_without_its_dot_is_taken(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    net = HeadNet()
+    torch.save(net.state_dict(), tmp_path / "net.pt")
+    argv = ["import-torch", str(tmp_path / "net.pt"), "--repository", str(tmp_path / "repo")]
+    assert main([*argv, "--name", "a", "--head-prefix", "head", "--embedding-prefix", "emb"]) == 0
+    assert load(tmp_path / "repo" / "a" / "1").config.head is not None
+    assert main([*argv, "--name", "b", "--head-prefix", "fc", "--labels", "x,y,z"]) == 1
+    err = capsys.readouterr().err
+    assert (
+        err == "rnnserve import-torch: error: no tensor 'fc.weight' for the head (--head-prefix)\n"
+    )
+
+
+def test_an_ambiguous_layer_must_be_named(tmp_path: Path) -> None:
+    gru = nn.GRU(6, 6)
+    state = {**gru.state_dict(), "proj.weight": torch.zeros(4, 6)}  # bias-free, as wide as both
+    with pytest.raises(TorchImportError, match=r"proj\.weight could be the embedding or the head"):
+        import_state_dict(state, tmp_path, "m")
+    path = import_state_dict(state, tmp_path, "m", head_prefix="proj.")
+    assert load(path).config.head is not None
+    two = {
+        **nn.LSTM(4, 5).state_dict(),
+        "a.weight": torch.zeros(2, 5),
+        "b.weight": torch.zeros(3, 5),
+    }
+    with pytest.raises(TorchImportError, match=r"a\.weight, b\.weight; name it with --head-prefix"):
+        import_state_dict(two, tmp_path, "two")
+
+
+def test_a_whole_pickled_module_is_explained(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    torch.save(HeadNet(), tmp_path / "model.pt")  # the whole module, not its state_dict
+    argv = [
+        "import-torch",
+        str(tmp_path / "model.pt"),
+        "--repository",
+        str(tmp_path),
+        "--name",
+        "m",
+    ]
+    assert main(argv) == 1
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "\x1b" not in err
+    assert "HeadNet" in err and "torch.save(model.state_dict(), PATH)" in err
+    assert err.rstrip().endswith("and import that file")

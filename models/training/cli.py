@@ -42,33 +42,72 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         type=int,
         help="version number to write (default: the next free one; never overwrites)",
     )
-    parser.add_argument("--cell", choices=["rnn", "lstm", "gru"])
-    parser.add_argument("--layers", type=int, help="recurrent layers")
-    parser.add_argument("--hidden", type=int, help="hidden size per direction")
-    parser.add_argument("--bidirectional", action=argparse.BooleanOptionalAction, default=None)
+    parser.add_argument(
+        "--cell", choices=["rnn", "lstm", "gru"], help=f"recurrent cell {_task_defaults('cell')}"
+    )
+    parser.add_argument("--layers", type=int, help=f"recurrent layers {_task_defaults('layers')}")
+    parser.add_argument(
+        "--hidden", type=int, help=f"hidden size per direction {_task_defaults('hidden')}"
+    )
+    parser.add_argument(
+        "--bidirectional",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help=f"read the sequence both ways {_task_defaults('bidirectional')}",
+    )
     parser.add_argument(
         "--attention",
         action=argparse.BooleanOptionalAction,
         default=None,
-        help="additive attention (seq2seq tasks only)",
+        help="additive attention (seq2seq tasks only; default: on)",
     )
-    parser.add_argument("--embedding", type=int, help="embedding size (text tasks)")
-    parser.add_argument("--epochs", type=int)
-    parser.add_argument("--batch-size", type=int)
-    parser.add_argument("--lr", type=float, help="peak learning rate")
-    parser.add_argument("--dropout", type=float, help="training-only dropout")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--device", default="cpu", help="auto | cpu | cuda | cuda:N (default cpu)")
+    parser.add_argument(
+        "--embedding",
+        type=int,
+        help=f"embedding size (text tasks) {_task_defaults('embedding', text_only=True)}",
+    )
+    parser.add_argument("--epochs", type=int, help=f"epochs {_task_defaults('epochs')}")
+    parser.add_argument(
+        "--batch-size", type=int, help=f"sequences per step {_task_defaults('batch_size')}"
+    )
+    parser.add_argument(
+        "--lr", type=float, help=f"peak learning rate {_task_defaults('learning_rate')}"
+    )
+    parser.add_argument(
+        "--dropout", type=float, help=f"training-only dropout {_task_defaults('dropout')}"
+    )
+    parser.add_argument(
+        "--seed", type=int, default=0, help="seed of data splits and weights (default: 0)"
+    )
+    parser.add_argument("--device", default="cpu", help="auto | cpu | cuda | cuda:N (default: cpu)")
     parser.add_argument(
         "--threads",
         type=int,
         default=1,
-        help="CPU threads for torch (default 1: small recurrent ops gain little "
+        help="CPU threads for torch (default: 1; small recurrent ops gain little "
         "from more, and oversubscribed cores slow them down badly)",
     )
-    parser.add_argument("--max-steps", type=int, help="stop after this many steps (smoke runs)")
-    parser.add_argument("--limit", type=int, help="use at most this many training examples")
+    parser.add_argument(
+        "--max-steps", type=int, help="stop after this many steps (smoke runs; default: no limit)"
+    )
+    parser.add_argument(
+        "--limit", type=int, help="use at most this many training examples (default: all)"
+    )
     parser.set_defaults(run=run)
+
+
+def _task_defaults(field: str, text_only: bool = False) -> str:
+    """`(default: surnames 128, dates 64, elnino 32)`: a hyperparameter's default per task."""
+    values = []
+    for name, task in TASKS.items():
+        if text_only and task.defaults.embedding == 0:
+            continue
+        value = getattr(task.defaults, field)
+        if isinstance(value, bool):
+            values.append(f"{name} {'on' if value else 'off'}")
+        else:
+            values.append(f"{name} {value}" if isinstance(value, str) else f"{name} {value:g}")
+    return f"(default: {', '.join(values)})"
 
 
 def run(args: argparse.Namespace) -> int:
