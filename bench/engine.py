@@ -2,7 +2,14 @@
 decoding. Every ratio is measured in the same run, on the same machine and thread settings.
 
     .venv/bin/python -m bench.engine [--threads N] [--rounds R] [--device cuda]
+        [--dtype bfloat16 [--compare-only]]
     (as a module: bench/ holds files named like packages, e.g. http.py, models.py)
+
+With `--dtype bfloat16` (or float16) a float32 engine runs beside the one in that dtype, and
+the reference workload is measured on both in alternated rounds first: the model call alone
+(batches of 64, the kernels' ratio), the engine with 64 callers, and 1-caller latency; the
+other sections then run on the engine in `--dtype` (`--compare-only` stops after the
+comparison).
 
 Reference workload (issue 4): 2-layer LSTM, input 32, hidden 256; one sequence per caller,
 lengths uniform 16–128; 64 concurrent callers. Direct and engine rounds alternate so that load
@@ -110,13 +117,15 @@ def direct_packed(model: EncoderModel, seqs: list[np.ndarray]) -> float:
     return len(seqs) / (time.perf_counter() - start)
 
 
-def direct_forward(model: EncoderModel, seqs: list[np.ndarray]) -> float:
+def direct_forward(model: EncoderModel, seqs: list[np.ndarray], return_state: bool = True) -> float:
     """Sequences per second of direct batch-64 `model(...)` calls: the model's own length-aware
-    path (segmented on the CPU) without the engine."""
+    path (segmented on the CPU) without the engine; `return_state=False` as the batcher calls
+    it when no row wants its state."""
     start = time.perf_counter()
     for i in range(0, len(seqs), CALLERS):
         with torch.inference_mode():
-            model(*_padded(model, seqs[i : i + CALLERS])).encodings.cpu()
+            batch = _padded(model, seqs[i : i + CALLERS])
+            model(*batch, return_state=return_state).encodings.cpu()
     return len(seqs) / (time.perf_counter() - start)
 
 
@@ -185,6 +194,62 @@ async def continuous_decoding(
     return produced / (time.perf_counter() - start)
 
 
+async def compare_dtypes(
+    engines: dict[str, Engine], seqs: list[np.ndarray], rounds: int, dtype: str
+) -> None:
+    """The reference workload on a float32 engine and one in `dtype`, alternated rounds."""
+    models = {}
+    for name, engine in engines.items():
+        model = engine.registry.resolve("enc").loaded.model  # type: ignore[union-attr]
+        assert isinstance(model, EncoderModel)
+        models[name] = model
+    plan = engines[dtype].model_info("enc").architecture["precision"]
+    print(f"{dtype} plan of the reference model: {plan}")
+    kernel: dict[str, list[float]] = {name: [] for name in engines}
+    served: dict[str, list[float]] = {name: [] for name in engines}
+    # NOTE: also per second of the process's CPU time: on a host shared with other work the
+    # wall-clock rates include waits for a core, which pull both dtypes' rates together.
+    served_cpu: dict[str, list[float]] = {name: [] for name in engines}
+    for name in engines:  # warm-up: oneDNN builds its kernels for new shapes on first use
+        direct_forward(models[name], seqs[: 2 * CALLERS], return_state=False)
+        await engine_closed_loop(engines[name], seqs[: 2 * CALLERS])
+    for round_ in range(rounds):
+        order = list(engines) if round_ % 2 == 0 else list(reversed(engines))
+        for name in order:
+            kernel[name].append(direct_forward(models[name], seqs, return_state=False))
+        for name in order:
+            cpu = time.process_time()
+            served[name].append(await engine_closed_loop(engines[name], seqs))
+            served_cpu[name].append(len(seqs) / (time.process_time() - cpu))
+    labels = (
+        f"model call alone (batches of {CALLERS})",
+        f"engine ({CALLERS} callers)",
+        f"engine ({CALLERS} callers) per CPU-second",
+    )
+    for label, rates in zip(labels, (kernel, served, served_cpu), strict=True):
+        base, other = statistics.median(rates["float32"]), statistics.median(rates[dtype])
+        ratios = ", ".join(
+            f"{b / a:.2f}" for a, b in zip(rates["float32"], rates[dtype], strict=True)
+        )
+        print(
+            f"{label}: float32 {base:.0f} seq/s, {dtype} {other:.0f} seq/s, "
+            f"{dtype}/float32 {other / base:.2f} (per round {ratios})"
+        )
+    for steps in (16, 72):
+        seq = seqs[0][:1].repeat(steps, 0)
+        latency: dict[str, list[float]] = {name: [] for name in engines}
+        for _ in range(100):  # alternated: both see the same load
+            for name, engine in engines.items():
+                start = time.perf_counter()
+                await engine.encode(EncodeRequest("enc", [seq], "features"))
+                latency[name].append(time.perf_counter() - start)
+        base, other = median_ms(latency["float32"]), median_ms(latency[dtype])
+        print(
+            f"1 caller, {steps} steps: float32 {base:.3f} ms, {dtype} {other:.3f} ms, "
+            f"{dtype}/float32 latency {other / base:.2f} (medians of 100)"
+        )
+
+
 async def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument(
@@ -199,6 +264,15 @@ async def main() -> None:
         "--requests", type=int, default=256, help="seq2seq requests per round (each mix)"
     )
     parser.add_argument("--sequences", type=int, default=512)
+    parser.add_argument(
+        "--dtype",
+        choices=["float32", "bfloat16", "float16"],
+        default="float32",
+        help="the engine's --dtype; other than float32, compared with a float32 engine first",
+    )
+    parser.add_argument(
+        "--compare-only", action="store_true", help="stop after the dtype comparison"
+    )
     args = parser.parse_args()
 
     rng = np.random.default_rng(0)
@@ -221,9 +295,14 @@ async def main() -> None:
         for size in SEQ2SEQ_SIZES:
             write(repository, f"s2s-{size}", seq2seq_config(size))
         write(repository, "tiny", tiny_config())
-        settings = Settings(repository=repository, device=args.device, cpu_threads=args.threads)
-        engine = Engine(settings, Metrics(CollectorRegistry()))
-        await engine.start()
+        engines: dict[str, Engine] = {}
+        for dtype in dict.fromkeys(["float32", args.dtype]):
+            settings = Settings(
+                repository=repository, device=args.device, cpu_threads=args.threads, dtype=dtype
+            )
+            engines[dtype] = Engine(settings, Metrics(CollectorRegistry()))
+            await engines[dtype].start()
+        engine = engines[args.dtype]
         encoder = engine.registry.resolve("enc").loaded.model  # type: ignore[union-attr]
         assert isinstance(encoder, EncoderModel)
         print(
@@ -232,6 +311,12 @@ async def main() -> None:
             f"{args.rounds} rounds"
         )
 
+        if args.dtype != "float32":
+            await compare_dtypes(engines, seqs, args.rounds, args.dtype)
+            if args.compare_only:
+                for each in engines.values():
+                    await each.drain(5.0)
+                return
         direct_packed(encoder, seqs[:CALLERS])  # warm-up of the direct path
         direct_rates, engine_rates, forward_rates = [], [], []
         for _ in range(args.rounds):
@@ -283,7 +368,8 @@ async def main() -> None:
                     f"lengths: static batches of 32 {static_rate:.0f} tok/s, continuous "
                     f"{continuous_rate:.0f} tok/s, ratio {continuous_rate / static_rate:.2f}"
                 )
-        await engine.drain(5.0)
+        for each in engines.values():
+            await each.drain(5.0)
 
 
 if __name__ == "__main__":

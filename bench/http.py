@@ -13,8 +13,14 @@ JSON codec cost per request is measured against the plain-Python path (json + py
 
     .venv/bin/python -m bench.http [--duration 8] [--threads 1] [--sequences 128] [--repeats 3]
         [--workloads varied fixed] [--protocols json binary] [--clients 1 16 64]
+        [--dtype bfloat16] [--rounds 1]
 
 The 1-client latency comparison runs when the JSON protocol at 1 client is among the runs.
+With `--dtype bfloat16` (or float16) a second server runs in that dtype beside the float32 one
+(the idle one waits), every run goes to both in alternated order, and a last table gives the
+ratios (medians over `--rounds`, each round's ratio listed) with the reduced-precision server's
+device-busy fraction: under 100 % its front-end, not the kernel, holds the figure back, and
+req/s ÷ busy is what a fully busy device would give.
 """
 
 from __future__ import annotations
@@ -278,6 +284,15 @@ def main() -> None:
     )
     parser.add_argument("--protocols", nargs="+", choices=["json", "binary"], default=MODES)
     parser.add_argument("--clients", nargs="+", type=int, default=list(CONCURRENCY))
+    parser.add_argument(
+        "--dtype",
+        choices=["float32", "bfloat16", "float16"],
+        default="float32",
+        help="other than float32: a second server in this dtype, measured beside float32",
+    )
+    parser.add_argument(
+        "--rounds", type=int, default=1, help="runs of each configuration (dtypes alternated)"
+    )
     parser.add_argument("--per-request-server", nargs=2, metavar=("REPOSITORY", "PORT"))
     args = parser.parse_args()
     if args.per_request_server:
@@ -309,37 +324,62 @@ def main() -> None:
         )
 
         env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-        port = free_port()
-        url = f"http://127.0.0.1:{port}"
-        command = [
-            sys.executable, "-m", "service.cli", "serve", "--repository", str(root / "repository"),
-            "--http-port", str(port), "--grpc-port", "0", "--device", "cpu",
-            "--cpu-threads", str(args.threads), "--log-level", "WARNING",
-        ]  # fmt: skip
-        server = start(command, f"{url}/readyz", env)
+        dtypes = list(dict.fromkeys(["float32", args.dtype]))
+        servers: dict[str, tuple[str, subprocess.Popen[bytes]]] = {}
+        for dtype in dtypes:
+            port = free_port()
+            command = [
+                sys.executable, "-m", "service.cli", "serve",
+                "--repository", str(root / "repository"), "--http-port", str(port),
+                "--grpc-port", "0", "--device", "cpu", "--cpu-threads", str(args.threads),
+                "--log-level", "WARNING", "--dtype", dtype,
+            ]  # fmt: skip
+            url = f"http://127.0.0.1:{port}"
+            servers[dtype] = (url, start(command, f"{url}/readyz", env))
         rows = []
         print(f"\n{TABLE_HEAD}", flush=True)
         try:
             paths = {"json": f"/v1/models/{MODEL}/encode", "binary": f"/v2/models/{MODEL}/infer"}
             first_set = next(iter(sets))
-            wrk(url, paths["json"], root / f"{first_set}-json", script, 16, 3)  # warm-up
+            for url, _ in servers.values():
+                wrk(url, paths["json"], root / f"{first_set}-json", script, 16, 3)  # warm-up
+
+            def run_once(
+                url: str, kind: str, mode: str, clients: int, seqs: list[np.ndarray]
+            ) -> dict[str, Any]:
+                # NOTE: direct calls are measured right before and after each server run, so
+                # that every ratio pairs figures of the same (shared, noisy) time.
+                first = direct_rate(path, seqs, args.repeats)
+                before = batch_totals(url)
+                bodies = root / f"{kind}-{mode}"
+                r = wrk(url, paths[mode], bodies, script, clients, args.duration)
+                after = batch_totals(url)
+                r["limit"] = (first + direct_rate(path, seqs, args.repeats)) / 2
+                r["batch"] = (after[0] - before[0]) / max(1.0, after[1] - before[1])
+                r["busy"] = (after[2] - before[2]) / (r["duration_us"] / 1e6)
+                return r
+
+            # NOTE: with two dtypes the servers take turns going first, round after round.
+            turn = 0
             for kind, seqs in sets.items():
                 for mode in args.protocols:
                     for clients in args.clients:
-                        # NOTE: direct calls are measured right before and after each server
-                        # run, so that every ratio pairs figures of the same (shared, noisy) time.
-                        first = direct_rate(path, seqs, args.repeats)
-                        bodies = root / f"{kind}-{mode}"
-                        before = batch_totals(url)
-                        r = wrk(url, paths[mode], bodies, script, clients, args.duration)
-                        after = batch_totals(url)
-                        limit = (first + direct_rate(path, seqs, args.repeats)) / 2
-                        r["batch"] = (after[0] - before[0]) / max(1.0, after[1] - before[1])
-                        r["busy"] = (after[2] - before[2]) / (r["duration_us"] / 1e6)
-                        rows.append((kind, mode, clients, r))
-                        print(table_row(kind, mode, clients, r, limit), flush=True)
+                        for _ in range(args.rounds):
+                            turn += 1
+                            for dtype in dtypes if turn % 2 else dtypes[::-1]:
+                                r = run_once(servers[dtype][0], kind, mode, clients, seqs)
+                                r["dtype"] = dtype
+                                rows.append((kind, mode, clients, r))
+                                print(table_row(kind, mode, clients, r, r["limit"]), flush=True)
         finally:
-            stop(server)
+            for _, server in servers.values():
+                stop(server)
+        if len(dtypes) > 1:
+            print(f"\n{DTYPE_HEAD.format(dtype=args.dtype)}")
+            for kind, mode, clients in dict.fromkeys((k, m, c) for k, m, c, _ in rows):
+                runs = [x for k, m, c, x in rows if (k, m, c) == (kind, mode, clients)]
+                print(dtype_row(kind, mode, clients, runs, args.dtype))
+        rows = [row for row in rows if row[3]["dtype"] == "float32"]
         if not any(m == "json" and c == 1 for _, m, c, _ in rows):
             return
 
@@ -365,13 +405,42 @@ def main() -> None:
 
 
 TABLE_HEAD = (
-    "| workload | protocol | clients | req/s | direct batch-64 seq/s | ratio | p50 ms | p99 ms "
-    "| mean batch | device busy | errors |\n|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"
+    "| workload | protocol | clients | dtype | req/s | direct batch-64 seq/s | ratio | p50 ms "
+    "| p99 ms | mean batch | device busy | errors |\n"
+    "|---|---|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|"
+)
+DTYPE_HEAD = (
+    "| workload | protocol | clients | float32 req/s | {dtype} req/s | req/s ratio (per round) "
+    "| p50 ratio "
+    "| float32 device busy | {dtype} device busy | ratio at a busy device |\n"
+    "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|"
 )
 LATENCY_HEAD = (
     "| workload | per-request server p50 ms (1 client) | rnnserve JSON p50 ms (1 client) "
     "| difference ms | errors (per-request) |\n|---|---:|---:|---:|---:|"
 )
+
+
+def dtype_row(kind: str, mode: str, clients: int, runs: list[dict[str, Any]], dtype: str) -> str:
+    """One Markdown row of the dtype table: medians over rounds, ratios per round."""
+    base = [r for r in runs if r["dtype"] == "float32"]
+    other = [r for r in runs if r["dtype"] == dtype]
+    pairs = list(zip(base, other, strict=True))
+
+    def median(values: list[float]) -> float:
+        return statistics.median(values)
+
+    rate = [b["rate"] / a["rate"] for a, b in pairs]
+    p50 = [b["p50_us"] / a["p50_us"] for a, b in pairs]
+    ceiling = [b["rate"] / max(b["busy"], 1e-9) / a["rate"] for a, b in pairs]
+    protocol = "JSON" if mode == "json" else "V2 binary"
+    return (
+        f"| {kind} | {protocol} | {clients} | {median([r['rate'] for r in base]):.1f} | "
+        f"{median([r['rate'] for r in other]):.1f} | {median(rate):.2f} "
+        f"({', '.join(f'{x:.2f}' for x in rate)}) | {median(p50):.2f} | "
+        f"{100 * median([r['busy'] for r in base]):.0f} % | "
+        f"{100 * median([r['busy'] for r in other]):.0f} % | {median(ceiling):.2f} |"
+    )
 
 
 def table_row(kind: str, mode: str, clients: int, r: dict[str, Any], limit: float) -> str:
@@ -380,7 +449,7 @@ def table_row(kind: str, mode: str, clients: int, r: dict[str, Any], limit: floa
     errors = r["status_errors"] + r["socket_errors"]
     p50, p99 = r["p50_us"] / 1000, r["p99_us"] / 1000
     return (
-        f"| {kind} | {protocol} | {clients} | {r['rate']:.1f} | {limit:.1f} | "
+        f"| {kind} | {protocol} | {clients} | {r['dtype']} | {r['rate']:.1f} | {limit:.1f} | "
         f"{r['rate'] / limit:.2f} | {p50:.1f} | {p99:.1f} | {r['batch']:.1f} | "
         f"{100 * r['busy']:.0f} % | {errors} |"
     )

@@ -3,11 +3,16 @@
     .venv/bin/python -m bench.probes gil          # batch compute beside a busy Python thread
     .venv/bin/python -m bench.probes segments     # packed vs segmented RNN paths, by shape
     .venv/bin/python -m bench.probes call-costs   # the segment planner's cost model, fitted
+    .venv/bin/python -m bench.probes segments --dtype bfloat16     # the same in bfloat16
+    .venv/bin/python -m bench.probes call-costs --dtype bfloat16
+    .venv/bin/python -m bench.probes plan-sweep   # bfloat16 planner costs: call × replay sweep
     .venv/bin/python -m bench.probes batch-sizes  # per-sequence cost by batch size (LSTM 2×256)
     .venv/bin/python -m bench.probes hot-routes   # HTTP front-end capacity, HotRoutes on / off
     .venv/bin/python -m bench.probes fixed-ceiling  # the served fixed-length ratio's upper bound
 
 One intra-op thread throughout (the server's default on 2 cores); medians of repeated runs.
+segments and call-costs time the thread's CPU time (`time.thread_time`), which a host shared
+with other work does not inflate; the others wall time.
 """
 
 from __future__ import annotations
@@ -32,14 +37,16 @@ from torch.nn.utils.rnn import pack_padded_sequence
 from models.recurrent import make_rnn, run_rnn, run_rnn_outputs, run_segmented
 
 
-def _median_s(work: Callable[[], object], repeats: int = 15) -> float:
+def _median_s(
+    work: Callable[[], object], repeats: int = 15, clock: Callable[[], float] = time.perf_counter
+) -> float:
     times = []
     with torch.inference_mode():
         work()
         for _ in range(repeats):
-            start = time.perf_counter()
+            start = clock()
             work()
-            times.append(time.perf_counter() - start)
+            times.append(clock() - start)
     return statistics.median(times)
 
 
@@ -99,12 +106,12 @@ def gil() -> None:
             )
 
 
-def segments() -> None:
+def segments(dtype: torch.dtype) -> None:
     """Packed vs the segmented path, with final states and outputs alone, per cell, size, rows N
     and lengths (uniform in [lo, hi], sorted as the batcher sends them); > 1: segmented faster."""
     generator = torch.Generator().manual_seed(0)
     for cell, hidden, features in (("lstm", 256, 32), ("lstm", 128, 32), ("lstm", 64, 16)):
-        rnn = make_rnn(cell, features, hidden, 2).eval()
+        rnn = make_rnn(cell, features, hidden, 2).eval().to(dtype)
         assert isinstance(rnn, torch.nn.RNNBase)
         for low, high, rows in (
             (8, 16, 32),
@@ -118,7 +125,7 @@ def segments() -> None:
                 lengths = torch.randint(low, high + 1, (rows,), generator=generator)
                 lengths = lengths.sort(descending=True).values
                 x = torch.randn(rows, int(lengths.max()), features, generator=generator)
-                batches.append((x, lengths))
+                batches.append((x.to(dtype), lengths))
             state, alone = _segmented_speedups(rnn, batches)
             print(
                 f"{cell} hidden {hidden}, lengths {low}-{high}, N={rows}: "
@@ -130,25 +137,25 @@ def _segmented_speedups(
     rnn: torch.nn.RNNBase, batches: list[tuple[torch.Tensor, torch.Tensor]]
 ) -> tuple[float, float]:
     """Packed time over segmented time, with final states and for outputs alone."""
-    packed = _median_s(
-        lambda: [rnn(pack_padded_sequence(x, n, True)) for x, n in batches], repeats=5
-    )
-    state = _median_s(lambda: [run_segmented(rnn, x, n) for x, n in batches], repeats=5)
-    alone = _median_s(lambda: [run_rnn_outputs(rnn, x, n) for x, n in batches], repeats=5)
+    cpu = time.thread_time
+    packed = _median_s(lambda: [rnn(pack_padded_sequence(x, n, True)) for x, n in batches], 5, cpu)
+    state = _median_s(lambda: [run_segmented(rnn, x, n) for x, n in batches], 5, cpu)
+    alone = _median_s(lambda: [run_rnn_outputs(rnn, x, n) for x, n in batches], 5, cpu)
     return packed / state, packed / alone
 
 
-def call_costs() -> None:
+def call_costs(dtype: torch.dtype) -> None:
     """One plain call of the reference LSTM by rows n and steps s, fitted as C + s·(c + n·r):
     the cost model of `models.recurrent.plan_segments`, in row-steps (C/r, c/r)."""
-    rnn = make_rnn("lstm", 32, 256, 2).eval()
+    rnn = make_rnn("lstm", 32, 256, 2).eval().to(dtype)
     generator = torch.Generator().manual_seed(0)
     shapes = [(n, s) for n in (4, 8, 16, 32, 64) for s in (4, 8, 16, 32, 64)]
     times: dict[tuple[int, int], list[float]] = {shape: [] for shape in shapes}
     for _ in range(3):
         for n, s in shapes:
-            x = torch.randn(n, s, 32, generator=generator)
-            times[(n, s)].append(_median_s(lambda x=x: rnn(x), repeats=5 if n * s < 1024 else 3))
+            x = torch.randn(n, s, 32, generator=generator).to(dtype)
+            repeats = 5 if n * s < 1024 else 3
+            times[(n, s)].append(_median_s(lambda x=x: rnn(x), repeats, time.thread_time))
     design = np.array([[1.0, s, n * s] for n, s in shapes])
     seconds = np.array([statistics.median(times[shape]) for shape in shapes])
     (fixed, per_step, per_row_step), *_ = np.linalg.lstsq(design, seconds, rcond=None)
@@ -157,6 +164,61 @@ def call_costs() -> None:
         f"per row-step {per_row_step * 1e6:.2f} µs: in row-steps, call "
         f"{fixed / per_row_step:.0f}, step {per_step / per_row_step:.2f}"
     )
+
+
+def plan_sweep() -> None:
+    """The bfloat16 planner's call and replay costs: `run_segmented` time (ms, thread CPU time,
+    best of 4) over a grid of both, for hidden 64 and 256 (2 layers), rows 4–64, lengths
+    16–128; and each pair's geometric mean over the shapes (the constants in
+    `models.recurrent.PLAN_COSTS[torch.bfloat16]` won)."""
+    from models import recurrent
+    from models.recurrent import PlanCosts
+
+    kept = recurrent.PLAN_COSTS[torch.bfloat16]
+    pairs = [
+        (call, replay) for call in (30.0, 60.0, 120.0, 200.0, 400.0) for replay in (5.5, 12.0, 25.0)
+    ]
+    totals: dict[tuple[float, float], list[float]] = {pair: [] for pair in pairs}
+    try:
+        for hidden in (64, 256):
+            rnn = make_rnn("lstm", 32, hidden, 2).eval().to(torch.bfloat16)
+            assert isinstance(rnn, torch.nn.RNNBase)
+            for rows in (4, 8, 16, 32, 64):
+                generator = torch.Generator().manual_seed(rows * 7 + hidden)
+                batches = []
+                for _ in range(3):
+                    lengths = torch.randint(16, 129, (rows,), generator=generator)
+                    lengths[0] = 128
+                    lengths = lengths.sort(descending=True).values
+                    x = torch.randn(rows, 128, 32, generator=generator).to(torch.bfloat16)
+                    batches.append((x, lengths))
+                cells = []
+                for call, replay in pairs:
+                    recurrent.PLAN_COSTS[torch.bfloat16] = PlanCosts(call, kept.step, replay)
+                    seconds = _best_cpu_s(
+                        lambda rnn=rnn, batches=batches: [
+                            run_segmented(rnn, x, n) for x, n in batches
+                        ]
+                    )
+                    totals[(call, replay)].append(seconds)
+                    cells.append(f"{seconds * 1e3:.1f}")
+                print(f"hidden {hidden}, rows {rows}: {' '.join(cells)} ms", flush=True)
+    finally:
+        recurrent.PLAN_COSTS[torch.bfloat16] = kept
+    for (call, replay), seconds in totals.items():
+        mean = float(np.exp(np.mean(np.log(seconds))))
+        print(f"call {call:g}, replay {replay:g}: geometric mean {mean * 1e3:.2f} ms")
+
+
+def _best_cpu_s(work: Callable[[], object], repeats: int = 4) -> float:
+    with torch.inference_mode():
+        work()
+        best = float("inf")
+        for _ in range(repeats):
+            start = time.thread_time()
+            work()
+            best = min(best, time.thread_time() - start)
+    return best
 
 
 def batch_sizes() -> None:
@@ -316,6 +378,7 @@ def main() -> None:
             "gil",
             "segments",
             "call-costs",
+            "plan-sweep",
             "batch-sizes",
             "fixed-ceiling",
             "hot-routes",
@@ -324,14 +387,22 @@ def main() -> None:
     )
     parser.add_argument("args", nargs="*")
     parser.add_argument("--duration", type=float, default=8.0, help="seconds per wrk run")
+    parser.add_argument(
+        "--dtype",
+        choices=["float32", "bfloat16"],
+        default="float32",
+        help="segments, call-costs: the recurrent layer's dtype",
+    )
     args = parser.parse_args()
     torch.set_num_threads(1)
     if args.probe == "gil":
         gil()
     elif args.probe == "segments":
-        segments()
+        segments(getattr(torch, args.dtype))
     elif args.probe == "call-costs":
-        call_costs()
+        call_costs(getattr(torch, args.dtype))
+    elif args.probe == "plan-sweep":
+        plan_sweep()
     elif args.probe == "batch-sizes":
         batch_sizes()
     elif args.probe == "fixed-ceiling":

@@ -11,7 +11,11 @@ from torch import Tensor, nn
 
 
 class AdditiveAttention(nn.Module):
-    """Parameters `W_q` [A, Q], `W_k` [A, E], `w_v` [1, A], all without biases (DESIGN §2)."""
+    """Parameters `W_q` [A, Q], `W_k` [A, E], `w_v` [1, A], all without biases (DESIGN §2).
+
+    Computes in its parameters' dtype: queries and keys are cast to it, and the values (the
+    encoder memory) must already be in it (`Seq2SeqModel.encode` stores them so).
+    """
 
     def __init__(self, query_size: int, key_size: int, attention_size: int) -> None:
         super().__init__()
@@ -21,13 +25,21 @@ class AdditiveAttention(nn.Module):
 
     def project_keys(self, keys: Tensor) -> Tensor:
         """W_k k_j for every step: keys [N, S, E] → [N, S, A] (computed once per source)."""
-        projected: Tensor = self.W_k(keys)
+        dtype = self.dtype
+        projected: Tensor = self.W_k(keys if keys.dtype == dtype else keys.to(dtype))
         return projected
+
+    @property
+    def dtype(self) -> torch.dtype:
+        """The dtype this attention computes in."""
+        return self.W_q.weight.dtype
 
     def forward(
         self, query: Tensor, projected_keys: Tensor, values: Tensor, mask: Tensor
     ) -> Tensor:
         """query [N, Q], projected_keys [N, S, A], values [N, S, E], mask bool [N, S] → [N, E]."""
+        if query.dtype != self.dtype:
+            query = query.to(self.dtype)
         features = torch.tanh(self.W_q(query)[:, None, :] + projected_keys)  # [N, S, A]
         scores = self.w_v(features).squeeze(-1)  # [N, S]
         scores = scores.masked_fill(~mask, float("-inf"))

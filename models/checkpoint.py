@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import struct
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -20,6 +21,7 @@ from safetensors.torch import load_file, save_file
 
 from models.config import FeaturesInput, ModelConfig, TextInput
 from models.encoder import EncoderModel
+from models.precision import DTYPES, Plan, plan_precision, uniform_dtype
 from models.recurrent import GATES
 from models.seq2seq import Seq2SeqModel
 from models.tokenizer import BOS, EOS, PAD, UNK, Tokenizer
@@ -45,13 +47,15 @@ class CheckpointError(Exception):
 
 @dataclass(frozen=True)
 class LoadedModel:
-    """A loaded checkpoint; `model` is in eval mode on the requested device."""
+    """A loaded checkpoint; `model` is in eval mode on the requested device, each part in the
+    dtype(s) of `plan` (`models.precision`)."""
 
     config: ModelConfig
     model: Model
     input_tokenizer: Tokenizer | None
     output_tokenizer: Tokenizer | None
     path: Path
+    plan: Plan
 
 
 def build_model(config: ModelConfig) -> Model:
@@ -170,9 +174,18 @@ def write_json(path: Path, value: Any) -> None:
 
 
 def load(
-    path: Path | str, device: str | torch.device = "cpu", dtype: torch.dtype | None = None
+    path: Path | str,
+    device: str | torch.device = "cpu",
+    dtype: torch.dtype | None = None,
+    every_part: bool = False,
+    capabilities: Mapping[str, Any] | None = None,
 ) -> LoadedModel:
-    """Load and check the checkpoint in folder `path`; `dtype` None keeps float32."""
+    """Load and check the checkpoint in folder `path`.
+
+    `dtype` is the precision asked for (None: float32) unless the config's `serving.dtype` asks
+    its own; `models.precision.plan_precision(config, that, device, every_part, capabilities)`
+    decides each part's dtype. Everything that leaves the model stays float32.
+    """
     folder = Path(path)
     if not folder.is_dir():
         raise CheckpointError(folder, "not a checkpoint folder (it does not exist or is a file)")
@@ -193,9 +206,15 @@ def load(
             raise CheckpointError(weights_path, f"tensor {name} has non-finite values (NaN or Inf)")
     model = build_model(config)
     model.load_state_dict(tensors, strict=True)
-    model = model.to(device=device, dtype=dtype or torch.float32)
+    place = torch.device(device)
+    requested = DTYPES[config.serving.dtype] if config.serving.dtype else dtype or torch.float32
+    plan = plan_precision(config, requested, place.type, every_part, capabilities)
+    # NOTE: one dtype for every part casts the whole model, embeddings too (as on a GPU);
+    # otherwise embeddings stay float32 and each part is cast (or copied) by its plan.
+    model = model.to(device=place, dtype=uniform_dtype(plan) or torch.float32)
     model.eval()
-    return LoadedModel(config, model, input_tokenizer, output_tokenizer, folder)
+    model.set_precision(plan)
+    return LoadedModel(config, model, input_tokenizer, output_tokenizer, folder, plan)
 
 
 def read_config(path: Path) -> ModelConfig:

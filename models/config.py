@@ -130,12 +130,19 @@ class DecoderSpec(_Strict):
 
 
 class ServingSpec(_Strict):
-    """Per-model serving options; the server may cap them further."""
+    """Per-model serving options; the server may cap them further.
+
+    `dtype` (optional) is the precision this model asks for, overriding the server's `--dtype`:
+    "float32", "bfloat16" or "float16". Reduced precision is a permission, not an order: on the
+    CPU each part of the model runs in bfloat16 only where that was measured faster
+    (`models.precision`), float16 never (it is not faster there); on a GPU every part runs in it.
+    """
 
     max_batch_size: int = Field(default=64, ge=1, le=4096)
     max_delay_ms: float = Field(default=2.0, ge=0.0, le=10_000.0)
     max_sequence_length: int = Field(default=2048, ge=1, le=1_000_000)
     max_queue_size: int = Field(default=1024, ge=1, le=1_000_000)
+    dtype: Literal["float32", "bfloat16", "float16"] | None = None
 
 
 class ModelConfig(_Strict):

@@ -13,8 +13,10 @@ import torch
 from torch import Tensor, nn
 
 from models.config import EncoderSpec, FeaturesInput, InputSpec, ModelConfig, RequestPooling
+from models.precision import PartDtype, Plan, Switch
 from models.recurrent import (
     State,
+    cast_state,
     last_outputs,
     make_rnn,
     run_rnn,
@@ -24,7 +26,11 @@ from models.recurrent import (
 
 
 class SequenceEncoder(nn.Module):
-    """Embedding (token/text inputs) then the recurrent layer, stored as `rnn` (PyTorch names)."""
+    """Embedding (token/text inputs) then the recurrent layer, stored as `rnn` (PyTorch names).
+
+    The recurrent layer computes in the dtype of its `PartDtype` (`set_precision`; float32 until
+    then): outputs come back in that dtype, final states in float32.
+    """
 
     def __init__(self, input_spec: InputSpec, spec: EncoderSpec) -> None:
         super().__init__()
@@ -44,20 +50,35 @@ class SequenceEncoder(nn.Module):
             spec.activation,
             spec.gru_reset_after,
         )
+        self.precision = Switch(self.rnn, PartDtype())
+
+    def set_precision(self, part: PartDtype) -> None:
+        """Compute in `part`'s dtype(s) from now on (after the model is placed on its device)."""
+        self.precision = Switch(self.rnn, part)
 
     def forward(
         self, inputs: Tensor, lengths: Tensor, initial_state: State | None = None
     ) -> tuple[Tensor, State]:
-        """inputs [N, T, F] float or [N, T] int64, lengths [N] → (outputs [N, T, E], state)."""
-        x = self.embedding(inputs) if self.embedding is not None else inputs  # [N, T, F]
-        return run_rnn(self.rnn, x, lengths, initial_state)
+        """inputs [N, T, F] float or [N, T] int64, lengths [N] → (outputs [N, T, E] in the
+        part's dtype, final state in float32)."""
+        rnn, dtype = self.precision.pick(inputs.shape[0])
+        x = self._embedded(inputs, dtype)  # [N, T, F]
+        initial = None if initial_state is None else cast_state(initial_state, dtype)
+        outputs, state = run_rnn(rnn, x, lengths, initial)
+        return outputs, cast_state(state, torch.float32)
 
     def outputs_only(
         self, inputs: Tensor, lengths: Tensor, initial_state: State | None = None
     ) -> Tensor:
         """`forward`'s outputs alone, faster where no final state is needed (`run_rnn_outputs`)."""
+        rnn, dtype = self.precision.pick(inputs.shape[0])
+        x = self._embedded(inputs, dtype)
+        initial = None if initial_state is None else cast_state(initial_state, dtype)
+        return run_rnn_outputs(rnn, x, lengths, initial)
+
+    def _embedded(self, inputs: Tensor, dtype: torch.dtype) -> Tensor:
         x = self.embedding(inputs) if self.embedding is not None else inputs
-        return run_rnn_outputs(self.rnn, x, lengths, initial_state)
+        return x if x.dtype == dtype else x.to(dtype)
 
 
 @dataclass(frozen=True)
@@ -72,17 +93,23 @@ class EncodeOutput:
 
 
 def pool(outputs: Tensor, lengths: Tensor, final: Tensor, pooling: RequestPooling) -> Tensor:
-    """Pool top-layer outputs [N, T, E] over each row's real steps; "last" = `final` [N, E]."""
+    """Pool top-layer outputs [N, T, E] over each row's real steps; "last" = `final` [N, E].
+
+    The result is float32 whatever the outputs' dtype (a mean accumulates in float32)."""
     if pooling == "last":
-        return final
+        return _float32(final)
     if pooling == "none":
-        return outputs
+        return _float32(outputs)
     lengths = lengths.to(outputs.device)
     real = torch.arange(outputs.shape[1], device=outputs.device)[None, :] < lengths[:, None]
     if pooling == "mean":
-        return outputs.sum(dim=1) / lengths[:, None].to(outputs.dtype)
+        return outputs.sum(dim=1, dtype=torch.float32) / lengths[:, None].to(torch.float32)
     masked = outputs.masked_fill(~real[:, :, None], float("-inf"))
-    return masked.max(dim=1).values
+    return _float32(masked.max(dim=1).values)
+
+
+def _float32(tensor: Tensor) -> Tensor:
+    return tensor if tensor.dtype == torch.float32 else tensor.float()
 
 
 class EncoderModel(nn.Module):
@@ -93,8 +120,16 @@ class EncoderModel(nn.Module):
         self.config = config
         self.encoder = SequenceEncoder(config.input, config.encoder)
         self.head: nn.Linear | None = None
+        self.head_precision: Switch | None = None
         if config.head is not None:
             self.head = nn.Linear(config.encoding_size, config.head.size)
+            self.head_precision = Switch(self.head, PartDtype())
+
+    def set_precision(self, plan: Plan) -> None:
+        """Compute each part in its planned dtype(s) (`models.precision.plan_precision`)."""
+        self.encoder.set_precision(plan["encoder"])
+        if self.head is not None:
+            self.head_precision = Switch(self.head, plan["head"])
 
     def forward(
         self,
@@ -108,6 +143,7 @@ class EncoderModel(nn.Module):
 
         Scores are softmax probabilities when the head has labels, raw outputs otherwise.
         `return_state=False` leaves `final_state` out, which lets long batches run faster.
+        Encodings, scores and states are float32 whatever dtype the parts compute in.
         """
         bidirectional = self.config.encoder.bidirectional
         state: State | None = None
@@ -116,17 +152,18 @@ class EncoderModel(nn.Module):
             final = top_layer_final(state, bidirectional)  # [N, E]
         else:
             outputs = self.encoder.outputs_only(inputs, lengths, initial_state)
-            final = last_outputs(outputs, lengths, bidirectional)
+            final = _float32(last_outputs(outputs, lengths, bidirectional))
         requested = pooling or self.config.pooling
         encodings = pool(outputs, lengths, final, requested)
         scores: Tensor | None = None
-        if self.head is not None:
+        if self.head_precision is not None:
             default = (
                 encodings
                 if requested == self.config.pooling
                 else pool(outputs, lengths, final, self.config.pooling)
             )
-            scores = self.head(default)  # [N, head.size]
+            head, dtype = self.head_precision.pick(default.shape[0])
+            scores = _float32(head(default if default.dtype == dtype else default.to(dtype)))
             assert self.config.head is not None
             if self.config.head.labels is not None:
                 scores = torch.softmax(scores, dim=-1)

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import bisect
 import math
+from dataclasses import dataclass
 from typing import Literal
 
 import torch
@@ -164,17 +165,43 @@ def make_rnn(
 # (the fused oneDNN kernel is LSTM's; a GRU lost 11–21 %). With final states (replays of rows
 # ending inside a segment): hidden ≥ 128 over ≥ 64 steps (lengths 16–128: 1.21× at hidden 128,
 # 1.39× at 256; up to 63 steps 0.99–1.10×, too close to call). Outputs alone: hidden ≥ 64 and
-# ≥ 8 steps (1.13–2.19× from lengths 8–16 to 32–63, hidden 64–256).
-SEGMENTED_MIN_HIDDEN = {True: 128, False: 64}  # by whether final states are wanted
-SEGMENTED_MIN_STEPS = {True: 64, False: 8}
-# The cost model of `plan_segments`, in row-steps (one row through one step of a plain call),
-# fitted on the reference LSTM (`python -m bench.probes call-costs`); both sides grow with the
-# weights, so the ratios carry across sizes. oneDNN reorders every weight on each call (CALL) and
-# reads the recurrent weights once per step whatever the rows (STEP); a row that ends inside a
-# segment and whose final state is wanted is finished by the packed path (FINISH per step).
-PLAN_CALL_COST = 48.0
-PLAN_STEP_COST = 0.6
-PLAN_FINISH_COST = 3.0
+# ≥ 8 steps (1.13–2.19× from lengths 8–16 to 32–63, hidden 64–256). In bfloat16 the packed
+# path's step loop is slower than float32's while the fused kernel is 2–4× faster, so segments
+# win at every size measured (`python -m bench.probes segments --dtype bfloat16`, bench/
+# RESULTS.md "bfloat16 on the CPU").
+SEGMENTED_MIN_HIDDEN = {  # by dtype, then by whether final states are wanted
+    torch.float32: {True: 128, False: 64},
+    torch.bfloat16: {True: 1, False: 1},
+}
+SEGMENTED_MIN_STEPS = {
+    torch.float32: {True: 64, False: 8},
+    torch.bfloat16: {True: 2, False: 2},
+}
+
+
+@dataclass(frozen=True)
+class PlanCosts:
+    """The cost model of `plan_segments`, in row-steps (one row through one step of a plain
+    call). oneDNN reorders every weight on each call (`call`) and reads the recurrent weights
+    once per step whatever the rows (`step`); a row that ends inside a segment and whose final
+    state is wanted is finished by the packed path (`finish` per step)."""
+
+    call: float
+    step: float
+    finish: float
+
+
+# Fitted on the reference LSTM (`python -m bench.probes call-costs [--dtype bfloat16]`); both
+# sides grow with the weights, so the ratios carry across sizes. float32: a call 48 (fitted at
+# 34–44), a step 0.6 (0.4–0.6), a replayed step 3 (the best of a sweep, bench/RESULTS.md).
+# bfloat16: a row-step costs 4–5× less than in float32 (fitted: a call ~200, a step ~2), and a
+# call of 60–200 with a replay of 5.5 planned within noise of the best in sweeps of call
+# 30–400 × replay 5.5–25 (`python -m bench.probes plan-sweep`; bench/RESULTS.md "bfloat16 on
+# the CPU"); 120 is the middle.
+PLAN_COSTS = {
+    torch.float32: PlanCosts(call=48.0, step=0.6, finish=3.0),
+    torch.bfloat16: PlanCosts(call=120.0, step=1.6, finish=5.5),
+}
 # The plan considers at most this many cut points (its cost grows with their square, in Python).
 PLAN_MAX_POINTS = 24
 
@@ -224,19 +251,21 @@ def run_rnn_outputs(
 
 
 def _segments_win(rnn: nn.Module, inputs: Tensor, need_state: bool) -> bool:
+    if not isinstance(rnn, nn.LSTM) or rnn.bidirectional or inputs.device.type != "cpu":
+        return False
+    dtype = inputs.dtype if inputs.dtype in SEGMENTED_MIN_HIDDEN else torch.float32
     return (
-        isinstance(rnn, nn.LSTM)
-        and not rnn.bidirectional
-        and inputs.device.type == "cpu"
-        and rnn.hidden_size >= SEGMENTED_MIN_HIDDEN[need_state]
-        and inputs.shape[1] >= SEGMENTED_MIN_STEPS[need_state]
+        rnn.hidden_size >= SEGMENTED_MIN_HIDDEN[dtype][need_state]
+        and inputs.shape[1] >= SEGMENTED_MIN_STEPS[dtype][need_state]
     )
 
 
-def plan_segments(ends: list[int], need_state: bool = True) -> list[int]:
+def plan_segments(
+    ends: list[int], need_state: bool = True, costs: PlanCosts = PLAN_COSTS[torch.float32]
+) -> list[int]:
     """Where `run_segmented` cuts time for rows of lengths `ends` (descending, each ≥ 1): each
     segment's end, ascending, the last the longest length. The cheapest split under the cost
-    model above, cutting only where rows end (a row ending on a cut needs no finishing)."""
+    model `costs`, cutting only where rows end (a row ending on a cut needs no finishing)."""
     ascending = ends[::-1]
     points = sorted(set(ascending))
     if len(points) > PLAN_MAX_POINTS:
@@ -257,11 +286,11 @@ def plan_segments(ends: list[int], need_state: bool = True) -> list[int]:
         stop, inside_end = cuts[j], short[j]
         for i in range(j):
             start, first = cuts[i], ended[i]
-            cost = best[i] + PLAN_CALL_COST + (stop - start) * (PLAN_STEP_COST + rows - first)
+            cost = best[i] + costs.call + (stop - start) * (costs.step + rows - first)
             if need_state and inside_end > first:
                 # NOTE: rows ending strictly inside (start, stop) replay their last segment.
                 replay = prefix[inside_end] - prefix[first] - (inside_end - first) * start
-                cost += PLAN_FINISH_COST * replay
+                cost += costs.finish * replay
             if cost < best[j]:
                 best[j], previous[j] = cost, i
     plan: list[int] = []
@@ -321,7 +350,7 @@ def _segmented(
     if ends[0] > steps:
         raise ValueError(f"a length of {ends[0]} exceeds the {steps} steps of the inputs")
     if cuts is None:
-        cuts = plan_segments(ends, need_state)
+        cuts = plan_segments(ends, need_state, PLAN_COSTS.get(x.dtype, PLAN_COSTS[torch.float32]))
     elif not cuts or cuts[-1] < ends[0]:
         raise ValueError(f"the last cut must reach the longest length {ends[0]}, got {cuts}")
     # NOTE: every step is written by a segment or zeroed by the final mask.
@@ -471,6 +500,16 @@ def last_outputs(outputs: Tensor, lengths: Tensor, bidirectional: bool) -> Tenso
         return last
     hidden = outputs.shape[-1] // 2
     return torch.cat([last[:, :hidden], outputs[:, 0, hidden:]], dim=-1)
+
+
+def cast_state(state: State, dtype: torch.dtype) -> State:
+    """`state` in `dtype` (the same tensors when they already are)."""
+    if isinstance(state, tuple):
+        h, c = state
+        if h.dtype == dtype and c.dtype == dtype:
+            return state
+        return (h.to(dtype), c.to(dtype))
+    return state if state.dtype == dtype else state.to(dtype)
 
 
 def select_state(state: State, rows: Tensor) -> State:

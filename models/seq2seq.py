@@ -16,8 +16,10 @@ from models.attention import AdditiveAttention
 from models.config import DecoderSpec, ModelConfig
 from models.decoding import beam_decode, greedy_decode
 from models.encoder import SequenceEncoder
+from models.precision import PartDtype, Plan, Switch
 from models.recurrent import (
     State,
+    cast_state,
     cat_states,
     make_rnn,
     select_state,
@@ -30,9 +32,10 @@ from models.recurrent import (
 class DecoderState:
     """The decoding state of N independent rows.
 
-    hidden: decoder state [L, N, E] (LSTM: (h, c)). context: [N, E], the fixed context (no
-    attention). memory [N, S, E], keys [N, S, A] (= W_k memory) and mask bool [N, S] (real source
-    steps) are set with attention only.
+    hidden: decoder state [L, N, E] (LSTM: (h, c)), in the dtype of the step that made it
+    (float32 from `encode`). context: [N, E], the fixed context (no attention). memory [N, S, E],
+    keys [N, S, A] (= W_k memory), both in the attention's dtype, and mask bool [N, S] (real
+    source steps) are set with attention only.
     """
 
     hidden: State
@@ -98,7 +101,11 @@ def _req(t: Tensor | None) -> Tensor:
 
 
 class Decoder(nn.Module):
-    """`embedding`, `rnn` (same cell as the encoder), optional `attention`, `output` (logits)."""
+    """`embedding`, `rnn` (same cell as the encoder), optional `attention`, `output` (logits).
+
+    The embedding stays float32; `rnn` (the part "decoder"), `attention` and `output` compute in
+    the dtypes `Seq2SeqModel.set_precision` gives them (float32 until then).
+    """
 
     def __init__(self, config: ModelConfig, spec: DecoderSpec) -> None:
         super().__init__()
@@ -119,6 +126,8 @@ class Decoder(nn.Module):
             assert spec.attention_size is not None
             self.attention = AdditiveAttention(spec.hidden_size, context_size, spec.attention_size)
         self.output = nn.Linear(spec.hidden_size, spec.vocab_size)
+        self.rnn_precision = Switch(self.rnn, PartDtype())
+        self.output_precision = Switch(self.output, PartDtype())
 
 
 class Seq2SeqModel(nn.Module):
@@ -133,6 +142,17 @@ class Seq2SeqModel(nn.Module):
         self.encoder = SequenceEncoder(config.input, config.encoder)
         self.decoder = Decoder(config, config.decoder)
 
+    def set_precision(self, plan: Plan) -> None:
+        """Compute each part in its planned dtype(s) (`models.precision.plan_precision`)."""
+        self.encoder.set_precision(plan["encoder"])
+        self.decoder.rnn_precision = Switch(self.decoder.rnn, plan["decoder"])
+        self.decoder.output_precision = Switch(self.decoder.output, plan["output"])
+        if self.decoder.attention is not None:
+            attention = plan["attention"]
+            if attention.switches:
+                raise ValueError("the attention's dtype cannot switch by rows (its memory is kept)")
+            self.decoder.attention.to(attention.reduced)
+
     def encode(self, inputs: Tensor, lengths: Tensor) -> DecoderState:
         """Run the encoder; the decoder starts from its final state, layer by layer."""
         enc = self.config.encoder
@@ -143,8 +163,10 @@ class Seq2SeqModel(nn.Module):
             return DecoderState(hidden=hidden, context=context)
         steps = torch.arange(outputs.shape[1], device=outputs.device)
         mask = steps[None, :] < lengths.to(outputs.device)[:, None]  # [N, S]
-        keys = self.decoder.attention.project_keys(outputs)  # [N, S, A]
-        return DecoderState(hidden=hidden, memory=outputs, keys=keys, mask=mask)
+        dtype = self.decoder.attention.dtype
+        memory = outputs if outputs.dtype == dtype else outputs.to(dtype)
+        keys = self.decoder.attention.project_keys(memory)  # [N, S, A]
+        return DecoderState(hidden=hidden, memory=memory, keys=keys, mask=mask)
 
     def step(self, state: DecoderState, tokens: Tensor) -> tuple[Tensor, DecoderState]:
         """One decoder step for N rows: tokens int64 [N] → (log_probs float32 [N, V], new state)."""
@@ -155,9 +177,12 @@ class Seq2SeqModel(nn.Module):
         else:
             h = state.hidden[0] if isinstance(state.hidden, tuple) else state.hidden
             context = dec.attention(h[-1], _req(state.keys), _req(state.memory), _req(state.mask))
-        x = torch.cat([embedded, context], dim=-1)  # [N, Emb + E]
-        output, hidden = step_rnn(dec.rnn, x, state.hidden)  # [N, E]
-        logits = dec.output(output)  # [N, V]
+        rows = embedded.shape[0]
+        rnn, dtype = dec.rnn_precision.pick(rows)
+        x = torch.cat([embedded.to(dtype), context.to(dtype)], dim=-1)  # [N, Emb + E]
+        output, hidden = step_rnn(rnn, x, cast_state(state.hidden, dtype))  # [N, E]
+        projection, dtype = dec.output_precision.pick(rows)
+        logits = projection(output if output.dtype == dtype else output.to(dtype))  # [N, V]
         log_probs = torch.log_softmax(logits.float(), dim=-1)
         return log_probs, replace(state, hidden=hidden)
 

@@ -1,4 +1,4 @@
-"""The `rnnserve` command line: serve, train, import-torch."""
+"""The `rnnserve` command line: serve, train, eval, import-torch."""
 
 from __future__ import annotations
 
@@ -29,6 +29,12 @@ def build_parser() -> argparse.ArgumentParser:
 
     train_cli.add_arguments(
         sub.add_parser("train", help="train a bundled task into a new repository version")
+    )
+
+    from models.training import evaluate
+
+    evaluate.add_arguments(
+        sub.add_parser("eval", help="print a bundled task's held-out metric for a repository model")
     )
 
     from service import main as serve_main

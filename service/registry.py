@@ -24,6 +24,8 @@ from models import checkpoint
 from models.checkpoint import LoadedModel
 from models.config import ModelConfig
 from models.encoder import EncoderModel
+from models.precision import Plan, uniform_dtype
+from models.precision import describe as describe_plan
 from service import validation
 from service.batching import Batcher, EncodeCompute
 from service.decoding import DecodeScheduler
@@ -82,8 +84,9 @@ class ModelVersion:
         return VersionInfo(self.version, self.state, self.reason, seconds)
 
 
-def architecture(config: ModelConfig) -> dict[str, Any]:
-    """What a client may know of a model's architecture (JSON-ready)."""
+def architecture(config: ModelConfig, plan: Plan | None = None) -> dict[str, Any]:
+    """What a client may know of a model's architecture (JSON-ready); with the load's `plan`,
+    `precision`: the dtype each part computes in, and why (`models.precision`)."""
     arch: dict[str, Any] = {
         "task": config.task,
         "input": config.input.model_dump(),
@@ -96,6 +99,8 @@ def architecture(config: ModelConfig) -> dict[str, Any]:
         arch["head"] = config.head.model_dump(exclude_none=True)
     if config.decoder is not None:
         arch["decoder"] = config.decoder.model_dump(exclude_none=True)
+    if plan is not None:
+        arch["precision"] = describe_plan(plan)
     return arch
 
 
@@ -356,8 +361,13 @@ class Registry:
         )
         entry.loaded = loaded
         config = loaded.config
-        entry.architecture = architecture(config)
+        entry.architecture = architecture(config, loaded.plan)
         serving = config.serving
+        # NOTE: on the CPU the model takes float32 whatever its parts compute in (each part
+        # casts); on a GPU inputs are cast on the way in, to the one dtype of every part.
+        input_dtype = torch.float32
+        if self._executor.device.type != "cpu":
+            input_dtype = uniform_dtype(loaded.plan) or torch.float32
         if isinstance(loaded.model, EncoderModel):
             encoder = config.encoder
             entry.batcher = Batcher(
@@ -367,7 +377,7 @@ class Registry:
                 EncodeCompute(
                     loaded.model,
                     self._executor.device,
-                    self._dtype,
+                    input_dtype,
                     (encoder.num_layers * encoder.num_directions, encoder.hidden_size),
                 ),
                 self._metrics,

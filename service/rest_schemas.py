@@ -286,6 +286,7 @@ class V2ModelMetadata(BaseModel):
                         {"name": "ENCODING", "datatype": "FP32", "shape": [-1, 32]},
                         {"name": "SCORES", "datatype": "FP32", "shape": [-1, 1]},
                     ],
+                    "parameters": {"precision.encoder": "float32", "precision.head": "float32"},
                 }
             ]
         }
@@ -295,6 +296,13 @@ class V2ModelMetadata(BaseModel):
     platform: str
     inputs: list[V2TensorMetadata]
     outputs: list[V2TensorMetadata]
+    parameters: dict[str, str] = Field(
+        default_factory=dict,
+        description=(
+            "An extension (as MLServer's): `precision.<part>` is the dtype each part of the "
+            "model computes in (encoder, head, decoder, attention, output)."
+        ),
+    )
 
 
 class V2RequestInput(BaseModel):

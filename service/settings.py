@@ -16,6 +16,8 @@ import torch
 from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
+from models.precision import check_cpu_dtype, cpu_capabilities
+
 DType = Literal["float32", "float16", "bfloat16"]
 
 _DEVICE = re.compile(r"^(auto|cpu|cuda|cuda:\d+)$")
@@ -64,9 +66,11 @@ class Settings(BaseSettings):
     dtype: DType = Field(
         default="float32",
         description=(
-            "Weight and activation dtype; float16/bfloat16 only on a GPU. Prefer float16 for "
-            "nn.RNN/LSTM/GRU models: cuDNN keeps bfloat16 RNN weights in separate chunks and "
-            "compacts them at every call."
+            "Precision of models that do not set their own (config.json serving.dtype). On a "
+            "GPU float16/bfloat16 apply to every part (prefer float16 for RNNs: cuDNN compacts "
+            "bfloat16 RNN weights at every call). On the CPU bfloat16 needs native support "
+            "(avx512_bf16 or amx_bf16; Arm: bf16) and runs each part in it only where measured "
+            "faster; float16 is refused there (no faster than float32)."
         ),
     )
     cpu_threads: int | None = Field(
@@ -267,9 +271,9 @@ class Settings(BaseSettings):
         return value
 
     @model_validator(mode="after")
-    def _half_needs_gpu(self) -> Settings:
-        if self.dtype != "float32" and self.device == "cpu":
-            raise ValueError(f"dtype {self.dtype} needs a GPU; device is cpu (use float32)")
+    def _dtype_on_cpu(self) -> Settings:
+        if self.device == "cpu":
+            check_cpu_dtype(self.dtype, cpu_capabilities())
         return self
 
     def policy_for(self, model: str) -> str:
@@ -289,8 +293,8 @@ class Settings(BaseSettings):
                 raise ValueError(
                     f"device {self.device}: only {torch.cuda.device_count()} CUDA device(s)"
                 )
-        if device.type == "cpu" and self.dtype != "float32":
-            raise ValueError(f"dtype {self.dtype} needs a GPU; device {self.device} is the CPU")
+        if device.type == "cpu":
+            check_cpu_dtype(self.dtype, cpu_capabilities())
         return device
 
     def torch_dtype(self) -> torch.dtype:

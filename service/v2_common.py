@@ -98,6 +98,20 @@ def output_metadata(config: ModelConfig) -> list[TensorMetadata]:
     return outputs
 
 
+def precision_parameters(engine: Engine, name: str, version: int) -> dict[str, str]:
+    """The model metadata's `parameters` (an extension of the protocol, as MLServer's): the
+    dtype each part of the version computes in, `precision.<part>` → "bfloat16", or
+    "bfloat16 from 32 rows, float32 below" for a part that switches by batch size."""
+    precision = engine.registry.resolve(name, version).architecture.get("precision", {})
+    parameters: dict[str, str] = {}
+    for part, described in precision.items():
+        text = described["dtype"]
+        if "from_rows" in described:
+            text += f" from {described['from_rows']} rows, {described['below']} below"
+        parameters[f"precision.{part}"] = text
+    return parameters
+
+
 def ready_versions(engine: Engine, name: str) -> list[str]:
     """The model's READY versions as V2 version strings (raises NotFound for an unknown model)."""
     return [str(v.version) for v in engine.model_info(name).versions if v.state == "READY"]

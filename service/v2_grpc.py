@@ -116,6 +116,12 @@ class InferenceServicer(grpc_service_pb2_grpc.GRPCInferenceServiceServicer):
                 platform=v2_common.SERVER_NAME,
                 inputs=_tensor_metadata(v2_common.input_metadata(config)),
                 outputs=_tensor_metadata(v2_common.output_metadata(config)),
+                parameters={
+                    key: v2.InferParameter(string_param=value)
+                    for key, value in v2_common.precision_parameters(
+                        self.engine, request.name, version
+                    ).items()
+                },
             )
 
         return await self.calls.run(

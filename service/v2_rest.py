@@ -32,14 +32,17 @@ def _tensors_json(tensors: list[v2_common.TensorMetadata]) -> list[dict[str, Any
     return [{"name": t.name, "datatype": t.datatype, "shape": list(t.shape)} for t in tensors]
 
 
-def model_metadata(name: str, versions: list[str], config: ModelConfig) -> dict[str, Any]:
-    """The V2 model metadata object."""
+def model_metadata(
+    name: str, versions: list[str], config: ModelConfig, parameters: dict[str, str]
+) -> dict[str, Any]:
+    """The V2 model metadata object (`parameters`: `v2_common.precision_parameters`)."""
     return {
         "name": name,
         "versions": versions,
         "platform": v2_common.SERVER_NAME,
         "inputs": _tensors_json(v2_common.input_metadata(config)),
         "outputs": _tensors_json(v2_common.output_metadata(config)),
+        "parameters": parameters,
     }
 
 
@@ -117,7 +120,8 @@ def create_router(engine: Engine, settings: Settings, metrics: Metrics) -> APIRo
             resolved, config = engine.model_config(name, version)
             labels["version"] = resolved
             versions = v2_common.ready_versions(engine, name) or [str(resolved)]
-            return http_common.json_response(model_metadata(name, versions, config))
+            parameters = v2_common.precision_parameters(engine, name, resolved)
+            return http_common.json_response(model_metadata(name, versions, config, parameters))
 
     def ready(name: str, version: int | None) -> Response:
         with observer.observe(name, version, "model_ready"):

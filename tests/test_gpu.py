@@ -21,6 +21,7 @@ import torch
 from models.checkpoint import load
 from models.encoder import EncoderModel
 from service.types import EncodeRequest, GenerateRequest, GenerateResult, InputKind, TokenEvent
+from tests import test_precision as precision_tests
 from tests.conftest import StartEngine
 from tests.factories import CHARS, write_model
 from tests.test_server import running_server
@@ -168,3 +169,74 @@ def test_the_server_process_serves_the_demo_models_on_the_gpu(tmp_path: Path) ->
         )
         assert answer.status_code == 200, answer.text
         assert answer.json()["outputs"][0]["text"] == "2021-12-25"
+
+
+# bfloat16/float16 on the GPU against float32 on the CPU, every path (the CPU suite's
+# tests/test_precision.py runs the same comparisons with bfloat16 on the CPU). The tolerance is
+# the CPU's (2e-2, justified there) widened to the half-precision test's 3e-2 above for cuDNN's
+# own kernel choices and TF32.
+GPU_ATOL = 3e-2
+
+
+@pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
+@pytest.mark.parametrize("name", list(precision_tests.ENCODERS))
+def test_every_encoder_in_half_precision_on_the_gpu_stays_close_to_float32(
+    tmp_path: Path, name: str, dtype: str
+) -> None:
+    path = write_model(tmp_path, name, seed=len(name), **precision_tests.ENCODERS[name])
+    full = load(path)
+    reduced = load(path, device="cuda", dtype=getattr(torch, dtype))
+    assert all(p.describe()["dtype"] == dtype for p in reduced.plan.values())
+    inputs, lengths = precision_tests._batch(full.config, 12, 70, seed=len(name))
+    with torch.inference_mode():
+        for pooling in ("last", "mean", "max", "none"):
+            a = full.model(inputs, lengths, pooling)
+            b = reduced.model(inputs.cuda(), lengths, pooling)
+            assert b.encodings.dtype == torch.float32
+            torch.testing.assert_close(b.encodings.cpu(), a.encodings, rtol=0, atol=GPU_ATOL)
+            if a.scores is not None:
+                assert b.scores is not None
+                torch.testing.assert_close(b.scores.cpu(), a.scores, rtol=0, atol=GPU_ATOL)
+
+
+@pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
+@pytest.mark.parametrize("name", list(precision_tests.SEQ2SEQ))
+def test_decoder_steps_in_half_precision_on_the_gpu_stay_close_to_float32(
+    tmp_path: Path, name: str, dtype: str
+) -> None:
+    path = write_model(
+        tmp_path, name, task="seq2seq", input_type="text", seed=len(name),
+        **precision_tests.SEQ2SEQ[name],
+    )  # fmt: skip
+    full = load(path).model
+    reduced = load(path, device="cuda", dtype=getattr(torch, dtype)).model
+    inputs, lengths = precision_tests._batch(full.config, 6, 25, seed=len(name))
+    with torch.inference_mode():
+        state_a = full.encode(inputs, lengths)  # type: ignore[union-attr]
+        state_b = reduced.encode(inputs.cuda(), lengths)  # type: ignore[union-attr]
+        tokens = torch.full((6,), 1, dtype=torch.int64)
+        for _ in range(12):
+            a, state_a = full.step(state_a, tokens)  # type: ignore[union-attr]
+            b, state_b = reduced.step(state_b, tokens.cuda())  # type: ignore[union-attr]
+            torch.testing.assert_close(
+                b.cpu(), a, rtol=0, atol=precision_tests.LOGPROB_ATOL + GPU_ATOL
+            )
+            tokens = a.argmax(dim=-1)
+
+
+async def test_a_long_stream_in_bfloat16_on_the_gpu_equals_one_call(
+    repository: Path, start_engine: StartEngine
+) -> None:
+    """1,000 steps in chunks through state tokens (float32 between chunks) against one call."""
+    write_model(repository, "lstm", cell="lstm", hidden_size=64, num_layers=2, pooling="mean")
+    engine = await start_engine(device="cuda", dtype="bfloat16")
+    sequence = np.random.default_rng(1).standard_normal((1000, 8)).astype(np.float32)
+    token: bytes | None = None
+    last = None
+    for start in range(0, 1000, 37):
+        chunk = sequence[start : start + 37]
+        last = await engine.sessions.stream("lstm", chunk, "features", state_token=token)
+        token = last.state_token
+    whole = await engine.encode(EncodeRequest("lstm", [sequence], "features"))
+    assert last is not None and last.steps == 1000
+    np.testing.assert_allclose(last.encoding, np.asarray(whole.encodings)[0], atol=GPU_ATOL)

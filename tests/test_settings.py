@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import pytest
 import torch
 from pydantic import ValidationError
 
+from models.precision import check_cpu_dtype, cpu_bfloat16_missing, cpu_capabilities
 from service.settings import Settings, is_model_name
 
 
@@ -41,12 +43,53 @@ def test_bad_device(device: str) -> None:
         Settings(device=device)
 
 
-def test_half_precision_is_refused_on_cpu() -> None:
+def test_float16_is_refused_on_cpu() -> None:
     with pytest.raises(ValidationError, match="float16 needs a GPU"):
         Settings(device="cpu", dtype="float16")
     if not torch.cuda.is_available():
-        with pytest.raises(ValueError, match="bfloat16 needs a GPU"):
-            Settings(device="auto", dtype="bfloat16").torch_device()
+        with pytest.raises(ValueError, match="float16 needs a GPU"):
+            Settings(device="auto", dtype="float16").torch_device()
+
+
+# What torch.cpu.get_capabilities() reports on CPUs with and without native bfloat16.
+SAPPHIRE_RAPIDS = {"architecture": "x86_64", "avx512_bf16": True, "amx_bf16": True}
+ZEN_4 = {"architecture": "x86_64", "avx512_bf16": True, "amx_bf16": False}
+SKYLAKE = {"architecture": "x86_64", "avx512_f": True, "avx512_bf16": False, "amx_bf16": False}
+GRAVITON_3 = {"architecture": "aarch64", "bf16": True, "sve_bf16": True}
+GRAVITON_2 = {"architecture": "aarch64", "bf16": False, "sve_bf16": False}
+
+
+@pytest.mark.parametrize("capabilities", [SAPPHIRE_RAPIDS, ZEN_4, GRAVITON_3])
+def test_bfloat16_on_a_cpu_that_has_it_is_accepted(capabilities: dict[str, object]) -> None:
+    check_cpu_dtype("bfloat16", capabilities)
+    check_cpu_dtype("float32", capabilities)
+
+
+@pytest.mark.parametrize(
+    ("capabilities", "missing"),
+    [
+        (SKYLAKE, "amx_bf16 or avx512_bf16"),
+        (GRAVITON_2, "bf16 or sve_bf16"),
+        ({"architecture": "riscv64"}, "architecture riscv64"),
+        ({}, "architecture unknown"),
+    ],
+)
+def test_bfloat16_on_a_cpu_without_it_is_refused_naming_the_feature(
+    capabilities: dict[str, object], missing: str
+) -> None:
+    with pytest.raises(ValueError, match=f"bfloat16 .*lacks .*{missing}"):
+        check_cpu_dtype("bfloat16", capabilities)
+    check_cpu_dtype("float32", capabilities)
+
+
+def test_bfloat16_on_this_cpu_follows_its_capabilities() -> None:
+    """`make test` passes on CPUs with and without bfloat16: the answer follows the detection."""
+    missing = cpu_bfloat16_missing(cpu_capabilities())
+    if missing is None:
+        assert Settings(device="cpu", dtype="bfloat16").torch_device().type == "cpu"
+    else:
+        with pytest.raises(ValidationError, match=f"lacks {re.escape(missing)}"):
+            Settings(device="cpu", dtype="bfloat16")
 
 
 def test_bad_model_name_is_refused() -> None:

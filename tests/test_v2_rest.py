@@ -349,8 +349,10 @@ def test_rest_and_grpc_model_metadata_agree(
         "outputs": [
             {"name": t.name, "datatype": t.datatype, "shape": list(t.shape)} for t in answer.outputs
         ],
+        "parameters": {key: p.string_param for key, p in answer.parameters.items()},
     }
     assert rest == grpc_meta
+    assert rest["parameters"]["precision.encoder"] == "float32"  # the server runs float32
 
 
 def test_rest_and_grpc_timeout_limits_agree(

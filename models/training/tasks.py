@@ -125,6 +125,10 @@ class Task(ABC):
         """Turn the trained model into the one that is saved (default: unchanged)."""
         return None
 
+    def saved(self) -> None:
+        """The models evaluated from now on are saved checkpoints, as `finish` leaves them."""
+        return None
+
 
 def char_vocab(texts: list[str], specials: list[str]) -> list[str]:
     """`specials` then every character of `texts`, sorted (deterministic ids)."""
@@ -248,12 +252,14 @@ class SurnamesTask(Task):
         return StepResult(loss, float(correct), len(batch.targets))
 
     def predict(self, model: Model, names: list[str]) -> list[int]:
-        """Top label index of each name."""
+        """Top label index of each name (the served scores: the head in its planned dtype)."""
+        assert isinstance(model, EncoderModel)
         predicted: list[int] = []
         with torch.inference_mode():
             for inputs, lengths in _eval_batches(self.tokenizer, names, device_of(model)):
-                logits = self.logits(model, inputs, lengths)
-                predicted.extend(logits.argmax(-1).tolist())
+                scores = model(inputs, lengths).scores
+                assert scores is not None
+                predicted.extend(scores.argmax(-1).tolist())
         return predicted
 
     def evaluate(self, model: Model, split: Split) -> dict[str, float]:
@@ -550,6 +556,9 @@ class ElninoTask(Task):
             model.head.weight.mul_(self.std)
             model.head.bias.mul_(self.std).add_(self.mean)
         self.folded = True
+
+    def saved(self) -> None:
+        self.folded = True  # NOTE: a saved model reads and writes °C (`finish` folded them in)
 
     def data_summary(self) -> dict[str, Any]:
         return {
