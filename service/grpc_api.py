@@ -560,6 +560,10 @@ class GrpcServer:
             self._stopping = asyncio.get_running_loop().create_task(
                 self.server.stop(self.settings.drain_grace_s + 5.0), name="grpc-goaway"
             )
+            # NOTE: one turn of the loop runs the stop up to its GOAWAY (grpc.aio starts the
+            # core's shutdown before its first await), so that connections are told to go
+            # away before the engine starts refusing what still arrives on them.
+            await asyncio.sleep(0)
 
     async def stop(self, grace_s: float | None) -> None:
         """Stop accepting calls; let running ones finish for up to `grace_s` seconds."""
