@@ -38,10 +38,10 @@ import torch
 
 from bench.server import ROOT, Server, start_server
 from models import checkpoint
-from service._proto.inference import grpc_service_pb2 as v2
-from service._proto.inference import grpc_service_pb2_grpc as v2_grpc
-from service._proto.rnnserve.v1 import rnnserve_pb2 as pb
-from service._proto.rnnserve.v1 import rnnserve_pb2_grpc as pb_grpc
+from rnnserve_client.proto.inference import grpc_service_pb2 as v2
+from rnnserve_client.proto.inference import grpc_service_pb2_grpc as v2_grpc
+from rnnserve_client.proto.rnnserve.v1 import rnnserve_pb2 as pb
+from rnnserve_client.proto.rnnserve.v1 import rnnserve_pb2_grpc as pb_grpc
 from service.grpc_convert import decode_v2_outputs
 
 REPOSITORY = ROOT / "demo-repository"

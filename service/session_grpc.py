@@ -16,8 +16,8 @@ from typing import Any, cast, get_args
 import grpc
 import numpy as np
 
+from rnnserve_client.proto.rnnserve.v1 import rnnserve_pb2 as pb
 from service import errors
-from service._proto.rnnserve.v1 import rnnserve_pb2 as pb
 from service.grpc_api import CallRecorder, DrainWatch, abort_with, deadline_of
 from service.grpc_convert import float_values, optional_version, request_timeout
 from service.sessions import ChunkResult, SessionManager, StreamPooling

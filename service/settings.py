@@ -7,6 +7,7 @@ setting, so a bad deployment fails at start-up and not at the first request.
 
 from __future__ import annotations
 
+import math
 import re
 from pathlib import Path
 from typing import Annotated, Literal
@@ -117,6 +118,23 @@ class Settings(BaseSettings):
     )
     grpc_max_message_bytes: int = Field(
         default=64 * 1024 * 1024, ge=1024, description="Largest gRPC message (in and out)."
+    )
+    grpc_max_connection_age_s: float = Field(
+        default=60.0,
+        gt=0.0,
+        description=(
+            "gRPC connections are ended gracefully (GOAWAY) after this many seconds (give or take "
+            "a tenth), so clients reconnect through the Service and spread over new replicas; "
+            "inf = never."
+        ),
+    )
+    grpc_max_connection_age_grace_s: float = Field(
+        default=math.inf,
+        gt=0.0,
+        description=(
+            "Calls still running on an aged connection may take this long before it is closed "
+            "and they fail UNAVAILABLE; inf = streams are never cut by ageing."
+        ),
     )
     max_sequences_per_request: int = Field(
         default=1024, ge=1, description="Most sequences one request may carry."

@@ -16,9 +16,9 @@ from typing import TYPE_CHECKING, Any, ClassVar, TypeAlias
 
 import grpc
 
+from rnnserve_client.proto.inference import grpc_service_pb2 as v2
+from rnnserve_client.proto.inference import grpc_service_pb2_grpc
 from service import errors, grpc_convert, metric_labels, v2_common, validation
-from service._proto.inference import grpc_service_pb2 as v2
-from service._proto.inference import grpc_service_pb2_grpc
 from service.grpc_api import CallRecorder, DrainWatch, abort_with, check_management, deadline_of
 from service.metrics import Metrics
 from service.settings import Settings

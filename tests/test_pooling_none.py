@@ -23,11 +23,11 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from models import checkpoint
+from rnnserve_client.proto.inference import grpc_service_pb2 as v2
+from rnnserve_client.proto.inference import grpc_service_pb2_grpc as v2_grpc
+from rnnserve_client.proto.rnnserve.v1 import rnnserve_pb2 as pb
+from rnnserve_client.proto.rnnserve.v1 import rnnserve_pb2_grpc as pb_grpc
 from service import codecs
-from service._proto.inference import grpc_service_pb2 as v2
-from service._proto.inference import grpc_service_pb2_grpc as v2_grpc
-from service._proto.rnnserve.v1 import rnnserve_pb2 as pb
-from service._proto.rnnserve.v1 import rnnserve_pb2_grpc as pb_grpc
 from service.grpc_api import create_grpc_server
 from service.grpc_convert import decode_v2_outputs
 from tests.factories import write_model

@@ -18,10 +18,10 @@ import httpx
 import numpy as np
 import pytest
 
-from service._proto.inference import grpc_service_pb2 as v2
-from service._proto.inference import grpc_service_pb2_grpc as v2_grpc
-from service._proto.rnnserve.v1 import rnnserve_pb2 as pb
-from service._proto.rnnserve.v1 import rnnserve_pb2_grpc as pb_grpc
+from rnnserve_client.proto.inference import grpc_service_pb2 as v2
+from rnnserve_client.proto.inference import grpc_service_pb2_grpc as v2_grpc
+from rnnserve_client.proto.rnnserve.v1 import rnnserve_pb2 as pb
+from rnnserve_client.proto.rnnserve.v1 import rnnserve_pb2_grpc as pb_grpc
 from tests.factories import write_model
 from tests.test_server import FEATURES, ServerProcess, running_server
 
