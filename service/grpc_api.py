@@ -186,6 +186,48 @@ def add_service(
     )
 
 
+class DrainWatch:
+    """Ends a stream's wait for its client's next message once the server drains: `read`
+    raises `Draining` (UNAVAILABLE) instead of waiting on. One watcher task per stream, made in
+    the task that reads (the handler's, or a reader task of its own)."""
+
+    def __init__(self, until_draining: Callable[[], Awaitable[None]]) -> None:
+        task = asyncio.current_task()
+        assert task is not None
+        self._task = task
+        self._reading = False
+        self._drained = False
+        self._watcher = asyncio.ensure_future(until_draining())
+        self._watcher.add_done_callback(self._on_drain)
+
+    def _on_drain(self, watcher: asyncio.Future[None]) -> None:
+        if watcher.cancelled():
+            return
+        self._drained = True
+        if self._reading:
+            self._task.cancel()
+
+    async def read(self, messages: AsyncIterator[M]) -> M | None:
+        """The next message (None at the end of the client's stream)."""
+        if self._drained:
+            raise errors.Draining("the server is shutting down; this stream takes no more messages")
+        self._reading = True
+        try:
+            return await anext(messages, None)
+        except asyncio.CancelledError:
+            if self._drained and self._task.uncancel() == 0:
+                raise errors.Draining(
+                    "the server is shutting down; this stream takes no more messages"
+                ) from None
+            raise
+        finally:
+            self._reading = False
+
+    def close(self) -> None:
+        """Stop watching (the stream ended)."""
+        self._watcher.cancel()
+
+
 class CallRecorder:
     """Times one call, records its metrics once, and maps its errors to gRPC statuses.
 
@@ -313,7 +355,9 @@ class RnnServeServicer(rnnserve_pb2_grpc.RnnServeServicer):
                 close = getattr(events, "aclose", None)
                 if close is not None:
                     await close()
-        except asyncio.CancelledError as exc:
+        except (asyncio.CancelledError, GeneratorExit) as exc:
+            # NOTE: the client went away: its task was cancelled while this stream awaited, or
+            # grpc closed this generator at a `yield` (GeneratorExit). Counted once, cancelled.
             self.calls.observe(
                 request.model, version, "generate_stream", exc, time.perf_counter() - start
             )
@@ -392,7 +436,9 @@ class RnnServeServicer(rnnserve_pb2_grpc.RnnServeServicer):
         from service import session_grpc
 
         # NOTE: grpc.aio streams only from an async generator function, so this one re-yields.
-        replies = session_grpc.stream_session(self.engine.sessions, self.calls, requests, context)
+        replies = session_grpc.stream_session(
+            self.engine.sessions, self.calls, requests, context, self.engine.until_draining
+        )
         async for reply in replies:
             yield reply
 

@@ -148,6 +148,26 @@ class Settings(BaseSettings):
         ge=1,
         description="Rows (greedy requests + beams) in one model's running decode batch.",
     )
+    max_request_decode_slots: int | None = Field(
+        default=None,
+        ge=1,
+        description=(
+            "Most rows (sequences × beam_size) one generate request may have in a model's "
+            "running decode batch at once; its other sequences wait while later requests go "
+            "ahead. Default: half of max_decode_slots (at least one full beam of max_beam_size). "
+            "beam_size may not exceed it."
+        ),
+    )
+    max_request_decode_work: int | None = Field(
+        default=None,
+        ge=1,
+        description=(
+            "Most decode work one generate request may have running at once, in rows × source "
+            "steps (a beam of 4 over a 100-character text is 400); its first sequence always "
+            "runs. Bounds how much one request slows every step of the others. Default: the "
+            "model's max_batch_size × 128."
+        ),
+    )
     max_decode_queue: int = Field(
         default=1024,
         ge=1,
@@ -302,6 +322,13 @@ class Settings(BaseSettings):
         return {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}[
             self.dtype
         ]
+
+    def request_decode_slots(self) -> int:
+        """Rows one generate request may hold in a running decode batch."""
+        if self.max_request_decode_slots is not None:
+            return min(self.max_request_decode_slots, self.max_decode_slots)
+        beam = min(self.max_beam_size, self.max_decode_slots)
+        return max(beam, self.max_decode_slots // 2)
 
     def intra_op_threads(self, cores: int) -> int:
         """torch intra-op threads for a machine with `cores` cores."""

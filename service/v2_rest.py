@@ -170,7 +170,7 @@ def create_router(engine: Engine, settings: Settings, metrics: Metrics) -> APIRo
                 await request.body(), request.headers.get(codecs.HEADER_LENGTH)
             )
             tensors = codecs.decode_v2_inputs(header, tail)
-            resolved, config = engine.model_config(name, version)
+            resolved, config = engine.infer_config(name, version)
             labels["version"] = resolved
             kind, sequences = v2_common.infer_sequences(
                 tensors, config, settings.max_sequences_per_request
