@@ -30,10 +30,12 @@ RUN pip install --no-cache-dir --index-url "${TORCH_INDEX_URL}" "torch==${TORCH_
 
 WORKDIR /src
 COPY pyproject.toml README.md ./
+COPY client/ client/
 COPY models/ models/
 COPY service/ service/
-RUN pip install --no-cache-dir . \
-    && python -c "import service, models; print('rnnserve installed')"
+# The client package first, in the same command: it carries the gRPC stubs the server imports.
+RUN pip install --no-cache-dir ./client . \
+    && python -c "import service, models, rnnserve_client; print('rnnserve installed')"
 
 # ---------------------------------------------------------------- runtime: serving needs only
 FROM ${PYTHON_IMAGE} AS runtime

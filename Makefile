@@ -16,10 +16,11 @@ GRPC_PORT ?= 8001
 
 install: $(STAMP)
 
-$(STAMP): pyproject.toml
+# The client package (client/, rnnserve-client) carries the gRPC stubs the server imports.
+$(STAMP): pyproject.toml client/pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q "$(TORCH_SPEC)"
-	$(BIN)/pip install -q -e ".[$(EXTRAS)]"
+	$(BIN)/pip install -q -e ./client -e ".[$(EXTRAS)]"
 	touch $@
 
 test: $(STAMP)

@@ -37,9 +37,9 @@ import grpc
 import httpx
 from google.protobuf.message import Message
 
-from service._proto.inference import grpc_service_pb2 as v2
-from service._proto.inference import grpc_service_pb2_grpc as v2_grpc
-from service._proto.rnnserve.v1 import rnnserve_pb2 as pb
+from rnnserve_client.proto.inference import grpc_service_pb2 as v2
+from rnnserve_client.proto.inference import grpc_service_pb2_grpc as v2_grpc
+from rnnserve_client.proto.rnnserve.v1 import rnnserve_pb2 as pb
 
 ROOT = Path(__file__).resolve().parent.parent
 TOKEN = "bench-edge-token"

@@ -9,6 +9,11 @@ The baseline is measured in the same run: the same checkpoint called directly in
 with packed batches of 64 such sequences, on the same number of CPU threads as the server.
 
     .venv/bin/python -m bench.grpc [--duration 5] [--threads N] [--device cpu]
+    .venv/bin/python -m bench.grpc --compare-age 1 --rounds 5   # + the same with 1 s ageing
+
+With --compare-age S two servers run side by side, one that never ages its connections and one
+that ends each after S seconds (--grpc-max-connection-age-s), and every measurement alternates
+between them: what connection ageing costs, in the same run.
 
 (As a module: run as a file, its folder would come first on sys.path and this file and
 bench/http.py would shadow the grpc and http packages.)
@@ -20,6 +25,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import itertools
 import json
 import os
 import statistics
@@ -88,8 +94,8 @@ def direct_baseline(folder: Path, threads: int, device: str, seconds: float) -> 
 
 
 def _requests(service: str, n: int) -> list[Any]:
-    from service._proto.inference import grpc_service_pb2 as v2
-    from service._proto.rnnserve.v1 import rnnserve_pb2 as pb
+    from rnnserve_client.proto.inference import grpc_service_pb2 as v2
+    from rnnserve_client.proto.rnnserve.v1 import rnnserve_pb2 as pb
 
     rng = np.random.default_rng(2)
     messages: list[Any] = []
@@ -164,9 +170,10 @@ def client_main(args: argparse.Namespace) -> int:
 
 
 def _start_server(
-    repository: Path, threads: int, device: str
+    repository: Path, threads: int, device: str, flags: tuple[str, ...] = ()
 ) -> tuple[subprocess.Popen[str], int, int]:
-    """The server subprocess, its gRPC port and its HTTP port (read from the startup summary)."""
+    """The server subprocess (`flags` added), its gRPC port and its HTTP port (read from the
+    startup summary)."""
     process = subprocess.Popen(
         [
             sys.executable,
@@ -185,6 +192,7 @@ def _start_server(
             device,
             "--log-format",
             "json",
+            *flags,
         ],
         cwd=ROOT,
         stderr=subprocess.PIPE,
@@ -253,39 +261,59 @@ def main() -> int:
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--levels", default="1,16,64", help="concurrency levels")
     parser.add_argument("--json", type=Path, help="also write the results here")
+    parser.add_argument("--rounds", type=int, default=1, help="measurements per service and level")
+    parser.add_argument(
+        "--compare-age",
+        type=float,
+        metavar="S",
+        help="also measure a server that ages connections after S s (alternating, same run)",
+    )
     args = parser.parse_args()
     if not __package__:
         raise SystemExit("run from the repository root as a module: python -m bench.grpc")
     if args.client:
         return client_main(args)
 
+    configs: dict[str, tuple[str, ...]] = {"default": ()}
+    if args.compare_age is not None:
+        configs = {
+            "never": ("--grpc-max-connection-age-s", "inf"),
+            f"{args.compare_age:g} s": ("--grpc-max-connection-age-s", str(args.compare_age)),
+        }
     # NOTE: the machine may be shared, so the baseline is measured before the load and after
     # each level (the server idle meanwhile), and ratios use the median of those runs.
     with tempfile.TemporaryDirectory() as tmp:
         repository = Path(tmp)
         folder = write_reference(repository)
         baselines = [direct_baseline(folder, args.threads, args.device, args.duration)]
-        process, port, http_port = _start_server(repository, args.threads, args.device)
+        servers = {
+            name: _start_server(repository, args.threads, args.device, flags)
+            for name, flags in configs.items()
+        }
         rows: list[dict[str, Any]] = []
         try:
-            # NOTE: services alternate within each level so that load changes hit both alike.
+            # NOTE: services (and servers) alternate within each level so that load changes hit
+            # them alike.
             for level in (int(x) for x in args.levels.split(",")):
-                for service in ("v1", "v2"):
-                    calls, sequences, busy = _batches(http_port)
-                    row = _client(port, service, level, args.duration)
-                    calls_after, sequences_after, busy_after = _batches(http_port)
-                    done = max(1.0, sequences_after - sequences)
-                    row["mean_batch"] = (sequences_after - sequences) / max(
-                        1.0, calls_after - calls
-                    )
-                    # Device time per sequence inside the server (batch compute ÷ sequences).
-                    row["compute_ms_per_seq"] = 1000 * (busy_after - busy) / done
-                    rows.append(row)
-                    print(json.dumps(row), file=sys.stderr, flush=True)
+                for service, round_ in itertools.product(("v1", "v2"), range(args.rounds)):
+                    for name, (_, port, http_port) in servers.items():
+                        calls, sequences, busy = _batches(http_port)
+                        row = _client(port, service, level, args.duration)
+                        calls_after, sequences_after, busy_after = _batches(http_port)
+                        done = max(1.0, sequences_after - sequences)
+                        row["mean_batch"] = (sequences_after - sequences) / max(
+                            1.0, calls_after - calls
+                        )
+                        # Device time per sequence inside the server (batch compute ÷ sequences).
+                        row["compute_ms_per_seq"] = 1000 * (busy_after - busy) / done
+                        row["connection_age"], row["round"] = name, round_
+                        rows.append(row)
+                        print(json.dumps(row), file=sys.stderr, flush=True)
                 baselines.append(direct_baseline(folder, args.threads, args.device, args.duration))
         finally:
-            process.terminate()
-            process.wait(60)
+            for process, _, _ in servers.values():
+                process.terminate()
+                process.wait(60)
     direct = statistics.median(b["sequences_per_s"] for b in baselines)
     for row in rows:
         row["ratio"] = row["throughput"] / direct
@@ -297,17 +325,35 @@ def main() -> int:
         f"{direct:.0f} seq/s = {1000 / direct:.2f} ms/seq, of runs {runs} (before the server "
         "ran and after each level)\n"
     )
+    aged = args.compare_age is not None
     print(
-        "| service | clients | req/s | p50 ms | p99 ms | errors | mean batch "
-        "| compute ms/seq | ratio to direct |"
+        "| service | clients |" + (" connection age |" if aged else "") + " req/s | p50 ms | "
+        "p99 ms | errors | mean batch | compute ms/seq | ratio to direct |"
     )
-    print("|---|---:|---:|---:|---:|---:|---:|---:|---:|")
+    print("|---|---:|" + ("---|" if aged else "") + "---:|---:|---:|---:|---:|---:|---:|")
     for row in rows:
+        age = f" {row['connection_age']} |" if aged else ""
         print(
-            f"| {names[row['service']]} | {row['concurrency']} | {row['throughput']:.0f} | "
+            f"| {names[row['service']]} | {row['concurrency']} |{age} {row['throughput']:.0f} | "
             f"{row['p50_ms']:.1f} | {row['p99_ms']:.1f} | {row['errors']} | "
             f"{row['mean_batch']:.1f} | {row['compute_ms_per_seq']:.2f} | {row['ratio']:.2f} |"
         )
+    if aged:
+        # Aged ÷ never-aged throughput of each round (same run, alternated), then their median.
+        print()
+        for service, level in sorted({(r["service"], r["concurrency"]) for r in rows}):
+            ratios = []
+            for round_ in range(args.rounds):
+                pair = {
+                    r["connection_age"]: r["throughput"]
+                    for r in rows
+                    if (r["service"], r["concurrency"], r["round"]) == (service, level, round_)
+                }
+                ratios.append(pair[f"{args.compare_age:g} s"] / pair["never"])
+            print(
+                f"{names[service]}, {level} clients: aged / never throughput, median "
+                f"{statistics.median(ratios):.3f} of {', '.join(f'{x:.3f}' for x in ratios)}"
+            )
     if args.json:
         args.json.write_text(
             json.dumps({"direct_seq_per_s": direct, "baselines": baselines, "rows": rows})

@@ -378,8 +378,8 @@ def _parse_one(case: str, step: str, scale: float) -> None:
 
     import orjson
 
+    from rnnserve_client.proto.inference import grpc_service_pb2 as v2
     from service import codecs
-    from service._proto.inference import grpc_service_pb2 as v2
     from service.grpc_limits import _count
 
     size = int(64 * MIB * scale)

@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import math
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import TYPE_CHECKING, Any, ClassVar, Generic, NoReturn, TypeAlias, TypeVar
@@ -24,10 +25,10 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_health.v1._async import HealthServicer
 from grpc_reflection.v1alpha import reflection
 
+from rnnserve_client.proto.inference import grpc_service_pb2 as v2_pb
+from rnnserve_client.proto.rnnserve.v1 import rnnserve_pb2 as pb
+from rnnserve_client.proto.rnnserve.v1 import rnnserve_pb2_grpc
 from service import errors, grpc_convert, management, metric_labels, validation
-from service._proto.inference import grpc_service_pb2 as v2_pb
-from service._proto.rnnserve.v1 import rnnserve_pb2 as pb
-from service._proto.rnnserve.v1 import rnnserve_pb2_grpc
 from service.grpc_limits import MessageLimits
 from service.metrics import Metrics, outcome_of
 from service.settings import Settings
@@ -65,6 +66,18 @@ class CallAborted(Exception):
         self.details = details
 
 
+def error_metadata(exc: errors.ServiceError) -> tuple[tuple[str, str], ...]:
+    """Trailing metadata of a refused call: `rnnserve-error-type` (the core error's class, as
+    REST's error body names it: one gRPC code covers both NotReady and Draining),
+    `rnnserve-error-field` for invalid input, `retry-after` (seconds) when overloaded."""
+    entries = [("rnnserve-error-type", type(exc).__name__)]
+    if isinstance(exc, errors.InvalidInput) and exc.field.isascii() and exc.field.isprintable():
+        entries.append(("rnnserve-error-field", exc.field))
+    if isinstance(exc, errors.Overloaded):
+        entries.append(("retry-after", f"{exc.retry_after_s:g}"))
+    return tuple(entries)
+
+
 async def abort_with(context: grpc.aio.ServicerContext[Any, Any], exc: BaseException) -> NoReturn:
     """End the call with the status of `exc`: its table entry, or INTERNAL without details.
 
@@ -75,8 +88,7 @@ async def abort_with(context: grpc.aio.ServicerContext[Any, Any], exc: BaseExcep
     """
     if isinstance(exc, errors.ServiceError):
         code, message = grpc_convert.grpc_status(exc)
-        if isinstance(exc, errors.Overloaded):
-            context.set_trailing_metadata((("retry-after", f"{exc.retry_after_s:g}"),))
+        context.set_trailing_metadata(error_metadata(exc))
         raise CallAborted(code, message)
     log.exception("unexpected error in a gRPC handler", exc_info=exc)
     raise CallAborted(grpc.StatusCode.INTERNAL, "internal error (see the server log)")
@@ -214,6 +226,48 @@ def add_service(
     server.add_generic_rpc_handlers(
         (grpc.method_handlers_generic_handler(service.full_name, handlers),)
     )
+
+
+class DrainWatch:
+    """Ends a stream's wait for its client's next message once the server drains: `read`
+    raises `Draining` (UNAVAILABLE) instead of waiting on. One watcher task per stream, made in
+    the task that reads (the handler's, or a reader task of its own)."""
+
+    def __init__(self, until_draining: Callable[[], Awaitable[None]]) -> None:
+        task = asyncio.current_task()
+        assert task is not None
+        self._task = task
+        self._reading = False
+        self._drained = False
+        self._watcher = asyncio.ensure_future(until_draining())
+        self._watcher.add_done_callback(self._on_drain)
+
+    def _on_drain(self, watcher: asyncio.Future[None]) -> None:
+        if watcher.cancelled():
+            return
+        self._drained = True
+        if self._reading:
+            self._task.cancel()
+
+    async def read(self, messages: AsyncIterator[M]) -> M | None:
+        """The next message (None at the end of the client's stream)."""
+        if self._drained:
+            raise errors.Draining("the server is shutting down; this stream takes no more messages")
+        self._reading = True
+        try:
+            return await anext(messages, None)
+        except asyncio.CancelledError:
+            if self._drained and self._task.uncancel() == 0:
+                raise errors.Draining(
+                    "the server is shutting down; this stream takes no more messages"
+                ) from None
+            raise
+        finally:
+            self._reading = False
+
+    def close(self) -> None:
+        """Stop watching (the stream ended)."""
+        self._watcher.cancel()
 
 
 class CallRecorder:
@@ -366,7 +420,9 @@ class RnnServeServicer(rnnserve_pb2_grpc.RnnServeServicer):
                 close = getattr(events, "aclose", None)
                 if close is not None:
                     await close()
-        except asyncio.CancelledError as exc:
+        except (asyncio.CancelledError, GeneratorExit) as exc:
+            # NOTE: the client went away: its task was cancelled while this stream awaited, or
+            # grpc closed this generator at a `yield` (GeneratorExit). Counted once, cancelled.
             self.calls.observe(
                 request.model, version, "generate_stream", exc, time.perf_counter() - start
             )
@@ -445,7 +501,9 @@ class RnnServeServicer(rnnserve_pb2_grpc.RnnServeServicer):
         from service import session_grpc
 
         # NOTE: grpc.aio streams only from an async generator function, so this one re-yields.
-        replies = session_grpc.stream_session(self.engine.sessions, self.calls, requests, context)
+        replies = session_grpc.stream_session(
+            self.engine.sessions, self.calls, requests, context, self.engine.until_draining
+        )
         async for reply in replies:
             yield reply
 
@@ -506,6 +564,30 @@ class HealthReporter:
             self._task = None
 
 
+# gRPC core reads durations as int milliseconds, INT_MAX meaning "never".
+_GRPC_NEVER_MS = 2**31 - 1
+
+
+def grpc_milliseconds(seconds: float) -> int:
+    """`seconds` as a gRPC core duration option (inf → INT_MAX, "never")."""
+    if math.isinf(seconds):
+        return _GRPC_NEVER_MS
+    return min(_GRPC_NEVER_MS, max(1, round(seconds * 1000)))
+
+
+def connection_age_options(settings: Settings) -> list[tuple[str, int]]:
+    """Server options that end each connection gracefully after its age (gRFC A9): the core
+    sends GOAWAY at the age (±10% jitter), so the client opens a new connection, through the
+    Service, for its next calls; calls running then finish on the old one within the grace."""
+    return [
+        ("grpc.max_connection_age_ms", grpc_milliseconds(settings.grpc_max_connection_age_s)),
+        (
+            "grpc.max_connection_age_grace_ms",
+            grpc_milliseconds(settings.grpc_max_connection_age_grace_s),
+        ),
+    ]
+
+
 class GrpcServer:
     """Both gRPC services, health and reflection on one grpc.aio server bound to host:port."""
 
@@ -516,6 +598,7 @@ class GrpcServer:
         self.port: int | None = None
         self.server: grpc.aio.Server | None = None
         self.health: HealthReporter | None = None
+        self._stopping: asyncio.Task[None] | None = None
 
     async def start(self) -> int:
         """Build, bind and start the server (inside the running loop); returns the bound port."""
@@ -527,6 +610,7 @@ class GrpcServer:
                 ("grpc.max_send_message_length", limit),
                 ("grpc.max_receive_message_length", limit),
                 ("grpc.so_reuseport", 0),
+                *connection_age_options(self.settings),
             ]
         )
         limits = MessageLimits.from_settings(self.settings)
@@ -578,17 +662,32 @@ class GrpcServer:
             await self.health.update()
 
     async def begin_drain(self) -> None:
-        """Readiness off at once (every health service NOT_SERVING)."""
+        """Readiness off at once (every health service NOT_SERVING), and every connection told
+        to go away (GOAWAY): clients open new ones, through the Service, to other replicas;
+        calls already running here go on (`stop` bounds them)."""
         if self.health is not None:
             await self.health.stop()
             await self.health.shut_down()
+        if self.server is not None and self._stopping is None:
+            # NOTE: grpc.aio's stop sends GOAWAY and stops listening at once; the grace given
+            # here is only an upper bound, `stop` below cuts running calls sooner.
+            self._stopping = asyncio.get_running_loop().create_task(
+                self.server.stop(self.settings.drain_grace_s + 5.0), name="grpc-goaway"
+            )
+            # NOTE: one turn of the loop runs the stop up to its GOAWAY (grpc.aio starts the
+            # core's shutdown before its first await), so that connections are told to go
+            # away before the engine starts refusing what still arrives on them.
+            await asyncio.sleep(0)
 
     async def stop(self, grace_s: float | None) -> None:
         """Stop accepting calls; let running ones finish for up to `grace_s` seconds."""
         if self.health is not None:
             await self.health.stop()
         if self.server is not None:
+            # NOTE: a second stop call waits `grace_s`, then cancels what still runs.
             await self.server.stop(grace_s)
+        if self._stopping is not None:
+            await self._stopping
 
 
 def create_grpc_server(engine: Engine, settings: Settings, metrics: Metrics) -> GrpcServer:

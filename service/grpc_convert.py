@@ -19,9 +19,9 @@ import numpy as np
 from google.protobuf import struct_pb2
 
 from models.config import ModelConfig
+from rnnserve_client.proto.inference import grpc_service_pb2 as v2
+from rnnserve_client.proto.rnnserve.v1 import rnnserve_pb2 as pb
 from service import errors, v2_common, validation
-from service._proto.inference import grpc_service_pb2 as v2
-from service._proto.rnnserve.v1 import rnnserve_pb2 as pb
 from service.codecs import (
     V2_DTYPES,
     TensorData,

@@ -116,7 +116,7 @@ def create_router(engine: Engine, settings: Settings, metrics: Metrics) -> APIRo
     ) -> tuple[Body, InputKind, list[Sequence]]:
         # NOTE: the model first: an unknown model's body is never read, and sequences longer
         # than the model takes are refused before numpy converts them.
-        _, config = engine.request_config(name, version)
+        _, config = engine.infer_config(name, version)
         raw = await request.body()
         body = parse_body(schema, raw, settings.request_values_limit)
         kind, sequences = request_sequences(

@@ -7,6 +7,7 @@ setting, so a bad deployment fails at start-up and not at the first request.
 
 from __future__ import annotations
 
+import math
 import re
 from pathlib import Path
 from typing import Annotated, Literal
@@ -163,6 +164,23 @@ class Settings(BaseSettings):
             "then the connection closes (408)."
         ),
     )
+    grpc_max_connection_age_s: float = Field(
+        default=60.0,
+        gt=0.0,
+        description=(
+            "gRPC connections are ended gracefully (GOAWAY) after this many seconds (give or take "
+            "a tenth), so clients reconnect through the Service and spread over new replicas; "
+            "inf = never."
+        ),
+    )
+    grpc_max_connection_age_grace_s: float = Field(
+        default=math.inf,
+        gt=0.0,
+        description=(
+            "Calls still running on an aged connection may take this long before it is closed "
+            "and they fail UNAVAILABLE; inf = streams are never cut by ageing."
+        ),
+    )
     max_sequences_per_request: int = Field(
         default=1024, ge=1, description="Most sequences one request may carry."
     )
@@ -174,6 +192,26 @@ class Settings(BaseSettings):
         default=256,
         ge=1,
         description="Rows (greedy requests + beams) in one model's running decode batch.",
+    )
+    max_request_decode_slots: int | None = Field(
+        default=None,
+        ge=1,
+        description=(
+            "Most rows (sequences × beam_size) one generate request may have in a model's "
+            "running decode batch at once; its other sequences wait while later requests go "
+            "ahead. Default: half of max_decode_slots (at least one full beam of max_beam_size). "
+            "beam_size may not exceed it."
+        ),
+    )
+    max_request_decode_work: int | None = Field(
+        default=None,
+        ge=1,
+        description=(
+            "Most decode work one generate request may have running at once, in rows × source "
+            "steps (a beam of 4 over a 100-character text is 400); its first sequence always "
+            "runs. Bounds how much one request slows every step of the others. Default: the "
+            "model's max_batch_size × 128."
+        ),
     )
     max_decode_queue: int = Field(
         default=1024,
@@ -336,6 +374,13 @@ class Settings(BaseSettings):
         return {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}[
             self.dtype
         ]
+
+    def request_decode_slots(self) -> int:
+        """Rows one generate request may hold in a running decode batch."""
+        if self.max_request_decode_slots is not None:
+            return min(self.max_request_decode_slots, self.max_decode_slots)
+        beam = min(self.max_beam_size, self.max_decode_slots)
+        return max(beam, self.max_decode_slots // 2)
 
     def intra_op_threads(self, cores: int) -> int:
         """torch intra-op threads for a machine with `cores` cores."""

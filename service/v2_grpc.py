@@ -16,10 +16,17 @@ from typing import TYPE_CHECKING, Any, ClassVar, TypeAlias
 
 import grpc
 
+from rnnserve_client.proto.inference import grpc_service_pb2 as v2
+from rnnserve_client.proto.inference import grpc_service_pb2_grpc
 from service import errors, grpc_convert, management, metric_labels, v2_common, validation
-from service._proto.inference import grpc_service_pb2 as v2
-from service._proto.inference import grpc_service_pb2_grpc
-from service.grpc_api import CallRecorder, answer_limit, check_management, deadline_of
+from service.grpc_api import (
+    CallRecorder,
+    DrainWatch,
+    abort_with,
+    answer_limit,
+    check_management,
+    deadline_of,
+)
 from service.metrics import Metrics
 from service.settings import Settings
 
@@ -148,7 +155,7 @@ class InferenceServicer(grpc_service_pb2_grpc.GRPCInferenceServiceServicer):
     async def _infer(
         self, request: v2.ModelInferRequest, deadline_s: float | None, endpoint: str
     ) -> v2.ModelInferResponse:
-        version, config = self.engine.model_config(
+        version, config = self.engine.infer_config(
             request.model_name, _version(request.model_version)
         )
         infer = grpc_convert.v2_infer_request(
@@ -223,15 +230,20 @@ class InferenceServicer(grpc_service_pb2_grpc.GRPCInferenceServiceServicer):
             )
             await answers.put(v2.ModelStreamInferResponse(infer_response=response))
 
+        drained: list[errors.Draining] = []
+
         async def read() -> None:
             requests = aiter(request_iterator)
+            watch = DrainWatch(self.engine.until_draining)
             try:
                 while True:
                     await pending.acquire()
                     try:
-                        request = await anext(requests)
-                    except StopAsyncIteration:
-                        pending.release()
+                        request = await watch.read(requests)
+                    except errors.Draining as exc:
+                        # NOTE: the server drains: requests under way are answered, then the
+                        # stream ends with UNAVAILABLE.
+                        drained.append(exc)
                         break
                     except errors.InvalidInput as exc:
                         # NOTE: a message that does not parse (grpc_api.ParsedRequests) is
@@ -239,11 +251,14 @@ class InferenceServicer(grpc_service_pb2_grpc.GRPCInferenceServiceServicer):
                         self.calls.observe("", None, "stream_infer", exc, 0.0)
                         await fail(v2.ModelInferRequest(), exc.message)
                         continue
+                    if request is None:
+                        break
                     task = asyncio.get_running_loop().create_task(one(request))
                     running.add(task)
                     task.add_done_callback(running.discard)
                 await asyncio.gather(*running)
             finally:
+                watch.close()
                 # NOTE: always, so the writer below never waits for answers that cannot come.
                 answers.put_nowait(None)
 
@@ -256,6 +271,8 @@ class InferenceServicer(grpc_service_pb2_grpc.GRPCInferenceServiceServicer):
         finally:
             for task in (reader, *running):
                 task.cancel()
+        if drained:
+            await abort_with(context, drained[0])
 
     async def RepositoryIndex(  # noqa: N802
         self, request: v2.RepositoryIndexRequest, context: Context

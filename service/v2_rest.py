@@ -191,7 +191,7 @@ def create_router(engine: Engine, settings: Settings, metrics: Metrics) -> APIRo
         with observer.observe(name, version, "infer") as labels:
             # NOTE: the model first: an unknown model's body is never read, and tensors larger
             # than the model takes are refused before their data is decoded.
-            resolved, config = engine.request_config(name, version)
+            resolved, config = engine.infer_config(name, version)
             labels["version"] = resolved
             header, tail = codecs.split_v2_body(
                 await request.body(),

@@ -13,6 +13,7 @@ from __future__ import annotations
 import copy
 import functools
 import json
+import math
 import os
 import re
 import shutil
@@ -84,10 +85,14 @@ def rendered() -> Iterator[tuple[str, dict[str, Any]]]:
             yield target, doc
 
 
-def find(target: str, kind: str) -> dict[str, Any]:
-    """The one object of `kind` in a rendered target."""
-    docs = [doc for doc in render(target) if doc["kind"] == kind]
-    assert len(docs) == 1, f"{target}: expected one {kind}, found {len(docs)}"
+def find(target: str, kind: str, name: str | None = None) -> dict[str, Any]:
+    """The one object of `kind` (named `name`, if given) in a rendered target."""
+    docs = [
+        doc
+        for doc in render(target)
+        if doc["kind"] == kind and name in (None, doc["metadata"]["name"])
+    ]
+    assert len(docs) == 1, f"{target}: expected one {kind} {name or ''}, found {len(docs)}"
     return docs[0]
 
 
@@ -183,6 +188,7 @@ def test_overlays_render_every_kind() -> None:
                 "PodDisruptionBudget",
                 "PrometheusRule",
                 "Service",
+                "Service",
                 "ServiceAccount",
                 "ServiceMonitor",
             ]
@@ -229,7 +235,7 @@ BROKEN = [
 def test_validation_rejects_broken_objects(
     target: str, kind: str, path: list[str | int], value: Any
 ) -> None:
-    broken = _with(find(target, kind), path, value)
+    broken = _with(find(target, kind, "rnnserve"), path, value)
     with pytest.raises(jsonschema.ValidationError):
         validate(broken)
 
@@ -511,10 +517,12 @@ def test_termination_outlasts_the_drain(target: str, monkeypatch: pytest.MonkeyP
     container = server_container(target)
     settings = settings_from(env_of(container), monkeypatch)
     pre_stop = container["lifecycle"]["preStop"]["sleep"]["seconds"]
-    # Endpoints must drop the pod before the drain starts refusing work, and the drain must
-    # finish before the kubelet's SIGKILL.
+    # Endpoints must drop the pod before the drain starts refusing work, and the drain (which
+    # ends within the grace, exit included) must finish before the kubelet's SIGKILL, with a
+    # few seconds to spare but not a minute of a stuck pod.
     assert pre_stop >= 5
-    assert spec["terminationGracePeriodSeconds"] >= pre_stop + settings.drain_grace_s + 10
+    total = pre_stop + settings.drain_grace_s
+    assert total + 5 <= spec["terminationGracePeriodSeconds"] <= total + 15
 
 
 @pytest.mark.parametrize("target", TARGETS)
@@ -550,7 +558,7 @@ def test_objects_refer_to_each_other(target: str) -> None:
     pod_labels = deployment["spec"]["template"]["metadata"]["labels"]
     container = server_container(target)
     port_names = {port["name"] for port in container["ports"]}
-    service = find(target, "Service")
+    service = find(target, "Service", "rnnserve")
     assert service["spec"]["selector"].items() <= pod_labels.items()
     assert {port["targetPort"] for port in service["spec"]["ports"]} <= port_names
     pdb = find(target, "PodDisruptionBudget")
@@ -559,6 +567,14 @@ def test_objects_refer_to_each_other(target: str) -> None:
     assert (
         monitor["spec"]["selector"]["matchLabels"].items() <= service["metadata"]["labels"].items()
     )
+    # The monitor scrapes each pod once: through one Service (not the headless one too).
+    selected = [
+        doc["metadata"]["name"]
+        for doc in render(target)
+        if doc["kind"] == "Service"
+        and monitor["spec"]["selector"]["matchLabels"].items() <= doc["metadata"]["labels"].items()
+    ]
+    assert selected == ["rnnserve"], selected
     service_ports = {port["name"] for port in service["spec"]["ports"]}
     for endpoint in monitor["spec"]["endpoints"]:
         assert endpoint["port"] in service_ports
@@ -568,6 +584,26 @@ def test_objects_refer_to_each_other(target: str) -> None:
         deployment["spec"]["template"]["spec"]["serviceAccountName"]
         == (account["metadata"]["name"])
     )
+
+
+@pytest.mark.parametrize("target", ["overlays/cpu", "overlays/gpu"])
+def test_grpc_clients_spread_over_replicas(target: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    # Through the Service: connections age, so long-lived clients reconnect and spread over
+    # the replicas the HPA adds (a pod a minute at most) within a couple of minutes; streams
+    # are never cut by it (unlimited grace).
+    settings = settings_from(env_of(server_container(target)), monkeypatch)
+    assert settings.grpc_max_connection_age_s <= 120
+    assert math.isinf(settings.grpc_max_connection_age_grace_s)
+    # Balancing clients: a headless Service lists every ready pod's address in DNS.
+    headless = find(target, "Service", "rnnserve-headless")
+    pod_labels = find(target, "Deployment")["spec"]["template"]["metadata"]["labels"]
+    assert headless["spec"]["clusterIP"] == "None"
+    assert not headless["spec"].get("publishNotReadyAddresses", False)
+    assert headless["spec"]["selector"].items() <= pod_labels.items()
+    (port,) = headless["spec"]["ports"]
+    container_ports = {p["name"]: p["containerPort"] for p in server_container(target)["ports"]}
+    assert (port["port"], container_ports[port["targetPort"]]) == (8001, settings.grpc_port)
+    assert port["appProtocol"] == "kubernetes.io/h2c"
 
 
 def test_gpu_overlay_asks_for_a_gpu(monkeypatch: pytest.MonkeyPatch) -> None:

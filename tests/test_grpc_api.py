@@ -29,10 +29,10 @@ from prometheus_client import CollectorRegistry
 
 from models.checkpoint import load
 from models.encoder import collate
-from service._proto.inference import grpc_service_pb2 as v2
-from service._proto.inference import grpc_service_pb2_grpc as v2_grpc
-from service._proto.rnnserve.v1 import rnnserve_pb2 as pb
-from service._proto.rnnserve.v1 import rnnserve_pb2_grpc as pb_grpc
+from rnnserve_client.proto.inference import grpc_service_pb2 as v2
+from rnnserve_client.proto.inference import grpc_service_pb2_grpc as v2_grpc
+from rnnserve_client.proto.rnnserve.v1 import rnnserve_pb2 as pb
+from rnnserve_client.proto.rnnserve.v1 import rnnserve_pb2_grpc as pb_grpc
 from service.engine import Engine
 from service.grpc_api import GrpcServer, RnnServeServicer, create_grpc_server
 from service.grpc_convert import decode_v2_outputs, encode_bytes
@@ -487,11 +487,32 @@ async def test_full_queue_is_resource_exhausted(served: Served) -> None:
         with pytest.raises(grpc.aio.AioRpcError) as caught:
             await call
     assert caught.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
-    assert any(key == "retry-after" for key, _ in caught.value.trailing_metadata() or ())
+    trailing = dict(caught.value.trailing_metadata() or ())
+    assert float(trailing["retry-after"]) > 0
+    assert trailing["rnnserve-error-type"] == "Overloaded"
     assert len((await queued).encodings) == 2
 
 
-async def test_draining_refuses_with_unavailable_and_health_goes_not_serving(
+async def test_refusals_name_the_error_type_and_field_in_trailing_metadata(served: Served) -> None:
+    # One gRPC code may stand for several error types (UNAVAILABLE: NotReady and Draining):
+    # the metadata names the type, as REST's error body does, and the field of bad input.
+    bad_size = _encode_message("enc", [np.zeros((3, FEATURES + 1), np.float32)])
+    with pytest.raises(grpc.aio.AioRpcError) as caught:
+        await served.api.Encode(bad_size)
+    trailing = dict(caught.value.trailing_metadata() or ())
+    assert trailing["rnnserve-error-type"] == "InvalidInput"
+    assert trailing["rnnserve-error-field"] == "inputs[0]"
+    with pytest.raises(grpc.aio.AioRpcError) as caught:
+        await served.api.Encode(_encode_message("nope", _features(1, seed=1)))
+    assert dict(caught.value.trailing_metadata() or ())["rnnserve-error-type"] == "NotFound"
+    await served.engine.drain(1.0)
+    with pytest.raises(grpc.aio.AioRpcError) as caught:
+        await served.api.Encode(_encode_message("enc", _features(1, seed=1)))
+    assert caught.value.code() == grpc.StatusCode.UNAVAILABLE
+    assert dict(caught.value.trailing_metadata() or ())["rnnserve-error-type"] == "Draining"
+
+
+async def test_draining_sends_goaway_finishes_running_calls_and_health_goes_not_serving(
     served: Served,
 ) -> None:
     assert served.loading_status == health_pb2.HealthCheckResponse.NOT_SERVING
@@ -499,16 +520,28 @@ async def test_draining_refuses_with_unavailable_and_health_goes_not_serving(
     await _wait_status(served, "rnnserve.v1.RnnServe", health_pb2.HealthCheckResponse.SERVING)
     await _wait_status(served, "enc", health_pb2.HealthCheckResponse.SERVING)
 
-    await served.server.begin_drain()
-    drained = asyncio.ensure_future(served.engine.drain(1.0))
-    for service in ("", "enc", "inference.GRPCInferenceService"):
-        status = (await served.health.Check(health_pb2.HealthCheckRequest(service=service))).status
-        assert status == health_pb2.HealthCheckResponse.NOT_SERVING
-    code, _ = await _code(served.api.Encode(_encode_message("enc", _features(1, seed=3))))
-    assert code == grpc.StatusCode.UNAVAILABLE
-    ready = await served.v2.ServerReady(v2.ServerReadyRequest())
-    assert not ready.ready
+    watch = served.health.Watch(health_pb2.HealthCheckRequest(service=""))
+    assert (await watch.read()).status == health_pb2.HealthCheckResponse.SERVING
+    async with device_held(served.engine):
+        running = served.api.Encode(_encode_message("enc", _features(1, seed=3)))
+        await eventually(lambda: _inflight(served) > 0)
+        await served.server.begin_drain()
+        drained = asyncio.ensure_future(served.engine.drain(2.0))
+        # A watcher hears NOT_SERVING. Once the client has read the GOAWAY, a new call cannot
+        # reach this server (it stopped listening): it would go to another replica. (A call
+        # that races the GOAWAY is CANCELLED unprocessed; rnnserve_client retries it.)
+        assert (await watch.read()).status == health_pb2.HealthCheckResponse.NOT_SERVING
+        await eventually(lambda: served.channel.get_state() != grpc.ChannelConnectivity.READY)
+        code, details = await _code(served.api.Encode(_encode_message("enc", _features(1, seed=4))))
+        assert code == grpc.StatusCode.UNAVAILABLE, details
+    # The call admitted before the drain is answered.
+    assert len((await running).encodings) == 1
+    watch.cancel()
     await drained
+
+
+def _inflight(served: Served) -> float:
+    return _sample(served, "rnnserve_inflight_requests", model="enc") or 0.0
 
 
 async def test_request_metrics_are_recorded_with_protocol(served: Served) -> None:

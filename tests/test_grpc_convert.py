@@ -9,9 +9,9 @@ from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 
 from models.config import ModelConfig
+from rnnserve_client.proto.inference import grpc_service_pb2 as v2
+from rnnserve_client.proto.rnnserve.v1 import rnnserve_pb2 as pb
 from service import errors
-from service._proto.inference import grpc_service_pb2 as v2
-from service._proto.rnnserve.v1 import rnnserve_pb2 as pb
 from service.grpc_convert import (
     V2_DTYPES,
     decode_bytes,

@@ -51,8 +51,8 @@ from models.precision import (
 )
 from models.recurrent import make_rnn, run_rnn, run_rnn_outputs, run_segmented
 from models.seq2seq import DecoderState, Seq2SeqModel
-from service._proto.inference import grpc_service_pb2 as v2
-from service._proto.inference.grpc_service_pb2_grpc import GRPCInferenceServiceStub
+from rnnserve_client.proto.inference import grpc_service_pb2 as v2
+from rnnserve_client.proto.inference.grpc_service_pb2_grpc import GRPCInferenceServiceStub
 from service.metrics import Metrics
 from service.types import EncodeRequest, GenerateRequest
 from tests.conftest import StartEngine, device_held, sample

@@ -11,7 +11,7 @@ import sys
 
 from google.protobuf import descriptor_pb2
 
-from service._proto.inference import grpc_service_pb2
+from rnnserve_client.proto.inference import grpc_service_pb2
 
 _DUMP = "import sys; from tritonclient.grpc import service_pb2 as s; " + (
     "sys.stdout.buffer.write(s.DESCRIPTOR.serialized_pb)"

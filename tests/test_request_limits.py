@@ -12,9 +12,9 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from models.config import ModelConfig
+from rnnserve_client.proto.inference import grpc_service_pb2 as v2
+from rnnserve_client.proto.rnnserve.v1 import rnnserve_pb2 as pb
 from service import codecs, validation
-from service._proto.inference import grpc_service_pb2 as v2
-from service._proto.rnnserve.v1 import rnnserve_pb2 as pb
 from service.errors import InvalidInput, PayloadTooLarge
 from service.grpc_limits import SCAN_ABOVE_BYTES, MessageLimits
 from service.settings import Settings

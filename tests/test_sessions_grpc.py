@@ -12,8 +12,8 @@ import grpc
 import numpy as np
 import pytest
 
-from service._proto.rnnserve.v1 import rnnserve_pb2 as pb
-from service._proto.rnnserve.v1 import rnnserve_pb2_grpc as pb_grpc
+from rnnserve_client.proto.rnnserve.v1 import rnnserve_pb2 as pb
+from rnnserve_client.proto.rnnserve.v1 import rnnserve_pb2_grpc as pb_grpc
 from service.grpc_api import create_grpc_server
 from service.sessions import BIDIRECTIONAL_REASON
 from service.settings import Settings

@@ -22,9 +22,9 @@ from hypothesis import strategies as st
 from prometheus_client import CollectorRegistry
 from tritonclient.utils import InferenceServerException
 
+from rnnserve_client.proto.inference import grpc_service_pb2 as v2
+from rnnserve_client.proto.inference.grpc_service_pb2_grpc import GRPCInferenceServiceStub
 from service import codecs
-from service._proto.inference import grpc_service_pb2 as v2
-from service._proto.inference.grpc_service_pb2_grpc import GRPCInferenceServiceStub
 from service.grpc_api import create_grpc_server
 from service.grpc_convert import decode_v2_outputs
 from service.metrics import Metrics

@@ -4,7 +4,7 @@
 import grpc
 import warnings
 
-from service._proto.rnnserve.v1 import rnnserve_pb2 as rnnserve_dot_v1_dot_rnnserve__pb2
+from rnnserve_client.proto.rnnserve.v1 import rnnserve_pb2 as rnnserve_dot_v1_dot_rnnserve__pb2
 
 GRPC_GENERATED_VERSION = '1.81.1'
 GRPC_VERSION = grpc.__version__
