@@ -233,6 +233,14 @@ class Engine:
         validation.check_pooling(request.pooling)
         timeout = self._timeout(request.timeout_s)
         arrays = self._sequences(entry, request.kind, request.sequences)
+        if request.answer_limit is not None:
+            validation.check_answer_size(
+                config,
+                request.kind,
+                arrays,
+                request.pooling or config.pooling,
+                request.answer_limit,
+            )
         deadline = None if timeout is None else time.monotonic() + timeout
         loop = asyncio.get_running_loop()
         items = [Item(a, loop.create_future(), request.pooling, deadline) for a in arrays]

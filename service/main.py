@@ -34,6 +34,7 @@ from pydantic.fields import FieldInfo
 from service import logging_setup, validation
 from service.executor import COMPUTE_THREAD_PREFIX
 from service.grpc_api import create_grpc_server
+from service.http_protocol import deadline_protocol
 from service.metrics import Metrics
 from service.settings import Settings
 
@@ -193,6 +194,7 @@ async def serve(settings: Settings) -> int:
             log_config=None,
             access_log=False,
             lifespan="off",
+            http=deadline_protocol(settings.http_header_timeout_s, settings.http_body_timeout_s),
         )
     )
     grpc_server = create_grpc_server(engine, settings, metrics)

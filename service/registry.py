@@ -18,6 +18,7 @@ from __future__ import annotations
 import asyncio
 import difflib
 import logging
+import os
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -147,7 +148,8 @@ class Registry:
     # -- the repository --------------------------------------------------------------------
 
     def scan(self) -> dict[str, list[int]]:
-        """Model names → version numbers found on disk (invalid names are skipped, logged)."""
+        """Model names → version numbers found on disk (invalid names are skipped, logged; a
+        folder leading out of the repository is listed with no versions, and fails to load)."""
         found: dict[str, list[int]] = {}
         if not self.repository.is_dir():
             log.error("model repository %s is not a folder", self.repository)
@@ -158,17 +160,37 @@ class Registry:
             if not is_model_name(folder.name):
                 log.warning("skipping %s: not a valid model name", folder)
                 continue
-            found[folder.name] = self._versions_on_disk(folder)
+            found[folder.name] = [] if self._outside(folder) else self._versions_on_disk(folder)
         return found
 
+    def _outside(self, path: Path) -> bool:
+        """Whether `path` resolves (symbolic links followed) outside the repository's real path:
+        only the repository is ever read. Links inside it (a Kubernetes ConfigMap's `..data`)
+        are fine."""
+        return not path.resolve().is_relative_to(self.repository.resolve())
+
     def _versions_on_disk(self, folder: Path) -> list[int]:
-        if not folder.is_dir():
+        if not folder.is_dir() or self._outside(folder):
             return []
         return sorted(
             int(child.name)
             for child in folder.iterdir()
             if child.is_dir() and child.name.isdigit() and int(child.name) > 0
         )
+
+    def _reason(self, exc: Exception) -> str:
+        """A load failure as clients may see it: paths relative to the repository (public
+        listings show reasons; host paths are not theirs to know)."""
+        if isinstance(exc, checkpoint.CheckpointError):
+            try:
+                where = str(exc.path.relative_to(self.repository))
+            except ValueError:
+                where = exc.path.name
+            return f"{where}: {exc.problem}"
+        reason = str(exc) or type(exc).__name__
+        for root in {str(self.repository.resolve()), str(self.repository)}:
+            reason = reason.replace(root + os.sep, "")
+        return reason
 
     def wanted_versions(self, name: str) -> list[int]:
         """The versions of `name` on disk that its version policy selects."""
@@ -270,12 +292,24 @@ class Registry:
         """
         validation.check_model_name(name, "model")
         async with self._lock(name):
+            folder = self.repository / name
+            if folder.exists() and self._outside(folder):
+                problem = (
+                    f"model {shown(name)}: its folder resolves outside the model repository "
+                    "(a symbolic link leads out of it)"
+                )
+                self._failures[name] = problem
+                log.error("%s: %s", folder, problem)
+                raise NotReady(f"model {shown(name)} failed to load: {problem}")
             versions = [version] if version is not None else self.wanted_versions(name)
-            on_disk = self._versions_on_disk(self.repository / name)
+            on_disk = self._versions_on_disk(folder)
             if not versions or any(v not in on_disk for v in versions):
                 missing = "any version" if not versions else f"version {versions}"
                 problem = f"model {shown(name)} has no {missing} in the repository"
-                self._failures[name] = problem
+                # NOTE: a name only a management call made up is not listed for good: only a
+                # model the server was told to serve, or one it knows, reports the problem.
+                if name in (self.settings.models or []) or name in self.names():
+                    self._failures[name] = problem
                 raise NotFound(problem)
             results = [await self._build_and_swap(name, v) for v in versions]
             if not any(results):
@@ -300,6 +334,8 @@ class Registry:
         validation.check_model_name(name, "model")
         async with self._lock(name):
             known = self._versions.get(name, {})
+            if not known and version is None and self._failures.pop(name, None) is not None:
+                return  # NOTE: a model that never loaded leaves the listing
             if not known:
                 raise NotFound(f"model {shown(name)} is not loaded")
             if version is not None and version not in known:
@@ -404,9 +440,9 @@ class Registry:
             await self._build(entry)
         except Exception as exc:
             entry.state = "FAILED"
-            entry.reason = str(exc) or type(exc).__name__
+            entry.reason = self._reason(exc)
             self._failures[name] = entry.reason
-            log.error("model %s version %s failed to load: %s", name, version, entry.reason)
+            log.error("model %s version %s failed to load: %s", name, version, exc)
             await _drain(entry)
             del self._building[name][version]
             if not self._building[name]:
@@ -436,7 +472,11 @@ class Registry:
 
     async def _build(self, entry: ModelVersion) -> None:
         loaded = await asyncio.to_thread(
-            checkpoint.load, entry.path, self._executor.device, self._dtype
+            checkpoint.load,
+            entry.path,
+            self._executor.device,
+            self._dtype,
+            root=self.repository,
         )
         entry.loaded = loaded
         entry.architecture = architecture(loaded.config, loaded.plan)

@@ -119,6 +119,51 @@ class Settings(BaseSettings):
     grpc_max_message_bytes: int = Field(
         default=64 * 1024 * 1024, ge=1024, description="Largest gRPC message (in and out)."
     )
+    max_request_values: int | None = Field(
+        default=None,
+        ge=1024,
+        description=(
+            "Most values one request may hold that are parsed one by one, counted before "
+            "parsing: JSON numbers, strings, lists and objects; protobuf integers, strings, "
+            "bytes and messages (packed floats and raw tensor bytes are copied whole and not "
+            "counted). Default: max_sequences_per_request × 4096 + 65536, a full request of "
+            "one-feature rows of 2048 steps (a list and a number each)."
+        ),
+    )
+    max_answer_bytes: int = Field(
+        default=64 * 1024 * 1024,
+        ge=1024,
+        description=(
+            "Largest answer an encode request may ask for, estimated before any compute "
+            "(JSON numbers at 16 bytes, binary and gRPC at 4; gRPC answers are also held to "
+            "grpc_max_message_bytes)."
+        ),
+    )
+    max_stream_pending: int = Field(
+        default=16,
+        ge=1,
+        le=4096,
+        description=(
+            "Requests one ModelStreamInfer stream may have running or answered but unread; "
+            "the stream reads no more until the client takes an answer."
+        ),
+    )
+    http_header_timeout_s: float = Field(
+        default=10.0,
+        gt=0.0,
+        description=(
+            "Seconds a client has to send a request's line and headers, from connecting or "
+            "from its first byte on a kept-alive connection; then the connection closes (408)."
+        ),
+    )
+    http_body_timeout_s: float = Field(
+        default=60.0,
+        gt=0.0,
+        description=(
+            "Seconds a client has to send a request's whole body once its headers arrived; "
+            "then the connection closes (408)."
+        ),
+    )
     grpc_max_connection_age_s: float = Field(
         default=60.0,
         gt=0.0,
@@ -295,6 +340,13 @@ class Settings(BaseSettings):
         if self.device == "cpu":
             check_cpu_dtype(self.dtype, cpu_capabilities())
         return self
+
+    @property
+    def request_values_limit(self) -> int:
+        """`max_request_values`, or its default derived from `max_sequences_per_request`."""
+        if self.max_request_values is not None:
+            return self.max_request_values
+        return self.max_sequences_per_request * 4096 + 65536
 
     def policy_for(self, model: str) -> str:
         """The version policy of `model` (its override, else the default)."""
