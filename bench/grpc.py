@@ -178,7 +178,7 @@ def _start_server(
         [
             sys.executable,
             "-m",
-            "service.cli",
+            "service.process.cli",
             "serve",
             "--repository",
             str(repository),

@@ -57,7 +57,7 @@ def gil() -> None:
     Python, per switch interval."""
     from bench.baseline import reference_config
     from models.checkpoint import build_model
-    from service.batching import EncodeCompute, Item
+    from service.core.encode_batcher import EncodeCompute, Item
 
     model = build_model(reference_config()).eval()
     compute = EncodeCompute(model, torch.device("cpu"), torch.float32, (2, 256))
@@ -352,7 +352,8 @@ MIB = 1024 * 1024
 def parse_costs(scale: float) -> None:
     """Near the 64 MiB body and message limits: what parsing each shape costs (seconds, peak RSS
     growth; one fresh process each), orjson with the garbage collector running and paused, and
-    what the pre-parse count of service/codecs.py or service/grpc_limits.py costs instead."""
+    what the pre-parse count of service/http_api/json_codecs.py or
+    service/grpc_api/message_limits.py costs instead."""
     print(f"| shape ({64 * scale:g} MiB) | step | seconds | peak RSS growth MB |")
     print("|---|---|---:|---:|")
     for case in PARSE_CASES:
@@ -379,8 +380,8 @@ def _parse_one(case: str, step: str, scale: float) -> None:
     import orjson
 
     from rnnserve_client.proto.inference import grpc_service_pb2 as v2
-    from service import codecs
-    from service.grpc_limits import _count
+    from service.grpc_api.message_limits import _count
+    from service.http_api import json_codecs as codecs
 
     size = int(64 * MIB * scale)
     payload: bytes
@@ -403,7 +404,7 @@ def _parse_one(case: str, step: str, scale: float) -> None:
                 request.inputs.add()
         payload = request.SerializeToString()
         del request
-    # NOTE: as `rnnserve serve` does once its models are loaded (service/main.py).
+    # NOTE: as `rnnserve serve` does once its models are loaded (service/process/serve.py).
     gc.collect()
     gc.freeze()
     Path("/proc/self/clear_refs").write_text("5")
@@ -429,11 +430,11 @@ def _serve(repository: str, port: int, mode: str) -> None:
     import uvicorn
     from prometheus_client import CollectorRegistry
 
-    from service.engine import Engine
-    from service.http_protocol import deadline_protocol
-    from service.metrics import Metrics
-    from service.rest import create_app
-    from service.settings import Settings
+    from service.core.engine import Engine
+    from service.core.metrics import Metrics
+    from service.core.settings import Settings
+    from service.http_api.app import create_app
+    from service.http_api.connection import deadline_protocol
 
     async def main() -> None:
         settings = Settings(repository=Path(repository), device="cpu", cpu_threads=1)
@@ -442,14 +443,14 @@ def _serve(repository: str, port: int, mode: str) -> None:
         engine = Engine(settings, metrics)
         await engine.start()
         app = create_app(engine, settings, metrics, hot_routes=mode == "hot")
-        # NOTE: the HTTP protocol `rnnserve serve` runs (service/main.py).
+        # NOTE: the HTTP protocol `rnnserve serve` runs (service/process/serve.py).
         protocol = deadline_protocol(settings.http_header_timeout_s, settings.http_body_timeout_s)
         config = uvicorn.Config(
             app, host="127.0.0.1", port=port, log_level="warning", http=protocol
         )
         await uvicorn.Server(config).serve()
 
-    # NOTE: the loop `rnnserve serve` runs (service/main.py).
+    # NOTE: the loop `rnnserve serve` runs (service/process/serve.py).
     import uvloop
 
     uvloop.run(main())

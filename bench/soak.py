@@ -42,7 +42,7 @@ from rnnserve_client.proto.inference import grpc_service_pb2 as v2
 from rnnserve_client.proto.inference import grpc_service_pb2_grpc as v2_grpc
 from rnnserve_client.proto.rnnserve.v1 import rnnserve_pb2 as pb
 from rnnserve_client.proto.rnnserve.v1 import rnnserve_pb2_grpc as pb_grpc
-from service.grpc_convert import decode_v2_outputs
+from service.grpc_api.convert import decode_v2_outputs
 
 REPOSITORY = ROOT / "demo-repository"
 DATES = [

@@ -16,9 +16,9 @@ import pytest
 import torch
 from prometheus_client import CollectorRegistry
 
-from service.engine import Engine
-from service.metrics import Metrics
-from service.settings import Settings
+from service.core.engine import Engine
+from service.core.metrics import Metrics
+from service.core.settings import Settings
 
 if TYPE_CHECKING:
     from tests.test_server import ServerProcess

@@ -14,12 +14,12 @@ from hypothesis import strategies as st
 
 from models import checkpoint
 from models.encoder import EncoderModel
-from service import batching
-from service.batching import EncodeCompute, Item
-from service.engine import Engine
-from service.errors import ComputeError, DeadlineExceeded, Overloaded
-from service.metrics import Metrics
-from service.types import EncodeRequest
+from service.core import encode_batcher as batching
+from service.core.encode_batcher import EncodeCompute, Item
+from service.core.engine import Engine
+from service.core.errors import ComputeError, DeadlineExceeded, Overloaded
+from service.core.metrics import Metrics
+from service.core.types import EncodeRequest
 from tests.conftest import StartEngine, device_held, sample
 from tests.factories import write_model
 
@@ -362,7 +362,7 @@ async def test_property_batching_never_changes_a_result(
         np.testing.assert_allclose(result.encodings, expected[group], rtol=1e-5, atol=1e-6)
 
 
-# -- regrouping: closed-loop callers come back to full batches (service/batching.py) ----------
+# -- regrouping: closed-loop callers come back to full batches (service/core/encode_batcher.py) ----
 
 
 def histogram(metrics: Metrics, name: str, model: str, **labels: str) -> tuple[float, float]:
@@ -533,7 +533,7 @@ async def test_queued_rows_split_into_two_balanced_batches_on_the_cpu(
     assert batches(metrics, "m") == expected
 
 
-# -- the batch compute's stages, row by row (service/batching.py EncodeCompute) ---------------
+# -- the batch compute's stages, row by row (service/core/encode_batcher.py EncodeCompute) ---------
 
 
 @pytest.mark.parametrize("pad_on_loop_bytes", [batching.PAD_ON_LOOP_BYTES, 0])

@@ -12,8 +12,8 @@ from pathlib import Path
 
 import pytest
 
-from service.cli import build_parser
-from service.v2_common import server_version
+from service.inference_protocol.requests import server_version
+from service.process.cli import build_parser
 
 DEMO = Path(__file__).resolve().parent.parent / "demo-repository"
 
@@ -26,7 +26,7 @@ def _subcommands() -> dict[str, argparse.ArgumentParser]:
 
 def test_version_prints_the_installed_version() -> None:
     done = subprocess.run(
-        [sys.executable, "-m", "service.cli", "--version"],
+        [sys.executable, "-m", "service.process.cli", "--version"],
         capture_output=True,
         text=True,
         timeout=60,

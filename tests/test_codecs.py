@@ -10,8 +10,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from service import codecs
-from service.errors import InvalidInput
+from service.core.errors import InvalidInput
+from service.http_api import json_codecs as codecs
 
 finite32 = st.floats(width=32, allow_nan=False, allow_infinity=False)
 

@@ -19,10 +19,10 @@ import torch
 
 from models import checkpoint
 from models.checkpoint import save
-from service.engine import Engine
-from service.errors import ComputeError, DeadlineExceeded, InvalidInput, Overloaded
-from service.metrics import Metrics
-from service.types import EncodeRequest, GenerateRequest, GenerateResult, TokenEvent
+from service.core.engine import Engine
+from service.core.errors import ComputeError, DeadlineExceeded, InvalidInput, Overloaded
+from service.core.metrics import Metrics
+from service.core.types import EncodeRequest, GenerateRequest, GenerateResult, TokenEvent
 from tests.conftest import StartEngine, device_held, sample
 from tests.factories import CHAR_VOCAB, TARGET_VOCAB, write_model
 

@@ -34,8 +34,8 @@ from hypothesis import strategies as st
 from prometheus_client import CollectorRegistry
 from referencing import Registry, Resource
 
-from service.metrics import MODEL_STATES, OUTCOMES, Metrics
-from service.settings import Settings
+from service.core.metrics import MODEL_STATES, OUTCOMES, Metrics
+from service.core.settings import Settings
 
 ROOT = Path(__file__).resolve().parents[1]
 DEPLOY = ROOT / "deploy"
@@ -499,9 +499,9 @@ def http_get_routes() -> set[str]:
     """GET paths of the real REST app the server runs (built over an empty repository)."""
     from prometheus_client import CollectorRegistry
 
-    from service.engine import Engine
-    from service.metrics import Metrics
-    from service.rest import create_app
+    from service.core.engine import Engine
+    from service.core.metrics import Metrics
+    from service.http_api.app import create_app
 
     settings = Settings(repository=Path("."), device="cpu")
     metrics = Metrics(CollectorRegistry())

@@ -11,11 +11,11 @@ import pytest
 import torch
 
 from models import checkpoint
-from service.engine import Engine
-from service.errors import Draining, InvalidInput, NotFound, NotReady
-from service.metrics import Metrics
-from service.settings import Settings
-from service.types import EncodeRequest, GenerateRequest
+from service.core.engine import Engine
+from service.core.errors import Draining, InvalidInput, NotFound, NotReady
+from service.core.metrics import Metrics
+from service.core.settings import Settings
+from service.core.types import EncodeRequest, GenerateRequest
 from tests.conftest import StartEngine, sample
 from tests.factories import CHAR_VOCAB, write_model
 

@@ -5,8 +5,8 @@ from __future__ import annotations
 import grpc
 import pytest
 
-from service import errors
-from service.grpc_convert import GRPC_STATUS, grpc_status
+from service.core import errors
+from service.grpc_api.convert import GRPC_STATUS, grpc_status
 
 
 @pytest.mark.parametrize("cls", errors.ALL_ERRORS, ids=lambda c: c.__name__)

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from models.precision import cpu_bfloat16_missing, cpu_capabilities
-from service.cli import main
+from service.process.cli import main
 
 DEMO = Path(__file__).resolve().parent.parent / "demo-repository"
 MISSING = cpu_bfloat16_missing(cpu_capabilities())

@@ -20,7 +20,7 @@ import torch
 
 from models.checkpoint import load
 from models.encoder import EncoderModel
-from service.types import EncodeRequest, GenerateRequest, GenerateResult, InputKind, TokenEvent
+from service.core.types import EncodeRequest, GenerateRequest, GenerateResult, InputKind, TokenEvent
 from tests import test_precision as precision_tests
 from tests.conftest import StartEngine
 from tests.factories import CHARS, write_model

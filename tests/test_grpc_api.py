@@ -33,12 +33,12 @@ from rnnserve_client.proto.inference import grpc_service_pb2 as v2
 from rnnserve_client.proto.inference import grpc_service_pb2_grpc as v2_grpc
 from rnnserve_client.proto.rnnserve.v1 import rnnserve_pb2 as pb
 from rnnserve_client.proto.rnnserve.v1 import rnnserve_pb2_grpc as pb_grpc
-from service.engine import Engine
-from service.grpc_api import GrpcServer, RnnServeServicer, create_grpc_server
-from service.grpc_convert import decode_v2_outputs, encode_bytes
-from service.metrics import Metrics
-from service.settings import Settings
-from service.v2_grpc import InferenceServicer
+from service.core.engine import Engine
+from service.core.metrics import Metrics
+from service.core.settings import Settings
+from service.grpc_api.convert import decode_v2_outputs, encode_bytes
+from service.grpc_api.server import GrpcServer, RnnServeServicer, create_grpc_server
+from service.grpc_api.v2_servicer import InferenceServicer
 from tests.factories import write_model
 
 pytestmark = pytest.mark.timeout(60)

@@ -11,8 +11,9 @@ from hypothesis.extra import numpy as hnp
 from models.config import ModelConfig
 from rnnserve_client.proto.inference import grpc_service_pb2 as v2
 from rnnserve_client.proto.rnnserve.v1 import rnnserve_pb2 as pb
-from service import errors
-from service.grpc_convert import (
+from service.core import errors
+from service.core.types import GeneratedSequence, GenerateResult
+from service.grpc_api.convert import (
     V2_DTYPES,
     decode_bytes,
     decode_v2_inputs,
@@ -25,8 +26,7 @@ from service.grpc_convert import (
     v2_infer_request,
     v2_infer_response,
 )
-from service.types import GeneratedSequence, GenerateResult
-from service.v2_common import generate_outputs, infer_sequences
+from service.inference_protocol.requests import generate_outputs, infer_sequences
 
 FEATURES = ModelConfig.model_validate(
     {

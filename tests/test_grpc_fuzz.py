@@ -9,12 +9,12 @@ state tokens, short random message sequences on the streaming RPCs) and sends th
 grpc.aio server on a loopback port, over real checkpoints.
 
 What it proves, per call: the status is OK or one of the client-error codes that the core's error
-table (service/grpc_convert.py GRPC_STATUS, DESIGN.md §4) allows for that RPC — never INTERNAL or
-UNKNOWN; DEADLINE_EXCEEDED only when the request asked for a tiny timeout; details never carry a
+table (service/grpc_api/convert.py GRPC_STATUS, DESIGN.md §4) allows for that RPC — never INTERNAL
+or UNKNOWN; DEADLINE_EXCEEDED only when the request asked for a tiny timeout; details never carry a
 stack trace; INVALID_ARGUMENT details start with the field they are about (`inputs[0].shape: …`).
-ModelStreamInfer reports failures inline: there no answer may carry the server's "internal error"
-or a stack trace, and every request gets its answer. After the fuzz, a valid request to every
-service still succeeds.
+ModelStreamInfer reports failures inline: there no answer may carry the server's "internal error" or
+a stack trace, and every request gets its answer. After the fuzz, a valid request to every service
+still succeeds.
 
 The server bugs the fuzz found are pinned, fixed, by the explicit tests at the end: each asserts
 the refusal a client now gets (status and the field named). A new finding is pinned there the same
@@ -42,9 +42,9 @@ from rnnserve_client.proto.inference import grpc_service_pb2 as v2
 from rnnserve_client.proto.inference import grpc_service_pb2_grpc as v2_grpc
 from rnnserve_client.proto.rnnserve.v1 import rnnserve_pb2 as pb
 from rnnserve_client.proto.rnnserve.v1 import rnnserve_pb2_grpc as pb_grpc
-from service.codecs import V2_DTYPES
-from service.grpc_api import create_grpc_server
-from service.grpc_convert import encode_bytes
+from service.grpc_api.convert import encode_bytes
+from service.grpc_api.server import create_grpc_server
+from service.http_api.json_codecs import V2_DTYPES
 from tests.factories import CHARS, TOKENS_VOCAB_SIZE, write_model
 from tests.test_sessions import Served
 
@@ -142,7 +142,7 @@ def fuzz(tmp_path_factory: pytest.TempPathFactory) -> Iterator[FuzzServer]:
 
 # --- the property ------------------------------------------------------------------------------
 
-# Codes each family of RPCs may answer, from the error table (service/grpc_convert.py): the core
+# Codes each family of RPCs may answer, from the error table (service/grpc_api/convert.py): the core
 # errors those handlers can raise, plus RESOURCE_EXHAUSTED from gRPC's own message-size limit
 # wherever a request or answer can be large.
 INFERENCE = frozenset(

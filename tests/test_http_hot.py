@@ -1,4 +1,5 @@
-"""The inference routes served by service/http_hot.py answer exactly as FastAPI's stack does.
+"""The inference routes served by service/http_api/direct_dispatch.py answer exactly as FastAPI's
+stack does.
 
 Two apps over one real engine: the server's (hot routes on) and the same app without them; every
 case — answers, streams, each kind of error, fall-throughs — must be byte-identical.
@@ -13,10 +14,10 @@ import httpx
 import numpy as np
 import orjson
 
-from service import v2_rest
-from service.http_hot import HotRoutes
-from service.rest import create_app, create_router
-from service.settings import Settings
+from service.core.settings import Settings
+from service.http_api import v2_routes as v2_rest
+from service.http_api.app import create_app, create_router
+from service.http_api.direct_dispatch import HotRoutes
 from tests.conftest import StartEngine
 from tests.test_rest_helpers import write_test_repository
 

@@ -24,11 +24,11 @@ from rnnserve_client.proto.inference import grpc_service_pb2 as v2
 from rnnserve_client.proto.inference import grpc_service_pb2_grpc as v2_grpc
 from rnnserve_client.proto.rnnserve.v1 import rnnserve_pb2 as pb
 from rnnserve_client.proto.rnnserve.v1 import rnnserve_pb2_grpc as pb_grpc
-from service.engine import Engine
-from service.grpc_api import create_grpc_server
-from service.metrics import Metrics
-from service.rest import create_app
-from service.settings import Settings
+from service.core.engine import Engine
+from service.core.metrics import Metrics
+from service.core.settings import Settings
+from service.grpc_api.server import create_grpc_server
+from service.http_api.app import create_app
 from tests.factories import write_model
 
 pytestmark = pytest.mark.timeout(120)

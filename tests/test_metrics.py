@@ -6,8 +6,8 @@ import asyncio
 
 from prometheus_client import REGISTRY, CollectorRegistry, generate_latest
 
-from service import errors
-from service.metrics import OUTCOMES, Metrics, outcome_of
+from service.core import errors
+from service.core.metrics import OUTCOMES, Metrics, outcome_of
 
 PUBLIC_NAMES = (
     "rnnserve_requests_total",

@@ -15,10 +15,10 @@ import schemathesis
 from hypothesis import HealthCheck, settings
 from prometheus_client import CollectorRegistry
 
-from service.engine import Engine
-from service.metrics import Metrics
-from service.rest import create_app
-from service.settings import Settings
+from service.core.engine import Engine
+from service.core.metrics import Metrics
+from service.core.settings import Settings
+from service.http_api.app import create_app
 from tests.factories import write_model
 from tests.test_rest_helpers import TOKEN, LiveServer, live_server
 

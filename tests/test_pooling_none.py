@@ -27,9 +27,9 @@ from rnnserve_client.proto.inference import grpc_service_pb2 as v2
 from rnnserve_client.proto.inference import grpc_service_pb2_grpc as v2_grpc
 from rnnserve_client.proto.rnnserve.v1 import rnnserve_pb2 as pb
 from rnnserve_client.proto.rnnserve.v1 import rnnserve_pb2_grpc as pb_grpc
-from service import codecs
-from service.grpc_api import create_grpc_server
-from service.grpc_convert import decode_v2_outputs
+from service.grpc_api.convert import decode_v2_outputs
+from service.grpc_api.server import create_grpc_server
+from service.http_api import json_codecs as codecs
 from tests.factories import write_model
 from tests.test_rest_helpers import LiveServer, live_server
 

@@ -53,8 +53,8 @@ from models.recurrent import make_rnn, run_rnn, run_rnn_outputs, run_segmented
 from models.seq2seq import DecoderState, Seq2SeqModel
 from rnnserve_client.proto.inference import grpc_service_pb2 as v2
 from rnnserve_client.proto.inference.grpc_service_pb2_grpc import GRPCInferenceServiceStub
-from service.metrics import Metrics
-from service.types import EncodeRequest, GenerateRequest
+from service.core.metrics import Metrics
+from service.core.types import EncodeRequest, GenerateRequest
 from tests.conftest import StartEngine, device_held, sample
 from tests.factories import CHAR_VOCAB, TARGET_VOCAB, make_config, write_model
 from tests.test_server import running_server
@@ -518,7 +518,7 @@ def test_serve_with_bfloat16_on_the_cpu_serves_the_demos_or_names_what_the_cpu_l
             [
                 sys.executable,
                 "-m",
-                "service.cli",
+                "service.process.cli",
                 "serve",
                 "--device",
                 "cpu",

@@ -45,7 +45,7 @@ def test_generated_packages_import() -> None:
 
 def test_the_server_uses_the_client_packages_stubs() -> None:
     from rnnserve_client.proto.rnnserve.v1 import rnnserve_pb2
-    from service import grpc_api
+    from service.grpc_api import server as grpc_api
 
     assert grpc_api.pb is rnnserve_pb2
     # One copy of the generated code: none anywhere else in the tree.

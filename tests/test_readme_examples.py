@@ -22,7 +22,7 @@ from pathlib import Path
 
 import pytest
 
-from service.settings import Settings
+from service.core.settings import Settings
 from tests.doc_examples import (
     ROOT,
     CodeBlock,

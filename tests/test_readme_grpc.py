@@ -30,7 +30,7 @@ from grpc_reflection.v1alpha.proto_reflection_descriptor_database import (
     ProtoReflectionDescriptorDatabase,
 )
 
-from service.settings import Settings
+from service.core.settings import Settings
 from tests.doc_examples import (
     DocCommand,
     DocError,

@@ -9,9 +9,9 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from service.errors import InvalidInput
-from service.registry import select_versions
-from service.validation import check_model_name, sequences
+from service.core.errors import InvalidInput
+from service.core.registry import select_versions
+from service.core.validation import check_model_name, sequences
 from tests.conftest import StartEngine
 from tests.factories import make_config, write_model
 

@@ -38,8 +38,8 @@ from pydantic import ValidationError
 from rnnserve_client import Client, ConnectionFailed, RnnserveError
 from rnnserve_client.proto.inference import grpc_service_pb2 as v2
 from rnnserve_client.proto.inference import grpc_service_pb2_grpc as v2_grpc
-from service.grpc_api import connection_age_options
-from service.settings import Settings
+from service.core.settings import Settings
+from service.grpc_api.server import connection_age_options
 from tests.factories import write_model
 from tests.test_client import requests_total
 from tests.test_server import ServerProcess, running_server

@@ -14,11 +14,12 @@ from hypothesis import strategies as st
 from models.config import ModelConfig
 from rnnserve_client.proto.inference import grpc_service_pb2 as v2
 from rnnserve_client.proto.rnnserve.v1 import rnnserve_pb2 as pb
-from service import codecs, validation
-from service.errors import InvalidInput, PayloadTooLarge
-from service.grpc_limits import SCAN_ABOVE_BYTES, MessageLimits
-from service.settings import Settings
-from service.types import AnswerLimit
+from service.core import validation
+from service.core.errors import InvalidInput, PayloadTooLarge
+from service.core.settings import Settings
+from service.core.types import AnswerLimit
+from service.grpc_api.message_limits import SCAN_ABOVE_BYTES, MessageLimits
+from service.http_api import json_codecs as codecs
 from tests.factories import make_config
 
 

@@ -14,8 +14,8 @@ import pytest
 import torch
 
 from models import checkpoint
-from service import errors
-from service.http_errors import HTTP_STATUS
+from service.core import errors
+from service.http_api.errors import HTTP_STATUS
 from tests.test_rest_helpers import (
     TOKEN,
     LiveServer,

@@ -1,7 +1,7 @@
 """A real rnnserve HTTP server for the REST tests: engine + uvicorn on a free loopback port.
 
 The server runs in a background thread with its own event loop (the engine is started inside
-it, as service/main.py does), so tests talk to it over real sockets with real clients.
+it, as service/process/serve.py does), so tests talk to it over real sockets with real clients.
 """
 
 from __future__ import annotations
@@ -18,11 +18,11 @@ import uvicorn
 from prometheus_client import CollectorRegistry
 from prometheus_client.parser import text_string_to_metric_families
 
-from service.engine import Engine
-from service.http_protocol import deadline_protocol
-from service.metrics import Metrics
-from service.rest import create_app
-from service.settings import Settings
+from service.core.engine import Engine
+from service.core.metrics import Metrics
+from service.core.settings import Settings
+from service.http_api.app import create_app
+from service.http_api.connection import deadline_protocol
 from tests.factories import write_model
 
 TOKEN = "s3cret-management-token"
@@ -113,7 +113,7 @@ def live_server(repository: Path, **overrides: Any) -> Iterator[LiveServer]:
                 lifespan="off",
                 log_level="warning",
                 access_log=False,
-                # NOTE: the protocol `rnnserve serve` runs (service/main.py).
+                # NOTE: the protocol `rnnserve serve` runs (service/process/serve.py).
                 http=deadline_protocol(
                     settings.http_header_timeout_s, settings.http_body_timeout_s
                 ),

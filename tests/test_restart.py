@@ -15,12 +15,12 @@ from pathlib import Path
 import httpx
 import pytest
 
-from service import v2_common
-from service.engine import Engine
-from service.errors import NotReady
-from service.metrics import Metrics
-from service.rest import create_app
-from service.types import EncodeRequest, GenerateRequest, TokenEvent
+from service.core.engine import Engine
+from service.core.errors import NotReady
+from service.core.metrics import Metrics
+from service.core.types import EncodeRequest, GenerateRequest, TokenEvent
+from service.http_api.app import create_app
+from service.inference_protocol import requests as v2_common
 from tests.conftest import StartEngine, device_held, sample
 from tests.factories import write_model
 from tests.test_decoding import offline

@@ -98,7 +98,7 @@ def running_server(repository: Path, *flags: str) -> Iterator[ServerProcess]:
         [
             sys.executable,
             "-m",
-            "service.cli",
+            "service.process.cli",
             "serve",
             "--repository",
             str(repository),
@@ -375,7 +375,7 @@ def test_sigterm_under_load_drains_and_exits_zero(server: ServerProcess) -> None
 
 
 def test_bad_flag_is_a_clear_error_naming_the_setting(capsys: pytest.CaptureFixture[str]) -> None:
-    from service.cli import build_parser
+    from service.process.cli import build_parser
 
     args = build_parser().parse_args(["serve", "--http-port", "70000", "--device", "tpu"])
     assert args.run(args) == 2
@@ -386,8 +386,8 @@ def test_bad_flag_is_a_clear_error_naming_the_setting(capsys: pytest.CaptureFixt
 
 
 def test_flag_wins_over_environment(monkeypatch: pytest.MonkeyPatch) -> None:
-    from service.cli import build_parser
-    from service.main import settings_from_args
+    from service.process.cli import build_parser
+    from service.process.serve import settings_from_args
 
     monkeypatch.setenv("RNNSERVE_GRPC_PORT", "9100")
     monkeypatch.setenv("RNNSERVE_HTTP_PORT", "9000")
@@ -409,7 +409,14 @@ def test_a_taken_port_is_a_clean_startup_failure(tmp_path: Path) -> None:
         taken.bind(("127.0.0.1", 0))
         taken.listen()
         port = taken.getsockname()[1]
-        command = [sys.executable, "-m", "service.cli", "serve", "--repository", str(tmp_path)]
+        command = [
+            sys.executable,
+            "-m",
+            "service.process.cli",
+            "serve",
+            "--repository",
+            str(tmp_path),
+        ]
         command += ["--http-port", "0", "--grpc-port", str(port), "--log-format", "json"]
         done = subprocess.run(
             command,

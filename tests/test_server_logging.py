@@ -8,7 +8,7 @@ from collections.abc import Iterator
 
 import pytest
 
-from service import logging_setup
+from service.process import logging_setup
 
 
 @pytest.fixture

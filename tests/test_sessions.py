@@ -19,18 +19,18 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from prometheus_client import CollectorRegistry
 
-from service.engine import Engine
-from service.errors import Conflict, Draining, InvalidInput, NotFound, Overloaded
-from service.metrics import Metrics
-from service.sessions import (
+from service.core.engine import Engine
+from service.core.errors import Conflict, Draining, InvalidInput, NotFound, Overloaded
+from service.core.metrics import Metrics
+from service.core.sessions import (
     BIDIRECTIONAL_REASON,
     ChunkResult,
     SessionManager,
     StreamPooling,
 )
-from service.settings import Settings
-from service.state_token import StateTokenCodec, StateTokenError
-from service.types import EncodeRequest, InputKind, Sequence
+from service.core.settings import Settings
+from service.core.state_tokens import StateTokenCodec, StateTokenError
+from service.core.types import EncodeRequest, InputKind, Sequence
 from tests.factories import CHARS, TOKENS_VOCAB_SIZE, write_model
 
 T = TypeVar("T")

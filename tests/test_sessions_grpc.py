@@ -14,10 +14,10 @@ import pytest
 
 from rnnserve_client.proto.rnnserve.v1 import rnnserve_pb2 as pb
 from rnnserve_client.proto.rnnserve.v1 import rnnserve_pb2_grpc as pb_grpc
-from service.grpc_api import create_grpc_server
-from service.sessions import BIDIRECTIONAL_REASON
-from service.settings import Settings
-from service.types import EncodeRequest
+from service.core.sessions import BIDIRECTIONAL_REASON
+from service.core.settings import Settings
+from service.core.types import EncodeRequest
+from service.grpc_api.server import create_grpc_server
 from tests.factories import write_model
 from tests.test_sessions import Served
 

@@ -13,9 +13,9 @@ import numpy as np
 import pytest
 from fastapi import FastAPI
 
-from service.rest import create_app
-from service.sessions import SessionManager
-from service.settings import Settings
+from service.core.sessions import SessionManager
+from service.core.settings import Settings
+from service.http_api.app import create_app
 from tests.factories import write_model
 from tests.test_sessions import Served
 

@@ -10,7 +10,7 @@ import torch
 from pydantic import ValidationError
 
 from models.precision import check_cpu_dtype, cpu_bfloat16_missing, cpu_capabilities
-from service.settings import Settings, is_model_name
+from service.core.settings import Settings, is_model_name
 
 
 def test_environment_variables_are_read(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -9,8 +9,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from service.errors import InvalidInput
-from service.state_token import (
+from service.core.errors import InvalidInput
+from service.core.state_tokens import (
     FORMAT_VERSION,
     StateTokenCodec,
     StateTokenError,

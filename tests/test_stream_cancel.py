@@ -15,7 +15,7 @@ import pytest
 
 from rnnserve_client.proto.rnnserve.v1 import rnnserve_pb2 as pb
 from rnnserve_client.proto.rnnserve.v1 import rnnserve_pb2_grpc as pb_grpc
-from service.grpc_api import create_grpc_server
+from service.grpc_api.server import create_grpc_server
 from tests.factories import write_model
 from tests.test_rest_helpers import LiveServer, live_server
 

@@ -30,10 +30,10 @@ import numpy as np
 import pytest
 import torch
 
-import service.decoding
+import service.core.decode_scheduler
 from models import checkpoint
-from service.engine import Engine
-from service.types import EncodeRequest, GenerateRequest, GenerateResult, TokenEvent
+from service.core.engine import Engine
+from service.core.types import EncodeRequest, GenerateRequest, GenerateResult, TokenEvent
 from tests.conftest import StartEngine
 from tests.factories import CHAR_VOCAB, write_model
 
@@ -49,7 +49,7 @@ FEATURES = 4
 def interleaved(every: int = 3, pause_s: float = 50e-6) -> Iterator[None]:
     """Pause the calling (loop) thread for `pause_s` at every `every`-th line it runs in the
     decode scheduler's module; the server's own GIL switch interval (15 µs) is set meanwhile."""
-    files = {service.decoding.__file__}
+    files = {service.core.decode_scheduler.__file__}
     count = 0
 
     def local(frame: FrameType, event: str, arg: Any) -> Any:

@@ -14,7 +14,7 @@ from torch import Tensor, nn
 from models.checkpoint import load
 from models.encoder import EncoderModel, collate
 from models.torch_import import TorchImportError, import_state_dict
-from service.cli import main
+from service.process.cli import main
 
 
 class VanillaNet(nn.Module):

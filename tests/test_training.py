@@ -18,7 +18,7 @@ from models import checkpoint
 from models.config import ModelConfig
 from models.encoder import EncoderModel, collate
 from models.seq2seq import Seq2SeqModel
-from service.cli import main
+from service.process.cli import main
 
 SMOKE = ["--hidden", "8", "--epochs", "1", "--max-steps", "3", "--limit", "200"]
 TEXT_SMOKE = [*SMOKE, "--embedding", "4"]
@@ -172,7 +172,7 @@ def test_an_unwritable_output_is_refused(
     assert f"--out {blocker / 'repo'}: cannot write there" in capsys.readouterr().err
     # A real process: one line on stderr, no traceback, a non-zero status.
     done = subprocess.run(
-        [sys.executable, "-m", "service.cli", "train", "dates", "--out", str(blocker)],
+        [sys.executable, "-m", "service.process.cli", "train", "dates", "--out", str(blocker)],
         capture_output=True,
         text=True,
         timeout=120,

@@ -24,11 +24,11 @@ from tritonclient.utils import InferenceServerException
 
 from rnnserve_client.proto.inference import grpc_service_pb2 as v2
 from rnnserve_client.proto.inference.grpc_service_pb2_grpc import GRPCInferenceServiceStub
-from service import codecs
-from service.grpc_api import create_grpc_server
-from service.grpc_convert import decode_v2_outputs
-from service.metrics import Metrics
-from service.types import GenerateRequest
+from service.core.metrics import Metrics
+from service.core.types import GenerateRequest
+from service.grpc_api.convert import decode_v2_outputs
+from service.grpc_api.server import create_grpc_server
+from service.http_api import json_codecs as codecs
 from tests.factories import write_model
 from tests.test_rest_helpers import TOKEN, LiveServer, live_server, write_test_repository
 
