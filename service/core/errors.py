@@ -88,8 +88,8 @@ class ComputeError(ServiceError):
 
 
 # NOTE: the transport tables (service/http_api/errors.py, service/grpc_api/convert.py) must cover
-# every class above; tests/test_error_tables.py checks that each subclass of ServiceError has an
-# entry.
+# every class above; tests/grpc_api/test_error_table.py checks that each subclass of ServiceError
+# has an entry.
 ALL_ERRORS: tuple[type[ServiceError], ...] = (
     NotFound,
     InvalidInput,

@@ -441,14 +441,3 @@ def v2_infer_response(
         response.outputs.add(name=output.name, datatype=output.datatype, shape=output.shape)
         response.raw_output_contents.append(data)
     return response
-
-
-def decode_v2_outputs(response: v2.ModelInferResponse) -> dict[str, V2Tensor]:
-    """Decode a V2 response's outputs (raw or typed) by name; the inverse of
-    `v2_infer_response`."""
-    request = v2.ModelInferRequest(raw_input_contents=response.raw_output_contents)
-    for output in response.outputs:
-        request.inputs.add(
-            name=output.name, datatype=output.datatype, shape=output.shape, contents=output.contents
-        )
-    return {tensor.name: tensor for tensor in decode_v2_inputs(request)}
