@@ -225,9 +225,9 @@ def codec_costs(sequence: np.ndarray, number: int = 200) -> dict[str, float]:
     from pydantic import TypeAdapter
 
     from service.http_api import json_codecs as codecs
-    from service.http_api.app import request_sequences
-    from service.http_api.routing import parse_body
+    from service.http_api.bodies import parse_body
     from service.http_api.schemas import EncodeBody
+    from service.http_api.v1_routes import request_sequences
 
     body = orjson.dumps({"inputs": [sequence]}, option=orjson.OPT_SERIALIZE_NUMPY)
     encoding = np.random.default_rng(0).standard_normal((1, HIDDEN)).astype(np.float32)

@@ -7,7 +7,7 @@
     .venv/bin/python -m bench.probes call-costs --dtype bfloat16
     .venv/bin/python -m bench.probes plan-sweep   # bfloat16 planner costs: call × replay sweep
     .venv/bin/python -m bench.probes batch-sizes  # per-sequence cost by batch size (LSTM 2×256)
-    .venv/bin/python -m bench.probes hot-routes   # HTTP front-end capacity, HotRoutes on / off
+    .venv/bin/python -m bench.probes hot-routes   # HTTP capacity, direct dispatch on / off
     .venv/bin/python -m bench.probes fixed-ceiling  # the served fixed-length ratio's upper bound
     .venv/bin/python -m bench.probes parse-costs  # parsing 64 MiB bodies / messages, and counting
 
@@ -309,8 +309,8 @@ def _onednn_split(batch: int) -> tuple[float, float]:
 
 def hot_routes(seconds: float) -> None:
     """Requests/s of `rnnserve serve`'s HTTP app with a model that costs almost nothing (LSTM
-    8→8), fixed-length JSON bodies, wrk at 64 connections: inference routes through HotRoutes,
-    and through FastAPI's full stack."""
+    8→8), fixed-length JSON bodies, wrk at 64 connections: inference routes through the direct
+    dispatcher, and through FastAPI's full stack."""
     from bench.http import LUA, free_port, start, stop, workload, write_bodies, wrk
     from models.checkpoint import build_model, save
     from models.config import ModelConfig
@@ -341,7 +341,7 @@ def hot_routes(seconds: float) -> None:
                 result = wrk(url, path, root / "bodies", root / "post.lua", 64, seconds)
             finally:
                 stop(server)
-            label = "HotRoutes" if hot else "FastAPI stack"
+            label = "direct dispatch" if hot else "FastAPI stack"
             print(f"{label}: {result['rate']:.0f} req/s, p50 {result['p50_us'] / 1000:.1f} ms")
 
 
@@ -426,7 +426,7 @@ def _parse_one(case: str, step: str, scale: float) -> None:
 
 
 def _serve(repository: str, port: int, mode: str) -> None:
-    """The server of `hot_routes`: the real app on a real engine, hot routes on or off."""
+    """The server of `hot_routes`: the real app on a real engine, direct dispatch on or off."""
     import uvicorn
     from prometheus_client import CollectorRegistry
 
@@ -442,7 +442,7 @@ def _serve(repository: str, port: int, mode: str) -> None:
         metrics = Metrics(CollectorRegistry())
         engine = Engine(settings, metrics)
         await engine.start()
-        app = create_app(engine, settings, metrics, hot_routes=mode == "hot")
+        app = create_app(engine, settings, metrics, direct_dispatch=mode == "hot")
         # NOTE: the HTTP protocol `rnnserve serve` runs (service/process/serve.py).
         protocol = deadline_protocol(settings.http_header_timeout_s, settings.http_body_timeout_s)
         config = uvicorn.Config(

@@ -42,7 +42,7 @@ from rnnserve_client.proto.inference import grpc_service_pb2 as v2
 from rnnserve_client.proto.inference import grpc_service_pb2_grpc as v2_grpc
 from rnnserve_client.proto.rnnserve.v1 import rnnserve_pb2 as pb
 from rnnserve_client.proto.rnnserve.v1 import rnnserve_pb2_grpc as pb_grpc
-from service.http_api.json_codecs import V2_DTYPES, unpack_bytes
+from service.inference_protocol.tensors import V2_DTYPES, unpack_bytes
 
 REPOSITORY = ROOT / "demo-repository"
 DATES = [

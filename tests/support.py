@@ -38,7 +38,7 @@ from service.core.state_tokens import StateTokenCodec
 from service.grpc_api.convert import decode_v2_inputs
 from service.http_api.app import create_app
 from service.http_api.connection import deadline_protocol
-from service.http_api.json_codecs import V2Tensor
+from service.inference_protocol.tensors import V2Tensor
 from tests.factories import CHAR_VOCAB, write_model
 
 ROOT = Path(__file__).resolve().parent.parent

@@ -56,19 +56,20 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from models.config import ServingSpec
 from models.decoding import BeamSearch
 from models.encoder import collate
 from models.seq2seq import DecoderState, Seq2SeqModel
 from service.core.errors import (
     ComputeError,
     DeadlineExceeded,
-    Draining,
-    NotReady,
     Overloaded,
     ServiceError,
 )
 from service.core.executor import DeviceExecutor
+from service.core.lifecycle import Scheduler
 from service.core.metrics import Metrics
+from service.core.settings import Settings
 
 log = logging.getLogger(__name__)
 
@@ -118,13 +119,83 @@ class Job:
         return self.beam_size * self.length
 
 
+@dataclass(frozen=True, slots=True)
+class DecodeLimits:
+    """What one seq2seq version's decoding takes on at once, and each request's share of it."""
+
+    max_slots: int  # rows (greedy requests and beams) in the running batch
+    max_queue: int  # sequences waiting for a slot before `Overloaded`
+    max_group_size: int  # sequences encoded together (the model's max_batch_size)
+    max_group_steps: int  # source steps encoded together (one sequence at least)
+    max_request_slots: int  # rows of one request in the running batch
+    max_request_work: int  # rows × source steps of one request in the running batch
+    join_fraction: float = 0.5  # waiting requests ÷ running ones that start an encode
+    max_wait_steps: int = 16  # ...or the steps the oldest waiting one has waited
+
+    @classmethod
+    def of(cls, settings: Settings, serving: ServingSpec) -> DecodeLimits:
+        """The limits a server's settings give a model of these serving options."""
+        budget = serving.max_batch_size * 128
+        return cls(
+            max_slots=settings.max_decode_slots,
+            max_queue=settings.max_decode_queue,
+            max_group_size=serving.max_batch_size,
+            max_group_steps=settings.max_batch_timesteps or budget,
+            max_request_slots=settings.request_decode_slots(),
+            max_request_work=settings.max_request_decode_work or budget,
+            join_fraction=settings.decode_join_fraction,
+            max_wait_steps=settings.decode_max_wait_steps,
+        )
+
+
 # An encoded group waiting to join the running batch: its jobs, their decoder state, their first
 # input (<bos>).
 Group = tuple[list[Job], DecoderState, Tensor]
 
 
-class DecodeScheduler:
+@dataclass(eq=False, slots=True)
+class _StepOutcome:
+    """What one decode step hands back to the loop (made on the device thread)."""
+
+    now: float  # time.monotonic() of the step
+    emitted: list[tuple[Job, int]] = field(default_factory=list)  # streamed tokens
+    finished: list[tuple[Job, list[int]]] = field(default_factory=list)  # results
+    expired: list[Job] = field(default_factory=list)  # past their deadline
+    cancelled: int = 0  # jobs whose client left
+    left: list[Job] = field(default_factory=list)  # every job that left the batch
+
+    def finish(self, job: Job, tokens: list[int]) -> None:
+        self.finished.append((job, tokens))
+        self.left.append(job)
+
+
+def _advance_beam(
+    job: Job,
+    search: BeamSearch,
+    log_probs: Tensor,
+    start: int,
+    end: int,
+    keep: list[int],
+    feed: list[int],
+    step: _StepOutcome,
+) -> bool:
+    """One step of a beam job whose rows are `start:end` of the batch: its surviving rows are
+    added to `keep` and their next tokens to `feed`; False once its search is done."""
+    parents, chosen = search.step(log_probs[start:end])
+    if search.done:
+        step.finish(job, search.best())
+        return False
+    keep.extend((parents + start).tolist())
+    feed.extend(chosen.tolist())
+    job.rows = len(parents)
+    return True
+
+
+class DecodeScheduler(Scheduler):
     """Runs the decode batch of one seq2seq model version on the device executor."""
+
+    kind = "decoder"
+    activity = "decoding"
 
     def __init__(
         self,
@@ -134,47 +205,23 @@ class DecodeScheduler:
         executor: DeviceExecutor,
         prefill: DeviceExecutor,
         metrics: Metrics,
+        limits: DecodeLimits,
         *,
-        max_slots: int,
-        max_queue: int,
-        max_batch_size: int,
-        max_request_slots: int | None = None,
-        max_request_work: int | None = None,
-        max_group_steps: int | None = None,
-        join_fraction: float = 0.5,
-        max_wait_steps: int = 16,
         max_burst: int = 16,
         turn_s: float = DEVICE_TURN_S,
         on_failure: Callable[[str], None] | None = None,
     ) -> None:
-        self.model = model
-        self.version = version
-        self.max_slots = max_slots
-        self.max_queue = max_queue
-        self.max_admit = max_batch_size
-        self.max_request_slots = max_request_slots or max_slots
-        self.max_request_work = max_request_work or max_batch_size * 128
-        self.max_group_steps = max_group_steps or max_batch_size * 128
-        self.join_fraction = join_fraction
-        self.max_wait_steps = max_wait_steps
+        super().__init__(model, version, on_failure)
+        self.limits = limits
         self.max_burst = max_burst
         self.turn_s = turn_s
-        self.on_failure = on_failure
         parameter = next(network.parameters())
         self._device = parameter.device
         self._dtype = parameter.dtype
-        labels = (model, str(version))
-        self._m_compute = metrics.compute_duration.labels(*labels, "decode")
-        self._m_rows = metrics.batch_size.labels(*labels, "decode")
-        self._m_calls = metrics.model_calls_total.labels(*labels, "decode")
-        self._m_encode_compute = metrics.compute_duration.labels(*labels, "encode")
-        self._m_encode_rows = metrics.batch_size.labels(*labels, "encode")
-        self._m_encode_calls = metrics.model_calls_total.labels(*labels, "encode")
-        self._m_queue = metrics.queue_duration.labels(*labels)
-        self._m_dropped_cancelled = metrics.dropped_total.labels(*labels, "cancelled")
-        self._m_dropped_deadline = metrics.dropped_total.labels(*labels, "deadline")
-        self._m_depth = metrics.queue_depth.labels(*labels, "decode")
-        self._m_slots = metrics.decode_slots_in_use.labels(*labels)
+        self._m_queue = metrics.queue(model, version, "decode")
+        self._m_steps = metrics.calls(model, version, "decode")
+        self._m_encodes = metrics.calls(model, version, "encode")
+        self._m_slots = metrics.decode_slots_in_use.labels(model, str(version))
         self._network = network
         self._spec = network.decoder_spec
         self._executor = executor
@@ -187,17 +234,12 @@ class DecodeScheduler:
         self._admitted: dict[Job, None] = {}
         self._reserved = 0  # slots held by `_encoding` and `_admitted`
         self._bursting = False  # a burst is on the device executor (queued or running)
-        self._closed = False  # admits nothing more
-        self._failure: str | None = None  # why a scheduling task died
         self._step_seconds = 0.005
         # The step at which the oldest waiting request has waited max_wait_steps (the device
         # thread reads it to wake the loop mid-burst).
         self._wait_until_step: int | None = None
         self._wakeup: asyncio.Event | None = None
         self._prefill_wakeup: asyncio.Event | None = None
-        self._emptied: asyncio.Event | None = None  # set when nothing waits, encodes or runs
-        self._task: asyncio.Task[None] | None = None
-        self._prefill_task: asyncio.Task[None] | None = None
         # -- shared: encoded groups to join (the loop appends, the device thread takes) --
         self._lock = threading.Lock()
         self._ready: list[Group] = []
@@ -209,53 +251,14 @@ class DecodeScheduler:
         self._state: DecoderState | None = None
         # NOTE: the token each running row reads at the next step, kept on the device.
         self._feed: Tensor | None = None
-        # Written by the loop: a burst in flight ends at its next step.
-        self._stopped = False
 
     # -- lifecycle -------------------------------------------------------------------------
 
     def start(self) -> None:
         """Create the asyncio objects and the scheduling tasks (inside the running loop)."""
-        loop = asyncio.get_running_loop()
         self._wakeup = asyncio.Event()
         self._prefill_wakeup = asyncio.Event()
-        self._emptied = asyncio.Event()
-        self._task = loop.create_task(self._run(), name=f"decoder-{self.model}-{self.version}")
-        self._task.add_done_callback(self._task_done)
-        self._prefill_task = loop.create_task(
-            self._run_prefill(), name=f"decoder-prefill-{self.model}-{self.version}"
-        )
-        self._prefill_task.add_done_callback(self._task_done)
-
-    def _task_done(self, task: asyncio.Task[None]) -> None:
-        # NOTE: the scheduling tasks end only when `stop` cancels them. Any other end (a bug, an
-        # exception, a stray cancellation) leaves nobody to decode: fail every job with a
-        # retryable error, refuse more, and tell the owner (the registry restarts the model).
-        if self._stopped:
-            return
-        reason = "cancelled" if task.cancelled() else repr(task.exception())
-        log.error("model %s version %s: decoder stopped: %s", self.model, self.version, reason)
-        self._failure = f"its decoder stopped ({reason})"
-        self._closed = True
-        self._stopped = True  # a burst in flight ends at its next step
-        # NOTE: the other task stops too: an encode it finishes later would join no batch.
-        for sibling in (self._task, self._prefill_task):
-            if sibling is not None and sibling is not task:
-                sibling.cancel()
-        self._fail_everything(self._not_ready())
-        if self.on_failure is not None:
-            self.on_failure(self._failure)
-
-    def _not_ready(self) -> NotReady:
-        return NotReady(
-            f"model {self.model} version {self.version} is not serving: {self._failure}; "
-            "it is being restarted, retry shortly"
-        )
-
-    @property
-    def failure(self) -> str | None:
-        """Why the scheduler stopped on its own (None while it runs or after `stop`)."""
-        return self._failure
+        self._start_tasks(("decoder", self._run()), ("decoder-prefill", self._run_prefill()))
 
     @property
     def slots_in_use(self) -> int:
@@ -278,51 +281,19 @@ class DecodeScheduler:
         await self._prefill.run(self._encode, [source])
         await self._executor.run(warm)
 
-    async def drain(self, deadline: float | None = None) -> bool:
-        """Stop admitting; finish every admitted job, until `deadline` (loop time; None: no
-        limit); then stop, failing what is left with `Draining`. True if nothing was left."""
-        self._closed = True
-        assert self._wakeup is not None and self._emptied is not None
-        finished = True
-        try:
-            async with asyncio.timeout_at(deadline):
-                while not self._empty() and self._failure is None:
-                    self._wakeup.set()
-                    if self._prefill_wakeup is not None:
-                        self._prefill_wakeup.set()
-                    self._emptied.clear()
-                    await self._emptied.wait()
-        except TimeoutError:
-            finished = False
-        await self.stop(
-            Draining(
-                f"the server is shutting down: model {self.model} version {self.version} was "
-                "still decoding this request when the drain grace ended"
-            )
-        )
-        return finished
-
-    async def stop(self, error: ServiceError | None = None) -> None:
-        """Stop at once: waiting and running jobs fail with `error` (default `Draining`)."""
-        self._closed = True
-        self._stopped = True  # a burst in flight ends at its next step
-        tasks = [t for t in (self._task, self._prefill_task) if t is not None]
-        for task in tasks:
-            task.cancel()
-        # NOTE: a task that died on its own is not raised again here (its failure was handled).
-        await asyncio.gather(*tasks, return_exceptions=True)
-        self._task = self._prefill_task = None
-        self._fail_everything(
-            error or Draining(f"model {self.model} version {self.version} is unloading")
-        )
+    # -- the life (service/core/lifecycle.py) -------------------------------------------------
 
     def _empty(self) -> bool:
         return not (self._waiting or self._encoding or self._admitted)
 
-    def _check_emptied(self) -> None:
-        # NOTE: `drain` waits on this instead of polling.
-        if self._empty() and self._emptied is not None:
-            self._emptied.set()
+    def _wake(self) -> None:
+        assert self._wakeup is not None and self._prefill_wakeup is not None
+        self._wakeup.set()
+        self._prefill_wakeup.set()
+
+    def _fail_waiting(self, error: ServiceError) -> None:
+        # NOTE: a burst in flight ends at its next step (`_stopping`); nothing decodes any more.
+        self._fail_everything(error)
 
     def _fail_everything(self, error: ServiceError) -> None:
         """Fail every job the scheduler knows (on the loop)."""
@@ -349,17 +320,14 @@ class DecodeScheduler:
     def submit(self, jobs: list[Job]) -> None:
         """Admit all of `jobs` (one request) or none: `Overloaded` when the waiting queue cannot
         take them."""
-        if self._failure is not None:
-            raise self._not_ready()
-        if self._closed:
-            raise Draining(f"model {self.model} version {self.version} is not taking requests")
-        if len(self._waiting) + len(jobs) > self.max_queue:
+        self._check_admitting()
+        if len(self._waiting) + len(jobs) > self.limits.max_queue:
             raise Overloaded(
                 f"model {self.model} version {self.version}: decode queue full "
-                f"({len(self._waiting)} of {self.max_queue} sequences waiting)",
+                f"({len(self._waiting)} of {self.limits.max_queue} sequences waiting)",
                 retry_after_s=round(max(0.05, self._step_seconds * self._spec.max_length), 3),
             )
-        limit = min(self.max_slots, self.max_request_slots)
+        limit = min(self.limits.max_slots, self.limits.max_request_slots)
         for job in jobs:
             if job.beam_size > limit:
                 raise Overloaded(f"beam_size {job.beam_size} exceeds the {limit} decode slots")
@@ -374,7 +342,7 @@ class DecodeScheduler:
         self._prefill_wakeup.set()
 
     def _gauges(self) -> None:
-        self._m_depth.set(len(self._waiting))
+        self._m_queue.depth.set(len(self._waiting))
         self._m_slots.set(self._reserved)
 
     def _fits_share(self, job: Job) -> bool:
@@ -383,8 +351,8 @@ class DecodeScheduler:
         if share is None or share.slots == 0:
             return True
         return (
-            share.slots + job.beam_size <= self.max_request_slots
-            and share.work + job.work <= self.max_request_work
+            share.slots + job.beam_size <= self.limits.max_request_slots
+            and share.work + job.work <= self.limits.max_request_work
         )
 
     def _should_encode(self) -> bool:
@@ -399,10 +367,12 @@ class DecodeScheduler:
             return False  # every waiting request holds its share: rows leaving wake us
         if not running:
             return True
-        if self._reserved + head.beam_size > self.max_slots:
+        if self._reserved + head.beam_size > self.limits.max_slots:
             return False  # the next one does not fit until rows leave
-        due = head.enqueued_step + self.max_wait_steps
-        if self._steps >= due or len(self._waiting) >= max(1, int(running * self.join_fraction)):
+        due = head.enqueued_step + self.limits.max_wait_steps
+        if self._steps >= due or len(self._waiting) >= max(
+            1, int(running * self.limits.join_fraction)
+        ):
             return True
         # NOTE: the device thread wakes the loop at that step, not only at the end of its
         # burst (up to max_burst steps later).
@@ -415,11 +385,11 @@ class DecodeScheduler:
         now = time.monotonic()
         taken: list[Job] = []
         kept: deque[Job] = deque()
-        free = self.max_slots - self._reserved
+        free = self.limits.max_slots - self._reserved
         steps = 0
         blocked = False
         for job in self._waiting:
-            if blocked or len(taken) >= self.max_admit:
+            if blocked or len(taken) >= self.limits.max_group_size:
                 kept.append(job)
                 continue
             # NOTE: deadline first: a waiter that gave up at its deadline also cancelled it.
@@ -427,7 +397,7 @@ class DecodeScheduler:
                 self._expire(job, now)
                 continue
             if job.dead:
-                self._m_dropped_cancelled.inc()
+                self._m_queue.dropped_cancelled.inc()
                 continue
             if job.beam_size > free:
                 # NOTE: first come, first served for slots: a wide beam is not starved by the
@@ -438,7 +408,7 @@ class DecodeScheduler:
             if not self._fits_share(job):
                 kept.append(job)  # its request holds its share; later requests go ahead
                 continue
-            if taken and steps + job.length > self.max_group_steps:
+            if taken and steps + job.length > self.limits.max_group_steps:
                 blocked = True
                 kept.append(job)
                 continue
@@ -449,7 +419,7 @@ class DecodeScheduler:
             if job.beam_size > 1:
                 job.search = BeamSearch(job.beam_size, self._spec.eos_id, job.max_length)
             taken.append(job)
-            self._m_queue.observe(now - job.enqueued)
+            self._m_queue.waited.observe(now - job.enqueued)
         self._waiting = kept
         return taken
 
@@ -466,7 +436,7 @@ class DecodeScheduler:
             job.share.work -= job.work
 
     def _expire(self, job: Job, now: float) -> None:
-        self._m_dropped_deadline.inc()
+        self._m_queue.dropped_deadline.inc()
         if not job.future.done():
             job.future.set_exception(self._deadline_error(job, now))
 
@@ -511,9 +481,7 @@ class DecodeScheduler:
             self._fail(jobs, exc)
             self._check_emptied()
             return
-        self._m_encode_compute.observe(seconds)
-        self._m_encode_rows.observe(len(jobs))
-        self._m_encode_calls.inc()
+        self._m_encodes.observe(seconds, len(jobs))
         # NOTE: admitted before no longer encoding: `drain` never sees the jobs nowhere.
         for job in jobs:
             self._admitted[job] = None
@@ -538,9 +506,7 @@ class DecodeScheduler:
                 continue
             for rows, seconds in steps:
                 self._step_seconds = 0.8 * self._step_seconds + 0.2 * seconds
-                self._m_compute.observe(seconds)
-                self._m_rows.observe(rows)
-                self._m_calls.inc()
+                self._m_steps.observe(seconds, rows)
             self._gauges()
             self._prefill_wakeup.set()
             # NOTE: a loop turn lets finished callers submit again before the next burst.
@@ -605,7 +571,7 @@ class DecodeScheduler:
         network = self._network
         steps: list[tuple[int, float]] = []
         started = time.perf_counter()
-        while len(steps) < self.max_burst and not self._stopped:
+        while len(steps) < self.max_burst and not self._stopping:
             self._join()
             if not self._running:
                 break
@@ -670,90 +636,66 @@ class DecodeScheduler:
         keep: list[int] = []
         feed: list[int] | None = None if log_probs is None else []
         survivors: list[Job] = []
-        emitted: list[tuple[Job, int]] = []
+        step = _StepOutcome(now)
+        left = step.left
         offset = 0
         eos = self._spec.eos_id
-        finished: list[tuple[Job, list[int]]] = []
-        expired: list[Job] = []
-        left: list[Job] = []
-        cancelled = 0
         for job in self._running:
             start, offset = offset, offset + job.rows
             if job.dead:  # NOTE: a read of a flag the loop may set; at worst one step late
-                cancelled += 1
+                step.cancelled += 1
                 left.append(job)
-                continue
-            if job.deadline is not None and job.deadline <= now:
-                expired.append(job)
+            elif job.deadline is not None and job.deadline <= now:
+                step.expired.append(job)
                 left.append(job)
-                continue
-            search = job.search
-            if search is None:
+            elif job.search is not None:
+                assert log_probs is not None and feed is not None
+                if _advance_beam(job, job.search, log_probs, start, offset, keep, feed, step):
+                    survivors.append(job)
+            else:
                 token = best[start]
                 if token == eos:
-                    finished.append((job, job.tokens))
-                    left.append(job)
+                    step.finish(job, job.tokens)
                     continue
                 job.tokens.append(token)
                 if job.on_token is not None:
-                    emitted.append((job, token))
+                    step.emitted.append((job, token))
                 if len(job.tokens) >= job.max_length:
-                    finished.append((job, job.tokens))
-                    left.append(job)
+                    step.finish(job, job.tokens)
                     continue
                 keep.append(start)
                 if feed is not None:
                     feed.append(token)
-            else:
-                assert log_probs is not None and feed is not None
-                parents, chosen = search.step(log_probs[start:offset])
-                if search.done:
-                    finished.append((job, search.best()))
-                    left.append(job)
-                    continue
-                keep.extend((parents + start).tolist())
-                feed.extend(chosen.tolist())
-                job.rows = len(parents)
-            survivors.append(job)
-        if emitted or left:
+                survivors.append(job)
+        if step.emitted or left:
             # NOTE: one hand-over per step; tokens first, so a stream sees its last token
             # before its result.
-            loop.call_soon_threadsafe(
-                self._deliver, emitted, finished, expired, cancelled, left, now
-            )
+            loop.call_soon_threadsafe(self._deliver, step)
         self._beams -= sum(job.search is not None for job in left)
         self._running = survivors
         return keep, feed
 
     # -- back on the loop --------------------------------------------------------------------
 
-    def _deliver(
-        self,
-        emitted: list[tuple[Job, int]],
-        finished: list[tuple[Job, list[int]]],
-        expired: list[Job],
-        cancelled: int,
-        left: list[Job],
-        now: float,
-    ) -> None:
+    def _deliver(self, step: _StepOutcome) -> None:
         """On the loop: stream tokens, set results, expire deadlines, count drops, and free the
         slots of the jobs that left."""
-        for job, token in emitted:
+        for job, token in step.emitted:
             if job.on_token is not None and not job.future.done():
                 job.on_token(token)
-        for job, tokens in finished:
+        for job, tokens in step.finished:
             if not job.future.done():
                 job.future.set_result(tokens)
-        for job in expired:
-            self._expire(job, now)
-        if cancelled:
-            self._m_dropped_cancelled.inc(cancelled)
-        for job in left:
+        for job in step.expired:
+            self._expire(job, step.now)
+        if step.cancelled:
+            self._m_queue.dropped_cancelled.inc(step.cancelled)
+        for job in step.left:
             # NOTE: a job the loop already failed (stop) is no longer admitted: freed once.
             if job in self._admitted:
                 del self._admitted[job]
                 self._release(job)
-        if left:
+        if step.left:
             self._gauges()
             self._check_emptied()
             if self._waiting and self._prefill_wakeup is not None:

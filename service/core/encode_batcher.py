@@ -43,24 +43,21 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from models.config import RequestPooling
 from models.encoder import EncoderModel, collate, pool
 from models.recurrent import State
 from service.core.errors import (
     ComputeError,
     DeadlineExceeded,
-    Draining,
-    NotReady,
     Overloaded,
     ServiceError,
 )
 from service.core.executor import DeviceExecutor
+from service.core.lifecycle import Scheduler
 from service.core.metrics import Metrics
+from service.core.types import HostState, Pooling
 
 log = logging.getLogger(__name__)
 
-# A row's recurrent state on the host: float32 [L*D, H] per tensor (LSTM: (h, c)).
-HostState = tuple[np.ndarray, ...]
 
 # Batches of one batcher in flight on the device at most: one computing, one queued behind it.
 PIPELINE = 2
@@ -114,7 +111,7 @@ class Item:
 
     sequence: np.ndarray
     future: asyncio.Future[Row]
-    pooling: RequestPooling | None = None
+    pooling: Pooling | None = None
     deadline: float | None = None  # time.monotonic() seconds
     initial_state: HostState | None = None  # this row's state, float32 [L*D, H] per tensor
     return_state: bool = False
@@ -126,8 +123,11 @@ class Item:
         self.length = int(self.sequence.shape[0])
 
 
-class Batcher:
+class Batcher(Scheduler):
     """Batches the items of one model version and runs them on the device executor."""
+
+    kind = "batcher"
+    activity = "computing"
 
     def __init__(
         self,
@@ -146,8 +146,7 @@ class Batcher:
         halve: bool = True,
         on_failure: Callable[[str], None] | None = None,
     ) -> None:
-        self.model = model
-        self.version = version
+        super().__init__(model, version, on_failure)
         self.max_batch_size = max_batch_size
         self.max_delay_s = max_delay_s
         self.max_queue_size = max_queue_size
@@ -159,20 +158,12 @@ class Batcher:
         self.halve = halve
         self._executor = executor
         self._compute = compute
-        labels = (model, str(version))
-        # NOTE: metric children are looked up once; `labels()` costs microseconds per call.
-        self._m_depth = metrics.queue_depth.labels(*labels, "encode")
-        self._m_queue = metrics.queue_duration.labels(*labels)
-        self._m_compute = metrics.compute_duration.labels(*labels, "encode")
-        self._m_size = metrics.batch_size.labels(*labels, "encode")
-        self._m_steps = metrics.batch_timesteps.labels(*labels)
-        self._m_efficiency = metrics.padding_efficiency.labels(*labels)
-        self._m_calls = metrics.model_calls_total.labels(*labels, "encode")
-        self._m_dropped_deadline = metrics.dropped_total.labels(*labels, "deadline")
-        self._m_dropped_cancelled = metrics.dropped_total.labels(*labels, "cancelled")
+        self._m_queue = metrics.queue(model, version, "encode")
+        self._m_calls = metrics.calls(model, version, "encode")
+        self._m_steps = metrics.batch_timesteps.labels(model, str(version))
+        self._m_efficiency = metrics.padding_efficiency.labels(model, str(version))
         self._queue: deque[Item] = deque()
         self._queued_steps = 0
-        self._closed = False
         self._flights: list[_Flight] = []  # batches on the device, oldest first (≤ PIPELINE)
         self._population = 0.0  # rows in the system: a decaying maximum, for the target size
         self._batch_seconds = 0.01  # moving average, for the retry hint
@@ -182,48 +173,14 @@ class Batcher:
         self._regroup_rows = 0
         self._regroup_until = 0.0
         self._wakeup: asyncio.Event | None = None
-        self._emptied: asyncio.Event | None = None  # set when nothing is queued or in flight
-        self._task: asyncio.Task[None] | None = None
-        self._stopping = False  # `stop` began: the task's end is expected
-        self._failure: str | None = None  # why the batching task died
-        self.on_failure = on_failure
 
     # -- lifecycle -------------------------------------------------------------------------
 
     def start(self) -> None:
         """Create the asyncio objects and the batching task (inside the running loop)."""
         self._wakeup = asyncio.Event()
-        self._emptied = asyncio.Event()
         self._executor.on_idle(self._wakeup.set)
-        self._task = asyncio.get_running_loop().create_task(
-            self._run(), name=f"batcher-{self.model}-{self.version}"
-        )
-        self._task.add_done_callback(self._task_done)
-
-    def _task_done(self, task: asyncio.Task[None]) -> None:
-        # NOTE: the batching task ends only when `stop` cancels it. Any other end (a bug, an
-        # exception, a stray cancellation) leaves nobody to form batches: fail what is queued
-        # with a retryable error, refuse more, and tell the owner (the registry restarts it).
-        if self._stopping:
-            return
-        reason = "cancelled" if task.cancelled() else repr(task.exception())
-        log.error("model %s version %s: batcher stopped: %s", self.model, self.version, reason)
-        self._failure = f"its batcher stopped ({reason})"
-        self._closed = True
-        self._fail_queued(self._not_ready())
-        if self.on_failure is not None:
-            self.on_failure(self._failure)
-
-    def _not_ready(self) -> NotReady:
-        return NotReady(
-            f"model {self.model} version {self.version} is not serving: {self._failure}; "
-            "it is being restarted, retry shortly"
-        )
-
-    @property
-    def failure(self) -> str | None:
-        """Why the batcher stopped on its own (None while it runs or after `stop`)."""
-        return self._failure
+        self._start_tasks(("batcher", self._run()))
 
     async def warm_up(self, sequence: np.ndarray) -> None:
         """Run one sequence through the compute path on the device (outside any metric)."""
@@ -236,53 +193,37 @@ class Batcher:
         """Sequences admitted and not yet in a batch."""
         return len(self._queue)
 
-    async def drain(self, deadline: float | None = None) -> bool:
-        """Stop admitting; finish every admitted item, until `deadline` (loop time; None: no
-        limit); then stop, failing what is left with `Draining`. True if nothing was left."""
-        self._closed = True
-        assert self._wakeup is not None and self._emptied is not None
+    # -- the life (service/core/lifecycle.py) -------------------------------------------------
+
+    def _empty(self) -> bool:
+        return not self._queue and not self._flights
+
+    def _wake(self) -> None:
+        assert self._wakeup is not None
         self._wakeup.set()
-        finished = True
-        try:
-            async with asyncio.timeout_at(deadline):
-                while (self._queue or self._flights) and self._failure is None:
-                    self._emptied.clear()
-                    await self._emptied.wait()
-        except TimeoutError:
-            finished = False
-        await self.stop(
-            Draining(
-                f"the server is shutting down: model {self.model} version {self.version} was "
-                "still computing this request when the drain grace ended"
-            )
-        )
-        return finished
+
+    def _fail_waiting(self, error: ServiceError) -> None:
+        # NOTE: batches on the device still end (their executor callbacks deliver them).
+        self._fail_queued(error)
+
+    def _fail_everything(self, error: ServiceError) -> None:
+        # NOTE: a batch still computing is left to end on its own; its callers hear `error` now.
+        self._fail_queued(error)
+        for flight in self._flights:
+            _fail(flight.batch, error)
 
     async def stop(self, error: ServiceError | None = None) -> None:
         """Stop at once: queued items and those of batches still on the device fail with
         `error` (default `Draining`); a batch still computing is left to end on its own."""
-        self._closed = True
-        self._stopping = True
         if self._wakeup is not None:
             self._executor.remove_idle_listener(self._wakeup.set)
-        if self._task is not None:
-            self._task.cancel()
-            # NOTE: a task that died on its own is not raised again here (it was handled).
-            await asyncio.gather(self._task, return_exceptions=True)
-            self._task = None
-        error = error or Draining(f"model {self.model} version {self.version} is unloading")
-        self._fail_queued(error)
-        for flight in self._flights:
-            _fail(flight.batch, error)
+        await super().stop(error)
 
     # -- admission -------------------------------------------------------------------------
 
     def submit(self, items: list[Item]) -> None:
         """Admit all of `items` or none: `Overloaded` when the queue cannot take them."""
-        if self._failure is not None:
-            raise self._not_ready()
-        if self._closed:
-            raise Draining(f"model {self.model} version {self.version} is not taking requests")
+        self._check_admitting()
         if len(self._queue) + len(items) > self.max_queue_size:
             batches_ahead = len(self._queue) / self.max_batch_size + 1
             raise Overloaded(
@@ -295,7 +236,7 @@ class Batcher:
             item.request = request
             self._queue.append(item)
             self._queued_steps += item.length
-        self._m_depth.set(len(self._queue))
+        self._m_queue.depth.set(len(self._queue))
         assert self._wakeup is not None
         # NOTE: the batching task runs after every caller scheduled in this loop turn, so
         # requests that arrive together start together.
@@ -378,13 +319,13 @@ class Batcher:
             self._population = max(self._rows_in_system(), 0.9 * self._population)
             now = time.monotonic()
             for item in batch:
-                self._m_queue.observe(now - item.enqueued)
+                self._m_queue.waited.observe(now - item.enqueued)
             loop = asyncio.get_running_loop()
             wakeup = self._wakeup
             assert wakeup is not None
             prepared = self._compute.prepare(batch)
 
-            def compute(prepared: EncodeBatch) -> EncodeOutput:
+            def compute(prepared: EncodeBatch) -> BatchOutput:
                 # NOTE: on the device thread. A flag the loop reads; the loop is woken only when
                 # a next batch waits for this one to start.
                 flight.started_at = time.monotonic()
@@ -393,7 +334,7 @@ class Batcher:
                     loop.call_soon_threadsafe(wakeup.set)
                 return self._compute.run(prepared)
 
-            def done(result: tuple[EncodeOutput, float] | None, exc: BaseException | None) -> None:
+            def done(result: tuple[BatchOutput, float] | None, exc: BaseException | None) -> None:
                 self._complete(flight, result, exc, prepared)
 
             self._executor.submit(compute, done, prepared)
@@ -403,7 +344,7 @@ class Batcher:
     def _complete(
         self,
         flight: _Flight,
-        result: tuple[EncodeOutput, float] | None,
+        result: tuple[BatchOutput, float] | None,
         exc: BaseException | None,
         prepared: EncodeBatch | None = None,
     ) -> None:
@@ -447,7 +388,7 @@ class Batcher:
             if not self._drop_if_dead(item, now):
                 batch.append(item)
                 steps += item.length
-        self._m_depth.set(len(self._queue))
+        self._m_queue.depth.set(len(self._queue))
         self._check_emptied()
         return batch
 
@@ -460,19 +401,14 @@ class Batcher:
                 alive.append(item)
         self._queue = alive
         self._queued_steps = sum(item.length for item in alive)
-        self._m_depth.set(len(alive))
+        self._m_queue.depth.set(len(alive))
         self._check_emptied()
-
-    def _check_emptied(self) -> None:
-        # NOTE: `drain` waits on this instead of polling.
-        if not self._queue and not self._flights and self._emptied is not None:
-            self._emptied.set()
 
     def _drop_if_dead(self, item: Item, now: float) -> bool:
         # NOTE: the deadline is checked first: a waiter that gave up at its deadline has also
         # cancelled its future, and that drop is a deadline, not a client gone.
         if item.deadline is not None and item.deadline <= now:
-            self._m_dropped_deadline.inc()
+            self._m_queue.dropped_deadline.inc()
             if not item.future.done():
                 item.future.set_exception(
                     DeadlineExceeded(
@@ -482,7 +418,7 @@ class Batcher:
                 )
             return True
         if item.future.done():
-            self._m_dropped_cancelled.inc()
+            self._m_queue.dropped_cancelled.inc()
             return True
         return False
 
@@ -533,17 +469,15 @@ class Batcher:
     def _observe(self, flight: _Flight, seconds: float) -> None:
         batch, real = flight.batch, flight.steps
         computed = max(item.length for item in batch) * len(batch)
-        self._m_compute.observe(seconds)
-        self._m_size.observe(len(batch))
+        self._m_calls.observe(seconds, len(batch))
         self._m_steps.observe(real)
         self._m_efficiency.observe(real / computed)
-        self._m_calls.inc()
 
     def _fail_queued(self, error: ServiceError) -> None:
         _fail(self._queue, error)
         self._queue.clear()
         self._queued_steps = 0
-        self._m_depth.set(0)
+        self._m_queue.depth.set(0)
         self._check_emptied()
 
 
@@ -587,12 +521,12 @@ class EncodeBatch:
     inputs: Tensor | None
     lengths: Tensor  # [N] int64, CPU
     initial: State | None  # [L*D, N, H] per tensor, CPU; None = zeros
-    poolings: set[RequestPooling]  # the poolings the rows asked for
+    poolings: set[Pooling]  # the poolings the rows asked for
     return_state: bool  # any row wants its final state
 
 
 @dataclass(eq=False, slots=True)
-class EncodeOutput:
+class BatchOutput:
     """A batch's results on the host, rows in the batch's (sorted) order."""
 
     pooled: dict[str, np.ndarray]  # pooling → [N, E] ([N, T, E] for "none")
@@ -654,7 +588,7 @@ class EncodeCompute:
             any(item.return_state for item in chosen),
         )
 
-    def run(self, batch: EncodeBatch) -> EncodeOutput:
+    def run(self, batch: EncodeBatch) -> BatchOutput:
         """On the device thread: the model call, its outputs copied to the host."""
         # NOTE: every torch call gives up the GIL and takes it back, and a busy event loop makes
         # each take-back wait (up to the switch interval): conversions that change nothing are
@@ -685,9 +619,9 @@ class EncodeCompute:
             state = out.final_state
             assert state is not None
             final_state = [self._host(t) for t in (state if isinstance(state, tuple) else (state,))]
-        return EncodeOutput(pooled, scores, final_state)
+        return BatchOutput(pooled, scores, final_state)
 
-    def rows(self, batch: EncodeBatch, output: EncodeOutput) -> list[Row]:
+    def rows(self, batch: EncodeBatch, output: BatchOutput) -> list[Row]:
         """On the loop: each item's row, in the items' order."""
         default = self.model.config.pooling
         results: list[Row | None] = [None] * len(batch.items)

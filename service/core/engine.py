@@ -22,37 +22,36 @@ import contextlib
 import logging
 import os
 import time
-from collections.abc import AsyncIterator, Callable
-from typing import TYPE_CHECKING, TypeVar
+from collections.abc import AsyncGenerator, Callable
+from typing import TypeVar
 
 import numpy as np
 import torch
 
 from models.config import ModelConfig
-from service.core import validation
+from service.core import limits, validation
 from service.core.decode_scheduler import Job
-from service.core.encode_batcher import HostState, Item, Row
-from service.core.errors import DeadlineExceeded, Draining, InvalidInput
+from service.core.encode_batcher import Item, Row
+from service.core.errors import DeadlineExceeded, Draining, InvalidInput, ServiceError
 from service.core.executor import DeviceExecutor
 from service.core.metrics import Metrics
 from service.core.registry import ModelVersion, Registry
 from service.core.sessions import SessionManager
 from service.core.settings import Settings
 from service.core.types import (
+    ChunkOutput,
     EncodeRequest,
     EncodeResult,
     GeneratedSequence,
     GenerateRequest,
     GenerateResult,
+    Head,
+    HostState,
     InputKind,
     ModelInfo,
-    Sequence,
+    SequenceData,
     TokenEvent,
 )
-from service.core.types import Protocol as WireProtocol
-
-if TYPE_CHECKING:
-    from service.core.sessions import ChunkOutput, Head
 
 log = logging.getLogger(__name__)
 
@@ -192,6 +191,15 @@ class Engine:
         """Versions, states (with failure reasons) and architecture of one model."""
         return self.registry.model_info(name, version)
 
+    def knows(self, name: str, version: int | None = None) -> bool:
+        """Whether the server knows model `name` (and that version of it, unless None): loaded,
+        loading or failed. Request metrics label only known names."""
+        try:
+            self.registry.model_info(name, version)
+        except ServiceError:
+            return False
+        return True
+
     def model_config(self, name: str, version: int | None = None) -> tuple[int, ModelConfig]:
         """The READY version's number and its config (NotFound / NotReady otherwise)."""
         entry = self.registry.resolve(name, version)
@@ -234,7 +242,7 @@ class Engine:
         timeout = self._timeout(request.timeout_s)
         arrays = self._sequences(entry, request.kind, request.sequences)
         if request.answer_limit is not None:
-            validation.check_answer_size(
+            limits.check_answer_size(
                 config,
                 request.kind,
                 arrays,
@@ -268,16 +276,13 @@ class Engine:
         self,
         model: str,
         version: int,
-        sequence: Sequence,
+        sequence: SequenceData,
         kind: InputKind,
         initial_state: HostState | None,
         timeout_s: float | None,
-        protocol: WireProtocol,
     ) -> ChunkOutput:
         """One chunk of a streamed sequence from `initial_state` (None = zeros), batched with
         everything else; returns every step's top-layer output and the row's final state."""
-        from service.core.sessions import ChunkOutput
-
         self._check_admitting()
         entry = self.registry.resolve(model, version)
         validation.check_task(model, entry.config, "encode")
@@ -307,7 +312,7 @@ class Engine:
 
     async def generate_stream(
         self, request: GenerateRequest
-    ) -> AsyncIterator[TokenEvent | GenerateResult]:
+    ) -> AsyncGenerator[TokenEvent | GenerateResult, None]:
         """TokenEvents as tokens are chosen (greedy only; beam search emits none), then the
         GenerateResult. Validation and admission errors raise at the first iteration."""
         events: asyncio.Queue[TokenEvent | None] = asyncio.Queue()
@@ -383,11 +388,11 @@ class Engine:
             raise Draining("the server is shutting down and admits no new requests")
 
     def _timeout(self, timeout_s: float | None) -> float | None:
-        validation.check_timeout(timeout_s)
+        limits.check_timeout(timeout_s)
         return timeout_s if timeout_s is not None else self.settings.default_timeout_s
 
     def _sequences(
-        self, entry: ModelVersion, kind: InputKind, items: list[Sequence]
+        self, entry: ModelVersion, kind: InputKind, items: list[SequenceData]
     ) -> list[np.ndarray]:
         assert entry.loaded is not None
         return validation.sequences(

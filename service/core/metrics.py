@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Iterator
+from dataclasses import dataclass
 from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
@@ -45,6 +46,9 @@ EFFICIENCY_BUCKETS = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 0.95, 0.99, 1
 LOAD_BUCKETS = (0.01, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0)
 
 MODEL_STATES = ("LOADING", "READY", "FAILED", "UNLOADING")
+# The labels of request metrics and of a model version's metrics.
+REQUEST = ("model", "version", "protocol", "endpoint")
+MODEL = ("model", "version")
 
 _OUTCOMES: dict[type[errors.ServiceError], str] = {
     errors.NotFound: "not_found",
@@ -90,136 +94,165 @@ class _WithoutCreated(Collector):
             yield kept
 
 
+@dataclass(frozen=True, slots=True)
+class QueueMetrics:
+    """The children one scheduler's queue records with, looked up once: `labels()` costs
+    microseconds and these are recorded per request."""
+
+    depth: Any  # rnnserve_queue_depth{kind}
+    waited: Any  # rnnserve_queue_duration_seconds
+    dropped_deadline: Any  # rnnserve_dropped_sequences_total{reason="deadline"}
+    dropped_cancelled: Any  # rnnserve_dropped_sequences_total{reason="cancelled"}
+
+
+@dataclass(frozen=True, slots=True)
+class CallMetrics:
+    """The children of one kind of model call (encode or decode) of a version, looked up once."""
+
+    seconds: Any  # rnnserve_compute_duration_seconds
+    rows: Any  # rnnserve_batch_size
+    count: Any  # rnnserve_model_calls_total
+
+    def observe(self, seconds: float, rows: int) -> None:
+        """Record one model call of `rows` rows that computed for `seconds`."""
+        self.seconds.observe(seconds)
+        self.rows.observe(rows)
+        self.count.inc()
+
+
 class Metrics:
     """All rnnserve metrics, registered on `registry` (never the global default)."""
 
     def __init__(self, registry: CollectorRegistry) -> None:
         self.registry = registry
         self._children: dict[tuple[object, ...], Any] = {}
-        request = ("model", "version", "protocol", "endpoint")
-        model = ("model", "version")
-        self.requests_total = Counter(
+        self._request_metrics()
+        self._scheduler_metrics()
+        self._version_metrics()
+        self._session_metrics()
+
+    def _request_metrics(self) -> None:
+        """Recorded by the front-ends (through service/core/request_metrics.py) and the engine."""
+        self.requests_total = self._counter(
             "rnnserve_requests",
             "Requests answered, by model, version, protocol, endpoint and outcome.",
-            (*request, "outcome"),
-            registry=registry,
+            (*REQUEST, "outcome"),
         )
-        self.request_duration = Histogram(
+        self.request_duration = self._histogram(
             "rnnserve_request_duration_seconds",
             "Time from request received to response ready.",
-            request,
-            buckets=LATENCY_BUCKETS,
-            registry=registry,
+            REQUEST,
+            LATENCY_BUCKETS,
         )
-        self.queue_duration = Histogram(
-            "rnnserve_queue_duration_seconds",
-            "Time a sequence waited in the batcher queue before its batch started.",
-            model,
-            buckets=LATENCY_BUCKETS,
-            registry=registry,
-        )
-        self.compute_duration = Histogram(
-            "rnnserve_compute_duration_seconds",
-            "Time of one model call on the device (an encode batch, or one decode step).",
-            (*model, "kind"),
-            buckets=LATENCY_BUCKETS,
-            registry=registry,
-        )
-        self.batch_size = Histogram(
-            "rnnserve_batch_size",
-            "Sequences (rows) per model call.",
-            (*model, "kind"),
-            buckets=BATCH_SIZE_BUCKETS,
-            registry=registry,
-        )
-        self.batch_timesteps = Histogram(
-            "rnnserve_batch_timesteps",
-            "Real (unpadded) time steps per encode model call.",
-            model,
-            buckets=TIMESTEP_BUCKETS,
-            registry=registry,
-        )
-        self.padding_efficiency = Histogram(
-            "rnnserve_padding_efficiency",
-            "Real time steps divided by computed (padded) time steps, per encode model call.",
-            model,
-            buckets=EFFICIENCY_BUCKETS,
-            registry=registry,
-        )
-        self.queue_depth = Gauge(
-            "rnnserve_queue_depth",
-            "Sequences waiting in a model version's queue (encode batcher and decode admission).",
-            (*model, "kind"),
-            registry=registry,
-        )
-        self.inflight_requests = Gauge(
+        self.inflight_requests = self._gauge(
             "rnnserve_inflight_requests",
             "Requests admitted by the engine and not yet answered.",
             ("model",),
-            registry=registry,
         )
-        self.model_state = Gauge(
-            "rnnserve_model_state",
-            "1 for the current state of each model version, 0 for the others.",
-            (*model, "state"),
-            registry=registry,
+
+    def _scheduler_metrics(self) -> None:
+        """Recorded by the encode batchers and decode schedulers."""
+        self.queue_duration = self._histogram(
+            "rnnserve_queue_duration_seconds",
+            "Time a sequence waited in the batcher queue before its batch started.",
+            MODEL,
+            LATENCY_BUCKETS,
         )
-        self.model_restarts_total = Counter(
-            "rnnserve_model_restarts",
-            "Restarts of a READY version whose batcher or decode scheduler stopped on its own.",
-            model,
-            registry=registry,
+        self.queue_depth = self._gauge(
+            "rnnserve_queue_depth",
+            "Sequences waiting in a model version's queue (encode batcher and decode admission).",
+            (*MODEL, "kind"),
         )
-        self.model_load_duration = Histogram(
-            "rnnserve_model_load_duration_seconds",
-            "Time to load a model version (read, check, place on device, warm up).",
-            model,
-            buckets=LOAD_BUCKETS,
-            registry=registry,
-        )
-        self.decode_slots_in_use = Gauge(
-            "rnnserve_decode_slots_in_use",
-            "Rows (greedy requests and beams) in a model version's running decode batch.",
-            model,
-            registry=registry,
-        )
-        self.sessions_active = Gauge(
-            "rnnserve_sessions_active",
-            "Open streaming sessions.",
-            ("model",),
-            registry=registry,
-        )
-        self.model_calls_total = Counter(
-            "rnnserve_model_calls",
-            "Model calls run by the executor (encode batches, decode encodes, decode steps).",
-            (*model, "kind"),
-            registry=registry,
-        )
-        self.dropped_total = Counter(
+        self.dropped_total = self._counter(
             "rnnserve_dropped_sequences",
             "Queued sequences dropped before compute, by reason (deadline, cancelled, draining).",
-            (*model, "reason"),
-            registry=registry,
+            (*MODEL, "reason"),
         )
-        # -- streaming sessions (service/core/sessions.py) --
-        self.sessions_expired_total = Counter(
+        self.compute_duration = self._histogram(
+            "rnnserve_compute_duration_seconds",
+            "Time of one model call on the device (an encode batch, or one decode step).",
+            (*MODEL, "kind"),
+            LATENCY_BUCKETS,
+        )
+        self.batch_size = self._histogram(
+            "rnnserve_batch_size",
+            "Sequences (rows) per model call.",
+            (*MODEL, "kind"),
+            BATCH_SIZE_BUCKETS,
+        )
+        self.model_calls_total = self._counter(
+            "rnnserve_model_calls",
+            "Model calls run by the executor (encode batches, decode encodes, decode steps).",
+            (*MODEL, "kind"),
+        )
+        self.batch_timesteps = self._histogram(
+            "rnnserve_batch_timesteps",
+            "Real (unpadded) time steps per encode model call.",
+            MODEL,
+            TIMESTEP_BUCKETS,
+        )
+        self.padding_efficiency = self._histogram(
+            "rnnserve_padding_efficiency",
+            "Real time steps divided by computed (padded) time steps, per encode model call.",
+            MODEL,
+            EFFICIENCY_BUCKETS,
+        )
+        self.decode_slots_in_use = self._gauge(
+            "rnnserve_decode_slots_in_use",
+            "Rows (greedy requests and beams) in a model version's running decode batch.",
+            MODEL,
+        )
+
+    def _version_metrics(self) -> None:
+        """Recorded by the registry as versions load, fail, restart and unload."""
+        self.model_state = self._gauge(
+            "rnnserve_model_state",
+            "1 for the current state of each model version, 0 for the others.",
+            (*MODEL, "state"),
+        )
+        self.model_restarts_total = self._counter(
+            "rnnserve_model_restarts",
+            "Restarts of a READY version whose batcher or decode scheduler stopped on its own.",
+            MODEL,
+        )
+        self.model_load_duration = self._histogram(
+            "rnnserve_model_load_duration_seconds",
+            "Time to load a model version (read, check, place on device, warm up).",
+            MODEL,
+            LOAD_BUCKETS,
+        )
+
+    def _session_metrics(self) -> None:
+        """Recorded by the streaming sessions (service/core/sessions.py)."""
+        self.sessions_active = self._gauge(
+            "rnnserve_sessions_active", "Open streaming sessions.", ("model",)
+        )
+        self.sessions_expired_total = self._counter(
             "rnnserve_sessions_expired",
             "Server-held streaming sessions closed by the idle timeout.",
             ("model",),
-            registry=registry,
         )
-        self.sessions_refused_total = Counter(
+        self.sessions_refused_total = self._counter(
             "rnnserve_sessions_refused",
             "Streaming sessions refused, by reason (limit, not_streamable).",
             ("model", "reason"),
-            registry=registry,
         )
-        self.session_chunks_total = Counter(
+        self.session_chunks_total = self._counter(
             "rnnserve_session_chunks",
             "Streamed chunks answered, by mode (session: server-held; token: portable state).",
             ("model", "mode"),
-            registry=registry,
         )
+
+    def _counter(self, name: str, documentation: str, labels: tuple[str, ...]) -> Counter:
+        return Counter(name, documentation, labels, registry=self.registry)
+
+    def _gauge(self, name: str, documentation: str, labels: tuple[str, ...]) -> Gauge:
+        return Gauge(name, documentation, labels, registry=self.registry)
+
+    def _histogram(
+        self, name: str, documentation: str, labels: tuple[str, ...], buckets: tuple[float, ...]
+    ) -> Histogram:
+        return Histogram(name, documentation, labels, buckets=buckets, registry=self.registry)
 
     def exposition(self) -> bytes:
         """The Prometheus text of every metric (what `/metrics` serves), without `_created`."""
@@ -234,7 +267,8 @@ class Metrics:
         outcome: str,
         seconds: float,
     ) -> None:
-        """Count one answered request and its latency (front-ends call this once per request)."""
+        """Count one answered request and its latency (service/core/request_metrics.py calls
+        this once per request)."""
         v = "" if version is None else str(version)
         self.child(self.requests_total, model, v, protocol, endpoint, outcome).inc()
         self.child(self.request_duration, model, v, protocol, endpoint).observe(seconds)
@@ -247,6 +281,25 @@ class Metrics:
         if found is None:
             found = self._children[key] = metric.labels(*labels)
         return found
+
+    def queue(self, model: str, version: int, kind: str) -> QueueMetrics:
+        """The queue children of one version's encode batcher or decode scheduler."""
+        labels = (model, str(version))
+        return QueueMetrics(
+            self.queue_depth.labels(*labels, kind),
+            self.queue_duration.labels(*labels),
+            self.dropped_total.labels(*labels, "deadline"),
+            self.dropped_total.labels(*labels, "cancelled"),
+        )
+
+    def calls(self, model: str, version: int, kind: str) -> CallMetrics:
+        """The children of one version's model calls of `kind` (encode, decode)."""
+        labels = (model, str(version), kind)
+        return CallMetrics(
+            self.compute_duration.labels(*labels),
+            self.batch_size.labels(*labels),
+            self.model_calls_total.labels(*labels),
+        )
 
     def set_model_state(self, model: str, version: int, state: str | None) -> None:
         """Mark `state` as the current state of a version (None: the version is gone)."""

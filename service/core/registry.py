@@ -20,10 +20,9 @@ import difflib
 import logging
 import os
 import time
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import numpy as np
 import torch
@@ -35,20 +34,17 @@ from models.encoder import EncoderModel
 from models.precision import Plan, uniform_dtype
 from models.precision import describe as describe_plan
 from service.core import validation
-from service.core.decode_scheduler import DecodeScheduler
+from service.core.decode_scheduler import DecodeLimits, DecodeScheduler
 from service.core.encode_batcher import Batcher, EncodeCompute
 from service.core.errors import Conflict, NotFound, NotReady, shown
 from service.core.executor import DeviceExecutor
 from service.core.metrics import Metrics
-from service.core.sessions import Head
 from service.core.settings import MAX_MODEL_NAME_LENGTH, Settings, is_model_name
-from service.core.types import ModelInfo, VersionInfo
+from service.core.types import Head, ModelInfo, VersionInfo, VersionState
 
 log = logging.getLogger(__name__)
 # Known model names an unknown-model refusal lists (the rest are counted).
 KNOWN_NAMES_SHOWN = 10
-
-VersionState = Literal["LOADING", "READY", "FAILED", "UNLOADING"]
 
 # Restarts of a version whose batcher or decode scheduler stopped: the first delay, its doubling
 # cap, and how long a restarted version must serve before its next failure counts as a first.
@@ -489,69 +485,54 @@ class Registry:
         model and warm it up."""
         loaded = entry.loaded
         assert loaded is not None
-        config = loaded.config
-        serving = config.serving
-        budget = self.settings.max_batch_timesteps or serving.max_batch_size * 128
-        # NOTE: on the CPU the model takes float32 whatever its parts compute in (each part
-        # casts); on a GPU inputs are cast on the way in, to the one dtype of every part.
-        input_dtype = torch.float32
-        if self._executor.device.type != "cpu":
-            input_dtype = uniform_dtype(loaded.plan) or torch.float32
-
-        def failed(component: object) -> Callable[[str], None]:
-            return lambda reason: self._component_failed(entry, component, reason)
-
+        component: Batcher | DecodeScheduler
         if isinstance(loaded.model, EncoderModel):
-            encoder = config.encoder
-            batcher = Batcher(
-                entry.name,
-                entry.version,
-                self._executor,
-                EncodeCompute(
-                    loaded.model,
-                    self._executor.device,
-                    input_dtype,
-                    (encoder.num_layers * encoder.num_directions, encoder.hidden_size),
-                ),
-                self._metrics,
-                max_batch_size=serving.max_batch_size,
-                max_delay_s=serving.max_delay_ms / 1000.0,
-                max_queue_size=serving.max_queue_size,
-                max_batch_timesteps=budget,
-                regroup_fraction=self.settings.regroup_fraction,
-                halve=self._executor.device.type == "cpu",
-                regroup_max_s=self.settings.regroup_max_ms / 1000.0,
-            )
-            batcher.on_failure = failed(batcher)
-            entry.batcher = batcher
-            entry.started_at = time.monotonic()
-            batcher.start()
-            if self.settings.warmup:
-                await batcher.warm_up(_warm_input(config))
+            component = entry.batcher = self._batcher(entry, loaded.model)
         else:
-            decoder = DecodeScheduler(
+            component = entry.decoder = DecodeScheduler(
                 entry.name,
                 entry.version,
                 loaded.model,
                 self._executor,
                 self._prefill,
                 self._metrics,
-                max_slots=self.settings.max_decode_slots,
-                max_queue=self.settings.max_decode_queue,
-                max_batch_size=serving.max_batch_size,
-                max_request_slots=self.settings.request_decode_slots(),
-                max_request_work=self.settings.max_request_decode_work
-                or serving.max_batch_size * 128,
-                max_group_steps=budget,
-                join_fraction=self.settings.decode_join_fraction,
-                max_wait_steps=self.settings.decode_max_wait_steps,
+                DecodeLimits.of(self.settings, loaded.config.serving),
             )
-            decoder.on_failure = failed(decoder)
-            entry.decoder = decoder
-            entry.started_at = time.monotonic()
-            decoder.start()
-            if self.settings.warmup:
-                await decoder.warm_up(_warm_input(config))
+        component.on_failure = lambda reason: self._component_failed(entry, component, reason)
+        entry.started_at = time.monotonic()
+        component.start()
+        if self.settings.warmup:
+            await component.warm_up(_warm_input(loaded.config))
+
+    def _batcher(self, entry: ModelVersion, model: EncoderModel) -> Batcher:
+        serving = model.config.serving
+        encoder = model.config.encoder
+        # NOTE: on the CPU the model takes float32 whatever its parts compute in (each part
+        # casts); on a GPU inputs are cast on the way in, to the one dtype of every part.
+        input_dtype = torch.float32
+        if self._executor.device.type != "cpu":
+            assert entry.loaded is not None
+            input_dtype = uniform_dtype(entry.loaded.plan) or torch.float32
+        compute = EncodeCompute(
+            model,
+            self._executor.device,
+            input_dtype,
+            (encoder.num_layers * encoder.num_directions, encoder.hidden_size),
+        )
+        return Batcher(
+            entry.name,
+            entry.version,
+            self._executor,
+            compute,
+            self._metrics,
+            max_batch_size=serving.max_batch_size,
+            max_delay_s=serving.max_delay_ms / 1000.0,
+            max_queue_size=serving.max_queue_size,
+            max_batch_timesteps=self.settings.max_batch_timesteps or serving.max_batch_size * 128,
+            regroup_fraction=self.settings.regroup_fraction,
+            halve=self._executor.device.type == "cpu",
+            regroup_max_s=self.settings.regroup_max_ms / 1000.0,
+        )
 
 
 def _host_head(model: EncoderModel, config: ModelConfig) -> Head | None:

@@ -22,12 +22,12 @@ import secrets
 import time
 from collections import OrderedDict
 from dataclasses import dataclass
-from typing import Literal, Protocol
+from typing import Protocol
 
 import numpy as np
 
 from models.config import ModelConfig
-from service.core.encode_batcher import HostState
+from models.config import Pooling as ConfigPooling
 from service.core.errors import Conflict, Draining, InvalidInput, NotFound, Overloaded, shown
 from service.core.metrics import Metrics
 from service.core.settings import Settings
@@ -38,38 +38,15 @@ from service.core.state_tokens import (
     TokenBinding,
     load_key,
 )
-from service.core.types import InputKind, Sequence
-from service.core.types import Protocol as WireProtocol
+from service.core.types import ChunkOutput, Head, HostState, InputKind, Pooling, SequenceData
 
 log = logging.getLogger(__name__)
-
-StreamPooling = Literal["last", "mean", "max", "none"]
-"""One row's RNN state: (h,) or (h, c) for an LSTM, each float32 [L, H]."""
 
 BIDIRECTIONAL_REASON = (
     "a bidirectional encoder reads the whole sequence backwards, so it cannot be streamed "
     "incrementally"
 )
 SEQ2SEQ_REASON = "streaming sessions serve encoder models; a seq2seq model is used with generate"
-
-
-@dataclass(frozen=True, slots=True)
-class ChunkOutput:
-    """What the engine hands back for one streamed chunk: every step's top-layer output and the
-    row's final state."""
-
-    version: int
-    outputs: np.ndarray  # float32 [T, E]
-    final_state: HostState
-
-
-@dataclass(frozen=True, slots=True)
-class Head:
-    """A model's linear head on the loop side: scores = weight @ encoding + bias."""
-
-    weight: np.ndarray  # float32 [S, E]
-    bias: np.ndarray  # float32 [S]
-    labels: list[str] | None
 
 
 class StreamBackend(Protocol):
@@ -92,11 +69,10 @@ class StreamBackend(Protocol):
         self,
         model: str,
         version: int,
-        sequence: Sequence,
+        sequence: SequenceData,
         kind: InputKind,
         initial_state: HostState | None,
         timeout_s: float | None,
-        protocol: WireProtocol,
     ) -> ChunkOutput:
         """Encode one chunk from `initial_state` (None = zeros) through the encode batcher."""
         ...
@@ -121,7 +97,7 @@ class SessionInfo:
     id: str
     model: str
     version: int
-    pooling: StreamPooling
+    pooling: Pooling
     steps: int
 
 
@@ -131,7 +107,7 @@ class _Session:
     model: str
     version: int
     config: ModelConfig
-    pooling: StreamPooling
+    pooling: Pooling
     return_state: bool
     state: StreamState
     last_used: float
@@ -201,9 +177,7 @@ def advance(state: StreamState, chunk: ChunkOutput) -> StreamState:
     return StreamState((*chunk.final_state, total, peak), steps=state.steps + len(outputs))
 
 
-def pooled(
-    pooling: Literal["last", "mean", "max"], state: StreamState, last: np.ndarray
-) -> np.ndarray:
+def pooled(pooling: ConfigPooling, state: StreamState, last: np.ndarray) -> np.ndarray:
     """The encoding of every step so far; `last` is the newest step's output [E]."""
     if pooling == "last":
         return last
@@ -295,7 +269,7 @@ class SessionManager:
         model: str,
         version: int | None = None,
         *,
-        pooling: StreamPooling | None = None,
+        pooling: Pooling | None = None,
         return_state: bool = False,
         state_token: str | bytes | None = None,
     ) -> SessionInfo:
@@ -331,11 +305,10 @@ class SessionManager:
     async def chunk(
         self,
         session_id: str,
-        sequence: Sequence,
+        sequence: SequenceData,
         kind: InputKind,
         *,
         timeout_s: float | None = None,
-        protocol: WireProtocol = "internal",
     ) -> ChunkResult:
         """Feed one chunk to a session; the answer covers every step so far."""
         self._check_admitting(session_id)
@@ -356,7 +329,6 @@ class SessionManager:
                 session.pooling,
                 session.return_state,
                 timeout_s,
-                protocol,
             )
         finally:
             session.busy = False
@@ -385,14 +357,13 @@ class SessionManager:
     async def stream(
         self,
         model: str,
-        sequence: Sequence,
+        sequence: SequenceData,
         kind: InputKind,
         *,
         version: int | None = None,
-        pooling: StreamPooling | None = None,
+        pooling: Pooling | None = None,
         state_token: str | bytes | None = None,
         timeout_s: float | None = None,
-        protocol: WireProtocol = "internal",
     ) -> ChunkResult:
         """One stateless chunk: state in by token (None = start), new token out."""
         if self.backend.draining:
@@ -410,7 +381,6 @@ class SessionManager:
             pooling or config.pooling,
             True,
             timeout_s,
-            protocol,
         )
         self._count_chunk(model, "token")
         return result
@@ -423,15 +393,14 @@ class SessionManager:
         version: int,
         config: ModelConfig,
         state: StreamState,
-        sequence: Sequence,
+        sequence: SequenceData,
         kind: InputKind,
-        pooling: StreamPooling,
+        pooling: Pooling,
         return_state: bool,
         timeout_s: float | None,
-        protocol: WireProtocol,
     ) -> tuple[ChunkResult, StreamState]:
         out = await self.backend.encode_chunk(
-            model, version, sequence, kind, rnn_state(state), timeout_s, protocol
+            model, version, sequence, kind, rnn_state(state), timeout_s
         )
         new = advance(state, out)
         last = out.outputs[-1]
@@ -536,14 +505,3 @@ class SessionManager:
         if self._metrics is None:
             return
         self._metrics.child(self._metrics.session_chunks_total, model, mode).inc()
-
-
-__all__ = [
-    "BIDIRECTIONAL_REASON",
-    "ChunkOutput",
-    "ChunkResult",
-    "Head",
-    "SessionInfo",
-    "SessionManager",
-    "StreamBackend",
-]

@@ -1,4 +1,4 @@
-"""Typed requests and results of the serving core.
+"""Typed requests and results of the serving core, and the vocabulary both front-ends share.
 
 Front-ends translate their wire formats to and from these; protobuf and HTTP types never reach
 the core. Arrays are numpy (cheap to build from JSON or raw bytes, cheap to turn into tensors).
@@ -7,15 +7,24 @@ the core. Arrays are numpy (cheap to build from JSON or raw bytes, cheap to turn
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Any, Literal, get_args
 
 import numpy as np
 
+from models.config import RequestPooling
+
 InputKind = Literal["features", "tokens", "text"]
-Protocol = Literal["rest", "grpc", "v2-rest", "v2-grpc", "internal"]
+# The wire a request came over: the `protocol` label of the request metrics.
+Wire = Literal["rest", "grpc", "v2-rest", "v2-grpc"]
+# How a request's encodings are pooled over time ("none": every step's output).
+Pooling = RequestPooling
+POOLINGS: tuple[Pooling, ...] = get_args(Pooling)
+VersionState = Literal["LOADING", "READY", "FAILED", "UNLOADING"]
 
 # One sequence: float32 [T, F] (features), int64 [T] (tokens), or str (text).
-Sequence = np.ndarray | str
+SequenceData = np.ndarray | str
+# A row's recurrent state on the host: float32 [L*D, H] per tensor (LSTM: (h, c)).
+HostState = tuple[np.ndarray, ...]
 
 
 @dataclass(frozen=True, slots=True)
@@ -36,18 +45,18 @@ class EncodeRequest:
     """Encode a batch of sequences of one model version."""
 
     model: str
-    sequences: list[Sequence]
+    sequences: list[SequenceData]
     kind: InputKind
     version: int | None = None
-    pooling: Literal["last", "mean", "max", "none"] | None = None
+    pooling: Pooling | None = None
     timeout_s: float | None = None
-    protocol: Protocol = "internal"
-    endpoint: str = "encode"
     answer_limit: AnswerLimit | None = None
 
 
 @dataclass(frozen=True, slots=True)
 class EncodeResult:
+    """The encodings of an EncodeRequest, in its order, and the version that computed them."""
+
     model: str
     version: int
     # float32 [N, E] for pooled encodings; for pooling "none", a list of [T_i, E] arrays.
@@ -63,24 +72,26 @@ class GenerateRequest:
     """Generate an output sequence for each input sequence of a seq2seq model."""
 
     model: str
-    sequences: list[Sequence]
+    sequences: list[SequenceData]
     kind: InputKind
     version: int | None = None
     max_length: int | None = None
     beam_size: int = 1
     timeout_s: float | None = None
-    protocol: Protocol = "internal"
-    endpoint: str = "generate"
 
 
 @dataclass(frozen=True, slots=True)
 class GeneratedSequence:
+    """One generated output: token ids (no <bos>/<eos>) and, for text models, their text."""
+
     tokens: list[int]
     text: str | None = None
 
 
 @dataclass(frozen=True, slots=True)
 class GenerateResult:
+    """The outputs of a GenerateRequest, in its order, and the version that decoded them."""
+
     model: str
     version: int
     outputs: list[GeneratedSequence]
@@ -96,9 +107,30 @@ class TokenEvent:
 
 
 @dataclass(frozen=True, slots=True)
-class VersionInfo:
+class ChunkOutput:
+    """One streamed chunk as the encode batcher computed it: every step's top-layer output and
+    the row's final state."""
+
     version: int
-    state: Literal["LOADING", "READY", "FAILED", "UNLOADING", "UNAVAILABLE"]
+    outputs: np.ndarray  # float32 [T, E]
+    final_state: HostState
+
+
+@dataclass(frozen=True, slots=True)
+class Head:
+    """A model's linear head on the host: scores = weight @ encoding + bias."""
+
+    weight: np.ndarray  # float32 [S, E]
+    bias: np.ndarray  # float32 [S]
+    labels: list[str] | None
+
+
+@dataclass(frozen=True, slots=True)
+class VersionInfo:
+    """The public view of one version: its state, why it failed, how long it took to load."""
+
+    version: int
+    state: VersionState
     reason: str | None = None
     load_seconds: float | None = None
 

@@ -13,14 +13,11 @@ import numpy as np
 
 from models.config import FeaturesInput, ModelConfig, TextInput, TokensInput
 from models.tokenizer import Tokenizer
-from service.core.errors import InvalidInput
+from service.core.errors import InvalidInput, shown
 from service.core.settings import MODEL_NAME_RULE, is_model_name
-from service.core.types import AnswerLimit, InputKind, Sequence
+from service.core.types import POOLINGS, InputKind, Pooling, SequenceData
 
 FIELD_OF_KIND: dict[str, str] = {"features": "inputs", "tokens": "tokens", "text": "texts"}
-POOLINGS = ("last", "mean", "max", "none")
-# The longest deadline a request may ask for (every wire's timeout_ms): one hour.
-MAX_TIMEOUT_MS = 3_600_000
 
 
 def model_kind(config: ModelConfig) -> InputKind:
@@ -69,38 +66,19 @@ def check_task(name: str, config: ModelConfig, task: str) -> None:
         raise InvalidInput("model", f"model {name!r} is {article} {config.task} model; use {use}")
 
 
-def check_timeout(timeout_s: float | None) -> None:
-    """Deadlines are positive and finite."""
-    if timeout_s is not None and not (0 < timeout_s < float("inf")):
-        raise InvalidInput("timeout_ms", f"must be a positive number, got {timeout_s * 1000:g}")
-
-
-def check_timeout_ms(timeout_ms: float, field: str = "timeout_ms") -> None:
-    """A request's own timeout_ms is in (0, MAX_TIMEOUT_MS]."""
-    if not 0 < timeout_ms <= MAX_TIMEOUT_MS:
-        raise InvalidInput(
-            field, f"must be greater than 0 and at most {MAX_TIMEOUT_MS} ms, got {timeout_ms:.15g}"
-        )
-
-
-def tighter_timeout(own_s: float | None, deadline_s: float | None) -> float | None:
-    """The tighter of a request's own timeout and its call's remaining deadline (seconds)."""
-    if own_s is None:
-        return deadline_s
-    return own_s if deadline_s is None else min(own_s, deadline_s)
-
-
-def check_pooling(pooling: str | None) -> None:
-    """Pooling is one of last, mean, max, none."""
+def check_pooling(pooling: str | None, field: str = "pooling") -> Pooling | None:
+    """`pooling` as the engine's Pooling (None: the model's default), or `InvalidInput(field)`
+    unless it is one of last, mean, max, none."""
     if pooling is not None and pooling not in POOLINGS:
-        raise InvalidInput("pooling", f"must be one of {', '.join(POOLINGS)}; got {pooling!r}")
+        raise InvalidInput(field, f"must be one of {', '.join(POOLINGS)}; got {shown(pooling)}")
+    return pooling
 
 
 def sequences(
     config: ModelConfig,
     tokenizer: Tokenizer | None,
     kind: InputKind,
-    items: list[Sequence],
+    items: list[SequenceData],
     *,
     max_sequences: int,
     max_text_length: int,
@@ -148,7 +126,7 @@ def too_many_steps(field: str, steps: int, limit: int) -> InvalidInput:
     return InvalidInput(field, f"{steps} steps; this model's max_sequence_length is {limit}")
 
 
-def _features(name: str, item: Sequence, size: int) -> np.ndarray:
+def _features(name: str, item: SequenceData, size: int) -> np.ndarray:
     if isinstance(item, str):
         raise InvalidInput(name, "expected a [time, features] array of numbers, got a string")
     array = np.asarray(item)
@@ -170,7 +148,7 @@ def _features(name: str, item: Sequence, size: int) -> np.ndarray:
     return array
 
 
-def _tokens(name: str, item: Sequence, vocab_size: int) -> np.ndarray:
+def _tokens(name: str, item: SequenceData, vocab_size: int) -> np.ndarray:
     if isinstance(item, str):
         raise InvalidInput(name, "expected a list of token ids, got a string")
     array = np.asarray(item)
@@ -190,7 +168,7 @@ def _tokens(name: str, item: Sequence, vocab_size: int) -> np.ndarray:
 
 
 def _text(
-    name: str, item: Sequence, spec: TextInput, tokenizer: Tokenizer | None, max_chars: int
+    name: str, item: SequenceData, spec: TextInput, tokenizer: Tokenizer | None, max_chars: int
 ) -> np.ndarray:
     if not isinstance(item, str):
         raise InvalidInput(name, "expected a string")
@@ -202,36 +180,6 @@ def _text(
     if ids.shape[0] == 0:
         raise InvalidInput(name, f"empty text (no {spec.tokenizer} tokens)")
     return ids
-
-
-def check_answer_size(
-    config: ModelConfig,
-    kind: InputKind,
-    arrays: list[np.ndarray],
-    pooling: str,
-    limit: AnswerLimit,
-) -> None:
-    """`InvalidInput` when the answer to encoding `arrays` would pass `limit`: per-step encodings
-    ("none") grow with every step, so a small request can ask for a huge answer."""
-    rows = len(arrays)
-    if pooling != "none":
-        steps = rows
-    elif limit.padded:
-        steps = rows * max(a.shape[0] for a in arrays)
-    else:
-        steps = sum(a.shape[0] for a in arrays)
-    values = steps * config.encoding_size + rows * (config.head.size if config.head else 0)
-    size = values * limit.bytes_per_value
-    if size <= limit.max_bytes:
-        return
-    advice = "send fewer or shorter sequences"
-    if pooling == "none":
-        advice += ", or ask for a pooled encoding (pooling 'none' answers every step)"
-    raise InvalidInput(
-        FIELD_OF_KIND[kind],
-        f"the answer would take about {size:,} bytes ({values:,} numbers); the limit is "
-        f"{limit.max_bytes:,} bytes ({limit.setting}): {advice}",
-    )
 
 
 def generate_limits(

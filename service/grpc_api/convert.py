@@ -1,28 +1,25 @@
 """Converters at the gRPC edge: protobuf ↔ the core's typed requests and results.
 
-Three parts: the error table (core error → gRPC status code), rnnserve.v1 messages, and Open
-Inference Protocol (V2) tensors — typed contents or raw little-endian bytes, BYTES elements with
-4-byte little-endian length prefixes. Only wire structure is checked here (shapes, counts,
-datatypes); what V2 tensors mean is decided in service/inference_protocol/requests.py (shared with
-V2 REST), and sequence contents are validated by the engine.
+rnnserve.v1 messages (FloatArray floats through their packed wire bytes), and Open Inference
+Protocol (V2) tensors: typed contents or raw little-endian bytes. Only wire structure is checked
+here (shapes, counts, datatypes); what V2 tensors mean is service/inference_protocol/requests.py's
+(shared with V2 over HTTP), and sequence contents are validated by the engine.
 """
 
 from __future__ import annotations
 
 import functools
-import struct
-from collections.abc import Callable, Iterable
-from typing import Any, Literal, cast
+from collections.abc import Callable, Mapping
+from typing import Any
 
-import grpc
 import numpy as np
 from google.protobuf import struct_pb2
 
-from models.config import ModelConfig
 from rnnserve_client.proto.inference import grpc_service_pb2 as v2
 from rnnserve_client.proto.rnnserve.v1 import rnnserve_pb2 as pb
-from service.core import errors, validation
+from service.core import errors, limits
 from service.core.types import (
+    POOLINGS,
     AnswerLimit,
     EncodeRequest,
     EncodeResult,
@@ -30,106 +27,69 @@ from service.core.types import (
     GenerateResult,
     InputKind,
     ModelInfo,
-    Protocol,
+    Pooling,
+    SequenceData,
     TokenEvent,
 )
-from service.core.types import Sequence as Seq
-from service.http_api.json_codecs import (
+from service.grpc_api.protobuf_wire import (
+    LENGTH_DELIMITED,
+    Malformed,
+    read_varint,
+    tag,
+    write_varint,
+)
+from service.inference_protocol.requests import requested_outputs
+from service.inference_protocol.tensors import (
     V2_DTYPES,
     TensorData,
     V2Output,
     V2Tensor,
+    bytes_elements,
     check_int_range,
-    pack_bytes,
+    raw_array,
+    raw_contents,
     tensor_elements,
 )
-from service.inference_protocol import requests as v2_common
 
-# --- errors -----------------------------------------------------------------------------------
-
-# NOTE: chosen from gRPC's own code semantics, not derived from the HTTP table.
-GRPC_STATUS: dict[type[errors.ServiceError], grpc.StatusCode] = {
-    errors.NotFound: grpc.StatusCode.NOT_FOUND,
-    errors.InvalidInput: grpc.StatusCode.INVALID_ARGUMENT,
-    errors.NotReady: grpc.StatusCode.UNAVAILABLE,
-    errors.Overloaded: grpc.StatusCode.RESOURCE_EXHAUSTED,
-    errors.DeadlineExceeded: grpc.StatusCode.DEADLINE_EXCEEDED,
-    errors.Draining: grpc.StatusCode.UNAVAILABLE,
-    errors.Unauthenticated: grpc.StatusCode.UNAUTHENTICATED,
-    errors.PermissionDenied: grpc.StatusCode.PERMISSION_DENIED,
-    errors.Conflict: grpc.StatusCode.FAILED_PRECONDITION,
-    errors.ComputeError: grpc.StatusCode.INTERNAL,
-}
-
-
-def grpc_status(error: errors.ServiceError) -> tuple[grpc.StatusCode, str]:
-    """The gRPC status code and client-safe message of a core error."""
-    for cls in type(error).__mro__:
-        code = GRPC_STATUS.get(cast(type[errors.ServiceError], cls))
-        if code is not None:
-            return code, error.message
-    return grpc.StatusCode.INTERNAL, error.message
-
-
-# --- rnnserve.v1 ------------------------------------------------------------------------------
-
-_POOLINGS = validation.POOLINGS
-PoolingName = Literal["last", "mean", "max", "none"]
-
+# -- rnnserve.v1 --
 
 # NOTE: FloatArray's floats go through their packed wire bytes (proto3 packs repeated scalars:
-# a length-delimited field of little-endian float32s) instead of one Python float per element,
-# ~30x faster; any other layout falls back to the element-wise path.
-_VALUES_TAG = 2 << 3 | 2  # field 2 (values), wire type 2 (length-delimited)
-
-
-def _varint(data: bytes, pos: int) -> tuple[int, int]:
-    value = shift = 0
-    while True:
-        byte = data[pos]
-        pos += 1
-        value |= (byte & 0x7F) << shift
-        if byte < 0x80:
-            return value, pos
-        shift += 7
-
-
-def _encode_varint(value: int) -> bytes:
-    out = bytearray()
-    while value >= 0x80:
-        out.append(value & 0x7F | 0x80)
-        value >>= 7
-    out.append(value)
-    return bytes(out)
+# a length-delimited field of little-endian float32s), copied in C instead of one Python float
+# per element; any other layout falls back to the element-wise path.
+_SHAPE_TAG = tag(1, LENGTH_DELIMITED)
+_VALUES_TAG = tag(2, LENGTH_DELIMITED)
 
 
 def float_values(array: pb.FloatArray) -> np.ndarray:
     """`array.values` as a flat, writable float32 array."""
     data = array.SerializeToString()
-    pos = 0
-    while pos < len(data):
-        tag, pos = _varint(data, pos)
-        if tag & 7 != 2:
-            return np.array(array.values, dtype=np.float32)
-        length, pos = _varint(data, pos)
-        if tag == _VALUES_TAG and length % 4 == 0:
-            return np.frombuffer(data, "<f4", length // 4, pos).astype(np.float32)
-        pos += length
+    pos, end = 0, len(data)
+    try:
+        while pos < end:
+            key, pos = read_varint(data, pos, end)
+            if key & 7 != LENGTH_DELIMITED:
+                break
+            length, pos = read_varint(data, pos, end)
+            if key == _VALUES_TAG and length % 4 == 0:
+                return np.frombuffer(data, "<f4", length // 4, pos).astype(np.float32)
+            pos += length
+    except Malformed:
+        pass
     return np.array(array.values, dtype=np.float32)
 
 
 def float_array(array: np.ndarray) -> pb.FloatArray:
     """A FloatArray of a numpy array (shape and row-major float32 values)."""
-    shape = b"".join(_encode_varint(int(d)) for d in array.shape)
+    shape = b"".join(write_varint(int(d)) for d in array.shape)
     values = np.ascontiguousarray(array, dtype="<f4").tobytes()
-    data = b"\x0a" + _encode_varint(len(shape)) + shape if shape else b""
+    data = bytes([_SHAPE_TAG]) + write_varint(len(shape)) + shape if shape else b""
     if values:
-        data += bytes([_VALUES_TAG]) + _encode_varint(len(values)) + values
+        data += bytes([_VALUES_TAG]) + write_varint(len(values)) + values
     return pb.FloatArray.FromString(data)
 
 
-def _feature_sequence(index: int, array: pb.FloatArray) -> np.ndarray:
-    field = f"inputs[{index}]"
+def feature_sequence(array: pb.FloatArray, field: str) -> np.ndarray:
+    """One feature sequence, float32 [time, features], of a FloatArray (`field` names it)."""
     if len(array.shape) != 2:
         raise errors.InvalidInput(
             f"{field}.shape", f"must be [time, features], got {list(array.shape)}"
@@ -143,13 +103,18 @@ def _feature_sequence(index: int, array: pb.FloatArray) -> np.ndarray:
     return float_values(array).reshape(array.shape[0], array.shape[1])
 
 
-def _sequences(message: pb.EncodeRequest | pb.GenerateRequest) -> tuple[list[Seq], InputKind]:
+def _sequences(
+    message: pb.EncodeRequest | pb.GenerateRequest,
+) -> tuple[list[SequenceData], InputKind]:
     which = message.WhichOneof("input")
     if which == "inputs":
-        return [_feature_sequence(i, a) for i, a in enumerate(message.inputs.sequences)], "features"
+        sequences = message.inputs.sequences
+        return [feature_sequence(a, f"inputs[{i}]") for i, a in enumerate(sequences)], "features"
     if which == "tokens":
-        seqs: list[Seq] = [np.array(s.ids, dtype=np.int64) for s in message.tokens.sequences]
-        return seqs, "tokens"
+        ids: list[SequenceData] = [
+            np.array(s.ids, dtype=np.int64) for s in message.tokens.sequences
+        ]
+        return ids, "tokens"
     if which == "texts":
         return list(message.texts.texts), "text"
     raise errors.InvalidInput("input", "one of 'inputs', 'tokens' or 'texts' is required")
@@ -166,34 +131,38 @@ def optional_version(message: Any, field: str = "version") -> int | None:
 
 
 def request_timeout(timeout_ms: int, deadline_s: float | None) -> float | None:
-    """Seconds: the tighter of a message's timeout_ms (0: unset, as proto3 sends it; else within
-    the wires' one limit) and the call's remaining gRPC deadline."""
-    if timeout_ms:
-        validation.check_timeout_ms(timeout_ms)
-    return validation.tighter_timeout(timeout_ms / 1000.0 if timeout_ms else None, deadline_s)
+    """Seconds: the tighter of a message's timeout_ms (0: unset, as proto3 sends it) and the
+    call's remaining gRPC deadline."""
+    return limits.timeout_seconds(timeout_ms or None, deadline_s)
+
+
+def pooling_from_proto(value: str) -> Pooling | None:
+    """The pooling a message names ("": the model's default)."""
+    if not value:
+        return None
+    if value not in POOLINGS:
+        raise errors.InvalidInput(
+            "pooling", f"{errors.shown(value)} is not one of {', '.join(POOLINGS)}"
+        )
+    return value
 
 
 def encode_request_from_proto(
     message: pb.EncodeRequest,
     deadline_s: float | None = None,
-    protocol: Protocol = "grpc",
     answer_limit: AnswerLimit | None = None,
 ) -> EncodeRequest:
     """Build the core's EncodeRequest; `deadline_s` is the call's remaining gRPC deadline,
     `answer_limit` the largest answer the call may send."""
-    if message.pooling and message.pooling not in _POOLINGS:
-        raise errors.InvalidInput(
-            "pooling", f"{errors.shown(message.pooling)} is not one of {', '.join(_POOLINGS)}"
-        )
+    pooling = pooling_from_proto(message.pooling)
     sequences, kind = _sequences(message)
     return EncodeRequest(
         model=message.model,
         sequences=sequences,
         kind=kind,
         version=optional_version(message),
-        pooling=cast(PoolingName, message.pooling) if message.pooling else None,
+        pooling=pooling,
         timeout_s=request_timeout(message.timeout_ms, deadline_s),
-        protocol=protocol,
         answer_limit=answer_limit,
     )
 
@@ -211,10 +180,7 @@ def encode_result_to_proto(result: EncodeResult) -> pb.EncodeResponse:
 
 
 def generate_request_from_proto(
-    message: pb.GenerateRequest,
-    deadline_s: float | None = None,
-    protocol: Protocol = "grpc",
-    endpoint: str = "generate",
+    message: pb.GenerateRequest, deadline_s: float | None = None
 ) -> GenerateRequest:
     """Build the core's GenerateRequest (beam_size 0 means greedy, max_length 0 the default)."""
     sequences, kind = _sequences(message)
@@ -226,8 +192,6 @@ def generate_request_from_proto(
         max_length=message.max_length or None,
         beam_size=max(1, message.beam_size),
         timeout_s=request_timeout(message.timeout_ms, deadline_s),
-        protocol=protocol,
-        endpoint=endpoint,
     )
 
 
@@ -264,7 +228,7 @@ def model_info_to_proto(info: ModelInfo) -> pb.ModelInfo:
     )
 
 
-# --- Open Inference Protocol (V2) tensors -----------------------------------------------------
+# -- Open Inference Protocol (V2) tensors --
 
 # The InferTensorContents field of each datatype (FP16 has none: raw contents only).
 _CONTENTS_FIELD = {
@@ -281,31 +245,6 @@ _CONTENTS_FIELD = {
     "FP64": "fp64_contents",
     "BYTES": "bytes_contents",
 }
-_LENGTH = struct.Struct("<I")
-
-
-def decode_bytes(raw: bytes, count: int, field: str) -> list[bytes]:
-    """Split raw BYTES contents: `count` elements, each a 4-byte LE length and its bytes."""
-    items: list[bytes] = []
-    offset = 0
-    view = memoryview(raw)
-    for i in range(count):
-        if offset + 4 > len(raw):
-            raise errors.InvalidInput(field, f"BYTES contents end before element {i} of {count}")
-        (size,) = _LENGTH.unpack_from(raw, offset)
-        offset += 4
-        if offset + size > len(raw):
-            raise errors.InvalidInput(field, f"BYTES element {i} claims {size} bytes past the end")
-        items.append(bytes(view[offset : offset + size]))
-        offset += size
-    if offset != len(raw):
-        raise errors.InvalidInput(field, f"{len(raw) - offset} bytes left after {count} elements")
-    return items
-
-
-def encode_bytes(items: Iterable[bytes]) -> bytes:
-    """Raw BYTES contents: each element prefixed by its 4-byte little-endian length."""
-    return pack_bytes(items)
 
 
 def decode_v2_inputs(request: v2.ModelInferRequest) -> list[V2Tensor]:
@@ -341,21 +280,13 @@ def _raw_decoder(
 ) -> Callable[[], TensorData]:
     field = f"raw_input_contents[{index}]"
     if datatype == "BYTES":
-        return functools.partial(decode_bytes, data, count, field)
-    dtype = V2_DTYPES[datatype]
-    if len(data) != count * dtype.itemsize:
+        return functools.partial(bytes_elements, data, field, shape, count)
+    size = count * V2_DTYPES[datatype].itemsize
+    if len(data) != size:
         raise errors.InvalidInput(
-            field,
-            f"has {len(data)} bytes but {datatype} {list(shape)} needs {count * dtype.itemsize}",
+            field, f"has {len(data)} bytes but {datatype} {list(shape)} needs {size}"
         )
-    return functools.partial(_from_raw, data, dtype, shape)
-
-
-def _from_raw(data: bytes, dtype: np.dtype[Any], shape: tuple[int, ...]) -> np.ndarray:
-    # NOTE: copy so the array is writable and native-endian (torch refuses read-only buffers).
-    return (
-        np.frombuffer(data, dtype=dtype).astype(dtype.newbyteorder("="), copy=True).reshape(shape)
-    )
+    return functools.partial(raw_array, data, datatype, shape)
 
 
 def _contents_decoder(
@@ -387,57 +318,28 @@ def _from_contents(
     return np.array(values, dtype=dtype).reshape(shape)
 
 
-def v2_parameters(request: v2.ModelInferRequest) -> dict[str, Any]:
-    """The request's parameters as plain values (bool, int, float or str)."""
+def plain_parameters(
+    parameters: Mapping[str, v2.InferParameter], keep_unset: bool = False
+) -> dict[str, Any]:
+    """V2 parameters as plain values (bool, int, float or str); one with no value set is left
+    out, or kept as None with `keep_unset`."""
     values: dict[str, Any] = {}
-    for name, param in request.parameters.items():
+    for name, param in parameters.items():
         which = param.WhichOneof("parameter_choice")
-        if which is not None:
-            values[name] = getattr(param, which)
+        if which is not None or keep_unset:
+            values[name] = getattr(param, which) if which is not None else None
     return values
-
-
-def v2_infer_request(
-    request: v2.ModelInferRequest,
-    config: ModelConfig,
-    version: int,
-    deadline_s: float | None,
-    *,
-    limit: int,
-    protocol: Protocol = "v2-grpc",
-    endpoint: str = "infer",
-    answer_limit: AnswerLimit | None = None,
-) -> EncodeRequest | GenerateRequest:
-    """The engine's request of a V2 infer request (at most `limit` sequences; parameters and
-    `answer_limit` as `v2_common.infer_request`)."""
-    kind, sequences = v2_common.infer_sequences(decode_v2_inputs(request), config, limit)
-    return v2_common.infer_request(
-        request.model_name,
-        version,
-        config,
-        kind,
-        sequences,
-        v2_parameters(request),
-        protocol,
-        endpoint=endpoint,
-        deadline_s=deadline_s,
-        answer_limit=answer_limit,
-    )
 
 
 def v2_infer_response(
     request: v2.ModelInferRequest, version: int, outputs: list[V2Output]
 ) -> v2.ModelInferResponse:
     """A V2 response with the requested outputs (all when none named), as raw contents."""
-    chosen = v2_common.requested_outputs(outputs, [o.name for o in request.outputs])
+    chosen = requested_outputs(outputs, [o.name for o in request.outputs])
     response = v2.ModelInferResponse(
         model_name=request.model_name, model_version=str(version), id=request.id
     )
     for output in chosen:
-        if isinstance(output.data, list):
-            data = encode_bytes(output.data)
-        else:
-            data = np.ascontiguousarray(output.data, dtype=V2_DTYPES[output.datatype]).tobytes()
         response.outputs.add(name=output.name, datatype=output.datatype, shape=output.shape)
-        response.raw_output_contents.append(data)
+        response.raw_output_contents.append(raw_contents(output))
     return response

@@ -20,6 +20,14 @@ from google.protobuf.descriptor import Descriptor, FieldDescriptor
 
 from service.core.errors import PayloadTooLarge
 from service.core.settings import Settings
+from service.grpc_api.protobuf_wire import (
+    FIXED32,
+    FIXED64,
+    LENGTH_DELIMITED,
+    VARINT,
+    Malformed,
+    read_varint,
+)
 
 # Messages up to this size are parsed unchecked: even at 50× the wire they cost little.
 SCAN_ABOVE_BYTES = 1 << 20
@@ -36,10 +44,6 @@ _VARINT_TYPES = frozenset(
         FieldDescriptor.TYPE_ENUM,
     }
 )
-
-
-class _Malformed(Exception):
-    """The bytes are not a well-formed message: left for protobuf to refuse."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -64,7 +68,7 @@ class MessageLimits:
             return
         try:
             values, walked = _count(data, descriptor, self.max_fields)
-        except _Malformed:
+        except Malformed:
             return
         if walked > self.max_fields:
             raise PayloadTooLarge(
@@ -92,19 +96,19 @@ def _count(data: bytes, descriptor: Descriptor, max_walked: int) -> tuple[int, i
             walked += 1
             if walked > max_walked:
                 return values, walked
-            tag, pos = _varint(view, pos, end)
+            tag, pos = read_varint(view, pos, end)
             wire = tag & 7
             values += 1
-            if wire == 0:
-                _, pos = _varint(view, pos, end)
-            elif wire == 1:
+            if wire == VARINT:
+                _, pos = read_varint(view, pos, end)
+            elif wire == FIXED64:
                 pos += 8
-            elif wire == 5:
+            elif wire == FIXED32:
                 pos += 4
-            elif wire == 2:
-                length, pos = _varint(view, pos, end)
+            elif wire == LENGTH_DELIMITED:
+                length, pos = read_varint(view, pos, end)
                 if pos + length > end:
-                    raise _Malformed
+                    raise Malformed
                 field = message.fields_by_number.get(tag >> 3) if message is not None else None
                 if field is not None and field.type == FieldDescriptor.TYPE_MESSAGE:
                     stack.append((pos, pos + length, field.message_type))
@@ -112,9 +116,9 @@ def _count(data: bytes, descriptor: Descriptor, max_walked: int) -> tuple[int, i
                     values += _varints(view, pos, pos + length) - 1
                 pos += length
             else:
-                raise _Malformed
+                raise Malformed
         if pos != end:
-            raise _Malformed
+            raise Malformed
     return values, walked
 
 
@@ -129,16 +133,3 @@ def _varints(view: memoryview, start: int, end: int) -> int:
 
 
 _SLICE = 1 << 22
-
-
-def _varint(view: memoryview, pos: int, end: int) -> tuple[int, int]:
-    value = shift = 0
-    while True:
-        if pos >= end or shift > 63:
-            raise _Malformed
-        byte = view[pos]
-        pos += 1
-        value |= (byte & 0x7F) << shift
-        if byte < 0x80:
-            return value, pos
-        shift += 7

@@ -1,58 +1,37 @@
 """gRPC streaming sessions: `StreamSession` (the stream is the session) and `StreamChunk`.
 
-`RnnServeServicer` (service/grpc_api/server.py) delegates its two session methods here. Errors leave
-through the one gRPC table (`grpc_api.abort_with`), which ends the stream; the session closes
-with its stream.
+`RnnServeServicer` (service/grpc_api/v1_servicer.py) serves its two session RPCs with these.
+Errors leave through the one gRPC table (`calls.abort_with`), which ends the stream; the session
+closes with its stream.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import time
 from collections.abc import AsyncIterator, Awaitable, Callable
-from typing import Any, cast, get_args
 
-import grpc
 import numpy as np
 
 from rnnserve_client.proto.rnnserve.v1 import rnnserve_pb2 as pb
 from service.core import errors
-from service.core.sessions import ChunkResult, SessionManager, StreamPooling
-from service.core.types import InputKind, Sequence
-from service.grpc_api.convert import float_values, optional_version, request_timeout
-from service.grpc_api.server import CallRecorder, DrainWatch, abort_with, deadline_of
-
-_POOLINGS: tuple[str, ...] = get_args(StreamPooling)
-
-
-def pooling_from_proto(value: str) -> StreamPooling | None:
-    """The session pooling of a message ("" = the model's default)."""
-    if not value:
-        return None
-    if value not in _POOLINGS:
-        raise errors.InvalidInput(
-            "pooling", f"{errors.shown(value)} is not one of {', '.join(_POOLINGS)}"
-        )
-    return cast(StreamPooling, value)
+from service.core.sessions import ChunkResult, SessionInfo, SessionManager
+from service.core.types import InputKind, SequenceData
+from service.grpc_api.calls import CallRecorder, Context, DrainWatch, abort_with, deadline_of
+from service.grpc_api.convert import (
+    feature_sequence,
+    float_array,
+    optional_version,
+    pooling_from_proto,
+    request_timeout,
+)
 
 
-def chunk_from_proto(chunk: pb.SessionChunk) -> tuple[Sequence, InputKind]:
+def chunk_from_proto(chunk: pb.SessionChunk) -> tuple[SequenceData, InputKind]:
     """The one sequence of a chunk message (wire structure checked; contents by the engine)."""
     which = chunk.WhichOneof("input")
     if which == "inputs":
-        shape = list(chunk.inputs.shape)
-        if len(shape) != 2:
-            raise errors.InvalidInput(
-                "chunk.inputs.shape", f"must be [time, features], got {shape}"
-            )
-        if shape[0] * shape[1] != len(chunk.inputs.values):
-            raise errors.InvalidInput(
-                "chunk.inputs.values",
-                f"has {len(chunk.inputs.values)} numbers but shape {shape} needs "
-                f"{shape[0] * shape[1]}",
-            )
-        return float_values(chunk.inputs).reshape(shape[0], shape[1]), "features"
+        return feature_sequence(chunk.inputs, "chunk.inputs"), "features"
     if which == "tokens":
         return np.array(chunk.tokens.ids, dtype=np.int64), "tokens"
     if which == "text":
@@ -66,9 +45,7 @@ def result_to_proto(result: ChunkResult) -> pb.SessionChunkResult:
         model=result.model,
         version=result.version,
         steps=result.steps,
-        encoding=pb.FloatArray(
-            shape=list(result.encoding.shape), values=result.encoding.ravel().tolist()
-        ),
+        encoding=float_array(result.encoding),
         state_token=result.state_token or b"",
     )
     if result.scores is not None:
@@ -78,32 +55,75 @@ def result_to_proto(result: ChunkResult) -> pb.SessionChunkResult:
     return message
 
 
+def opened_to_proto(info: SessionInfo) -> pb.SessionResponse:
+    """The answer to a session's `open` message."""
+    return pb.SessionResponse(
+        opened=pb.SessionOpened(
+            session_id=info.id,
+            model=info.model,
+            version=info.version,
+            pooling=info.pooling,
+            steps=info.steps,
+        )
+    )
+
+
 async def stream_session(
     sessions: SessionManager,
     calls: CallRecorder,
     requests: AsyncIterator[pb.SessionRequest],
-    context: grpc.aio.ServicerContext[Any, Any],
+    context: Context,
     until_draining: Callable[[], Awaitable[None]],
 ) -> AsyncIterator[pb.SessionResponse]:
     """Serve one StreamSession call: open on the first message, then answer every chunk.
 
     Once the server drains, the stream ends with UNAVAILABLE (`Draining`) at its next message,
     or at once while it waits for one."""
-    session_id: str | None = None
-    model, version = "", None
     watch = DrainWatch(until_draining)
+    info: SessionInfo | None = None
     try:
-        start = time.perf_counter()
-        try:
+        info = await _open(sessions, calls, requests, context, watch)
+        if info is None:
+            return
+        yield opened_to_proto(info)
+        while True:
+            # NOTE: not `async for`: a message that does not parse (calls.ParsedRequests)
+            # raises here, and must end the stream with its status like any bad chunk.
+            try:
+                message = await watch.read(requests)
+            except errors.ServiceError as exc:
+                calls.requests.record(info.model, info.version, "session_chunk", exc, 0.0)
+                await abort_with(context, exc)
+            if message is None:
+                break
+            yield await _chunk(sessions, calls, info, message, context)
+    finally:
+        watch.close()
+        if info is not None:
+            with contextlib.suppress(errors.NotFound, errors.Draining):
+                sessions.close(info.id)
+
+
+async def _open(
+    sessions: SessionManager,
+    calls: CallRecorder,
+    requests: AsyncIterator[pb.SessionRequest],
+    context: Context,
+    watch: DrainWatch,
+) -> SessionInfo | None:
+    """Open the session the first message asks for (None: the client sent nothing)."""
+    try:
+        with calls.observe("", None, "session_open") as observed:
             first = await watch.read(requests)
             if first is None:
-                return
+                observed.forget()
+                return None
             if first.WhichOneof("message") != "open":
                 raise errors.InvalidInput(
                     "open", "the first message of a session must be 'open' (model and options)"
                 )
             opening = first.open
-            model = opening.model
+            observed.model = opening.model
             info = sessions.create(
                 opening.model,
                 optional_version(opening, "open.version"),
@@ -111,62 +131,40 @@ async def stream_session(
                 return_state=opening.return_state,
                 state_token=opening.state_token or None,
             )
-        except Exception as exc:
-            calls.observe(model, None, "session_open", exc, time.perf_counter() - start)
-            await abort_with(context, exc)
-        session_id, version = info.id, info.version
-        calls.observe(model, version, "session_open", None, time.perf_counter() - start)
-        yield pb.SessionResponse(
-            opened=pb.SessionOpened(
-                session_id=info.id,
-                model=info.model,
-                version=info.version,
-                pooling=info.pooling,
-                steps=info.steps,
+            observed.version = info.version
+    except Exception as exc:
+        await abort_with(context, exc)
+    return info
+
+
+async def _chunk(
+    sessions: SessionManager,
+    calls: CallRecorder,
+    info: SessionInfo,
+    message: pb.SessionRequest,
+    context: Context,
+) -> pb.SessionResponse:
+    """Answer one chunk message of an open session."""
+    try:
+        with calls.observe(info.model, info.version, "session_chunk"):
+            if message.WhichOneof("message") != "chunk":
+                raise errors.InvalidInput("chunk", "a session is opened once; send chunks")
+            sequence, kind = chunk_from_proto(message.chunk)
+            result = await sessions.chunk(
+                info.id,
+                sequence,
+                kind,
+                timeout_s=request_timeout(message.chunk.timeout_ms, deadline_of(context)),
             )
-        )
-        while True:
-            # NOTE: not `async for`: a message that does not parse (grpc_api.ParsedRequests)
-            # raises here, and must end the stream with its status like any bad chunk.
-            try:
-                message = await watch.read(requests)
-            except errors.ServiceError as exc:
-                calls.observe(model, version, "session_chunk", exc, 0.0)
-                await abort_with(context, exc)
-            if message is None:
-                break
-            start = time.perf_counter()
-            try:
-                if message.WhichOneof("message") != "chunk":
-                    raise errors.InvalidInput("chunk", "a session is opened once; send chunks")
-                sequence, kind = chunk_from_proto(message.chunk)
-                result = await sessions.chunk(
-                    session_id,
-                    sequence,
-                    kind,
-                    timeout_s=request_timeout(message.chunk.timeout_ms, deadline_of(context)),
-                    protocol="grpc",
-                )
-            except asyncio.CancelledError as exc:
-                calls.observe(model, version, "session_chunk", exc, time.perf_counter() - start)
-                raise
-            except Exception as exc:
-                calls.observe(model, version, "session_chunk", exc, time.perf_counter() - start)
-                await abort_with(context, exc)
-            calls.observe(model, version, "session_chunk", None, time.perf_counter() - start)
-            yield pb.SessionResponse(chunk=result_to_proto(result))
-    finally:
-        watch.close()
-        if session_id is not None:
-            with contextlib.suppress(errors.NotFound, errors.Draining):
-                sessions.close(session_id)
+    except asyncio.CancelledError:
+        raise
+    except Exception as exc:
+        await abort_with(context, exc)
+    return pb.SessionResponse(chunk=result_to_proto(result))
 
 
 async def stream_chunk(
-    sessions: SessionManager,
-    calls: CallRecorder,
-    request: pb.StreamChunkRequest,
-    context: grpc.aio.ServicerContext[Any, Any],
+    sessions: SessionManager, calls: CallRecorder, request: pb.StreamChunkRequest, context: Context
 ) -> pb.SessionChunkResult:
     """Serve one stateless StreamChunk call (state in and out as a token)."""
 
@@ -180,7 +178,6 @@ async def stream_chunk(
             pooling=pooling_from_proto(request.pooling),
             state_token=request.state_token or None,
             timeout_s=request_timeout(request.chunk.timeout_ms, deadline_of(context)),
-            protocol="grpc",
         )
         return result_to_proto(result)
 

@@ -1,45 +1,39 @@
-"""The Open Inference Protocol (KServe V2) gRPC servicer: `inference.GRPCInferenceService`.
+"""The Open Inference Protocol's (KServe V2) gRPC service, `inference.GRPCInferenceService`.
 
 An encoder answers ModelInfer with ENCODING (+ SCORES, LABELS with a head); a seq2seq model with
 OUTPUT_TOKENS, OUTPUT_LENGTHS (+ OUTPUT_TEXT). Outputs always travel as raw contents (as Triton's
-do); inputs may be raw or typed. What the protocol answers is decided in
-service/inference_protocol/requests.py (shared with V2 REST); protobuf conversion lives in
-service/grpc_api/convert.py.
+do); inputs may be raw or typed. What the protocol means is service/inference_protocol's
+(shared with V2 over HTTP); protobuf conversion is service/grpc_api/convert.py's.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
-import time
 from collections.abc import AsyncIterable, AsyncIterator
-from typing import TYPE_CHECKING, Any, ClassVar, TypeAlias
-
-import grpc
+from typing import ClassVar
 
 from rnnserve_client.proto.inference import grpc_service_pb2 as v2
 from rnnserve_client.proto.inference import grpc_service_pb2_grpc
 from service.core import errors, management, validation
-from service.core import request_metrics as metric_labels
+from service.core.engine import Engine
 from service.core.metrics import Metrics
+from service.core.release import SERVER_NAME, server_version
+from service.core.request_metrics import RequestMetrics
 from service.core.settings import Settings
-from service.grpc_api import convert as grpc_convert
-from service.grpc_api.server import (
+from service.grpc_api import convert
+from service.grpc_api.calls import (
     CallRecorder,
+    Context,
     DrainWatch,
     abort_with,
     answer_limit,
     check_management,
     deadline_of,
 )
-from service.inference_protocol import requests as v2_common
-
-if TYPE_CHECKING:
-    from service.core.engine import Engine
+from service.inference_protocol import metadata, requests
 
 log = logging.getLogger(__name__)
-
-Context: TypeAlias = grpc.aio.ServicerContext[Any, Any]
 
 
 def _version(text: str, field: str = "model_version") -> int | None:
@@ -48,22 +42,12 @@ def _version(text: str, field: str = "model_version") -> int | None:
 
 
 def _tensor_metadata(
-    tensors: list[v2_common.TensorMetadata],
+    tensors: list[metadata.TensorMetadata],
 ) -> list[v2.ModelMetadataResponse.TensorMetadata]:
     return [
         v2.ModelMetadataResponse.TensorMetadata(name=t.name, datatype=t.datatype, shape=t.shape)
         for t in tensors
     ]
-
-
-def _repository_parameters(
-    request: v2.RepositoryModelLoadRequest | v2.RepositoryModelUnloadRequest,
-) -> dict[str, Any]:
-    """A repository request's parameters as plain values (None for one with no value set)."""
-    return {
-        name: getattr(param, which) if (which := param.WhichOneof("parameter_choice")) else None
-        for name, param in request.parameters.items()
-    }
 
 
 class InferenceServicer(grpc_service_pb2_grpc.GRPCInferenceServiceServicer):
@@ -84,7 +68,7 @@ class InferenceServicer(grpc_service_pb2_grpc.GRPCInferenceServiceServicer):
         self.engine = engine
         self.settings = settings
         self.calls = CallRecorder(
-            metrics, "v2-grpc", metric_labels.known_model(engine), settings.grpc_max_message_bytes
+            RequestMetrics(metrics, "v2-grpc", engine.knows), settings.grpc_max_message_bytes
         )
         self.answers = answer_limit(settings, padded=True)
 
@@ -107,7 +91,7 @@ class InferenceServicer(grpc_service_pb2_grpc.GRPCInferenceServiceServicer):
             nonlocal version
             version = _version(request.version, "version")
             try:
-                ready = v2_common.model_ready(self.engine, request.name, version)
+                ready = metadata.model_ready(self.engine, request.name, version)
             except errors.NotFound:
                 # NOTE: an answer (ready: false, as Triton's), yet made-up names and versions
                 # must not become label values: counted as for a refusal.
@@ -115,15 +99,15 @@ class InferenceServicer(grpc_service_pb2_grpc.GRPCInferenceServiceServicer):
                 version = None
             return v2.ModelReadyResponse(ready=ready)
 
-        model = request.name if self.calls.known(request.name, None) else ""
+        model = request.name if self.calls.known(request.name) else ""
         return await self.calls.run(context, model, "model_ready", call, lambda _: version)
 
     async def ServerMetadata(  # noqa: N802
         self, request: v2.ServerMetadataRequest, context: Context
     ) -> v2.ServerMetadataResponse:
         return v2.ServerMetadataResponse(
-            name=v2_common.SERVER_NAME,
-            version=v2_common.server_version(),
+            name=SERVER_NAME,
+            version=server_version(),
             extensions=["model_repository"],
         )
 
@@ -140,13 +124,13 @@ class InferenceServicer(grpc_service_pb2_grpc.GRPCInferenceServiceServicer):
             resolved = version
             return v2.ModelMetadataResponse(
                 name=request.name,
-                versions=v2_common.ready_versions(self.engine, request.name) or [str(version)],
-                platform=v2_common.SERVER_NAME,
-                inputs=_tensor_metadata(v2_common.input_metadata(config)),
-                outputs=_tensor_metadata(v2_common.output_metadata(config)),
+                versions=metadata.ready_versions(self.engine, request.name) or [str(version)],
+                platform=SERVER_NAME,
+                inputs=_tensor_metadata(metadata.input_metadata(config)),
+                outputs=_tensor_metadata(metadata.output_metadata(config)),
                 parameters={
                     key: v2.InferParameter(string_param=value)
-                    for key, value in v2_common.precision_parameters(
+                    for key, value in metadata.precision_parameters(
                         self.engine, request.name, version
                     ).items()
                 },
@@ -156,29 +140,32 @@ class InferenceServicer(grpc_service_pb2_grpc.GRPCInferenceServiceServicer):
             context, request.name, "model_metadata", call, lambda _: resolved
         )
 
-    async def _infer(
-        self, request: v2.ModelInferRequest, deadline_s: float | None, endpoint: str
+    async def infer(
+        self, request: v2.ModelInferRequest, deadline_s: float | None
     ) -> v2.ModelInferResponse:
+        """One infer request: the model first (an unknown model's tensors are never decoded),
+        then the protocol's request, the engine, and the requested outputs as raw contents."""
         version, config = self.engine.infer_config(
             request.model_name, _version(request.model_version)
         )
-        infer = grpc_convert.v2_infer_request(
-            request,
-            config,
+        core = requests.infer_request(
+            request.model_name,
             version,
-            deadline_s,
+            config,
+            convert.decode_v2_inputs(request),
+            convert.plain_parameters(request.parameters),
             limit=self.settings.max_sequences_per_request,
-            endpoint=endpoint,
+            deadline_s=deadline_s,
             answer_limit=self.answers,
         )
-        answered, outputs = await v2_common.infer(self.engine, infer, config)
-        return grpc_convert.v2_infer_response(request, answered, outputs)
+        answered, outputs = await requests.infer(self.engine, core, config)
+        return convert.v2_infer_response(request, answered, outputs)
 
     async def ModelInfer(  # noqa: N802
         self, request: v2.ModelInferRequest, context: Context
     ) -> v2.ModelInferResponse:
         async def call() -> v2.ModelInferResponse:
-            return await self._infer(request, deadline_of(context), "infer")
+            return await self.infer(request, deadline_of(context))
 
         return await self.calls.run(
             context, request.model_name, "infer", call, lambda r: int(r.model_version)
@@ -187,96 +174,9 @@ class InferenceServicer(grpc_service_pb2_grpc.GRPCInferenceServiceServicer):
     async def ModelStreamInfer(  # noqa: N802
         self, request_iterator: AsyncIterable[v2.ModelInferRequest], context: Context
     ) -> AsyncIterator[v2.ModelStreamInferResponse]:
-        # NOTE: requests run concurrently (so they can share batches); answers go out in order
-        # of completion, and a failed request answers with error_message instead of failing the
-        # stream, as Triton does.
-        answers: asyncio.Queue[v2.ModelStreamInferResponse | None] = asyncio.Queue()
-        running: set[asyncio.Task[None]] = set()
-        # NOTE: one permit per request read, given back once its answer went out: a client that
-        # stops reading stops the stream reading its requests (HTTP/2 flow control then holds
-        # its sends), instead of the server running and keeping answers without bound.
-        pending = asyncio.Semaphore(self.settings.max_stream_pending)
-
-        async def fail(request: v2.ModelInferRequest, message: str) -> None:
-            failed = v2.ModelInferResponse(
-                model_name=request.model_name, model_version=request.model_version, id=request.id
-            )
-            answer = v2.ModelStreamInferResponse(error_message=message, infer_response=failed)
-            await answers.put(answer)
-
-        async def one(request: v2.ModelInferRequest) -> None:
-            start = time.perf_counter()
-            try:
-                response = await self._infer(request, deadline_of(context), "stream_infer")
-                self.calls.check_answer(response)
-            except asyncio.CancelledError as exc:
-                self.calls.observe(
-                    request.model_name, None, "stream_infer", exc, time.perf_counter() - start
-                )
-                raise
-            except Exception as exc:
-                self.calls.observe(
-                    request.model_name, None, "stream_infer", exc, time.perf_counter() - start
-                )
-                if isinstance(exc, errors.ServiceError):
-                    message = exc.message
-                else:
-                    log.exception("unexpected error in ModelStreamInfer", exc_info=exc)
-                    message = "internal error (see the server log)"
-                await fail(request, message)
-                return
-            self.calls.observe(
-                request.model_name,
-                int(response.model_version),
-                "stream_infer",
-                None,
-                time.perf_counter() - start,
-            )
-            await answers.put(v2.ModelStreamInferResponse(infer_response=response))
-
-        drained: list[errors.Draining] = []
-
-        async def read() -> None:
-            requests = aiter(request_iterator)
-            watch = DrainWatch(self.engine.until_draining)
-            try:
-                while True:
-                    await pending.acquire()
-                    try:
-                        request = await watch.read(requests)
-                    except errors.Draining as exc:
-                        # NOTE: the server drains: requests under way are answered, then the
-                        # stream ends with UNAVAILABLE.
-                        drained.append(exc)
-                        break
-                    except errors.InvalidInput as exc:
-                        # NOTE: a message that does not parse (grpc_api.ParsedRequests) is
-                        # answered inline like any failed request, and the stream reads on.
-                        self.calls.observe("", None, "stream_infer", exc, 0.0)
-                        await fail(v2.ModelInferRequest(), exc.message)
-                        continue
-                    if request is None:
-                        break
-                    task = asyncio.get_running_loop().create_task(one(request))
-                    running.add(task)
-                    task.add_done_callback(running.discard)
-                await asyncio.gather(*running)
-            finally:
-                watch.close()
-                # NOTE: always, so the writer below never waits for answers that cannot come.
-                answers.put_nowait(None)
-
-        reader = asyncio.get_running_loop().create_task(read())
-        try:
-            while (answer := await answers.get()) is not None:
-                yield answer
-                pending.release()
-            await reader
-        finally:
-            for task in (reader, *running):
-                task.cancel()
-        if drained:
-            await abort_with(context, drained[0])
+        stream = _InferStream(self, context)
+        async for answer in stream.serve(request_iterator):
+            yield answer
 
     async def RepositoryIndex(  # noqa: N802
         self, request: v2.RepositoryIndexRequest, context: Context
@@ -284,7 +184,7 @@ class InferenceServicer(grpc_service_pb2_grpc.GRPCInferenceServiceServicer):
         async def call() -> v2.RepositoryIndexResponse:
             check_management(self.settings, context)
             index = v2.RepositoryIndexResponse()
-            for model, v in v2_common.repository_index(self.engine, request.ready):
+            for model, v in metadata.repository_index(self.engine, request.ready):
                 index.models.add(
                     name=model, version=str(v.version), state=v.state, reason=v.reason or ""
                 )
@@ -298,8 +198,10 @@ class InferenceServicer(grpc_service_pb2_grpc.GRPCInferenceServiceServicer):
         async def call() -> v2.RepositoryModelLoadResponse:
             check_management(self.settings, context)
             validation.check_model_name(request.model_name, "model_name")
-            management.check_repository_parameters(_repository_parameters(request))
-            await v2_common.repository_load(self.engine, request.model_name)
+            management.check_repository_parameters(
+                convert.plain_parameters(request.parameters, keep_unset=True)
+            )
+            await metadata.repository_load(self.engine, request.model_name)
             return v2.RepositoryModelLoadResponse()
 
         return await self.calls.run(context, request.model_name, "repository_load", call)
@@ -310,8 +212,102 @@ class InferenceServicer(grpc_service_pb2_grpc.GRPCInferenceServiceServicer):
         async def call() -> v2.RepositoryModelUnloadResponse:
             check_management(self.settings, context)
             validation.check_model_name(request.model_name, "model_name")
-            management.check_repository_parameters(_repository_parameters(request))
+            management.check_repository_parameters(
+                convert.plain_parameters(request.parameters, keep_unset=True)
+            )
             await self.engine.unload(request.model_name)
             return v2.RepositoryModelUnloadResponse()
 
         return await self.calls.run(context, request.model_name, "repository_unload", call)
+
+
+class _InferStream:
+    """One ModelStreamInfer call. Requests run concurrently (so they can share batches); answers
+    go out in order of completion, and a failed request answers with `error_message` instead of
+    failing the stream, as Triton does."""
+
+    def __init__(self, servicer: InferenceServicer, context: Context) -> None:
+        self.servicer = servicer
+        self.calls = servicer.calls
+        self.context = context
+        self.answers: asyncio.Queue[v2.ModelStreamInferResponse | None] = asyncio.Queue()
+        self.running: set[asyncio.Task[None]] = set()
+        # NOTE: one permit per request read, given back once its answer went out: a client that
+        # stops reading stops the stream reading its requests (HTTP/2 flow control then holds
+        # its sends), instead of the server running and keeping answers without bound.
+        self.pending = asyncio.Semaphore(servicer.settings.max_stream_pending)
+        self.drained: errors.Draining | None = None
+
+    async def serve(
+        self, request_iterator: AsyncIterable[v2.ModelInferRequest]
+    ) -> AsyncIterator[v2.ModelStreamInferResponse]:
+        """The answers, as they are ready; then UNAVAILABLE if the server began to drain."""
+        reader = asyncio.get_running_loop().create_task(self.read(request_iterator))
+        try:
+            while (answer := await self.answers.get()) is not None:
+                yield answer
+                self.pending.release()
+            await reader
+        finally:
+            for task in (reader, *self.running):
+                task.cancel()
+        if self.drained is not None:
+            await abort_with(self.context, self.drained)
+
+    async def read(self, request_iterator: AsyncIterable[v2.ModelInferRequest]) -> None:
+        """Read requests (one permit each) and start each one; the end of the answers last."""
+        messages = aiter(request_iterator)
+        watch = DrainWatch(self.servicer.engine.until_draining)
+        try:
+            while True:
+                await self.pending.acquire()
+                try:
+                    request = await watch.read(messages)
+                except errors.Draining as exc:
+                    # NOTE: requests under way are answered, then the stream ends UNAVAILABLE.
+                    self.drained = exc
+                    break
+                except errors.InvalidInput as exc:
+                    # NOTE: a message that does not parse (calls.ParsedRequests) is answered
+                    # inline like any failed request, and the stream reads on.
+                    self.calls.requests.record("", None, "stream_infer", exc, 0.0)
+                    await self.fail(v2.ModelInferRequest(), exc.message)
+                    continue
+                if request is None:
+                    break
+                task = asyncio.get_running_loop().create_task(self.one(request))
+                self.running.add(task)
+                task.add_done_callback(self.running.discard)
+            await asyncio.gather(*self.running)
+        finally:
+            watch.close()
+            # NOTE: always, so the writer never waits for answers that cannot come.
+            self.answers.put_nowait(None)
+
+    async def one(self, request: v2.ModelInferRequest) -> None:
+        """Answer one request of the stream, its failure included."""
+        try:
+            with self.calls.observe(request.model_name, None, "stream_infer") as observed:
+                response = await self.servicer.infer(request, deadline_of(self.context))
+                self.calls.check_answer(response)
+                observed.version = int(response.model_version)
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:
+            if isinstance(exc, errors.ServiceError):
+                message = exc.message
+            else:
+                log.exception("unexpected error in ModelStreamInfer", exc_info=exc)
+                message = "internal error (see the server log)"
+            await self.fail(request, message)
+            return
+        await self.answers.put(v2.ModelStreamInferResponse(infer_response=response))
+
+    async def fail(self, request: v2.ModelInferRequest, message: str) -> None:
+        """Answer `request` with an error message (the stream goes on)."""
+        failed = v2.ModelInferResponse(
+            model_name=request.model_name, model_version=request.model_version, id=request.id
+        )
+        await self.answers.put(
+            v2.ModelStreamInferResponse(error_message=message, infer_response=failed)
+        )

@@ -7,6 +7,7 @@ Invalid input is 400 everywhere (FastAPI's own request-validation errors include
 
 from __future__ import annotations
 
+import asyncio
 import math
 from typing import Any
 
@@ -15,9 +16,12 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import Response
 from pydantic import ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.requests import ClientDisconnect
 
 from service.core import errors, validation
 from service.http_api import json_codecs as codecs
+from service.http_api.body_limits import BodyTooLargeError
+from service.http_api.disconnects import ClientDisconnectedError
 
 HTTP_STATUS: dict[type[errors.ServiceError], int] = {
     errors.NotFound: 404,
@@ -32,11 +36,6 @@ HTTP_STATUS: dict[type[errors.ServiceError], int] = {
     errors.Conflict: 409,
     errors.ComputeError: 500,
 }
-
-
-class InvalidPathParameter(errors.InvalidInput):
-    """A path parameter refused while FastAPI reads the path: the route itself never runs.
-    Answered as the InvalidInput it is (the error body's type says so)."""
 
 
 def status_of(exc: errors.ServiceError) -> int:
@@ -72,9 +71,7 @@ def service_error_response(exc: errors.ServiceError, v2: bool) -> Response:
     elif isinstance(exc, errors.Unauthenticated):
         headers["WWW-Authenticate"] = "Bearer"
     field = exc.field if isinstance(exc, errors.InvalidInput) else None
-    # NOTE: the body's type is public: a path refusal is an InvalidInput like any other.
-    name = "InvalidInput" if isinstance(exc, InvalidPathParameter) else type(exc).__name__
-    body = error_body(v2, name, exc.message, field)
+    body = error_body(v2, type(exc).__name__, exc.message, field)
     return Response(
         body, status_code=status_of(exc), media_type="application/json", headers=headers
     )
@@ -95,33 +92,53 @@ def validation_error(exc: ValidationError | RequestValidationError) -> errors.In
     return errors.InvalidInput(field, f"{message} (and {len(problems) - 1} more problems)")
 
 
-async def handle_service_error(request: Request, exc: Exception) -> Response:
-    """Exception handler for every `ServiceError` raised by a route."""
-    assert isinstance(exc, errors.ServiceError)
-    return service_error_response(exc, is_v2(request))
+def error_response(request: Request, exc: Exception) -> Response | None:
+    """The answer to an exception a route raised (None: a bug, for the catch-all handler)."""
+    if isinstance(exc, errors.ServiceError):
+        return service_error_response(exc, is_v2(request))
+    if isinstance(exc, RequestValidationError):
+        return service_error_response(validation_error(exc), is_v2(request))
+    if isinstance(exc, StarletteHTTPException):
+        body = error_body(is_v2(request), "HTTPError", str(exc.detail))
+        return Response(
+            body, status_code=exc.status_code, media_type="application/json", headers=exc.headers
+        )
+    if isinstance(exc, ClientDisconnectedError | ClientDisconnect):
+        # NOTE: nobody reads this answer; 499 (nginx's "client closed request") keeps access
+        # logs clear. ClientDisconnect: the client left while its body was read (or was cut
+        # off by its body deadline).
+        return Response(status_code=499)
+    return None
 
 
-async def handle_validation_error(request: Request, exc: Exception) -> Response:
-    """FastAPI's own request-validation errors, in the same shape and status as InvalidInput."""
-    assert isinstance(exc, RequestValidationError)
-    return service_error_response(validation_error(exc), is_v2(request))
+async def handle_error(request: Request, exc: Exception) -> Response:
+    """The app's exception handler for every class in `HANDLED` (`error_response`)."""
+    response = error_response(request, exc)
+    assert response is not None
+    return response
 
 
-async def handle_http_exception(request: Request, exc: Exception) -> Response:
-    """Starlette's 404/405 etc., in the error shape of the API the path belongs to."""
-    assert isinstance(exc, StarletteHTTPException)
-    body = error_body(is_v2(request), "HTTPError", str(exc.detail))
-    return Response(
-        body, status_code=exc.status_code, media_type="application/json", headers=exc.headers
-    )
-
-
-async def handle_client_disconnected(request: Request, exc: Exception) -> Response:
-    """Nobody reads this answer; 499 (nginx's "client closed request") keeps access logs clear."""
-    return Response(status_code=499)
+# The exception classes `error_response` answers (what the app registers `handle_error` for).
+HANDLED: tuple[type[Exception], ...] = (
+    errors.ServiceError,
+    RequestValidationError,
+    StarletteHTTPException,
+    ClientDisconnectedError,
+    ClientDisconnect,
+)
 
 
 async def handle_unexpected(request: Request, exc: Exception) -> Response:
     """A bug: 500 with a generic message (the traceback goes to the log, never to the client)."""
     body = error_body(is_v2(request), "InternalError", "internal server error")
     return Response(body, status_code=500, media_type="application/json")
+
+
+def as_core_error(exc: BaseException) -> BaseException:
+    """An HTTP front-end exception as the core error it stands for in request metrics: a client
+    gone is a cancelled request, a chunked body over the size limit invalid input (413)."""
+    if isinstance(exc, ClientDisconnectedError | ClientDisconnect):
+        return asyncio.CancelledError()
+    if isinstance(exc, BodyTooLargeError):
+        return errors.InvalidInput("body", "too large")
+    return exc

@@ -1,204 +1,120 @@
-"""Helpers shared by the two HTTP front-ends (service/http_api/app.py,
-service/http_api/v2_routes.py).
+"""Route tables: each HTTP route is a row (`Route`: method, path, handler, OpenAPI entry), and
+the same rows build the FastAPI routes (`api_router`) and the direct dispatcher's matchers
+(`DirectRoute`, service/http_api/direct_dispatch.py).
 
-JSON answers via orjson, raw-read bodies checked against their pydantic models, OpenAPI entries
-for raw-read bodies, the management guard, and per-request metrics.
+A handler takes the request and the path's parameters as text, `handler(request, name=...,
+version=...)`; a `{version}` is read by the handler (`path_version`), inside its observed
+block, so that a refused version is counted under the route's endpoint like any refusal.
 """
 
 from __future__ import annotations
 
-import asyncio
-import time
-import weakref
-from collections.abc import Awaitable, Callable, Iterator
-from contextlib import contextmanager
-from typing import Annotated, Any, TypeVar
+import inspect
+import re
+from collections.abc import Awaitable, Callable, Iterable, Mapping
+from dataclasses import dataclass, field
+from typing import Annotated, Any
 
-from fastapi import Request
+from fastapi import APIRouter, Request
 from fastapi.responses import Response
-from pydantic import BaseModel, BeforeValidator, ValidationError
-from starlette.requests import ClientDisconnect
+from pydantic import WithJsonSchema
 
-from service.core import management, validation
-from service.core import request_metrics as metric_labels
-from service.core.errors import InvalidInput
-from service.core.metrics import Metrics, outcome_of
-from service.core.settings import Settings
-from service.http_api import errors as http_errors
-from service.http_api import json_codecs as codecs
-from service.http_api import schemas as rest_schemas
-from service.http_api.body_limits import BodyTooLargeError
+from service.core import validation
 
+Handler = Callable[..., Awaitable[Response]]
 
-def _path_version(value: object) -> object:
-    # NOTE: an InvalidInput (not a ValueError) passes through pydantic to the app's handler: a
-    # 400 with the message V2 gRPC gives the same version string (its field there is
-    # `model_version`), counted by `handle_refused_path`.
-    if not isinstance(value, str):
-        return value
-    return validation.parse_version(value, "path.version", http_errors.InvalidPathParameter)
+# `{name}` or `{name:path}` in a route's path.
+_PARAMETER = re.compile(r"{(\w+)(?::path)?}")
+# What the OpenAPI document says of a `{version}`: an integer (the handler reads the text).
+_VERSION_TEXT = Annotated[str, WithJsonSchema({"type": "integer"})]
+# A version the direct dispatcher takes: 1–9 digits, not all zeros; anything else goes down
+# FastAPI's stack, to the same handler (which refuses it).
+_DIRECT_VERSION = "(?P<version>(?=[0-9]*[1-9])[0-9]{1,9})"
 
 
-# A `{version}` path parameter: 1–19 digits 0-9, at least 1 ("+1", " 1" or "1_0" are refused,
-# where plain `int` would read them as 1, 1 and 10).
-VersionPath = Annotated[int, BeforeValidator(_path_version)]
+@dataclass(frozen=True, slots=True)
+class Route:
+    """One HTTP route: `handler` answers `method` `path`; `name` and `description` are its
+    OpenAPI operation's (operationId, default summary), `doc` the rest of its OpenAPI entry
+    (FastAPI's `add_api_route` options); `direct` routes skip FastAPI's stack."""
 
-_B = TypeVar("_B", bound=BaseModel)
-_T = TypeVar("_T")
-_F = TypeVar("_F", bound=Callable[..., Any])
+    method: str
+    path: str
+    handler: Handler
+    name: str
+    description: str = ""
+    doc: Mapping[str, Any] = field(default_factory=dict)
+    direct: bool = False
 
-
-class ClientDisconnectedError(Exception):
-    """The client closed the connection before its answer was ready (the work was cancelled)."""
-
-
-async def unless_disconnected(request: Request, work: Awaitable[_T]) -> _T:
-    """Await `work`, cancelling it when the client disconnects first.
-
-    The engine then drops the request's queued items before compute (DESIGN §3: work whose
-    client has gone is never computed). Call after the body has been read.
-    """
-    # NOTE: `work` runs in this task; one watcher task cancels it on disconnect (cheaper than
-    # racing two tasks with asyncio.wait on every request).
-    current = asyncio.current_task()
-    assert current is not None
-    watcher = asyncio.ensure_future(_disconnected(request))
-
-    def gone(done: asyncio.Future[None]) -> None:
-        if done.cancelled():
-            return
-        done.exception()  # NOTE: a failed receive is a broken connection: the client is gone too
-        current.cancel()
-
-    watcher.add_done_callback(gone)
-    try:
-        return await work
-    except asyncio.CancelledError:
-        if watcher.done() and not watcher.cancelled():
-            current.uncancel()
-            raise ClientDisconnectedError from None
-        raise
-    finally:
-        watcher.cancel()
+    @property
+    def parameters(self) -> list[str]:
+        """The names of the path's parameters, in order."""
+        return _PARAMETER.findall(self.path)
 
 
-async def _disconnected(request: Request) -> None:
-    # NOTE: once the body is read, the server's receive() only returns on disconnect.
-    while (await request.receive())["type"] != "http.disconnect":
-        pass
+def path_version(text: str | None) -> int | None:
+    """A `{version}` path parameter (None: the route has none) as the engine's version: 1–19
+    digits 0-9, at least 1; `InvalidInput("path.version")` else."""
+    return None if text is None else validation.parse_version(text, "path.version")
 
 
-def json_response(value: Any, status: int = 200) -> Response:
-    """A JSON answer serialised by orjson (numpy arrays included)."""
-    return Response(codecs.dumps(value), status_code=status, media_type="application/json")
-
-
-def documented_body(model: type[BaseModel], binary: bool = False) -> dict[str, Any]:
-    """`openapi_extra` describing a request body that the route reads raw."""
-    schema = {"$ref": f"#/components/schemas/{model.__name__}"}
-    content: dict[str, Any] = {"application/json": {"schema": schema}}
-    if binary:
-        content["application/octet-stream"] = {
-            "schema": {"type": "string", "format": "binary"},
-            "description": "JSON header of Inference-Header-Content-Length bytes, then tensors.",
-        }
-    return {"requestBody": {"required": True, "content": content}}
-
-
-def errors_doc(v2: bool, *statuses: int) -> dict[int | str, dict[str, Any]]:
-    """The `responses` entries for error statuses of a route."""
-    model = rest_schemas.V2ErrorBody if v2 else rest_schemas.ErrorBody
-    return {status: {"model": model} for status in statuses}
-
-
-def parse_body(model: type[_B], body: bytes, max_values: int | None = None) -> _B:
-    """Parse and check a JSON body against `model`; problems become InvalidInput naming fields,
-    a body of more than `max_values` JSON values PayloadTooLarge (before parsing)."""
-    value = codecs.loads(body, max_values=max_values) if body else {}
-    if not isinstance(value, dict):
-        raise InvalidInput("body", "expected a JSON object")
-    try:
-        return model.model_validate(value)
-    except ValidationError as exc:
-        raise http_errors.validation_error(exc) from None
-
-
-def management_guard(settings: Settings, request: Request) -> None:
-    """Allow a management call by the one rule of both wires (`management.authorize`)."""
-    management.authorize(settings, request.headers.getlist("authorization"))
-
-
-class RequestObserver:
-    """Records requests in the metrics (outcome from the exception, if any).
-
-    Failed requests for unknown models get blank labels (service/core/request_metrics.py).
-    """
-
-    def __init__(self, metrics: Metrics, protocol: str, known: metric_labels.Known) -> None:
-        self.metrics = metrics
-        self.protocol = protocol
-        self.known = known
-
-    def route(self, endpoint: str) -> Callable[[_F], _F]:
-        """Mark a route with a `{version}` path parameter: a request refused while FastAPI reads
-        its path is recorded under `endpoint` too (by `handle_refused_path`)."""
-
-        def mark(route: _F) -> _F:
-            _PATH_CHECKED[route] = (self, endpoint)
-            return route
-
-        return mark
-
-    def record(
-        self,
-        model: str,
-        version: int | None,
-        endpoint: str,
-        error: BaseException | None,
-        seconds: float,
-    ) -> None:
-        """Count one answered request."""
-        model, version = metric_labels.request_labels(self.known, model, version, error)
-        if isinstance(error, ClientDisconnectedError | ClientDisconnect):
-            error = asyncio.CancelledError()
-        elif isinstance(error, BodyTooLargeError):
-            # NOTE: a chunked body crossing the size limit: the client's fault (413), not ours.
-            error = InvalidInput("body", "too large")
-        self.metrics.observe_request(
-            model, version, self.protocol, endpoint, outcome_of(error), seconds
+def api_router(routes: Iterable[Route]) -> APIRouter:
+    """The FastAPI routes of `routes`, in their order (it decides which path matches first)."""
+    router = APIRouter()
+    for route in routes:
+        router.add_api_route(
+            route.path,
+            _endpoint(route),
+            methods=[route.method],
+            name=route.name,
+            description=route.description,
+            **route.doc,
         )
-
-    @contextmanager
-    def observe(self, model: str, version: int | None, endpoint: str) -> Iterator[dict[str, Any]]:
-        """Time the block; the caller may set `labels["version"]` once the answer is known, or
-        `labels["record"] = False` when the request is recorded elsewhere (streams)."""
-        labels: dict[str, Any] = {"version": version, "record": True}
-        start = time.perf_counter()
-        error: BaseException | None = None
-        try:
-            yield labels
-        except BaseException as exc:
-            error = exc
-            raise
-        finally:
-            if labels["record"]:
-                self.record(model, labels["version"], endpoint, error, time.perf_counter() - start)
+    return router
 
 
-# Route function → (its observer, its endpoint label). Weak: apps built in tests come and go.
-_PATH_CHECKED: weakref.WeakKeyDictionary[Callable[..., Any], tuple[RequestObserver, str]] = (
-    weakref.WeakKeyDictionary()
-)
+def _endpoint(route: Route) -> Handler:
+    """A FastAPI endpoint that calls `route.handler`; FastAPI reads its parameters (the request
+    and the path's, as text) from the signature made here."""
+    handler = route.handler
+
+    async def endpoint(request: Request, **params: str) -> Response:
+        return await handler(request, **params)
+
+    parameters = [inspect.Parameter("request", inspect.Parameter.KEYWORD_ONLY, annotation=Request)]
+    parameters += [
+        inspect.Parameter(
+            name,
+            inspect.Parameter.KEYWORD_ONLY,
+            annotation=_VERSION_TEXT if name == "version" else str,
+        )
+        for name in route.parameters
+    ]
+    endpoint.__signature__ = inspect.Signature(parameters)  # type: ignore[attr-defined]
+    endpoint.__name__ = route.name
+    return endpoint
 
 
-async def handle_refused_path(request: Request, exc: Exception) -> Response:
-    """The answer to an `http_errors.InvalidPathParameter`, recorded under the matched route's
-    endpoint (the route's own observer never saw the request)."""
-    assert isinstance(exc, http_errors.InvalidPathParameter)
-    found = _PATH_CHECKED.get(request.scope.get("endpoint"))  # type: ignore[arg-type]
-    if found is not None:
-        observer, endpoint = found
-        # NOTE: refused while routing, before any work and with no start time to measure from;
-        # 0 lands in the lowest latency bucket (0.5 ms), as the few µs it took would.
-        observer.record(request.path_params.get("name", ""), None, endpoint, exc, 0.0)
-    return http_errors.service_error_response(exc, http_errors.is_v2(request))
+@dataclass(frozen=True, slots=True)
+class DirectRoute:
+    """A route's own matcher for the direct dispatcher: exactly its path, `{name}` one segment,
+    `{version}` as `_DIRECT_VERSION`."""
+
+    method: str
+    pattern: re.Pattern[str]
+    handler: Handler
+
+    @classmethod
+    def of(cls, route: Route) -> DirectRoute:
+        regex = ""
+        for literal, name in zip(
+            _PARAMETER.split(route.path)[::2],
+            [*route.parameters, None],
+            strict=True,
+        ):
+            regex += re.escape(literal)
+            if name == "version":
+                regex += _DIRECT_VERSION
+            elif name is not None:
+                regex += f"(?P<{name}>[^/]+)"
+        return cls(route.method, re.compile(regex), route.handler)

@@ -7,21 +7,34 @@ numpy arrays in one C call each and names the offending element when they are ma
 
 from __future__ import annotations
 
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Literal, TypeVar
 
 from pydantic import BaseModel, ConfigDict, Field, SkipValidation, model_validator
 
-from service.core.validation import MAX_TIMEOUT_MS
+from service.core.limits import MAX_TIMEOUT_MS
+from service.core.types import Pooling
 
-RequestPooling = Literal["last", "mean", "max", "none"]
+_B = TypeVar("_B", bound=BaseModel)
 
 FeatureBatch = Annotated[list[list[list[float]]] | None, SkipValidation]
 TokenBatch = Annotated[list[list[int]] | None, SkipValidation]
 TextBatch = Annotated[list[str] | None, SkipValidation]
+TimeoutMs = Annotated[
+    float | None, Field(gt=0, le=MAX_TIMEOUT_MS, description="Deadline; past it the answer is 504.")
+]
 
 # Examples name the bundled demo models (demo-repository/), so that "Try it out" on /docs works
 # against `make serve`.
 _FEATURES_EXAMPLE: list[Any] = [[[22.7], [24.4], [25.5], [25.5], [25.8], [24.9]]]
+
+
+def _one_of(body: _B, names: tuple[str, ...]) -> _B:
+    """`body` if exactly one of its fields `names` is given; else the refusal naming them."""
+    given = [name for name in names if getattr(body, name) is not None]
+    if len(given) != 1:
+        quoted = ", ".join(f"'{name}'" for name in names)
+        raise ValueError(f"exactly one of {quoted} is required, got {given or 'none'}")
+    return body
 
 
 class _Body(BaseModel):
@@ -78,21 +91,11 @@ class _Inputs(_Body):
     )
     tokens: TokenBatch = Field(default=None, description="Token-id sequences: [sequence][step].")
     texts: TextBatch = Field(default=None, description="Text inputs, one string per sequence.")
-    timeout_ms: float | None = Field(
-        default=None,
-        gt=0,
-        le=MAX_TIMEOUT_MS,
-        description="Deadline; past it the answer is 504.",
-    )
+    timeout_ms: TimeoutMs = None
 
     @model_validator(mode="after")
     def _exactly_one(self) -> _Inputs:
-        given = [n for n in ("inputs", "tokens", "texts") if getattr(self, n) is not None]
-        if len(given) != 1:
-            raise ValueError(
-                f"exactly one of 'inputs', 'tokens', 'texts' is required, got {given or 'none'}"
-            )
-        return self
+        return _one_of(self, ("inputs", "tokens", "texts"))
 
 
 class EncodeBody(_Inputs):
@@ -107,7 +110,7 @@ class EncodeBody(_Inputs):
             ]
         }
     )
-    pooling: RequestPooling | None = Field(
+    pooling: Pooling | None = Field(
         default=None, description="Pooling over time; default: the model's; none = per step."
     )
 
@@ -373,3 +376,96 @@ class V2RepositoryEntry(BaseModel):
     version: str | None = None
     state: str | None = None
     reason: str | None = None
+
+
+# ---------------------------------------------------------------- streaming sessions
+
+
+class _SessionBody(BaseModel):
+    # NOTE: unknown keys are an error so that a misspelt option is reported, not ignored.
+    model_config = ConfigDict(extra="forbid")
+
+
+class SessionBody(_SessionBody):
+    """Body of `POST /v1/models/{name}/sessions` (every field optional)."""
+
+    model_config = ConfigDict(
+        json_schema_extra={"examples": [{"pooling": "mean", "return_state": True}]}
+    )
+    pooling: Pooling | None = Field(
+        default=None,
+        description="Encoding per chunk: over every step so far (last/mean/max; default: the "
+        "model's) or this chunk's per-step outputs (none).",
+    )
+    return_state: bool = Field(
+        default=False, description="Answer every chunk with a portable `state_token` too."
+    )
+    state_token: str | None = Field(
+        default=None, description="Resume from a state token returned by an earlier chunk."
+    )
+
+
+class _Chunk(_SessionBody):
+    inputs: Annotated[list[list[float]] | None, SkipValidation] = Field(
+        default=None, description="One feature-sequence chunk: [step][feature] floats."
+    )
+    tokens: Annotated[list[int] | None, SkipValidation] = Field(
+        default=None, description="One token-id chunk: [step]."
+    )
+    text: str | None = Field(default=None, description="One text chunk.")
+    timeout_ms: TimeoutMs = None
+
+    @model_validator(mode="after")
+    def _exactly_one(self) -> _Chunk:
+        return _one_of(self, ("inputs", "tokens", "text"))
+
+
+class ChunkBody(_Chunk):
+    """Body of `POST /v1/sessions/{id}/chunks`."""
+
+    model_config = ConfigDict(
+        json_schema_extra={"examples": [{"inputs": [[22.7], [24.4], [25.5]]}]}
+    )
+
+
+class StreamBody(_Chunk):
+    """Body of `POST /v1/models/{name}/stream`: a chunk and the state so far."""
+
+    model_config = ConfigDict(
+        json_schema_extra={
+            "examples": [
+                {"inputs": [[22.7], [24.4]]},
+                {"inputs": [[25.5]], "state_token": "<the state_token of the previous answer>"},
+            ]
+        }
+    )
+    pooling: Pooling | None = Field(default=None, description="As for sessions.")
+    state_token: str | None = Field(
+        default=None, description="The previous chunk's `state_token`; absent: a new stream."
+    )
+
+
+class SessionResponse(BaseModel):
+    """A session: its id, model version, pooling and the steps it has consumed."""
+
+    session_id: str
+    model: str
+    version: int
+    pooling: Pooling
+    steps: int
+
+
+class ChunkResponse(BaseModel):
+    """The answer to a chunk."""
+
+    model: str
+    version: int
+    steps: int = Field(description="Time steps consumed so far, this chunk included.")
+    encoding: list[float] | list[list[float]] = Field(
+        description="Pooled over every step so far; per step of this chunk for pooling none."
+    )
+    scores: list[float] | None = Field(default=None, description="Head outputs, if any.")
+    label: str | None = Field(default=None, description="Arg-max label of a labelled head.")
+    state_token: str | None = Field(
+        default=None, description="Opaque portable state (send it back with the next chunk)."
+    )

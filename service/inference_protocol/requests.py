@@ -1,25 +1,25 @@
-"""Open Inference Protocol (KServe V2) semantics shared by its REST and gRPC front-ends.
+"""What an Open Inference Protocol (KServe V2) infer request means, decided once for both wires.
 
-Server metadata, model metadata, readiness, the model repository, input tensors, request parameters
-and output tensors are decided here once; service/http_api/v2_routes.py and
-service/grpc_api/v2_servicer.py (with service/grpc_api/convert.py) only translate them to and from
-the wire.
+A front-end decodes the request's input tensors (`tensors.V2Tensor`, in request order) and its
+parameters as plain values, and hands them to `infer_request`, which checks them against the
+model (names, datatypes, shapes, batch 1..`max_sequences_per_request`, the main input's values
+at most `limit × max_sequence_length × features`, LENGTHS, UTF-8; data is decoded only after the
+shape checks) and builds the engine's request; `infer` runs it and answers output tensors. Errors
+name the request's own path (`inputs[1].shape`, `inputs[0].data[3]`) on both wires.
 """
 
 from __future__ import annotations
 
-import functools
 import math
 from collections.abc import Mapping
-from dataclasses import dataclass
-from importlib import metadata
-from typing import TYPE_CHECKING, Any, Literal, cast
+from typing import Any
 
 import numpy as np
 
 from models.config import ModelConfig
-from service.core import validation
-from service.core.errors import InvalidInput, NotFound, shown
+from service.core import limits, validation
+from service.core.engine import Engine
+from service.core.errors import InvalidInput, shown
 from service.core.types import (
     AnswerLimit,
     EncodeRequest,
@@ -27,136 +27,10 @@ from service.core.types import (
     GenerateRequest,
     GenerateResult,
     InputKind,
-    Protocol,
-    Sequence,
-    VersionInfo,
+    SequenceData,
 )
-from service.http_api.json_codecs import V2Output, V2Tensor
-
-if TYPE_CHECKING:
-    from service.core.engine import Engine
-
-SERVER_NAME = "rnnserve"
-Pooling = Literal["last", "mean", "max", "none"]
-
-
-@functools.cache
-def server_version() -> str:
-    """The installed rnnserve package's version ("0.0.0" when run from an uninstalled tree)."""
-    try:
-        return metadata.version("rnnserve")
-    except metadata.PackageNotFoundError:
-        return "0.0.0"
-
-
-# ---------------------------------------------------------------- model metadata
-
-
-@dataclass(frozen=True, slots=True)
-class TensorMetadata:
-    """One input or output tensor a model declares; -1 marks a variable dimension."""
-
-    name: str
-    datatype: str
-    shape: tuple[int, ...]
-
-
-def input_metadata(config: ModelConfig) -> list[TensorMetadata]:
-    """The input tensors a model takes (DESIGN §3): INPUT or TOKENS with optional LENGTHS, or TEXT.
-
-    TEXT is [batch] strings with no time dimension to trim, so it takes no LENGTHS.
-    """
-    spec = config.input
-    if spec.type == "text":
-        return [TensorMetadata("TEXT", "BYTES", (-1,))]
-    if spec.type == "tokens":
-        main = TensorMetadata("TOKENS", "INT64", (-1, -1))
-    else:
-        main = TensorMetadata("INPUT", "FP32", (-1, -1, spec.size))
-    return [main, TensorMetadata("LENGTHS", "INT64", (-1,))]
-
-
-def has_output_text(config: ModelConfig) -> bool:
-    """A seq2seq model with a target vocabulary answers OUTPUT_TEXT too."""
-    return (
-        config.task == "seq2seq" and config.decoder is not None and config.decoder.vocab is not None
-    )
-
-
-def output_metadata(config: ModelConfig) -> list[TensorMetadata]:
-    """The output tensors a model answers with (an infer answers exactly these)."""
-    if config.task == "seq2seq":
-        outputs = [
-            TensorMetadata("OUTPUT_TOKENS", "INT64", (-1, -1)),
-            TensorMetadata("OUTPUT_LENGTHS", "INT64", (-1,)),
-        ]
-        if has_output_text(config):
-            outputs.append(TensorMetadata("OUTPUT_TEXT", "BYTES", (-1,)))
-        return outputs
-    outputs = [TensorMetadata("ENCODING", "FP32", (-1, config.encoding_size))]
-    if config.head is not None:
-        outputs.append(TensorMetadata("SCORES", "FP32", (-1, config.head.size)))
-        if config.head.labels is not None:
-            outputs.append(TensorMetadata("LABELS", "BYTES", (-1,)))
-    return outputs
-
-
-def precision_parameters(engine: Engine, name: str, version: int) -> dict[str, str]:
-    """The model metadata's `parameters` (an extension of the protocol, as MLServer's): the
-    dtype each part of the version computes in, `precision.<part>` → "bfloat16", or
-    "bfloat16 from 32 rows, float32 below" for a part that switches by batch size."""
-    precision = engine.registry.resolve(name, version).architecture.get("precision", {})
-    parameters: dict[str, str] = {}
-    for part, described in precision.items():
-        text = described["dtype"]
-        if "from_rows" in described:
-            text += f" from {described['from_rows']} rows, {described['below']} below"
-        parameters[f"precision.{part}"] = text
-    return parameters
-
-
-def ready_versions(engine: Engine, name: str) -> list[str]:
-    """The model's READY versions as V2 version strings (raises NotFound for an unknown model)."""
-    return [str(v.version) for v in engine.model_info(name).versions if v.state == "READY"]
-
-
-def model_ready(engine: Engine, name: str, version: int | None) -> bool:
-    """Whether the model (or that version) takes inference now: READY and the server not draining.
-
-    Raises NotFound for an unknown model or version.
-    """
-    info = engine.model_info(name, version)
-    if engine.draining:
-        return False
-    return any(v.state == "READY" and version in (None, v.version) for v in info.versions)
-
-
-# ---------------------------------------------------------------- model repository
-
-
-def repository_index(engine: Engine, ready_only: bool) -> list[tuple[str, VersionInfo]]:
-    """(model name, version) of every version the server knows, or of the READY ones only."""
-    return [
-        (info.name, v)
-        for info in engine.list_models()
-        for v in info.versions
-        if not ready_only or v.state == "READY"
-    ]
-
-
-async def repository_load(engine: Engine, name: str) -> None:
-    """Load a model by name; as Triton, loading a model that has a READY version reloads it."""
-    try:
-        loaded = any(v.state == "READY" for v in engine.model_info(name).versions)
-    except NotFound:
-        loaded = False
-    if loaded:
-        await engine.reload(name)
-    else:
-        await engine.load(name)
-
-
-# ---------------------------------------------------------------- input tensors
+from service.inference_protocol.metadata import has_output_text, input_metadata
+from service.inference_protocol.tensors import V2Output, V2Tensor
 
 _FLOATS = ("FP16", "FP32", "FP64")
 # NOTE: no UINT64: it does not fit the engine's int64 (large values would wrap around).
@@ -165,7 +39,7 @@ _INTS = ("INT8", "INT16", "INT32", "INT64", "UINT8", "UINT16", "UINT32")
 
 def infer_sequences(
     tensors: list[V2Tensor], config: ModelConfig, limit: int
-) -> tuple[InputKind, list[Sequence]]:
+) -> tuple[InputKind, list[SequenceData]]:
     """The engine's sequences of a V2 request's input tensors (all of them, in the request's order).
 
     Names, datatypes and shapes are checked against the model (batch, and values at most
@@ -257,7 +131,7 @@ def _lengths(tensor: V2Tensor, where: str, batch: int, steps: int) -> list[int]:
     return lengths
 
 
-def _texts(tensor: V2Tensor, where: str, limit: int) -> list[Sequence]:
+def _texts(tensor: V2Tensor, where: str, limit: int) -> list[SequenceData]:
     if tensor.datatype != "BYTES":
         raise InvalidInput(f"{where}.datatype", f"TEXT must be BYTES, got {tensor.datatype}")
     shape = tensor.shape
@@ -265,7 +139,7 @@ def _texts(tensor: V2Tensor, where: str, limit: int) -> list[Sequence]:
         raise InvalidInput(f"{where}.shape", f"TEXT must be [batch] (or [batch, 1]), got {shape}")
     _check_batch(shape[0], where, limit)
     assert isinstance(tensor.data, list)
-    texts: list[Sequence] = []
+    texts: list[SequenceData] = []
     for b, raw in enumerate(tensor.data):
         try:
             texts.append(raw.decode("utf-8"))
@@ -274,7 +148,7 @@ def _texts(tensor: V2Tensor, where: str, limit: int) -> list[Sequence]:
     return texts
 
 
-# ---------------------------------------------------------------- request parameters
+# -- request parameters --
 
 
 def parameter(
@@ -290,75 +164,48 @@ def parameter(
     return value
 
 
-def timeout_s(params: Mapping[str, Any]) -> float | None:
-    """`parameters.timeout_ms` in seconds, checked against the same bounds as the rnnserve API."""
-    timeout_ms = parameter(params, "timeout_ms", (int, float))
-    if timeout_ms is None:
-        return None
-    validation.check_timeout_ms(timeout_ms, "parameters.timeout_ms")
-    return float(timeout_ms) / 1000
-
-
-def pooling(params: Mapping[str, Any]) -> Pooling | None:
-    """`parameters.pooling` (last, mean, max or none; absent: the model's default)."""
-    value = parameter(params, "pooling", (str,))
-    if value is not None and value not in validation.POOLINGS:
-        raise InvalidInput(
-            "parameters.pooling",
-            f"must be one of {', '.join(validation.POOLINGS)}; got {shown(value)}",
-        )
-    return cast(Pooling | None, value)
-
-
-def generate_options(params: Mapping[str, Any]) -> tuple[int | None, int]:
-    """(max_length, beam_size) of a seq2seq infer; the engine checks them against its limits."""
-    max_length = parameter(params, "max_length", (int,))
-    beam_size = parameter(params, "beam_size", (int,), 1)
-    return max_length, beam_size
-
-
 def infer_request(
     model: str,
     version: int,
     config: ModelConfig,
-    kind: InputKind,
-    sequences: list[Sequence],
-    params: Mapping[str, Any],
-    protocol: Protocol,
+    tensors: list[V2Tensor],
+    params: Any,
     *,
-    endpoint: str = "infer",
+    limit: int,
     deadline_s: float | None = None,
     answer_limit: AnswerLimit | None = None,
 ) -> EncodeRequest | GenerateRequest:
-    """The engine's request of an infer: a GenerateRequest for a seq2seq model (parameters
-    timeout_ms, max_length, beam_size), else an EncodeRequest (timeout_ms, pooling).
+    """The engine's request of an infer of `version` (its number and config resolved): its
+    sequences from `tensors` (at most `limit`), a GenerateRequest for a seq2seq model
+    (parameters timeout_ms, max_length, beam_size), else an EncodeRequest (timeout_ms, pooling).
+    `params` is the request's `parameters` as plain values (an object, or it is refused).
 
     `deadline_s` is the call's own remaining deadline, if the wire has one; the tighter wins.
     `answer_limit` bounds the encoding the wire would send.
     """
-    timeout = validation.tighter_timeout(timeout_s(params), deadline_s)
+    kind, sequences = infer_sequences(tensors, config, limit)
+    if not isinstance(params, Mapping):
+        raise InvalidInput("parameters", "expected an object")
+    timeout_ms = parameter(params, "timeout_ms", (int, float))
+    timeout = limits.timeout_seconds(timeout_ms, deadline_s, "parameters.timeout_ms")
     if config.task == "seq2seq":
-        max_length, beam_size = generate_options(params)
         return GenerateRequest(
             model=model,
             sequences=sequences,
             kind=kind,
             version=version,
-            max_length=max_length,
-            beam_size=beam_size,
+            max_length=parameter(params, "max_length", (int,)),
+            beam_size=parameter(params, "beam_size", (int,), 1),
             timeout_s=timeout,
-            protocol=protocol,
-            endpoint=endpoint,
         )
+    pooling = validation.check_pooling(parameter(params, "pooling", (str,)), "parameters.pooling")
     return EncodeRequest(
         model=model,
         sequences=sequences,
         kind=kind,
         version=version,
-        pooling=pooling(params),
+        pooling=pooling,
         timeout_s=timeout,
-        protocol=protocol,
-        endpoint=endpoint,
         answer_limit=answer_limit,
     )
 
@@ -374,7 +221,7 @@ async def infer(
     return encoded.version, encode_outputs(encoded)
 
 
-# ---------------------------------------------------------------- output tensors
+# -- output tensors --
 
 
 def _padded(rows: list[np.ndarray], fill: float, dtype: type) -> np.ndarray:

@@ -16,7 +16,6 @@ import argparse
 import asyncio
 import contextlib
 import gc
-import json
 import logging
 import os
 import signal
@@ -24,94 +23,34 @@ import sys
 import threading
 import time
 from collections.abc import Coroutine, Generator
-from typing import Any, get_args, get_origin
+from typing import Any
 
 import uvicorn
 from prometheus_client import CollectorRegistry
 from pydantic import ValidationError
-from pydantic.fields import FieldInfo
 
 from service.core import validation
+from service.core.engine import Engine
 from service.core.executor import COMPUTE_THREAD_PREFIX
 from service.core.metrics import Metrics
 from service.core.settings import Settings
-from service.grpc_api.server import create_grpc_server
+from service.grpc_api.server import GrpcServer, create_grpc_server
+from service.http_api.app import create_app
 from service.http_api.connection import deadline_protocol
 from service.process import logging_setup
+from service.process.flags import add_settings_flags, settings_from_args
 
 log = logging.getLogger("rnnserve")
 
 
-class _HttpServer(uvicorn.Server):
-    """uvicorn without its own signal handlers: service/process/serve.py owns the signals."""
-
-    @contextlib.contextmanager
-    def capture_signals(self) -> Generator[None, None, None]:
-        yield
-
-
-def _flag(name: str) -> str:
-    return "--" + name.replace("_", "-")
-
-
-def _choices(annotation: Any) -> list[str] | None:
-    args = [a for a in get_args(annotation) if a is not type(None)]
-    if get_origin(annotation) is not None and args and all(isinstance(a, str) for a in args):
-        return [str(a) for a in args]
-    return None
-
-
-def _default_text(field: FieldInfo) -> str:
-    """A setting's default as `--help` shows it."""
-    if field.default_factory is not None:
-        value: Any = field.default_factory()  # type: ignore[call-arg]
-    else:
-        value = field.default
-    if value is None:
-        return "unset"
-    if isinstance(value, bool):
-        return "on" if value else "off"
-    if isinstance(value, dict):
-        return json.dumps(value)
-    if isinstance(value, int) and value >= 1024 * 1024 and value % (1024 * 1024) == 0:
-        return f"{value} ({value // (1024 * 1024)} MiB)"
-    if isinstance(value, float) and value.is_integer():
-        return str(int(value))
-    return str(value)
-
-
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    """One flag per Settings field (`--http-port` for `http_port`); each overrides RNNSERVE_*.
-    `--help` shows each one's default (or the rule that makes it) and its variable."""
+    """`rnnserve serve`'s flags (service/process/flags.py)."""
     parser.description = (
         "Serve a model repository over REST (HTTP) and gRPC. Every flag is also an environment "
         "variable (--http-port = RNNSERVE_HTTP_PORT); a flag given wins."
     )
-    for name, field in Settings.model_fields.items():
-        env = f"RNNSERVE_{name.upper()}"
-        description = field.description or ""
-        # NOTE: a field whose default is computed says so in its description ("default: ...").
-        shown = "" if "default:" in description.lower() else f"default: {_default_text(field)}; "
-        help_text = f"{description} [{shown}env {env}]"
-        # NOTE: SUPPRESS keeps unset flags out of the namespace, so the environment applies.
-        common: dict[str, Any] = {"dest": name, "default": argparse.SUPPRESS, "help": help_text}
-        annotation = field.annotation
-        if annotation is bool:
-            parser.add_argument(_flag(name), action=argparse.BooleanOptionalAction, **common)
-        elif get_origin(annotation) is dict:
-            parser.add_argument(_flag(name), type=json.loads, metavar="JSON", **common)
-        else:
-            choices = _choices(annotation)
-            parser.add_argument(
-                _flag(name), choices=choices, metavar=None if choices else name.upper(), **common
-            )
+    add_settings_flags(parser)
     parser.set_defaults(run=run)
-
-
-def settings_from_args(args: argparse.Namespace) -> Settings:
-    """Settings from the environment, overridden by the flags given on the command line."""
-    given = {name: value for name, value in vars(args).items() if name in Settings.model_fields}
-    return Settings(**given)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -153,6 +92,167 @@ def _run_loop(main: Coroutine[Any, Any, int]) -> int:
     return uvloop.run(main)
 
 
+class _HttpServer(uvicorn.Server):
+    """uvicorn without its own signal handlers: this module owns the signals."""
+
+    @contextlib.contextmanager
+    def capture_signals(self) -> Generator[None, None, None]:
+        yield
+
+
+async def serve(settings: Settings) -> int:
+    """Serve until a stop signal, then drain and stop; returns the exit status."""
+    stop = asyncio.Event()
+    received: list[str] = []
+
+    def on_signal(sig: signal.Signals) -> None:
+        received.append(sig.name)
+        stop.set()
+
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, on_signal, sig)
+    try:
+        device = str(settings.torch_device())
+    except ValueError as exc:
+        logging_setup.event(log, "server.failed", level=logging.ERROR, reason=str(exc))
+        return 2
+    server = _Server(settings)
+    if not await server.listen():
+        return 1
+    start_task = loop.create_task(server.engine.start(), name="engine-start")
+    await server.serve_until(stop, start_task, device)
+    logging_setup.event(
+        log, "server.draining", signal=",".join(received) or None, grace_s=settings.drain_grace_s
+    )
+    await server.shut_down(start_task)
+    failed = not start_task.cancelled() and start_task.exception() is not None
+    return 1 if failed else 0
+
+
+class _Server:
+    """The engine and both front-ends of one `serve`, from listening to stopped."""
+
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        metrics = Metrics(CollectorRegistry())
+        self.engine = Engine(settings, metrics)
+        self.http = _HttpServer(
+            uvicorn.Config(
+                create_app(self.engine, settings, metrics),
+                host=settings.host,
+                port=settings.http_port,
+                log_config=None,
+                access_log=False,
+                lifespan="off",
+                http=deadline_protocol(
+                    settings.http_header_timeout_s, settings.http_body_timeout_s
+                ),
+            )
+        )
+        self.grpc: GrpcServer = create_grpc_server(self.engine, settings, metrics)
+        self.http_task: asyncio.Task[None] | None = None
+        self.http_port = 0
+        self.grpc_port = 0
+
+    async def listen(self) -> bool:
+        """Start both servers (gRPC first); False (logged `server.failed`) when one cannot."""
+        try:
+            self.grpc_port = await self.grpc.start()
+        except OSError as exc:
+            logging_setup.event(log, "server.failed", level=logging.ERROR, reason=str(exc))
+            return False
+        http = self.http
+        self.http_task = asyncio.get_running_loop().create_task(_serve_http(http), name="http")
+        # NOTE: uvicorn offers no "started" event to await; `started` flips once its sockets listen.
+        while not http.started and not self.http_task.done():  # noqa: ASYNC110
+            await asyncio.sleep(0.01)
+        if not http.started:
+            done = self.http_task.done()
+            reason = self.http_task.exception() if done else None
+            logging_setup.event(
+                log,
+                "server.failed",
+                level=logging.ERROR,
+                reason=str(reason or "HTTP did not start"),
+            )
+            await self.grpc.stop(0)
+            return False
+        self.http_port = http.servers[0].sockets[0].getsockname()[1]
+        logging_setup.event(
+            log,
+            "server.listening",
+            host=self.settings.host,
+            http_port=self.http_port,
+            grpc_port=self.grpc_port,
+        )
+        return True
+
+    async def serve_until(
+        self, stop: asyncio.Event, start_task: asyncio.Task[None], device: str
+    ) -> None:
+        """Wait for the engine to start (then `server.ready`) and for a stop signal; a failed
+        start (`server.failed`) stops at once."""
+        started = time.perf_counter()
+        stop_task = asyncio.get_running_loop().create_task(stop.wait())
+        await asyncio.wait({start_task, stop_task}, return_when=asyncio.FIRST_COMPLETED)
+        if start_task.done() and start_task.exception() is None:
+            # NOTE: what is allocated by now (modules, models, app) lives as long as the process;
+            # frozen, out of the collector's sight, a full collection no longer walks it (and
+            # pauses the loop; `python -m bench.sessions`).
+            gc.collect()
+            gc.freeze()
+            await self.grpc.refresh_health()
+            self._log_ready(device, round(time.perf_counter() - started, 3))
+            await stop_task
+        elif start_task.done():
+            reason = str(start_task.exception())
+            logging_setup.event(log, "server.failed", level=logging.ERROR, reason=reason)
+            stop.set()
+
+    def _log_ready(self, device: str, startup_s: float) -> None:
+        engine = self.engine
+        models = [
+            {"name": m.name, "version": v.version, "state": v.state, "load_s": v.load_seconds}
+            | ({"reason": v.reason} if v.reason else {})
+            for m in engine.list_models()
+            for v in m.versions
+        ]
+        logging_setup.event(
+            log,
+            "server.ready" if engine.ready else "server.started_not_ready",
+            host=self.settings.host,
+            http_port=self.http_port,
+            grpc_port=self.grpc_port,
+            docs=f"{http_url(self.settings.host, self.http_port)}/docs",
+            device=device,
+            startup_s=startup_s,
+            models=models,
+        )
+
+    async def shut_down(self, start_task: asyncio.Task[None]) -> None:
+        """Drain within the grace: the engine's work first, the servers with what is left."""
+        grace = self.settings.drain_grace_s
+        drain_started = time.perf_counter()
+        await self.grpc.begin_drain()
+        if not start_task.done():
+            start_task.cancel()
+            await asyncio.gather(start_task, return_exceptions=True)
+        # NOTE: the engine ends its work within the grace less a reserve; the servers get the rest.
+        await self.engine.drain(grace)
+        left = max(0.05, grace - (time.perf_counter() - drain_started) - 0.05)
+        self.http.config.timeout_graceful_shutdown = left  # type: ignore[assignment]
+        self.http.should_exit = True
+        assert self.http_task is not None
+        await asyncio.gather(self.http_task, self.grpc.stop(left), return_exceptions=True)
+        logging_setup.event(
+            log,
+            "server.stopped",
+            drain_s=round(time.perf_counter() - drain_started, 3),
+            compute_finished=self.engine.threads_done,
+        )
+
+
 async def _serve_http(http: uvicorn.Server) -> None:
     try:
         await http.serve()
@@ -161,125 +261,3 @@ async def _serve_http(http: uvicorn.Server) -> None:
         raise OSError(
             f"HTTP cannot bind {http.config.host}:{http.config.port} (uvicorn exit {exc.code})"
         ) from None
-
-
-async def serve(settings: Settings) -> int:
-    """Serve until a stop signal, then drain and stop; returns the exit status."""
-    from service.core.engine import Engine
-    from service.http_api.app import create_app
-
-    loop = asyncio.get_running_loop()
-    stop = asyncio.Event()
-    received: list[str] = []
-
-    def on_signal(sig: signal.Signals) -> None:
-        received.append(sig.name)
-        stop.set()
-
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, on_signal, sig)
-
-    try:
-        device = str(settings.torch_device())
-    except ValueError as exc:
-        logging_setup.event(log, "server.failed", level=logging.ERROR, reason=str(exc))
-        return 2
-    metrics = Metrics(CollectorRegistry())
-    engine = Engine(settings, metrics)
-    app = create_app(engine, settings, metrics)
-    http = _HttpServer(
-        uvicorn.Config(
-            app,
-            host=settings.host,
-            port=settings.http_port,
-            log_config=None,
-            access_log=False,
-            lifespan="off",
-            http=deadline_protocol(settings.http_header_timeout_s, settings.http_body_timeout_s),
-        )
-    )
-    grpc_server = create_grpc_server(engine, settings, metrics)
-
-    try:
-        grpc_port = await grpc_server.start()
-    except OSError as exc:
-        logging_setup.event(log, "server.failed", level=logging.ERROR, reason=str(exc))
-        return 1
-    http_task = loop.create_task(_serve_http(http), name="http")
-    # NOTE: uvicorn offers no "started" event to await; `started` flips once its sockets listen.
-    while not http.started and not http_task.done():  # noqa: ASYNC110
-        await asyncio.sleep(0.01)
-    if not http.started:
-        reason = http_task.exception() if http_task.done() else None
-        logging_setup.event(
-            log, "server.failed", level=logging.ERROR, reason=str(reason or "HTTP did not start")
-        )
-        await grpc_server.stop(0)
-        return 1
-    http_port = http.servers[0].sockets[0].getsockname()[1]
-    logging_setup.event(
-        log, "server.listening", host=settings.host, http_port=http_port, grpc_port=grpc_port
-    )
-
-    started = time.perf_counter()
-    start_task = loop.create_task(engine.start(), name="engine-start")
-    stop_task = loop.create_task(stop.wait())
-    await asyncio.wait({start_task, stop_task}, return_when=asyncio.FIRST_COMPLETED)
-    if start_task.done() and start_task.exception() is None:
-        # NOTE: everything allocated so far (modules, models, app) lives as long as the
-        # process; out of the collector's sight, a full collection no longer walks it (it paused
-        # the loop 60–90 ms under load, straight into p99; bench/RESULTS.md, Sessions).
-        gc.collect()
-        gc.freeze()
-        await grpc_server.refresh_health()
-        models = [
-            {
-                "name": m.name,
-                "version": v.version,
-                "state": v.state,
-                "load_s": v.load_seconds,
-            }
-            | ({"reason": v.reason} if v.reason else {})
-            for m in engine.list_models()
-            for v in m.versions
-        ]
-        logging_setup.event(
-            log,
-            "server.ready" if engine.ready else "server.started_not_ready",
-            host=settings.host,
-            http_port=http_port,
-            grpc_port=grpc_port,
-            docs=f"{http_url(settings.host, http_port)}/docs",
-            device=device,
-            startup_s=round(time.perf_counter() - started, 3),
-            models=models,
-        )
-        await stop_task
-    elif start_task.done():
-        logging_setup.event(
-            log, "server.failed", level=logging.ERROR, reason=str(start_task.exception())
-        )
-        stop.set()
-
-    logging_setup.event(
-        log, "server.draining", signal=",".join(received) or None, grace_s=settings.drain_grace_s
-    )
-    drain_started = time.perf_counter()
-    await grpc_server.begin_drain()
-    if not start_task.done():
-        start_task.cancel()
-        await asyncio.gather(start_task, return_exceptions=True)
-    # NOTE: the engine ends its work within the grace less a reserve; the servers get the rest.
-    await engine.drain(settings.drain_grace_s)
-    left = max(0.05, settings.drain_grace_s - (time.perf_counter() - drain_started) - 0.05)
-    http.config.timeout_graceful_shutdown = left  # type: ignore[assignment]
-    http.should_exit = True
-    await asyncio.gather(http_task, grpc_server.stop(left), return_exceptions=True)
-    logging_setup.event(
-        log,
-        "server.stopped",
-        drain_s=round(time.perf_counter() - drain_started, 3),
-        compute_finished=engine.threads_done,
-    )
-    failed = not start_task.cancelled() and start_task.exception() is not None
-    return 1 if failed else 0

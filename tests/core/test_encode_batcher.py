@@ -269,11 +269,11 @@ async def test_rows_with_their_own_initial_state_share_a_batch(
     path = write_model(repository, "m", input_size=FEATURES, num_layers=2, cell="gru")
     engine = await start_engine()
     whole, plain = features([9, 6], seed=18)
-    first = await engine.encode_chunk("m", 1, whole[:5], "features", None, None, "internal")
+    first = await engine.encode_chunk("m", 1, whole[:5], "features", None, None)
     before = batches(metrics, "m")
     async with device_held(engine):
         chunk = asyncio.ensure_future(
-            engine.encode_chunk("m", 1, whole[5:], "features", first.final_state, None, "internal")
+            engine.encode_chunk("m", 1, whole[5:], "features", first.final_state, None)
         )
         other = asyncio.ensure_future(engine.encode(request("m", [plain])))
         await asyncio.sleep(0.01)

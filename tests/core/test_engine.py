@@ -268,10 +268,8 @@ async def test_stream_chunks_continue_from_the_carried_state(
     path = write_model(repository, "m", input_size=FEATURES, cell="lstm", num_layers=2)
     engine = await start_engine()
     (whole,) = feats(10, seed=4)
-    first = await engine.encode_chunk("m", 1, whole[:4], "features", None, None, "internal")
-    second = await engine.encode_chunk(
-        "m", 1, whole[4:], "features", first.final_state, None, "internal"
-    )
+    first = await engine.encode_chunk("m", 1, whole[:4], "features", None, None)
+    second = await engine.encode_chunk("m", 1, whole[4:], "features", first.final_state, None)
     expected = direct(path, [whole], pooling="none")[0]
     np.testing.assert_allclose(
         np.concatenate([first.outputs, second.outputs]), expected, rtol=1e-5, atol=1e-6

@@ -14,12 +14,13 @@ from hypothesis import strategies as st
 from models.config import ModelConfig
 from rnnserve_client.proto.inference import grpc_service_pb2 as v2
 from rnnserve_client.proto.rnnserve.v1 import rnnserve_pb2 as pb
-from service.core import validation
+from service.core import limits
 from service.core.errors import InvalidInput, PayloadTooLarge
 from service.core.settings import Settings
 from service.core.types import AnswerLimit
 from service.grpc_api.message_limits import SCAN_ABOVE_BYTES, MessageLimits
 from service.http_api import json_codecs as codecs
+from service.inference_protocol import tensors as v2_tensors
 from tests.factories import make_config
 
 
@@ -79,10 +80,10 @@ def test_sequences_over_the_model_length_are_refused_before_conversion() -> None
 
 
 def test_v2_binary_bytes_stop_at_the_shape_count() -> None:
-    raw = codecs.pack_bytes([b"a"] * 10)
+    raw = v2_tensors.pack_bytes([b"a"] * 10)
     with pytest.raises(InvalidInput, match="more than 2 BYTES elements"):
-        codecs.unpack_bytes(raw, "x", 2)
-    assert codecs.unpack_bytes(raw, "x", 10) == [b"a"] * 10
+        v2_tensors.unpack_bytes(raw, "x", 2)
+    assert v2_tensors.unpack_bytes(raw, "x", 10) == [b"a"] * 10
 
 
 # --- protobuf messages -------------------------------------------------------------------------
@@ -153,10 +154,10 @@ def test_answer_size_counts_every_step_for_pooling_none() -> None:
     config = _encoder(8)  # encodings of 8 numbers
     arrays = [np.zeros((100, 2), np.float32), np.zeros((50, 2), np.float32)]
     json_limit = AnswerLimit(150 * 8 * 16, 16, False, "--max-answer-bytes")
-    validation.check_answer_size(config, "features", arrays, "none", json_limit)
-    validation.check_answer_size(config, "features", arrays, "mean", json_limit)
+    limits.check_answer_size(config, "features", arrays, "none", json_limit)
+    limits.check_answer_size(config, "features", arrays, "mean", json_limit)
     with pytest.raises(InvalidInput) as refused:
-        validation.check_answer_size(config, "features", [*arrays, arrays[1]], "none", json_limit)
+        limits.check_answer_size(config, "features", [*arrays, arrays[1]], "none", json_limit)
     assert refused.value.field == "inputs"
     message = refused.value.message
     assert (
@@ -166,4 +167,4 @@ def test_answer_size_counts_every_step_for_pooling_none() -> None:
     # V2 pads every row to the longest: 2 rows × 100 steps.
     padded = AnswerLimit(150 * 8 * 4, 4, True, "--max-answer-bytes")
     with pytest.raises(InvalidInput, match="6,400 bytes"):
-        validation.check_answer_size(config, "features", arrays, "none", padded)
+        limits.check_answer_size(config, "features", arrays, "none", padded)

@@ -20,7 +20,7 @@ from service.core.errors import NotReady
 from service.core.metrics import Metrics
 from service.core.types import EncodeRequest, GenerateRequest, TokenEvent
 from service.http_api.app import create_app
-from service.inference_protocol import requests as v2_common
+from service.inference_protocol import metadata
 from tests.factories import write_model
 from tests.support import StartEngine, device_held, offline, sample
 
@@ -79,7 +79,7 @@ async def test_a_decoder_that_dies_leaves_ready_fails_its_requests_and_is_restar
     reason = await wait_state(engine, "s2s", "FAILED")
     assert reason is not None and "RuntimeError('injected')" in reason and "restarting" in reason
     assert not engine.ready
-    assert not v2_common.model_ready(engine, "s2s", None)
+    assert not metadata.model_ready(engine, "s2s", None)
     assert sample(metrics, "rnnserve_model_state", **labels, state="FAILED") == 1
     assert sample(metrics, "rnnserve_model_state", **labels, state="READY") == 0
     assert (await http.get("/readyz")).status_code == 503

@@ -23,10 +23,9 @@ from service.core.sessions import (
     BIDIRECTIONAL_REASON,
     ChunkResult,
     SessionManager,
-    StreamPooling,
 )
 from service.core.state_tokens import StateTokenCodec, StateTokenError
-from service.core.types import EncodeRequest, InputKind, Sequence
+from service.core.types import EncodeRequest, InputKind, Pooling, SequenceData
 from tests.factories import CHARS, TOKENS_VOCAB_SIZE, write_model
 from tests.support import KEY, Served
 
@@ -66,7 +65,7 @@ def served(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Served]:
     server.close()
 
 
-def _sequence(kind: InputKind, length: int, seed: int) -> Sequence:
+def _sequence(kind: InputKind, length: int, seed: int) -> SequenceData:
     rng = np.random.default_rng(seed)
     if kind == "features":
         return rng.standard_normal((length, 8)).astype(np.float32)
@@ -75,8 +74,8 @@ def _sequence(kind: InputKind, length: int, seed: int) -> Sequence:
     return "".join(rng.choice(list(CHARS), length))
 
 
-def _cut(sequence: Sequence, sizes: list[int]) -> list[Sequence]:
-    chunks: list[Sequence] = []
+def _cut(sequence: SequenceData, sizes: list[int]) -> list[SequenceData]:
+    chunks: list[SequenceData] = []
     at = 0
     for size in sizes:
         if at >= len(sequence):
@@ -92,8 +91,8 @@ async def _session_stream(
     sessions: SessionManager,
     model: str,
     kind: InputKind,
-    chunks: list[Sequence],
-    pooling: StreamPooling | None = None,
+    chunks: list[SequenceData],
+    pooling: Pooling | None = None,
 ) -> list[ChunkResult]:
     info = sessions.create(model, pooling=pooling)
     results = [await sessions.chunk(info.id, chunk, kind) for chunk in chunks]
@@ -105,8 +104,8 @@ async def _token_stream(
     sessions: SessionManager,
     model: str,
     kind: InputKind,
-    chunks: list[Sequence],
-    pooling: StreamPooling | None = None,
+    chunks: list[SequenceData],
+    pooling: Pooling | None = None,
 ) -> list[ChunkResult]:
     results: list[ChunkResult] = []
     token: bytes | None = None
@@ -122,9 +121,9 @@ def _check_equal(
     served: Served,
     model: str,
     kind: InputKind,
-    sequence: Sequence,
+    sequence: SequenceData,
     results: list[ChunkResult],
-    pooling: StreamPooling | None,
+    pooling: Pooling | None,
 ) -> None:
     whole = served.run(
         served.engine.encode(EncodeRequest(model, [sequence], kind, pooling=pooling))
@@ -146,7 +145,7 @@ def _check_equal(
 
 @pytest.mark.parametrize("pooling", [None, "last", "mean", "max", "none"])
 @pytest.mark.parametrize("model", list(VARIANTS))
-def test_chunked_equals_whole(served: Served, model: str, pooling: StreamPooling | None) -> None:
+def test_chunked_equals_whole(served: Served, model: str, pooling: Pooling | None) -> None:
     kind = VARIANTS[model][1]
     sequence = _sequence(kind, 29, seed=len(model))
     chunks = _cut(sequence, [1, 7, 3, 10])
@@ -168,7 +167,7 @@ def test_chunked_equals_whole(served: Served, model: str, pooling: StreamPooling
 def test_any_chunking_through_tokens_equals_whole(
     served: Served,
     model: str,
-    pooling: StreamPooling | None,
+    pooling: Pooling | None,
     length: int,
     sizes: list[int],
     seed: int,
@@ -186,7 +185,7 @@ def test_interleaved_sessions_never_mix_state(served: Served) -> None:
     models = ["lstm", "deep-gru-reset-before", "rnn-relu", "gru"]
     count = 64
 
-    async def one(index: int) -> tuple[str, Sequence, list[ChunkResult]]:
+    async def one(index: int) -> tuple[str, SequenceData, list[ChunkResult]]:
         model = models[index % len(models)]
         rng = np.random.default_rng(index)
         sequence = _sequence("features", int(rng.integers(5, 40)), seed=1000 + index)
@@ -199,7 +198,7 @@ def test_interleaved_sessions_never_mix_state(served: Served) -> None:
         served.sessions.close(info.id)
         return model, sequence, results
 
-    async def everyone() -> list[tuple[str, Sequence, list[ChunkResult]]]:
+    async def everyone() -> list[tuple[str, SequenceData, list[ChunkResult]]]:
         return await asyncio.gather(*(one(i) for i in range(count)))
 
     batches_before = _sample(served.registry, "rnnserve_model_calls_total")

@@ -12,21 +12,40 @@ from models.config import ModelConfig
 from rnnserve_client.proto.inference import grpc_service_pb2 as v2
 from rnnserve_client.proto.rnnserve.v1 import rnnserve_pb2 as pb
 from service.core import errors
-from service.core.types import GeneratedSequence, GenerateResult
+from service.core.types import EncodeRequest, GeneratedSequence, GenerateRequest, GenerateResult
 from service.grpc_api.convert import (
-    V2_DTYPES,
-    decode_bytes,
     decode_v2_inputs,
-    encode_bytes,
     encode_request_from_proto,
     float_array,
     float_values,
     generate_request_from_proto,
-    v2_infer_request,
+    plain_parameters,
     v2_infer_response,
 )
-from service.inference_protocol.requests import generate_outputs, infer_sequences
+from service.inference_protocol.requests import generate_outputs, infer_request, infer_sequences
+from service.inference_protocol.tensors import V2_DTYPES, bytes_elements, pack_bytes
 from tests.support import decode_v2_outputs
+
+
+def v2_infer_request(
+    request: v2.ModelInferRequest,
+    config: ModelConfig,
+    version: int,
+    deadline_s: float | None,
+    *,
+    limit: int,
+) -> EncodeRequest | GenerateRequest:
+    """The engine's request of a V2 gRPC infer request, as the servicer builds it."""
+    return infer_request(
+        request.model_name,
+        version,
+        config,
+        decode_v2_inputs(request),
+        plain_parameters(request.parameters),
+        limit=limit,
+        deadline_s=deadline_s,
+    )
+
 
 FEATURES = ModelConfig.model_validate(
     {
@@ -83,9 +102,9 @@ def test_raw_numeric_round_trip(datatype: str, data: st.DataObject) -> None:
 @settings(max_examples=60, deadline=None)
 @given(st.lists(st.binary(max_size=20), max_size=8))
 def test_bytes_framing_round_trip(items: list[bytes]) -> None:
-    raw = encode_bytes(items)
+    raw = pack_bytes(items)
     assert len(raw) == sum(4 + len(i) for i in items)
-    assert decode_bytes(raw, len(items), "x") == items
+    assert bytes_elements(raw, "x", [len(items)], len(items)) == items
 
 
 @pytest.mark.parametrize(
@@ -93,7 +112,7 @@ def test_bytes_framing_round_trip(items: list[bytes]) -> None:
 )
 def test_bytes_framing_errors_name_the_field(raw: bytes, count: int) -> None:
     with pytest.raises(errors.InvalidInput, match=r"^raw_input_contents\[0\]: "):
-        decode_bytes(raw, count, "raw_input_contents[0]")
+        bytes_elements(raw, "raw_input_contents[0]", [count], count)
 
 
 def test_raw_size_mismatch_names_field_and_size() -> None:
@@ -166,7 +185,7 @@ def test_wrong_tensor_for_model_names_expected_input() -> None:
 @settings(max_examples=30, deadline=None)
 @given(st.lists(st.text(max_size=10), min_size=1, max_size=4))
 def test_text_tensor(texts: list[str]) -> None:
-    request = v2.ModelInferRequest(raw_input_contents=[encode_bytes(t.encode() for t in texts)])
+    request = v2.ModelInferRequest(raw_input_contents=[pack_bytes(t.encode() for t in texts)])
     request.inputs.add(name="TEXT", datatype="BYTES", shape=[len(texts)])
     assert infer_sequences(decode_v2_inputs(request), TEXT, 8) == ("text", texts)
 

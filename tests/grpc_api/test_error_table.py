@@ -6,7 +6,7 @@ import grpc
 import pytest
 
 from service.core import errors
-from service.grpc_api.convert import GRPC_STATUS, grpc_status
+from service.grpc_api.errors import GRPC_STATUS, grpc_status
 
 
 @pytest.mark.parametrize("cls", errors.ALL_ERRORS, ids=lambda c: c.__name__)

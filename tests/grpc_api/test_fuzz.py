@@ -42,9 +42,9 @@ from rnnserve_client.proto.inference import grpc_service_pb2 as v2
 from rnnserve_client.proto.inference import grpc_service_pb2_grpc as v2_grpc
 from rnnserve_client.proto.rnnserve.v1 import rnnserve_pb2 as pb
 from rnnserve_client.proto.rnnserve.v1 import rnnserve_pb2_grpc as pb_grpc
-from service.grpc_api.convert import encode_bytes
 from service.grpc_api.server import create_grpc_server
 from service.http_api.json_codecs import V2_DTYPES
+from service.inference_protocol.tensors import pack_bytes
 from tests.factories import CHARS, TOKENS_VOCAB_SIZE, write_model
 from tests.support import Served
 
@@ -772,7 +772,7 @@ def raw_contents(draw: st.DrawFn, drawn: DrawnTensor) -> bytes:
     datatype, count = drawn.tensor.datatype, drawn.count
     if datatype == "BYTES":
         elements = CONTENT_ELEMENTS["bytes_contents"] if drawn.elements is None else drawn.elements
-        data = encode_bytes(values(draw, elements, count))
+        data = pack_bytes(values(draw, elements, count))
     elif datatype in RAW_FORMAT:
         code, elements = RAW_FORMAT[datatype]
         elements = elements if drawn.elements is None else drawn.elements

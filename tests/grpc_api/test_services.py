@@ -36,9 +36,10 @@ from rnnserve_client.proto.rnnserve.v1 import rnnserve_pb2_grpc as pb_grpc
 from service.core.engine import Engine
 from service.core.metrics import Metrics
 from service.core.settings import Settings
-from service.grpc_api.convert import encode_bytes
-from service.grpc_api.server import GrpcServer, RnnServeServicer, create_grpc_server
+from service.grpc_api.server import GrpcServer, create_grpc_server
+from service.grpc_api.v1_servicer import RnnServeServicer
 from service.grpc_api.v2_servicer import InferenceServicer
+from service.inference_protocol.tensors import pack_bytes
 from tests.factories import write_model
 from tests.support import decode_v2_outputs
 
@@ -659,7 +660,7 @@ async def test_v2_infer_encoder(served: Served, raw: bool) -> None:
 async def test_v2_infer_seq2seq_text_and_requested_output(served: Served) -> None:
     request = v2.ModelInferRequest(model_name="s2s")
     request.inputs.add(name="TEXT", datatype="BYTES", shape=[2])
-    request.raw_input_contents.append(encode_bytes([b"abc", b"hello"]))
+    request.raw_input_contents.append(pack_bytes([b"abc", b"hello"]))
     request.parameters["max_length"].int64_param = 7
     request.outputs.add(name="OUTPUT_TEXT")
     response = await served.v2.ModelInfer(request)

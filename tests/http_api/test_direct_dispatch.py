@@ -1,7 +1,7 @@
 """The inference routes served by service/http_api/direct_dispatch.py answer exactly as FastAPI's
 stack does.
 
-Two apps over one real engine: the server's (hot routes on) and the same app without them; every
+Two apps over one real engine: the server's (direct dispatch on) and the same app without it; every
 case — answers, streams, each kind of error, fall-throughs — must be byte-identical.
 """
 
@@ -15,9 +15,10 @@ import numpy as np
 import orjson
 
 from service.core.settings import Settings
-from service.http_api import v2_routes as v2_rest
-from service.http_api.app import create_app, create_router
-from service.http_api.direct_dispatch import HotRoutes
+from service.http_api.app import create_app
+from service.http_api.direct_dispatch import DirectDispatch
+from service.http_api.v1_routes import V1Routes
+from service.http_api.v2_routes import V2Routes
 from tests.support import StartEngine, write_test_repository
 
 FEATURES = np.random.default_rng(0).standard_normal((2, 5, 8)).astype(np.float32).tolist()
@@ -114,7 +115,7 @@ async def test_hot_routes_answer_exactly_as_the_fastapi_stack(
     )
     settings: Settings = engine.settings
     hot = await _answers(create_app(engine, settings, engine.metrics))
-    plain = await _answers(create_app(engine, settings, engine.metrics, hot_routes=False))
+    plain = await _answers(create_app(engine, settings, engine.metrics, direct_dispatch=False))
     for case, ours, theirs in zip(CASES, hot, plain, strict=True):
         assert ours == theirs, case[0]
     statuses = [status for status, _, _ in hot]
@@ -128,10 +129,9 @@ async def test_hot_routes_take_exactly_the_inference_paths(
     write_test_repository(repository)
     engine = await start_engine(version_policy="all", strict_readiness=False)
     settings: Settings = engine.settings
-    app = create_app(engine, settings, engine.metrics, hot_routes=False)
     routes = [
-        *create_router(engine, settings, engine.metrics).routes,
-        *v2_rest.create_router(engine, settings, engine.metrics).routes,
+        *V1Routes(engine, settings, engine.metrics).routes(),
+        *V2Routes(engine, settings, engine.metrics).routes(),
     ]
 
     async def below(scope: Any, receive: Any, send: Any) -> None:
@@ -139,7 +139,7 @@ async def test_hot_routes_take_exactly_the_inference_paths(
         await send({"type": "http.response.start", "status": 299, "headers": []})
         await send({"type": "http.response.body", "body": b""})
 
-    hot = HotRoutes(below, fastapi_app=app, routes=routes)
+    hot = DirectDispatch(below, routes=[route for route in routes if route.direct])
     body = orjson.dumps({"inputs": FEATURES})
     served = [
         "/v1/models/feat/encode",

@@ -12,6 +12,7 @@ from hypothesis import strategies as st
 
 from service.core.errors import InvalidInput
 from service.http_api import json_codecs as codecs
+from service.inference_protocol import tensors as v2_tensors
 
 finite32 = st.floats(width=32, allow_nan=False, allow_infinity=False)
 
@@ -122,17 +123,17 @@ def test_invalid_json_names_body() -> None:
 @settings(max_examples=60, deadline=None)
 @given(st.lists(st.binary(max_size=40), max_size=10))
 def test_bytes_elements_round_trip(items: list[bytes]) -> None:
-    packed = codecs.pack_bytes(items)
+    packed = v2_tensors.pack_bytes(items)
     assert len(packed) == sum(4 + len(b) for b in items)
-    assert codecs.unpack_bytes(packed, "x") == items
+    assert v2_tensors.unpack_bytes(packed, "x") == items
 
 
 def test_truncated_bytes_element_is_an_error() -> None:
-    packed = codecs.pack_bytes([b"abcd"])
+    packed = v2_tensors.pack_bytes([b"abcd"])
     with pytest.raises(InvalidInput, match="claims 4 bytes"):
-        codecs.unpack_bytes(packed[:-1], "x")
+        v2_tensors.unpack_bytes(packed[:-1], "x")
     with pytest.raises(InvalidInput, match="truncated"):
-        codecs.unpack_bytes(packed + b"\x01", "x")
+        v2_tensors.unpack_bytes(packed + b"\x01", "x")
 
 
 dtypes = st.sampled_from(["FP32", "INT64", "INT32", "FP64", "BOOL", "UINT8"])
@@ -149,7 +150,7 @@ def tensors(draw: st.DrawFn) -> tuple[str, list[int], np.ndarray]:
         values = draw(st.lists(finite32, min_size=count, max_size=count))
     else:
         values = draw(st.lists(st.integers(0, 255), min_size=count, max_size=count))
-    return datatype, shape, np.array(values, dtype=codecs.V2_DTYPES[datatype]).reshape(shape)
+    return datatype, shape, np.array(values, dtype=v2_tensors.V2_DTYPES[datatype]).reshape(shape)
 
 
 @settings(max_examples=80, deadline=None)
@@ -186,8 +187,8 @@ def test_v2_response_round_trip(spec: tuple[str, list[int], np.ndarray], binary:
     datatype, shape, arr = spec
     texts = [b"ab", b"", "é".encode()]
     outputs = [
-        codecs.V2Output("OUT", datatype, arr, shape),
-        codecs.V2Output("TEXT", "BYTES", texts, [3]),
+        v2_tensors.V2Output("OUT", datatype, arr, shape),
+        v2_tensors.V2Output("TEXT", "BYTES", texts, [3]),
     ]
     body, header_length = codecs.encode_v2_response(
         {"model_name": "m"}, outputs, {"OUT", "TEXT"} if binary else set()
@@ -337,12 +338,14 @@ def test_v2_errors_name_the_field(
     "datatype", ["INT8", "INT16", "INT32", "INT64", "UINT8", "UINT16", "UINT32", "UINT64"]
 )
 def test_v2_json_integers_at_their_datatype_limits_decode_exactly(datatype: str) -> None:
-    info = np.iinfo(codecs.V2_DTYPES[datatype])
+    info = np.iinfo(v2_tensors.V2_DTYPES[datatype])
     for value in (int(info.min), int(info.max)):
         header = {"inputs": [{"name": "A", "datatype": datatype, "shape": [1], "data": [value]}]}
         (tensor,) = codecs.decode_v2_inputs(header, b"")
         assert isinstance(tensor.data, np.ndarray)
-        assert tensor.data.dtype == codecs.V2_DTYPES[datatype] and tensor.data.tolist() == [value]
+        assert tensor.data.dtype == v2_tensors.V2_DTYPES[datatype] and tensor.data.tolist() == [
+            value
+        ]
 
 
 def test_v2_json_floats_out_of_fp16_range_stay_infinite() -> None:

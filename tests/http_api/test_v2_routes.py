@@ -28,6 +28,7 @@ from service.core.metrics import Metrics
 from service.core.types import GenerateRequest
 from service.grpc_api.server import create_grpc_server
 from service.http_api import json_codecs as codecs
+from service.inference_protocol import tensors as v2_tensors
 from tests.factories import write_model
 from tests.support import TOKEN, LiveServer, decode_v2_outputs, live_server, write_test_repository
 
@@ -374,7 +375,7 @@ def test_rest_and_grpc_timeout_limits_agree(
         assert caught.value.details() == r.json()["error"]
 
 
-# --- one input check for both V2 wires (service/v2_common.infer_sequences) ---------------------
+# --- one input check for both V2 wires (inference_protocol.requests.infer_sequences) ----------
 
 _CONTENTS = {
     "FP32": "fp32_contents",
@@ -389,31 +390,35 @@ _CONTENTS = {
 
 def v2_input(
     name: str, datatype: str, shape: list[int], data: np.ndarray | list[bytes] | None = None
-) -> codecs.V2Tensor:
+) -> v2_tensors.V2Tensor:
     """One V2 input tensor to send over either wire; no data: zeros (or b"a") filling `shape`."""
     if data is None:
         count = math.prod(shape)
         data = (
-            [b"a"] * count if datatype == "BYTES" else np.zeros(shape, codecs.V2_DTYPES[datatype])
+            [b"a"] * count
+            if datatype == "BYTES"
+            else np.zeros(shape, v2_tensors.V2_DTYPES[datatype])
         )
-    return codecs.V2Tensor(name, datatype, shape, data)
+    return v2_tensors.V2Tensor(name, datatype, shape, data)
 
 
-def _raw(tensor: codecs.V2Tensor) -> bytes:
+def _raw(tensor: v2_tensors.V2Tensor) -> bytes:
     if isinstance(tensor.data, list):
-        return codecs.pack_bytes(tensor.data)
-    return np.asarray(tensor.data, codecs.V2_DTYPES[tensor.datatype]).tobytes()
+        return v2_tensors.pack_bytes(tensor.data)
+    return np.asarray(tensor.data, v2_tensors.V2_DTYPES[tensor.datatype]).tobytes()
 
 
-def _raw_holds(tensor: codecs.V2Tensor) -> bool:
+def _raw_holds(tensor: v2_tensors.V2Tensor) -> bool:
     """Whether the tensor's values survive `_raw` (300 as UINT8 does not: it wraps to 44)."""
     if isinstance(tensor.data, list):
         return True
-    return bool((np.asarray(tensor.data, codecs.V2_DTYPES[tensor.datatype]) == tensor.data).all())
+    return bool(
+        (np.asarray(tensor.data, v2_tensors.V2_DTYPES[tensor.datatype]) == tensor.data).all()
+    )
 
 
 def rest_infer(
-    http: httpx.Client, model: str, tensors: list[codecs.V2Tensor], binary: bool
+    http: httpx.Client, model: str, tensors: list[v2_tensors.V2Tensor], binary: bool
 ) -> httpx.Response:
     """POST the tensors as JSON data, or all as binary tensors after the JSON header."""
     specs: list[dict[str, object]] = []
@@ -434,7 +439,7 @@ def rest_infer(
 
 
 def grpc_infer_request(
-    model: str, tensors: list[codecs.V2Tensor], raw: bool
+    model: str, tensors: list[v2_tensors.V2Tensor], raw: bool
 ) -> v2.ModelInferRequest:
     """The same tensors as a V2 gRPC request, in raw_input_contents or typed contents."""
     request = v2.ModelInferRequest(model_name=model)
@@ -605,8 +610,8 @@ BAD_V2_INPUTS = [
         id="text-shape",
     ),
     # What the gRPC fuzz found (tests/grpc_api/test_fuzz.py), now one check for both wires
-    # (codecs.tensor_elements, codecs.check_int_range): REST used to wrap such integers around
-    # (300 as UINT8 was token 44) and answer such shapes with a 500.
+    # (tensors.tensor_elements, tensors.check_int_range): REST used to wrap such integers
+    # around (300 as UINT8 was token 44) and answer such shapes with a 500.
     pytest.param(
         "tok",
         [v2_input("TOKENS", "UINT8", [1, 2], np.array([1, 300]))],
@@ -653,7 +658,7 @@ def test_rest_and_grpc_refuse_a_bad_v2_input_alike(
     v2_grpc: GRPCInferenceServiceStub,
     binary: bool,
     model: str,
-    tensors: list[codecs.V2Tensor],
+    tensors: list[v2_tensors.V2Tensor],
     field: str,
     message: str,
 ) -> None:

@@ -11,7 +11,7 @@ import sys
 
 import pytest
 
-from service.inference_protocol.requests import server_version
+from service.core.release import server_version
 from service.process.cli import build_parser
 from tests.support import DEMO_REPOSITORY
 
