@@ -38,7 +38,7 @@ from pydantic import ValidationError
 from safetensors.torch import load_file
 from torch import Tensor
 
-from models.checkpoint import CheckpointError, build_model, load, save
+from models.checkpoint import CheckpointError, Model, build_model, load, save
 from models.config import ModelConfig
 from models.recurrent import GATES
 from models.versions import discard, publish_version, staging_folder
@@ -139,11 +139,10 @@ def import_state_dict(
         raise TorchImportError(
             f"model name {name!r}: use letters, digits, '-', '_', '.' (no path separators or '..')"
         )
-    tensors = (
-        read_state_dict(state_dict_or_path)
-        if isinstance(state_dict_or_path, (str, Path))
-        else {k: v.detach().cpu() for k, v in state_dict_or_path.items()}
-    )
+    if isinstance(state_dict_or_path, (str, Path)):
+        tensors = read_state_dict(state_dict_or_path)
+    else:
+        tensors = {k: v.detach().cpu() for k, v in state_dict_or_path.items()}
     rnn = _read_recurrent(tensors, rnn_prefix, cell, nonlinearity, reset_after)
     recurrent_keys = {rnn.prefix + key for key in rnn.weights}
     embedding_at, head_at = _find_layers(
@@ -167,17 +166,22 @@ def import_state_dict(
     }
     if head.section is not None:
         raw["head"] = head.section
+    model = _build(raw, {**inputs.state, **head.state, **rnn.state()})
+    return _write_version(Path(out_repository) / name, version, model, vocab)
+
+
+def _build(raw: dict[str, Any], state: dict[str, Tensor]) -> Model:
+    """The model of config `raw` holding `state` (float32), or why they do not fit."""
     try:
         config = ModelConfig.model_validate(raw)
     except ValidationError as exc:
         raise TorchImportError(f"the inferred config is invalid: {exc}") from exc
     model = build_model(config)
-    state = {**inputs.state, **head.state, **rnn.state()}
     try:
         model.load_state_dict({k: v.float() for k, v in state.items()}, strict=True)
     except RuntimeError as exc:
         raise TorchImportError(f"weights do not fit the inferred architecture: {exc}") from exc
-    return _write_version(Path(out_repository) / name, version, model, vocab)
+    return model
 
 
 @dataclass(frozen=True)
@@ -333,32 +337,16 @@ def _find_layers(
         if key.endswith("weight") and key not in used and value.dim() == 2
     }
 
-    def given(prefix: str, role: str, flag: str) -> str:
-        if prefix and not prefix.endswith(".") and f"{prefix}weight" not in tensors:
-            prefix += "."
-        if f"{prefix}weight" not in tensors:
-            raise TorchImportError(f"no tensor {prefix + 'weight'!r} for the {role} ({flag})")
-        return prefix
-
-    def unbiased(prefix: str) -> bool:
-        return f"{prefix}bias" not in tensors
-
-    def one(found: list[str], role: str, flag: str) -> str | None:
-        if len(found) > 1:
-            raise TorchImportError(
-                f"more than one tensor could be the {role}: "
-                f"{', '.join(p + 'weight' for p in sorted(found))}; name it with {flag}"
-            )
-        return found[0] if found else None
-
-    embedding = (
-        None
-        if embedding_prefix is None
-        else given(embedding_prefix, "embedding", "--embedding-prefix")
-    )
-    head = None if head_prefix is None else given(head_prefix, "head", "--head-prefix")
+    embedding = None
+    if embedding_prefix is not None:
+        embedding = _given_prefix(tensors, embedding_prefix, "embedding", "--embedding-prefix")
+    head = None
+    if head_prefix is not None:
+        head = _given_prefix(tensors, head_prefix, "head", "--head-prefix")
     embeddings = [
-        p for p, w in linear.items() if w.shape[1] == input_size and unbiased(p) and p != head
+        p
+        for p, w in linear.items()
+        if w.shape[1] == input_size and f"{p}bias" not in tensors and p != head
     ]
     heads = [p for p, w in linear.items() if w.shape[1] == encoding_size and p != embedding]
     if embedding_prefix is None and head_prefix is None:
@@ -371,10 +359,29 @@ def _find_layers(
             )
         heads = [p for p in heads if p not in either]  # NOTE: a vocab means an embedding
     if embedding_prefix is None:
-        embedding = one(embeddings, "embedding", "--embedding-prefix")
+        embedding = _only(embeddings, "embedding", "--embedding-prefix")
     if head_prefix is None:
-        head = one(heads, "head", "--head-prefix")
+        head = _only(heads, "head", "--head-prefix")
     return embedding, head
+
+
+def _given_prefix(tensors: Mapping[str, Tensor], prefix: str, role: str, flag: str) -> str:
+    """A prefix named with `flag`, its missing final dot added; it must hold a weight."""
+    if prefix and not prefix.endswith(".") and f"{prefix}weight" not in tensors:
+        prefix += "."
+    if f"{prefix}weight" not in tensors:
+        raise TorchImportError(f"no tensor {prefix + 'weight'!r} for the {role} ({flag})")
+    return prefix
+
+
+def _only(found: list[str], role: str, flag: str) -> str | None:
+    """The one candidate prefix for `role`, None for none; several must be named with `flag`."""
+    if len(found) > 1:
+        raise TorchImportError(
+            f"more than one tensor could be the {role}: "
+            f"{', '.join(p + 'weight' for p in sorted(found))}; name it with {flag}"
+        )
+    return found[0] if found else None
 
 
 def _recurrent_weights(
@@ -413,7 +420,7 @@ def _expected_biases(weights: Mapping[str, Tensor], rows: int) -> dict[str, tupl
 
 
 def _write_version(
-    model_dir: Path, version: int | None, model: Any, vocab: list[str] | None
+    model_dir: Path, version: int | None, model: Model, vocab: list[str] | None
 ) -> Path:
     model_dir.mkdir(parents=True, exist_ok=True)
     existing = [int(p.name) for p in model_dir.iterdir() if p.is_dir() and p.name.isdigit()]
