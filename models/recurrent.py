@@ -337,10 +337,8 @@ def _segmented(
     in_order = bool((order == torch.arange(batch)).all())
     sorted_lengths = lengths[order]
     x = inputs if in_order else inputs.index_select(0, order.to(inputs.device))
-    hidden = rnn.hidden_size
-    layers = rnn.num_layers
     if initial_state is None:
-        zero = x.new_zeros(layers, batch, hidden)
+        zero = x.new_zeros(rnn.num_layers, batch, rnn.hidden_size)
         state: State = (zero, zero.clone()) if isinstance(rnn, nn.LSTM) else zero
     else:
         state = initial_state if in_order else select_state(initial_state, order.to(x.device))
@@ -354,7 +352,7 @@ def _segmented(
     elif not cuts or cuts[-1] < ends[0]:
         raise ValueError(f"the last cut must reach the longest length {ends[0]}, got {cuts}")
     # NOTE: every step is written by a segment or zeroed by the final mask.
-    outputs = x.new_empty(batch, steps, hidden)
+    outputs = x.new_empty(batch, steps, rnn.hidden_size)
     final = _empty_like_state(state) if need_state else None
     start_states = _empty_like_state(state) if need_state else None
     inside: list[int] = []  # rows that end inside a segment (their final state is replayed)
@@ -379,17 +377,7 @@ def _segmented(
         running = still
         t0 = t1
     if final is not None and start_states is not None and inside:
-        # One short packed call replays each such row's last segment from its start state.
-        rows = torch.tensor(inside)
-        starts = torch.tensor(inside_starts)
-        remaining = sorted_lengths[rows] - starts  # 1 … its segment's length − 1
-        index = starts[:, None] + torch.arange(int(remaining.max()))[None, :]
-        index = index.clamp(max=steps - 1).to(inputs.device)
-        device_rows = rows.to(inputs.device)
-        tail = x[device_rows[:, None], index]  # [R, longest remainder, F]
-        packed = pack_padded_sequence(tail, remaining, batch_first=True, enforce_sorted=False)
-        _, fixed = rnn(packed, select_state(start_states, device_rows))
-        _scatter_rows(final, fixed, device_rows)
+        _replay(rnn, x, sorted_lengths, inside, inside_starts, start_states, final)
     real = torch.arange(steps)[None, :] < sorted_lengths[:, None]  # [N, T]
     outputs.masked_fill_(~real[:, :, None].to(x.device), 0.0)
     if in_order:
@@ -397,6 +385,30 @@ def _segmented(
     inverse = torch.argsort(order).to(x.device)
     outputs = outputs.index_select(0, inverse)
     return outputs, None if final is None else select_state(final, inverse)
+
+
+def _replay(
+    rnn: nn.RNNBase,
+    x: Tensor,
+    lengths: Tensor,
+    rows: list[int],
+    starts: list[int],
+    start_states: State,
+    final: State,
+) -> None:
+    """Write into `final` the exact final states of `rows` (which end inside the segment that
+    starts at `starts`): one short packed call replays each one's last segment from its start
+    state. x [N, T, F] and lengths [N] are in the segmented order."""
+    row_index = torch.tensor(rows)
+    start_index = torch.tensor(starts)
+    remaining = lengths[row_index] - start_index  # 1 … its segment's length − 1
+    index = start_index[:, None] + torch.arange(int(remaining.max()))[None, :]
+    index = index.clamp(max=x.shape[1] - 1).to(x.device)
+    device_rows = row_index.to(x.device)
+    tail = x[device_rows[:, None], index]  # [R, longest remainder, F]
+    packed = pack_padded_sequence(tail, remaining, batch_first=True, enforce_sorted=False)
+    _, fixed = rnn(packed, select_state(start_states, device_rows))
+    _scatter_rows(final, fixed, device_rows)
 
 
 def _empty_like_state(state: State) -> State:
