@@ -160,15 +160,12 @@ def make_rnn(
     return ResetBeforeGRU(input_size, hidden_size, num_layers, bidirectional)
 
 
-# Where the segmented path beats packing on the CPU (`python -m bench.probes segments`, bench/
-# RESULTS.md 2026-11-26 fourth session; packed time ÷ segmented, batches of 32): nn.LSTM only
-# (the fused oneDNN kernel is LSTM's; a GRU lost 11–21 %). With final states (replays of rows
-# ending inside a segment): hidden ≥ 128 over ≥ 64 steps (lengths 16–128: 1.21× at hidden 128,
-# 1.39× at 256; up to 63 steps 0.99–1.10×, too close to call). Outputs alone: hidden ≥ 64 and
-# ≥ 8 steps (1.13–2.19× from lengths 8–16 to 32–63, hidden 64–256). In bfloat16 the packed
-# path's step loop is slower than float32's while the fused kernel is 2–4× faster, so segments
-# win at every size measured (`python -m bench.probes segments --dtype bfloat16`, bench/
-# RESULTS.md "bfloat16 on the CPU").
+# Where the segmented path beats packing on the CPU, from `python -m bench.probes segments
+# [--dtype bfloat16]` (figures in bench/RESULTS.md): nn.LSTM only (the fused oneDNN kernel is
+# LSTM's; a GRU stays packed). In float32 the segments must be long and wide enough to pay for
+# replaying the rows that end inside one, less so for outputs alone (no replays). In bfloat16
+# the packed path's step loop is slower than float32's while the fused kernel is faster, so
+# segments win at every size.
 SEGMENTED_MIN_HIDDEN = {  # by dtype, then by whether final states are wanted
     torch.float32: {True: 128, False: 64},
     torch.bfloat16: {True: 1, False: 1},
@@ -191,13 +188,10 @@ class PlanCosts:
     finish: float
 
 
-# Fitted on the reference LSTM (`python -m bench.probes call-costs [--dtype bfloat16]`); both
-# sides grow with the weights, so the ratios carry across sizes. float32: a call 48 (fitted at
-# 34–44), a step 0.6 (0.4–0.6), a replayed step 3 (the best of a sweep, bench/RESULTS.md).
-# bfloat16: a row-step costs 4–5× less than in float32 (fitted: a call ~200, a step ~2), and a
-# call of 60–200 with a replay of 5.5 planned within noise of the best in sweeps of call
-# 30–400 × replay 5.5–25 (`python -m bench.probes plan-sweep`; bench/RESULTS.md "bfloat16 on
-# the CPU"); 120 is the middle.
+# Call and step fitted on the reference LSTM (`python -m bench.probes call-costs [--dtype
+# bfloat16]`), the replay and bfloat16's call chosen by sweeps (`python -m bench.probes
+# plan-sweep`); figures in bench/RESULTS.md. Both sides grow with the weights, so the ratios
+# carry across sizes.
 PLAN_COSTS = {
     torch.float32: PlanCosts(call=48.0, step=0.6, finish=3.0),
     torch.bfloat16: PlanCosts(call=120.0, step=1.6, finish=5.5),
@@ -452,8 +446,8 @@ def step_rnn(rnn: nn.Module, inputs: Tensor, state: State) -> tuple[Tensor, Stat
     """One time step for every row: inputs [N, F], state [L, N, H] → (top output [N, H], state).
 
     Unidirectional only (decoders). nn.RNN/LSTM/GRU run one fused cell op per layer
-    (torch.*_cell): a single step through nn.GRU/LSTM.forward costs ~20 % more in argument
-    checks and flat-weight handling. Same results as `run_rnn` over one step.
+    (torch.*_cell): a single step through nn.GRU/LSTM.forward costs more in argument checks
+    and flat-weight handling. Same results as `run_rnn` over one step.
     """
     if isinstance(rnn, ResetBeforeGRU) or not isinstance(rnn, nn.RNNBase) or rnn.bidirectional:
         ones = torch.ones(inputs.shape[0], dtype=torch.int64)
