@@ -32,7 +32,7 @@ from models.config import (
 from models.encoder import EncoderModel, collate
 from models.seq2seq import Seq2SeqModel
 from models.tokenizer import BOS, EOS, PAD, UNK, Tokenizer
-from models.training import metrics
+from models.training import dates, metrics, series, surnames
 from models.training.errors import TrainingError
 
 Split = Literal["valid", "test"]
@@ -225,9 +225,7 @@ class SurnamesTask(Task):
     )
 
     def load(self, seed: int, limit: int | None = None) -> None:
-        from models.training.surnames import load_surnames
-
-        splits = load_surnames(seed)
+        splits = surnames.load_surnames(seed)
         self.labels = splits.labels
         self.train = splits.train[:limit] if limit else splits.train
         self.valid, self.test = splits.valid, splits.test
@@ -284,11 +282,9 @@ class SurnamesTask(Task):
         return {"majority_class_accuracy": metrics.accuracy([top] * len(expected), expected)}
 
     def data_summary(self) -> dict[str, Any]:
-        from models.training.surnames import LOCALES
-
         return {
             "source": "Faker's per-locale last-name lists (faker.providers.person.*)",
-            "labels": {label: list(LOCALES[label]) for label in self.labels},
+            "labels": {label: list(surnames.LOCALES[label]) for label in self.labels},
             "split": "by name; names listed under two labels dropped",
             **_split_sizes(self.train, self.valid, self.test),
         }
@@ -321,9 +317,7 @@ class DatesTask(Task):
     TARGET_CHARS = "0123456789-"
 
     def load(self, seed: int, limit: int | None = None) -> None:
-        from models.training.dates import load_dates
-
-        splits = load_dates(seed, train_size=limit or 60_000)
+        splits = dates.load_dates(seed, train_size=limit or 60_000)
         self.train, self.valid, self.test = splits.train, splits.valid, splits.test
         self.vocab = char_vocab([source for source, _ in self.train], [PAD, UNK])
         self.target_vocab = [PAD, UNK, BOS, EOS, *self.TARGET_CHARS]
@@ -417,12 +411,10 @@ class DatesTask(Task):
         }
 
     def data_summary(self) -> dict[str, Any]:
-        from models.training.dates import LOCALES, NUMERIC
-
         return {
             "source": "Babel (CLDR) full/long/medium date formats + numeric/English forms",
-            "locales": list(LOCALES),
-            "numeric_formats": len(NUMERIC),
+            "locales": list(dates.LOCALES),
+            "numeric_formats": len(dates.NUMERIC),
             "split": "by calendar day 1000-01-01..2999-12-31 (test 10%, valid 5% of days); "
             "half of each split's examples drawn from its days in 1900..2099",
             **_split_sizes(self.train, self.valid, self.test),
@@ -452,9 +444,7 @@ class ElninoTask(Task):
     )
 
     def load(self, seed: int, limit: int | None = None) -> None:
-        from models.training.series import load_series
-
-        splits = load_series()
+        splits = series.load_series()
         self.window = splits.window
         self.first_test_month = splits.first_test_month
         self.train = splits.train[:limit] if limit else splits.train
@@ -466,8 +456,8 @@ class ElninoTask(Task):
         self._train_x = self._tensor([w for w, _ in self.train], normalise=True)  # [N, T, 1]
         self._train_y = (torch.tensor(targets) - self.mean) / self.std  # [N]
 
-    def _tensor(self, series: list[list[float]], normalise: bool) -> Tensor:
-        x = torch.tensor(series, dtype=torch.float32)[:, :, None]  # [N, T, 1]
+    def _tensor(self, windows: list[list[float]], normalise: bool) -> Tensor:
+        x = torch.tensor(windows, dtype=torch.float32)[:, :, None]  # [N, T, 1]
         return (x - self.mean) / self.std if normalise else x
 
     def config(self, hyper: Hyper) -> ModelConfig:
