@@ -10,7 +10,7 @@ requests, source lengths, greedy rows and beams):
 - a row leaves at once when its request is done (<eos>, max_length), cancelled (client gone) or
   past its deadline, so a long output never holds short ones hostage;
 - greedy decoding streams each token as it is chosen (`Job.on_token`); beam search reorders its
-  rows with `models.decoding.BeamSearch` each step and hands out only its final best tokens.
+  rows with `models.beam_search.BeamSearch` each step and hands out only its final best tokens.
 Slots: a greedy request uses one row, a beam request reserves `beam_size` rows from the moment
 its encode starts; at most `max_slots` rows run together (`rnnserve_decode_slots_in_use`). The
 computation is the same as `Seq2SeqModel.generate` (same `encode`, `step`, `BeamSearch`), so
@@ -56,8 +56,8 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from models.beam_search import BeamSearch
 from models.config import ServingSpec
-from models.decoding import BeamSearch
 from models.encoder import collate
 from models.seq2seq import DecoderState, Seq2SeqModel
 from service.core.errors import (
