@@ -66,7 +66,7 @@ from service.core.errors import (
     Overloaded,
     ServiceError,
 )
-from service.core.executor import DeviceExecutor
+from service.core.executor import DeviceExecutor, settle
 from service.core.lifecycle import Scheduler
 from service.core.metrics import Metrics
 from service.core.settings import Settings
@@ -209,9 +209,8 @@ class DecodeScheduler(Scheduler):
         *,
         max_burst: int = 16,
         turn_s: float = DEVICE_TURN_S,
-        on_failure: Callable[[str], None] | None = None,
     ) -> None:
-        super().__init__(model, version, on_failure)
+        super().__init__(model, version)
         self.limits = limits
         self.max_burst = max_burst
         self.turn_s = turn_s
@@ -528,19 +527,14 @@ class DecodeScheduler(Scheduler):
     async def _submit_burst(self, loop: asyncio.AbstractEventLoop) -> list[tuple[int, float]]:
         """Run one burst on the device thread; `_bursting` is on until the thread returns from
         it, even when this task is cancelled meanwhile."""
-        future: asyncio.Future[list[tuple[int, float]]] = loop.create_future()
+        future: asyncio.Future[tuple[list[tuple[int, float]], float]] = loop.create_future()
+        hand_over = settle(future)
 
         def done(
             result: tuple[list[tuple[int, float]], float] | None, exc: BaseException | None
         ) -> None:
             self._bursting = False
-            if future.done():
-                return
-            if exc is not None:
-                future.set_exception(exc)
-            else:
-                assert result is not None
-                future.set_result(result[0])
+            hand_over(result, exc)
 
         self._bursting = True
         try:
@@ -548,7 +542,8 @@ class DecodeScheduler(Scheduler):
         except BaseException:
             self._bursting = False
             raise
-        return await future
+        steps, _ = await future
+        return steps
 
     # -- on the worker threads ---------------------------------------------------------------
 

@@ -36,13 +36,14 @@ import contextlib
 import logging
 import time
 from collections import deque
-from collections.abc import Callable, Iterable
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 
 import numpy as np
 import torch
 from torch import Tensor
 
+from models.config import ServingSpec
 from models.encoder import EncoderModel, collate, pool
 from models.recurrent import State
 from service.core.errors import (
@@ -54,6 +55,7 @@ from service.core.errors import (
 from service.core.executor import DeviceExecutor
 from service.core.lifecycle import Scheduler
 from service.core.metrics import Metrics
+from service.core.settings import Settings
 from service.core.types import HostState, Pooling
 
 log = logging.getLogger(__name__)
@@ -75,6 +77,32 @@ PAD_ON_LOOP_BYTES = 1 << 20
 # device thread to pick it up (at most a tenth of the running batch's time, so that short
 # batches still fill up).
 HANDOVER_S = 0.001
+
+
+@dataclass(frozen=True, slots=True)
+class BatchLimits:
+    """How one encode version's batches form (see the module)."""
+
+    max_batch_size: int  # rows in one batch
+    max_delay_s: float  # the longest an item waits for its batch while the device is busy
+    max_queue_size: int  # sequences waiting before `Overloaded`
+    max_batch_timesteps: int  # a batch's cost budget, in real time steps
+    regroup_fraction: float = 1.0  # of the finished batch's compute time
+    regroup_max_s: float = 0.1
+    halve: bool = True  # two batches of half the rows in the system (the CPU's best)
+
+    @classmethod
+    def of(cls, settings: Settings, serving: ServingSpec, device: torch.device) -> BatchLimits:
+        """The limits a server's settings give a model of these serving options on `device`."""
+        return cls(
+            max_batch_size=serving.max_batch_size,
+            max_delay_s=serving.max_delay_ms / 1000.0,
+            max_queue_size=serving.max_queue_size,
+            max_batch_timesteps=settings.max_batch_timesteps or serving.max_batch_size * 128,
+            regroup_fraction=settings.regroup_fraction,
+            regroup_max_s=settings.regroup_max_ms / 1000.0,
+            halve=device.type == "cpu",
+        )
 
 
 @dataclass(frozen=True, slots=True)
@@ -136,26 +164,13 @@ class Batcher(Scheduler):
         executor: DeviceExecutor,
         compute: EncodeCompute,
         metrics: Metrics,
-        *,
-        max_batch_size: int,
-        max_delay_s: float,
-        max_queue_size: int,
-        max_batch_timesteps: int,
-        regroup_fraction: float = 1.0,
-        regroup_max_s: float = 0.1,
-        halve: bool = True,
-        on_failure: Callable[[str], None] | None = None,
+        limits: BatchLimits,
     ) -> None:
-        super().__init__(model, version, on_failure)
-        self.max_batch_size = max_batch_size
-        self.max_delay_s = max_delay_s
-        self.max_queue_size = max_queue_size
-        self.max_batch_timesteps = max_batch_timesteps
-        self.regroup_fraction = regroup_fraction
-        self.regroup_max_s = regroup_max_s
+        super().__init__(model, version)
+        self.limits = limits
         # Two alternating batches of half the rows pay on the CPU (a batch's cost is per row);
         # on a GPU a batch's host work is the cost, so batches stay as large as allowed.
-        self.halve = halve
+        self.halve = limits.halve
         self._executor = executor
         self._compute = compute
         self._m_queue = metrics.queue(model, version, "encode")
@@ -224,11 +239,11 @@ class Batcher(Scheduler):
     def submit(self, items: list[Item]) -> None:
         """Admit all of `items` or none: `Overloaded` when the queue cannot take them."""
         self._check_admitting()
-        if len(self._queue) + len(items) > self.max_queue_size:
-            batches_ahead = len(self._queue) / self.max_batch_size + 1
+        if len(self._queue) + len(items) > self.limits.max_queue_size:
+            batches_ahead = len(self._queue) / self.limits.max_batch_size + 1
             raise Overloaded(
                 f"model {self.model} version {self.version}: queue full "
-                f"({len(self._queue)} of {self.max_queue_size} sequences waiting)",
+                f"({len(self._queue)} of {self.limits.max_queue_size} sequences waiting)",
                 retry_after_s=round(max(0.05, self._batch_seconds * batches_ahead), 3),
             )
         request = _Request(len(items), len(items))
@@ -248,17 +263,17 @@ class Batcher(Scheduler):
         """Rows the next batch aims for: half the rows in the system, at most max_batch_size
         (max_batch_size when not halving)."""
         if not self.halve:
-            return self.max_batch_size
+            return self.limits.max_batch_size
         rows = max(self._population, self._rows_in_system())
-        return max(1, min(self.max_batch_size, -(-int(rows) // 2)))
+        return max(1, min(self.limits.max_batch_size, -(-int(rows) // 2)))
 
     def _rows_in_system(self) -> int:
         return sum(len(f.batch) for f in self._flights) + len(self._queue)
 
     def _full(self) -> bool:
         return (
-            len(self._queue) >= self.max_batch_size
-            or self._queued_steps >= self.max_batch_timesteps
+            len(self._queue) >= self.limits.max_batch_size
+            or self._queued_steps >= self.limits.max_batch_timesteps
         )
 
     def _wait_until(self) -> float | None:
@@ -277,7 +292,7 @@ class Batcher(Scheduler):
             close_at = running.started_at + expected - min(HANDOVER_S, 0.1 * expected)
             return close_at if now < close_at else None
         if not self._executor.idle:
-            close_at = self._queue[0].enqueued + self.max_delay_s
+            close_at = self._queue[0].enqueued + self.limits.max_delay_s
             return close_at if now < close_at else None
         wanted = min(self._regroup_rows, self.target_size())
         if len(self._queue) < wanted and now < self._regroup_until and not self._closed:
@@ -308,7 +323,7 @@ class Batcher(Scheduler):
     def _dispatch(self) -> None:
         """Take the next batch and queue it on the device; `_complete` delivers its results."""
         self._regroup_rows = 0
-        batch = self._take(min(self.max_batch_size, max(MIN_SPLIT, self.target_size())))
+        batch = self._take(min(self.limits.max_batch_size, max(MIN_SPLIT, self.target_size())))
         if not batch:
             return
         flight = _Flight(batch, sum(item.length for item in batch))
@@ -381,7 +396,7 @@ class Batcher(Scheduler):
         steps = 0
         while self._queue and len(batch) < size:
             item = self._queue[0]
-            if batch and steps + item.length > self.max_batch_timesteps:
+            if batch and steps + item.length > self.limits.max_batch_timesteps:
                 break
             self._queue.popleft()
             self._queued_steps -= item.length
@@ -459,11 +474,11 @@ class Batcher(Scheduler):
         # NOTE: the wait is bounded by a fraction of the batch's own compute time, so that even
         # when nobody comes back the device stays busy ≥ 1 / (1 + fraction) of the time; a
         # lone caller (batch of 1, nothing queued) expects 1 row, finds it, and never waits.
-        wait = min(self.regroup_fraction * seconds, self.regroup_max_s)
+        wait = min(self.limits.regroup_fraction * seconds, self.limits.regroup_max_s)
         if self._closed or returning == 0 or wait <= 0:
             self._regroup_rows = 0
             return
-        self._regroup_rows = min(self.max_batch_size, len(self._queue) + returning)
+        self._regroup_rows = min(self.limits.max_batch_size, len(self._queue) + returning)
         self._regroup_until = time.monotonic() + wait
 
     def _observe(self, flight: _Flight, seconds: float) -> None:

@@ -40,13 +40,13 @@ from service.core.sessions import SessionManager
 from service.core.settings import Settings
 from service.core.types import (
     ChunkOutput,
+    ChunkRequest,
     EncodeRequest,
     EncodeResult,
     GeneratedSequence,
     GenerateRequest,
     GenerateResult,
     Head,
-    HostState,
     InputKind,
     ModelInfo,
     SequenceData,
@@ -272,28 +272,21 @@ class Engine:
                 labels = [config.head.labels[int(i)] for i in scores.argmax(axis=1)]
         return EncodeResult(request.model, entry.version, encodings, scores, labels)
 
-    async def encode_chunk(
-        self,
-        model: str,
-        version: int,
-        sequence: SequenceData,
-        kind: InputKind,
-        initial_state: HostState | None,
-        timeout_s: float | None,
-    ) -> ChunkOutput:
-        """One chunk of a streamed sequence from `initial_state` (None = zeros), batched with
-        everything else; returns every step's top-layer output and the row's final state."""
+    async def encode_chunk(self, request: ChunkRequest) -> ChunkOutput:
+        """One chunk of a streamed sequence from its initial state, batched with everything
+        else; returns every step's top-layer output and the row's final state."""
         self._check_admitting()
-        entry = self.registry.resolve(model, version)
+        model = request.model
+        entry = self.registry.resolve(model, request.version)
         validation.check_task(model, entry.config, "encode")
-        timeout = self._timeout(timeout_s)
+        timeout = self._timeout(request.timeout_s)
         try:
-            (array,) = self._sequences(entry, kind, [sequence])
+            (array,) = self._sequences(entry, request.kind, [request.sequence])
         except InvalidInput as exc:
             raise _chunk_error(exc) from None
         deadline = None if timeout is None else time.monotonic() + timeout
         future: asyncio.Future[Row] = asyncio.get_running_loop().create_future()
-        item = Item(array, future, "none", deadline, initial_state, return_state=True)
+        item = Item(array, future, "none", deadline, request.initial_state, return_state=True)
         assert entry.batcher is not None
         entry.batcher.submit([item])
         (row,) = await self._wait(model, [future], timeout, entry.batcher.purge)

@@ -88,19 +88,8 @@ class DeviceExecutor:
 
     async def run(self, fn: Callable[..., T], *args: object) -> tuple[T, float]:
         """Run `fn(*args)` on the device thread; return its result and its compute seconds."""
-        loop = asyncio.get_running_loop()
-        future: asyncio.Future[tuple[T, float]] = loop.create_future()
-
-        def done(result: tuple[T, float] | None, exc: BaseException | None) -> None:
-            if future.done():
-                return
-            if exc is not None:
-                future.set_exception(exc)
-            else:
-                assert result is not None
-                future.set_result(result)
-
-        self.submit(fn, done, *args)
+        future: asyncio.Future[tuple[T, float]] = asyncio.get_running_loop().create_future()
+        self.submit(fn, settle(future), *args)
         return await future
 
     def submit(self, fn: Callable[..., T], done: Done[T], *args: object) -> None:
@@ -155,6 +144,22 @@ class DeviceExecutor:
         thread.join(timeout_s)
         self._thread = self._queue = None
         return not thread.is_alive()
+
+
+def settle(future: asyncio.Future[tuple[T, float]]) -> Done[T]:
+    """A `done` callback that hands a call's outcome to `future` (unless it is done already: its
+    waiter gave up)."""
+
+    def done(result: tuple[T, float] | None, exc: BaseException | None) -> None:
+        if future.done():
+            return
+        if exc is not None:
+            future.set_exception(exc)
+        else:
+            assert result is not None
+            future.set_result(result)
+
+    return done
 
 
 def _hand_back(loop: asyncio.AbstractEventLoop, callback: Callable[..., None], *args: Any) -> None:

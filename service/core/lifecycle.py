@@ -31,10 +31,11 @@ class Scheduler(ABC):
     kind: ClassVar[str]
     activity: ClassVar[str]
 
-    def __init__(self, model: str, version: int, on_failure: Callable[[str], None] | None) -> None:
+    def __init__(self, model: str, version: int) -> None:
         self.model = model
         self.version = version
-        self.on_failure = on_failure
+        # Called with the reason when a task ends on its own (the owner restarts the version).
+        self.on_failure: Callable[[str], None] | None = None
         self._closed = False  # admits nothing more
         # `stop` began, or a task failed: every task's end is expected from now on. The device
         # thread reads it too (a decode burst ends at its next step).

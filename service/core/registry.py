@@ -35,7 +35,7 @@ from models.precision import Plan, uniform_dtype
 from models.precision import describe as describe_plan
 from service.core import validation
 from service.core.decode_scheduler import DecodeLimits, DecodeScheduler
-from service.core.encode_batcher import Batcher, EncodeCompute
+from service.core.encode_batcher import Batcher, BatchLimits, EncodeCompute
 from service.core.errors import Conflict, NotFound, NotReady, shown
 from service.core.executor import DeviceExecutor
 from service.core.metrics import Metrics
@@ -505,33 +505,22 @@ class Registry:
             await component.warm_up(_warm_input(loaded.config))
 
     def _batcher(self, entry: ModelVersion, model: EncoderModel) -> Batcher:
-        serving = model.config.serving
         encoder = model.config.encoder
+        device = self._executor.device
         # NOTE: on the CPU the model takes float32 whatever its parts compute in (each part
         # casts); on a GPU inputs are cast on the way in, to the one dtype of every part.
         input_dtype = torch.float32
-        if self._executor.device.type != "cpu":
+        if device.type != "cpu":
             assert entry.loaded is not None
             input_dtype = uniform_dtype(entry.loaded.plan) or torch.float32
-        compute = EncodeCompute(
-            model,
-            self._executor.device,
-            input_dtype,
-            (encoder.num_layers * encoder.num_directions, encoder.hidden_size),
-        )
+        sizes = (encoder.num_layers * encoder.num_directions, encoder.hidden_size)
         return Batcher(
             entry.name,
             entry.version,
             self._executor,
-            compute,
+            EncodeCompute(model, device, input_dtype, sizes),
             self._metrics,
-            max_batch_size=serving.max_batch_size,
-            max_delay_s=serving.max_delay_ms / 1000.0,
-            max_queue_size=serving.max_queue_size,
-            max_batch_timesteps=self.settings.max_batch_timesteps or serving.max_batch_size * 128,
-            regroup_fraction=self.settings.regroup_fraction,
-            halve=self._executor.device.type == "cpu",
-            regroup_max_s=self.settings.regroup_max_ms / 1000.0,
+            BatchLimits.of(self.settings, model.config.serving, device),
         )
 
 

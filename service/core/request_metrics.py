@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from types import TracebackType
 
 from service.core.metrics import Metrics, outcome_of
@@ -39,20 +40,15 @@ def request_labels(
     return model, version
 
 
+@dataclass(frozen=True, slots=True)
 class RequestMetrics:
-    """Records the requests of one wire (`protocol` label) in `metrics`."""
+    """Records the requests of one wire (`protocol` label) in `metrics`; `known` says which
+    model names (and versions) may be labels, `as_core_error` reads the wire's own exceptions."""
 
-    def __init__(
-        self,
-        metrics: Metrics,
-        wire: Wire,
-        known: Known,
-        as_core_error: AsCoreError | None = None,
-    ) -> None:
-        self.metrics = metrics
-        self.wire = wire
-        self.known = known
-        self._as_core_error = as_core_error
+    metrics: Metrics
+    wire: Wire
+    known: Known
+    as_core_error: AsCoreError | None = None
 
     def observe(self, model: str, version: int | None, endpoint: str) -> Observed:
         """A context manager that times its block and records the request when it ends."""
@@ -67,8 +63,8 @@ class RequestMetrics:
         seconds: float,
     ) -> None:
         """Count one answered request (`error`: None for a success)."""
-        if error is not None and self._as_core_error is not None:
-            error = self._as_core_error(error)
+        if error is not None and self.as_core_error is not None:
+            error = self.as_core_error(error)
         model, version = request_labels(self.known, model, version, error)
         self.metrics.observe_request(
             model, version, self.wire, endpoint, outcome_of(error), seconds

@@ -38,7 +38,15 @@ from service.core.state_tokens import (
     TokenBinding,
     load_key,
 )
-from service.core.types import ChunkOutput, Head, HostState, InputKind, Pooling, SequenceData
+from service.core.types import (
+    ChunkOutput,
+    ChunkRequest,
+    Head,
+    HostState,
+    InputKind,
+    Pooling,
+    SequenceData,
+)
 
 log = logging.getLogger(__name__)
 
@@ -65,15 +73,7 @@ class StreamBackend(Protocol):
         """The head's parameters as numpy arrays, or None when the model has no head."""
         ...
 
-    async def encode_chunk(
-        self,
-        model: str,
-        version: int,
-        sequence: SequenceData,
-        kind: InputKind,
-        initial_state: HostState | None,
-        timeout_s: float | None,
-    ) -> ChunkOutput:
+    async def encode_chunk(self, request: ChunkRequest) -> ChunkOutput:
         """Encode one chunk from `initial_state` (None = zeros) through the encode batcher."""
         ...
 
@@ -400,7 +400,7 @@ class SessionManager:
         timeout_s: float | None,
     ) -> tuple[ChunkResult, StreamState]:
         out = await self.backend.encode_chunk(
-            model, version, sequence, kind, rnn_state(state), timeout_s
+            ChunkRequest(model, version, sequence, kind, rnn_state(state), timeout_s)
         )
         new = advance(state, out)
         last = out.outputs[-1]

@@ -41,15 +41,22 @@ class AnswerLimit:
 
 
 @dataclass(frozen=True, slots=True)
-class EncodeRequest:
-    """Encode a batch of sequences of one model version."""
+class SequencesRequest:
+    """A batch of sequences for one model (its newest READY version, or `version`), answered
+    within `timeout_s` (None: the server's default deadline)."""
 
     model: str
     sequences: list[SequenceData]
     kind: InputKind
     version: int | None = None
-    pooling: Pooling | None = None
     timeout_s: float | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class EncodeRequest(SequencesRequest):
+    """Encode every sequence; `answer_limit` bounds the answer the wire would send."""
+
+    pooling: Pooling | None = None
     answer_limit: AnswerLimit | None = None
 
 
@@ -68,16 +75,11 @@ class EncodeResult:
 
 
 @dataclass(frozen=True, slots=True)
-class GenerateRequest:
+class GenerateRequest(SequencesRequest):
     """Generate an output sequence for each input sequence of a seq2seq model."""
 
-    model: str
-    sequences: list[SequenceData]
-    kind: InputKind
-    version: int | None = None
     max_length: int | None = None
     beam_size: int = 1
-    timeout_s: float | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -104,6 +106,18 @@ class TokenEvent:
     index: int
     token: int
     text: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class ChunkRequest:
+    """One chunk of a streamed sequence, encoded from its row's state so far (None: zeros)."""
+
+    model: str
+    version: int
+    sequence: SequenceData
+    kind: InputKind
+    initial_state: HostState | None
+    timeout_s: float | None
 
 
 @dataclass(frozen=True, slots=True)

@@ -11,7 +11,7 @@ import contextlib
 import logging
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
-from typing import Any, Generic, NoReturn, TypeAlias, TypeVar
+from typing import Any, ClassVar, Generic, NoReturn, TypeAlias, TypeVar
 
 import grpc
 from google.protobuf.descriptor import MethodDescriptor, ServiceDescriptor
@@ -19,9 +19,11 @@ from google.protobuf.message import DecodeError, Message
 from google.protobuf.message_factory import GetMessageClass
 
 from service.core import errors, limits, management
+from service.core.engine import Engine
+from service.core.metrics import Metrics
 from service.core.request_metrics import Observed, RequestMetrics
 from service.core.settings import Settings
-from service.core.types import AnswerLimit
+from service.core.types import AnswerLimit, Wire
 from service.grpc_api.errors import error_metadata, grpc_status
 from service.grpc_api.message_limits import MessageLimits
 
@@ -129,32 +131,26 @@ def _parsing_handler(
             on_unparsed(exc, time.perf_counter() - start)
             await abort_with(context, exc)
 
+    async def stream_of(raw: AsyncIterator[bytes], context: Context) -> ParsedRequests[Message]:
+        return ParsedRequests(raw, request_type, limits)
+
+    read = stream_of if method.client_streaming else parsed
+
+    async def streamed(received: Any, context: Context) -> AsyncIterator[Any]:
+        try:
+            request = await read(received, context)
+            async with contextlib.aclosing(behaviour(request, context)) as responses:
+                async for response in responses:
+                    yield response
+        except CallAborted as aborted:
+            _end_call(context, aborted)
+
     if method.client_streaming:
         # NOTE: the protos have no stream-in, unary-out RPC; it would need its own case here.
         assert method.server_streaming, f"{method.full_name}: client stream, unary answer"
-
-        async def stream_stream(raw: AsyncIterator[bytes], context: Context) -> AsyncIterator[Any]:
-            requests = ParsedRequests(raw, request_type, limits)
-            try:
-                async with contextlib.aclosing(behaviour(requests, context)) as responses:
-                    async for response in responses:
-                        yield response
-            except CallAborted as aborted:
-                _end_call(context, aborted)
-
-        return grpc.stream_stream_rpc_method_handler(stream_stream, response_serializer=serialize)
+        return grpc.stream_stream_rpc_method_handler(streamed, response_serializer=serialize)
     if method.server_streaming:
-
-        async def unary_stream(data: bytes, context: Context) -> AsyncIterator[Any]:
-            try:
-                request = await parsed(data, context)
-                async with contextlib.aclosing(behaviour(request, context)) as responses:
-                    async for response in responses:
-                        yield response
-            except CallAborted as aborted:
-                _end_call(context, aborted)
-
-        return grpc.unary_stream_rpc_method_handler(unary_stream, response_serializer=serialize)
+        return grpc.unary_stream_rpc_method_handler(streamed, response_serializer=serialize)
 
     async def unary_unary(data: bytes, context: Context) -> Any:
         try:
@@ -169,23 +165,21 @@ def _parsing_handler(
 def add_service(
     server: grpc.aio.Server,
     service: ServiceDescriptor,
-    servicer: object,
-    calls: CallRecorder,
-    endpoints: dict[str, str],
+    servicer: EngineServicer,
     limits: MessageLimits | None = None,
 ) -> None:
     """Serve `service` with `servicer`'s methods (one per RPC, as the generated base class names
     them), each parsing its own requests so that a bad message is INVALID_ARGUMENT, and one
-    over `limits` is refused before parsing. A request refused before it parsed is counted by
-    `calls` under its RPC's entry in `endpoints` (RPC name → endpoint label; RPCs without one
+    over `limits` is refused before parsing. A request refused before it parsed is counted
+    under its RPC's entry in `servicer.ENDPOINTS` (RPC name → endpoint label; RPCs without one
     are not counted, as when they succeed)."""
 
     def recorder(rpc: str) -> Callable[[errors.InvalidInput, float], None]:
-        endpoint = endpoints.get(rpc)
+        endpoint = servicer.ENDPOINTS.get(rpc)
 
         def record(exc: errors.InvalidInput, seconds: float) -> None:
             if endpoint is not None:
-                calls.requests.record("", None, endpoint, exc, seconds)
+                servicer.calls.requests.record("", None, endpoint, exc, seconds)
 
         return record
 
@@ -279,17 +273,57 @@ class CallRecorder:
         call: Callable[[], Awaitable[T]],
         version: Callable[[T], int | None] = lambda _: None,
     ) -> T:
-        """Await `call()` observed; an error ends the call with its status (`abort_with`)."""
+        """Await `call()` observed, its answer labelled with `version(answer)`; an error ends
+        the call with its status (`abort_with`)."""
+
+        async def labelled(observed: Observed) -> T:
+            answer = await call()
+            observed.version = version(answer)
+            return answer
+
+        return await self.run_observed(context, model, endpoint, labelled)
+
+    async def run_observed(
+        self,
+        context: Context,
+        model: str,
+        endpoint: str,
+        call: Callable[[Observed], Awaitable[T]],
+    ) -> T:
+        """`run` for a call that labels its observation itself (`call(observed)`)."""
         try:
             with self.observe(model, None, endpoint) as observed:
-                result = await call()
-                self.check_answer(result)
-                observed.version = version(result)
+                answer = await call(observed)
+                self.check_answer(answer)
         except asyncio.CancelledError:
             raise
         except Exception as exc:
             await abort_with(context, exc)
-        return result
+        return answer
+
+
+class EngineServicer:
+    """What each gRPC service holds: the engine, the settings, the request metrics of its wire
+    and the bound of its encode answers (`padded`: per-step encodings padded to the longest
+    sequence, as V2's tensors are). A subclass names both: `class S(EngineServicer, wire=...,
+    padded=...)`."""
+
+    wire: ClassVar[Wire]
+    padded_answers: ClassVar[bool]
+    # The endpoint label of each RPC whose calls are counted (`add_service`).
+    ENDPOINTS: ClassVar[dict[str, str]]
+
+    def __init_subclass__(cls, *, wire: Wire, padded: bool, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        cls.wire = wire
+        cls.padded_answers = padded
+
+    def __init__(self, engine: Engine, settings: Settings, metrics: Metrics) -> None:
+        self.engine = engine
+        self.settings = settings
+        requests = RequestMetrics(metrics, self.wire, engine.knows)
+        self.calls = CallRecorder(requests, settings.grpc_max_message_bytes)
+        self.answers = answer_limit(settings, self.padded_answers)
 
 
 def answer_limit(settings: Settings, padded: bool) -> AnswerLimit:

@@ -17,20 +17,7 @@ from google.protobuf import struct_pb2
 
 from rnnserve_client.proto.inference import grpc_service_pb2 as v2
 from rnnserve_client.proto.rnnserve.v1 import rnnserve_pb2 as pb
-from service.core import errors, limits
-from service.core.types import (
-    POOLINGS,
-    AnswerLimit,
-    EncodeRequest,
-    EncodeResult,
-    GenerateRequest,
-    GenerateResult,
-    InputKind,
-    ModelInfo,
-    Pooling,
-    SequenceData,
-    TokenEvent,
-)
+from service.core import errors, limits, types
 from service.grpc_api.protobuf_wire import (
     LENGTH_DELIMITED,
     Malformed,
@@ -105,13 +92,13 @@ def feature_sequence(array: pb.FloatArray, field: str) -> np.ndarray:
 
 def _sequences(
     message: pb.EncodeRequest | pb.GenerateRequest,
-) -> tuple[list[SequenceData], InputKind]:
+) -> tuple[list[types.SequenceData], types.InputKind]:
     which = message.WhichOneof("input")
     if which == "inputs":
         sequences = message.inputs.sequences
         return [feature_sequence(a, f"inputs[{i}]") for i, a in enumerate(sequences)], "features"
     if which == "tokens":
-        ids: list[SequenceData] = [
+        ids: list[types.SequenceData] = [
             np.array(s.ids, dtype=np.int64) for s in message.tokens.sequences
         ]
         return ids, "tokens"
@@ -136,38 +123,40 @@ def request_timeout(timeout_ms: int, deadline_s: float | None) -> float | None:
     return limits.timeout_seconds(timeout_ms or None, deadline_s)
 
 
-def pooling_from_proto(value: str) -> Pooling | None:
+def pooling_from_proto(value: str) -> types.Pooling | None:
     """The pooling a message names ("": the model's default)."""
     if not value:
         return None
-    if value not in POOLINGS:
+    if value not in types.POOLINGS:
         raise errors.InvalidInput(
-            "pooling", f"{errors.shown(value)} is not one of {', '.join(POOLINGS)}"
+            "pooling", f"{errors.shown(value)} is not one of {', '.join(types.POOLINGS)}"
         )
     return value
+
+
+def _request_of(
+    message: pb.EncodeRequest | pb.GenerateRequest, deadline_s: float | None
+) -> tuple[str, list[types.SequenceData], types.InputKind, int | None, float | None]:
+    """What every request of sequences has (`SequencesRequest`'s fields, in order)."""
+    sequences, kind = _sequences(message)
+    version = optional_version(message)
+    return message.model, sequences, kind, version, request_timeout(message.timeout_ms, deadline_s)
 
 
 def encode_request_from_proto(
     message: pb.EncodeRequest,
     deadline_s: float | None = None,
-    answer_limit: AnswerLimit | None = None,
-) -> EncodeRequest:
+    answer_limit: types.AnswerLimit | None = None,
+) -> types.EncodeRequest:
     """Build the core's EncodeRequest; `deadline_s` is the call's remaining gRPC deadline,
     `answer_limit` the largest answer the call may send."""
     pooling = pooling_from_proto(message.pooling)
-    sequences, kind = _sequences(message)
-    return EncodeRequest(
-        model=message.model,
-        sequences=sequences,
-        kind=kind,
-        version=optional_version(message),
-        pooling=pooling,
-        timeout_s=request_timeout(message.timeout_ms, deadline_s),
-        answer_limit=answer_limit,
+    return types.EncodeRequest(
+        *_request_of(message, deadline_s), pooling=pooling, answer_limit=answer_limit
     )
 
 
-def encode_result_to_proto(result: EncodeResult) -> pb.EncodeResponse:
+def encode_result_to_proto(result: types.EncodeResult) -> pb.EncodeResponse:
     """The EncodeResponse of a core EncodeResult."""
     encodings = result.encodings if isinstance(result.encodings, list) else list(result.encodings)
     return pb.EncodeResponse(
@@ -181,21 +170,16 @@ def encode_result_to_proto(result: EncodeResult) -> pb.EncodeResponse:
 
 def generate_request_from_proto(
     message: pb.GenerateRequest, deadline_s: float | None = None
-) -> GenerateRequest:
+) -> types.GenerateRequest:
     """Build the core's GenerateRequest (beam_size 0 means greedy, max_length 0 the default)."""
-    sequences, kind = _sequences(message)
-    return GenerateRequest(
-        model=message.model,
-        sequences=sequences,
-        kind=kind,
-        version=optional_version(message),
+    return types.GenerateRequest(
+        *_request_of(message, deadline_s),
         max_length=message.max_length or None,
         beam_size=max(1, message.beam_size),
-        timeout_s=request_timeout(message.timeout_ms, deadline_s),
     )
 
 
-def generate_result_to_proto(result: GenerateResult) -> pb.GenerateResponse:
+def generate_result_to_proto(result: types.GenerateResult) -> pb.GenerateResponse:
     """The GenerateResponse of a core GenerateResult."""
     return pb.GenerateResponse(
         model=result.model,
@@ -204,15 +188,17 @@ def generate_result_to_proto(result: GenerateResult) -> pb.GenerateResponse:
     )
 
 
-def stream_event_to_proto(event: TokenEvent | GenerateResult) -> pb.GenerateStreamResponse:
+def stream_event_to_proto(
+    event: types.TokenEvent | types.GenerateResult,
+) -> pb.GenerateStreamResponse:
     """One GenerateStream message: a token as produced, or the final result."""
-    if isinstance(event, TokenEvent):
+    if isinstance(event, types.TokenEvent):
         token = pb.TokenEvent(index=event.index, token=event.token, text=event.text)
         return pb.GenerateStreamResponse(token=token)
     return pb.GenerateStreamResponse(result=generate_result_to_proto(event))
 
 
-def model_info_to_proto(info: ModelInfo) -> pb.ModelInfo:
+def model_info_to_proto(info: types.ModelInfo) -> pb.ModelInfo:
     """The ModelInfo message of the core's ModelInfo (architecture as a Struct)."""
     architecture = struct_pb2.Struct()
     architecture.update(info.architecture)

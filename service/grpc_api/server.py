@@ -130,24 +130,12 @@ class GrpcServer:
             ]
         )
         limits = MessageLimits.from_settings(self.settings)
-        servicer = RnnServeServicer(self.engine, self.settings, self.metrics)
-        add_service(
-            server,
-            pb.DESCRIPTOR.services_by_name["RnnServe"],
-            servicer,
-            servicer.calls,
-            servicer.ENDPOINTS,
-            limits,
+        services = (
+            (pb.DESCRIPTOR.services_by_name["RnnServe"], RnnServeServicer),
+            (v2_pb.DESCRIPTOR.services_by_name["GRPCInferenceService"], InferenceServicer),
         )
-        inference = InferenceServicer(self.engine, self.settings, self.metrics)
-        add_service(
-            server,
-            v2_pb.DESCRIPTOR.services_by_name["GRPCInferenceService"],
-            inference,
-            inference.calls,
-            inference.ENDPOINTS,
-            limits,
-        )
+        for service, servicer in services:
+            add_service(server, service, servicer(self.engine, self.settings, self.metrics), limits)
         health_servicer = HealthServicer()
         # NOTE: the library starts "" as SERVING; nothing is ready before the models load.
         await health_servicer.set("", NOT_SERVING)

@@ -14,47 +14,38 @@ from typing import ClassVar, TypeVar
 from rnnserve_client.proto.rnnserve.v1 import rnnserve_pb2 as pb
 from rnnserve_client.proto.rnnserve.v1 import rnnserve_pb2_grpc
 from service.core import validation
-from service.core.engine import Engine
-from service.core.metrics import Metrics
-from service.core.request_metrics import RequestMetrics
-from service.core.settings import Settings
 from service.grpc_api import convert, session_servicer
 from service.grpc_api.calls import (
-    CallRecorder,
     Context,
+    EngineServicer,
     abort_with,
-    answer_limit,
     check_management,
     deadline_of,
 )
 
+# The endpoint label of each unary or server-streaming RPC's calls (StreamSession's
+# messages are counted by the stream itself).
+RPC_ENDPOINTS: dict[str, str] = {
+    "Encode": "encode",
+    "Generate": "generate",
+    "GenerateStream": "generate_stream",
+    "ListModels": "list_models",
+    "GetModel": "get_model",
+    "LoadModel": "load",
+    "UnloadModel": "unload",
+    "ReloadModel": "reload",
+    "StreamChunk": "stream",
+}
+
 A = TypeVar("A")
 
 
-class RnnServeServicer(rnnserve_pb2_grpc.RnnServeServicer):
+class RnnServeServicer(
+    EngineServicer, rnnserve_pb2_grpc.RnnServeServicer, wire="grpc", padded=False
+):
     """rnnserve.v1.RnnServe on the engine."""
 
-    # The endpoint label of each unary or server-streaming RPC's calls (StreamSession's
-    # messages are counted by the stream itself).
-    ENDPOINTS: ClassVar[dict[str, str]] = {
-        "Encode": "encode",
-        "Generate": "generate",
-        "GenerateStream": "generate_stream",
-        "ListModels": "list_models",
-        "GetModel": "get_model",
-        "LoadModel": "load",
-        "UnloadModel": "unload",
-        "ReloadModel": "reload",
-        "StreamChunk": "stream",
-    }
-
-    def __init__(self, engine: Engine, settings: Settings, metrics: Metrics) -> None:
-        self.engine = engine
-        self.settings = settings
-        self.calls = CallRecorder(
-            RequestMetrics(metrics, "grpc", engine.knows), settings.grpc_max_message_bytes
-        )
-        self.answers = answer_limit(settings, padded=False)
+    ENDPOINTS: ClassVar[dict[str, str]] = RPC_ENDPOINTS
 
     async def Encode(  # noqa: N802 (gRPC method names)
         self, request: pb.EncodeRequest, context: Context

@@ -10,28 +10,35 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import AsyncIterable, AsyncIterator
+from collections.abc import AsyncIterable, AsyncIterator, Awaitable, Callable
 from typing import ClassVar
 
 from rnnserve_client.proto.inference import grpc_service_pb2 as v2
 from rnnserve_client.proto.inference import grpc_service_pb2_grpc
 from service.core import errors, management, validation
-from service.core.engine import Engine
-from service.core.metrics import Metrics
 from service.core.release import SERVER_NAME, server_version
-from service.core.request_metrics import RequestMetrics
-from service.core.settings import Settings
+from service.core.request_metrics import Observed
 from service.grpc_api import convert
 from service.grpc_api.calls import (
-    CallRecorder,
     Context,
     DrainWatch,
+    EngineServicer,
     abort_with,
-    answer_limit,
     check_management,
     deadline_of,
 )
 from service.inference_protocol import metadata, requests
+
+# The endpoint label of each unary RPC's calls (server liveness, readiness and metadata
+# are not counted; ModelStreamInfer counts its messages itself).
+RPC_ENDPOINTS: dict[str, str] = {
+    "ModelReady": "model_ready",
+    "ModelMetadata": "model_metadata",
+    "ModelInfer": "infer",
+    "RepositoryIndex": "repository_index",
+    "RepositoryModelLoad": "repository_load",
+    "RepositoryModelUnload": "repository_unload",
+}
 
 log = logging.getLogger(__name__)
 
@@ -50,27 +57,13 @@ def _tensor_metadata(
     ]
 
 
-class InferenceServicer(grpc_service_pb2_grpc.GRPCInferenceServiceServicer):
-    """inference.GRPCInferenceService on the engine."""
+class InferenceServicer(
+    EngineServicer, grpc_service_pb2_grpc.GRPCInferenceServiceServicer, wire="v2-grpc", padded=True
+):
+    """inference.GRPCInferenceService on the engine: server and model metadata, readiness,
+    inference (one call, or a stream of them) and the model repository extension."""
 
-    # The endpoint label of each unary RPC's calls (server liveness, readiness and metadata
-    # are not counted; ModelStreamInfer counts its messages itself).
-    ENDPOINTS: ClassVar[dict[str, str]] = {
-        "ModelReady": "model_ready",
-        "ModelMetadata": "model_metadata",
-        "ModelInfer": "infer",
-        "RepositoryIndex": "repository_index",
-        "RepositoryModelLoad": "repository_load",
-        "RepositoryModelUnload": "repository_unload",
-    }
-
-    def __init__(self, engine: Engine, settings: Settings, metrics: Metrics) -> None:
-        self.engine = engine
-        self.settings = settings
-        self.calls = CallRecorder(
-            RequestMetrics(metrics, "v2-grpc", engine.knows), settings.grpc_max_message_bytes
-        )
-        self.answers = answer_limit(settings, padded=True)
+    ENDPOINTS: ClassVar[dict[str, str]] = RPC_ENDPOINTS
 
     async def ServerLive(  # noqa: N802 (gRPC method names)
         self, request: v2.ServerLiveRequest, context: Context
@@ -85,22 +78,19 @@ class InferenceServicer(grpc_service_pb2_grpc.GRPCInferenceServiceServicer):
     async def ModelReady(  # noqa: N802
         self, request: v2.ModelReadyRequest, context: Context
     ) -> v2.ModelReadyResponse:
-        version: int | None = None
-
-        async def call() -> v2.ModelReadyResponse:
-            nonlocal version
+        async def call(observed: Observed) -> v2.ModelReadyResponse:
             version = _version(request.version, "version")
             try:
                 ready = metadata.model_ready(self.engine, request.name, version)
             except errors.NotFound:
                 # NOTE: an answer (ready: false, as Triton's), yet made-up names and versions
                 # must not become label values: counted as for a refusal.
-                ready = False
-                version = None
+                return v2.ModelReadyResponse(ready=False)
+            observed.version = version
             return v2.ModelReadyResponse(ready=ready)
 
         model = request.name if self.calls.known(request.name) else ""
-        return await self.calls.run(context, model, "model_ready", call, lambda _: version)
+        return await self.calls.run_observed(context, model, "model_ready", call)
 
     async def ServerMetadata(  # noqa: N802
         self, request: v2.ServerMetadataRequest, context: Context
@@ -114,31 +104,21 @@ class InferenceServicer(grpc_service_pb2_grpc.GRPCInferenceServiceServicer):
     async def ModelMetadata(  # noqa: N802
         self, request: v2.ModelMetadataRequest, context: Context
     ) -> v2.ModelMetadataResponse:
-        resolved: int | None = None
-
-        async def call() -> v2.ModelMetadataResponse:
-            nonlocal resolved
-            version, config = self.engine.model_config(
-                request.name, _version(request.version, "version")
-            )
-            resolved = version
+        async def call(observed: Observed) -> v2.ModelMetadataResponse:
+            asked = _version(request.version, "version")
+            version, config = self.engine.model_config(request.name, asked)
+            observed.version = version
+            parameters = metadata.precision_parameters(self.engine, request.name, version)
             return v2.ModelMetadataResponse(
                 name=request.name,
                 versions=metadata.ready_versions(self.engine, request.name) or [str(version)],
                 platform=SERVER_NAME,
                 inputs=_tensor_metadata(metadata.input_metadata(config)),
                 outputs=_tensor_metadata(metadata.output_metadata(config)),
-                parameters={
-                    key: v2.InferParameter(string_param=value)
-                    for key, value in metadata.precision_parameters(
-                        self.engine, request.name, version
-                    ).items()
-                },
+                parameters={k: v2.InferParameter(string_param=v) for k, v in parameters.items()},
             )
 
-        return await self.calls.run(
-            context, request.name, "model_metadata", call, lambda _: resolved
-        )
+        return await self.calls.run_observed(context, request.name, "model_metadata", call)
 
     async def infer(
         self, request: v2.ModelInferRequest, deadline_s: float | None
@@ -195,30 +175,36 @@ class InferenceServicer(grpc_service_pb2_grpc.GRPCInferenceServiceServicer):
     async def RepositoryModelLoad(  # noqa: N802
         self, request: v2.RepositoryModelLoadRequest, context: Context
     ) -> v2.RepositoryModelLoadResponse:
-        async def call() -> v2.RepositoryModelLoadResponse:
-            check_management(self.settings, context)
-            validation.check_model_name(request.model_name, "model_name")
-            management.check_repository_parameters(
-                convert.plain_parameters(request.parameters, keep_unset=True)
-            )
-            await metadata.repository_load(self.engine, request.model_name)
-            return v2.RepositoryModelLoadResponse()
+        async def load(name: str) -> None:
+            await metadata.repository_load(self.engine, name)
 
-        return await self.calls.run(context, request.model_name, "repository_load", call)
+        await self._repository_action(context, request, "repository_load", load)
+        return v2.RepositoryModelLoadResponse()
 
     async def RepositoryModelUnload(  # noqa: N802
         self, request: v2.RepositoryModelUnloadRequest, context: Context
     ) -> v2.RepositoryModelUnloadResponse:
-        async def call() -> v2.RepositoryModelUnloadResponse:
+        await self._repository_action(context, request, "repository_unload", self.engine.unload)
+        return v2.RepositoryModelUnloadResponse()
+
+    async def _repository_action(
+        self,
+        context: Context,
+        request: v2.RepositoryModelLoadRequest | v2.RepositoryModelUnloadRequest,
+        endpoint: str,
+        action: Callable[[str], Awaitable[None]],
+    ) -> None:
+        """A repository load or unload: the management rule, a repository name, parameters
+        that ask for nothing else (as over HTTP), then `action`."""
+
+        async def call() -> None:
             check_management(self.settings, context)
             validation.check_model_name(request.model_name, "model_name")
-            management.check_repository_parameters(
-                convert.plain_parameters(request.parameters, keep_unset=True)
-            )
-            await self.engine.unload(request.model_name)
-            return v2.RepositoryModelUnloadResponse()
+            parameters = convert.plain_parameters(request.parameters, keep_unset=True)
+            management.check_repository_parameters(parameters)
+            await action(request.model_name)
 
-        return await self.calls.run(context, request.model_name, "repository_unload", call)
+        await self.calls.run(context, request.model_name, endpoint, call)
 
 
 class _InferStream:

@@ -11,6 +11,8 @@ service/process/serve.py does).
 from __future__ import annotations
 
 import importlib.resources
+from collections.abc import Awaitable, Callable
+from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.openapi.docs import get_redoc_html, get_swagger_ui_html
@@ -113,23 +115,25 @@ DOCS_STATIC = "/docs/static"
 def add_offline_docs(app: FastAPI) -> None:
     """`/docs` (Swagger UI) and `/redoc` (ReDoc), their assets served locally (no CDN)."""
     app.mount(DOCS_STATIC, StaticFiles(directory=str(DOCS_ASSETS)), name="docs-static")
+    page: dict[str, Any] = {"openapi_url": "/openapi.json", "title": "rnnserve API"}
+    swagger = get_swagger_ui_html(
+        **page,
+        swagger_js_url=f"{DOCS_STATIC}/swagger-ui-bundle.js",
+        swagger_css_url=f"{DOCS_STATIC}/swagger-ui.css",
+        swagger_favicon_url=f"{DOCS_STATIC}/favicon.png",
+    )
+    redoc = get_redoc_html(
+        **page,
+        redoc_js_url=f"{DOCS_STATIC}/redoc.standalone.js",
+        redoc_favicon_url=f"{DOCS_STATIC}/favicon.png",
+        with_google_fonts=False,
+    )
+    for path, html in (("/docs", swagger.body), ("/redoc", redoc.body)):
+        app.add_api_route(path, _page(bytes(html)), methods=["GET"], include_in_schema=False)
 
-    @app.get("/docs", include_in_schema=False)
-    async def docs() -> HTMLResponse:
-        return get_swagger_ui_html(
-            openapi_url="/openapi.json",
-            title="rnnserve API",
-            swagger_js_url=f"{DOCS_STATIC}/swagger-ui-bundle.js",
-            swagger_css_url=f"{DOCS_STATIC}/swagger-ui.css",
-            swagger_favicon_url=f"{DOCS_STATIC}/favicon.png",
-        )
 
-    @app.get("/redoc", include_in_schema=False)
-    async def redoc() -> HTMLResponse:
-        return get_redoc_html(
-            openapi_url="/openapi.json",
-            title="rnnserve API",
-            redoc_js_url=f"{DOCS_STATIC}/redoc.standalone.js",
-            redoc_favicon_url=f"{DOCS_STATIC}/favicon.png",
-            with_google_fonts=False,
-        )
+def _page(html: bytes) -> Callable[[], Awaitable[HTMLResponse]]:
+    async def page() -> HTMLResponse:
+        return HTMLResponse(html)
+
+    return page

@@ -25,6 +25,16 @@ def json_response(value: Any, status: int = 200) -> Response:
     return Response(json_codecs.dumps(value), status_code=status, media_type="application/json")
 
 
+def present(**fields: Any) -> dict[str, Any]:
+    """A JSON object of the fields that are not None (answers leave absent parts out)."""
+    return {name: value for name, value in fields.items() if value is not None}
+
+
+def fields_of(result: object, *names: str) -> dict[str, Any]:
+    """A JSON object of the attributes `names` of `result` that are not None, in that order."""
+    return present(**{name: getattr(result, name) for name in names})
+
+
 def parse_body(model: type[_B], body: bytes, max_values: int | None = None) -> _B:
     """Parse and check a JSON body against `model`; problems become InvalidInput naming fields,
     a body of more than `max_values` JSON values PayloadTooLarge (before parsing)."""

@@ -20,7 +20,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import gc
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import numpy as np
@@ -28,16 +28,7 @@ import orjson
 
 from service.core import validation
 from service.core.errors import InvalidInput, PayloadTooLarge
-from service.inference_protocol.tensors import (
-    V2_DTYPES,
-    V2Output,
-    V2Tensor,
-    bytes_elements,
-    check_int_range,
-    raw_array,
-    raw_contents,
-    tensor_elements,
-)
+from service.inference_protocol import tensors
 
 JSON_OPTIONS = orjson.OPT_SERIALIZE_NUMPY
 HEADER_LENGTH = "Inference-Header-Content-Length"
@@ -133,26 +124,7 @@ def features_from_json(
 ) -> list[np.ndarray]:
     """`[[[float, …], …], …]` → a float32 [T, F] array per sequence (types, finiteness checked;
     sequences over `max_steps` refused before conversion)."""
-    sequences = _require_list(value, field_name, "a list of sequences")
-    out: list[np.ndarray] = []
-    for i, seq in enumerate(sequences):
-        where = f"{field_name}[{i}]"
-        _check_steps(seq, where, max_steps)
-        try:
-            raw = np.array(seq)
-        except (ValueError, TypeError, OverflowError):
-            raise _features_error(seq, where) from None
-        if raw.ndim != 2 or raw.dtype.kind not in "iuf":
-            raise _features_error(seq, where)
-        if raw.shape[0] == 0:
-            raise InvalidInput(where, "a sequence needs at least 1 step, got 0")
-        if raw.shape[1] == 0:
-            raise InvalidInput(f"{where}[0]", "a step needs at least 1 feature, got 0")
-        with np.errstate(over="ignore", invalid="ignore"):
-            arr = raw.astype(np.float32)
-        _require_finite(arr, where)
-        out.append(arr)
-    return out
+    return _sequences(value, field_name, max_steps, "a list of sequences", _features)
 
 
 def tokens_from_json(
@@ -160,7 +132,19 @@ def tokens_from_json(
 ) -> list[np.ndarray]:
     """`[[int, …], …]` → one int64 [T] array per sequence (nesting and integer type checked;
     sequences over `max_steps` refused before conversion)."""
-    sequences = _require_list(value, field_name, "a list of token sequences")
+    return _sequences(value, field_name, max_steps, "a list of token sequences", _tokens)
+
+
+def _sequences(
+    value: Any,
+    field_name: str,
+    max_steps: int | None,
+    what: str,
+    convert: Callable[[np.ndarray | None, Any, str], np.ndarray],
+) -> list[np.ndarray]:
+    """`convert(array, sequence, field)` of each sequence of a JSON batch; `array` is None when
+    numpy cannot make one of it (ragged lists, strings, …)."""
+    sequences = _require_list(value, field_name, what)
     out: list[np.ndarray] = []
     for i, seq in enumerate(sequences):
         where = f"{field_name}[{i}]"
@@ -168,15 +152,32 @@ def tokens_from_json(
         try:
             raw = np.array(seq)
         except (ValueError, TypeError, OverflowError):
-            raise _tokens_error(seq, where) from None
-        if raw.ndim == 1 and raw.shape[0] == 0:
-            raise InvalidInput(where, "a sequence needs at least 1 token, got 0")
-        if raw.ndim != 1 or raw.dtype.kind not in "iu":
-            raise _tokens_error(seq, where)
-        if raw.dtype.kind == "u" and raw.max() > _INT64.max:
-            raise _tokens_error(seq, where)
-        out.append(raw.astype(np.int64, copy=False))
+            raw = None
+        out.append(convert(raw, seq, where))
     return out
+
+
+def _features(raw: np.ndarray | None, seq: Any, where: str) -> np.ndarray:
+    if raw is None or raw.ndim != 2 or raw.dtype.kind not in "iuf":
+        raise _features_error(seq, where)
+    if raw.shape[0] == 0:
+        raise InvalidInput(where, "a sequence needs at least 1 step, got 0")
+    if raw.shape[1] == 0:
+        raise InvalidInput(f"{where}[0]", "a step needs at least 1 feature, got 0")
+    with np.errstate(over="ignore", invalid="ignore"):
+        arr = raw.astype(np.float32)
+    _require_finite(arr, where)
+    return arr
+
+
+def _tokens(raw: np.ndarray | None, seq: Any, where: str) -> np.ndarray:
+    if raw is not None and raw.ndim == 1 and raw.shape[0] == 0:
+        raise InvalidInput(where, "a sequence needs at least 1 token, got 0")
+    if raw is None or raw.ndim != 1 or raw.dtype.kind not in "iu":
+        raise _tokens_error(seq, where)
+    if raw.dtype.kind == "u" and raw.max() > _INT64.max:
+        raise _tokens_error(seq, where)
+    return raw.astype(np.int64, copy=False)
 
 
 def texts_from_json(value: Any, field_name: str = "texts") -> list[str]:
@@ -291,13 +292,13 @@ def split_v2_body(
     return header, tail
 
 
-def decode_v2_inputs(header: dict[str, Any], tail: bytes) -> list[V2Tensor]:
+def decode_v2_inputs(header: dict[str, Any], tail: bytes) -> list[tensors.V2Tensor]:
     """Decode the `inputs` of a V2 request header, reading binary data from `tail` in order."""
     inputs = header.get("inputs")
     if not isinstance(inputs, list) or not inputs:
         raise InvalidInput("inputs", "expected a non-empty list of input tensors")
     offset = 0
-    out: list[V2Tensor] = []
+    out: list[tensors.V2Tensor] = []
     for i, spec in enumerate(inputs):
         where = f"inputs[{i}]"
         if not isinstance(spec, dict):
@@ -308,15 +309,18 @@ def decode_v2_inputs(header: dict[str, Any], tail: bytes) -> list[V2Tensor]:
         params = parameters_of(spec)
         if not isinstance(name, str):
             raise InvalidInput(f"{where}.name", "expected a string")
-        if not isinstance(datatype, str) or (datatype not in V2_DTYPES and datatype != "BYTES"):
+        if not isinstance(datatype, str) or (
+            datatype not in tensors.V2_DTYPES and datatype != "BYTES"
+        ):
             raise InvalidInput(
-                f"{where}.datatype", f"expected one of {[*V2_DTYPES, 'BYTES']}, got {datatype!r}"
+                f"{where}.datatype",
+                f"expected one of {[*tensors.V2_DTYPES, 'BYTES']}, got {datatype!r}",
             )
         if not isinstance(shape, list) or not all(
             isinstance(d, int) and not isinstance(d, bool) for d in shape
         ):
             raise InvalidInput(f"{where}.shape", "expected a list of integers")
-        count = tensor_elements(shape, where)
+        count = tensors.tensor_elements(shape, where)
         if not isinstance(params, dict):
             raise InvalidInput(f"{where}.parameters", "expected an object")
         size = params.get("binary_data_size")
@@ -339,7 +343,7 @@ def decode_v2_inputs(header: dict[str, Any], tail: bytes) -> list[V2Tensor]:
             )
         else:
             raise InvalidInput(where, "has neither 'data' nor 'parameters.binary_data_size'")
-        out.append(V2Tensor(name, datatype, shape, data, params))
+        out.append(tensors.V2Tensor(name, datatype, shape, data, params))
     if offset != len(tail):
         raise InvalidInput("body", f"{len(tail) - offset} bytes of binary data were not claimed")
     return out
@@ -350,13 +354,13 @@ def _from_binary(
 ) -> np.ndarray | list[bytes]:
     field_name = f"{where}.parameters.binary_data_size"
     if datatype == "BYTES":
-        return bytes_elements(raw, field_name, shape, count)
-    size = count * V2_DTYPES[datatype].itemsize
+        return tensors.bytes_elements(raw, field_name, shape, count)
+    size = count * tensors.V2_DTYPES[datatype].itemsize
     if len(raw) != size:
         raise InvalidInput(
             field_name, f"shape {shape} of {datatype} needs {size} bytes, got {len(raw)}"
         )
-    return raw_array(raw, datatype, shape)
+    return tensors.raw_array(raw, datatype, shape)
 
 
 def _from_json_data(
@@ -384,9 +388,9 @@ def _from_json_data(
         raise InvalidInput(where, f"expected {datatype} values, got {arr.dtype.kind!r} data")
     if arr.size != count:
         raise InvalidInput(where, f"shape {shape} holds {count} elements, got {arr.size}")
-    dtype = V2_DTYPES[datatype]
+    dtype = tensors.V2_DTYPES[datatype]
     if dtype.kind in "iu":
-        check_int_range(arr, datatype, where)
+        tensors.check_int_range(arr, datatype, where)
     # NOTE: floats are cast as they are: one out of FP16's range becomes inf, which the
     # engine refuses (features must be finite).
     with np.errstate(over="ignore", invalid="ignore"):
@@ -413,7 +417,7 @@ _END = object()
 
 
 def encode_v2_response(
-    header: dict[str, Any], outputs: list[V2Output], binary: set[str]
+    header: dict[str, Any], outputs: list[tensors.V2Output], binary: set[str]
 ) -> tuple[bytes, int | None]:
     """Build a V2 response body; outputs named in `binary` go to the binary tail.
 
@@ -424,7 +428,7 @@ def encode_v2_response(
     for out in outputs:
         spec: dict[str, Any] = {"name": out.name, "datatype": out.datatype, "shape": out.shape}
         if out.name in binary:
-            blob = raw_contents(out)
+            blob = tensors.raw_contents(out)
             spec["parameters"] = {"binary_data_size": len(blob)}
             blobs.append(blob)
         elif isinstance(out.data, list):

@@ -7,14 +7,12 @@ numpy arrays in one C call each and names the offending element when they are ma
 
 from __future__ import annotations
 
-from typing import Annotated, Any, Literal, TypeVar
+from typing import Annotated, Any, ClassVar, Literal, Self
 
 from pydantic import BaseModel, ConfigDict, Field, SkipValidation, model_validator
 
 from service.core.limits import MAX_TIMEOUT_MS
 from service.core.types import Pooling
-
-_B = TypeVar("_B", bound=BaseModel)
 
 FeatureBatch = Annotated[list[list[list[float]]] | None, SkipValidation]
 TokenBatch = Annotated[list[list[int]] | None, SkipValidation]
@@ -28,13 +26,25 @@ TimeoutMs = Annotated[
 _FEATURES_EXAMPLE: list[Any] = [[[22.7], [24.4], [25.5], [25.5], [25.8], [24.9]]]
 
 
-def _one_of(body: _B, names: tuple[str, ...]) -> _B:
-    """`body` if exactly one of its fields `names` is given; else the refusal naming them."""
-    given = [name for name in names if getattr(body, name) is not None]
-    if len(given) != 1:
-        quoted = ", ".join(f"'{name}'" for name in names)
-        raise ValueError(f"exactly one of {quoted} is required, got {given or 'none'}")
-    return body
+class _OneInput(BaseModel):
+    """A body that carries exactly one of its input fields, `inputs_of` (a misspelt or a
+    second input is refused by name)."""
+
+    inputs_of: ClassVar[tuple[str, ...]]
+
+    @model_validator(mode="after")
+    def _exactly_one(self) -> Self:
+        names = self.inputs_of
+        given = [name for name in names if getattr(self, name) is not None]
+        if len(given) != 1:
+            quoted = ", ".join(f"'{name}'" for name in names)
+            raise ValueError(f"exactly one of {quoted} is required, got {given or 'none'}")
+        return self
+
+
+def examples(*values: Any) -> ConfigDict:
+    """A model's configuration that documents it with `values` (what /docs offers to try)."""
+    return ConfigDict(json_schema_extra={"examples": list(values)})
 
 
 class _Body(BaseModel):
@@ -55,17 +65,13 @@ class ErrorDetail(BaseModel):
 class ErrorBody(BaseModel):
     """Error body of rnnserve's API (every status ≥ 400)."""
 
-    model_config = ConfigDict(
-        json_schema_extra={
-            "examples": [
-                {
-                    "error": {
-                        "type": "InvalidInput",
-                        "message": "inputs[2][5]: expected 32 features, got 31",
-                        "field": "inputs[2][5]",
-                    }
-                }
-            ]
+    model_config = examples(
+        {
+            "error": {
+                "type": "InvalidInput",
+                "message": "inputs[2][5]: expected 32 features, got 31",
+                "field": "inputs[2][5]",
+            }
         }
     )
     error: ErrorDetail
@@ -74,18 +80,16 @@ class ErrorBody(BaseModel):
 class V2ErrorBody(BaseModel):
     """Error body of the Open Inference Protocol endpoints."""
 
-    model_config = ConfigDict(
-        json_schema_extra={
-            "examples": [{"error": "model 'Surnames' is not known; did you mean 'surnames'?"}]
-        }
-    )
+    model_config = examples({"error": "model 'Surnames' is not known; did you mean 'surnames'?"})
     error: str
 
 
 # ---------------------------------------------------------------- rnnserve API: inference
 
 
-class _Inputs(_Body):
+class _Inputs(_Body, _OneInput):
+    inputs_of = ("inputs", "tokens", "texts")
+
     inputs: FeatureBatch = Field(
         default=None, description="Feature sequences: [sequence][step][feature] floats."
     )
@@ -93,22 +97,14 @@ class _Inputs(_Body):
     texts: TextBatch = Field(default=None, description="Text inputs, one string per sequence.")
     timeout_ms: TimeoutMs = None
 
-    @model_validator(mode="after")
-    def _exactly_one(self) -> _Inputs:
-        return _one_of(self, ("inputs", "tokens", "texts"))
-
 
 class EncodeBody(_Inputs):
     """Body of `POST /v1/models/{name}/encode`."""
 
-    model_config = ConfigDict(
-        json_schema_extra={
-            "examples": [
-                {"texts": ["Virtanen", "Rossi"]},
-                {"inputs": _FEATURES_EXAMPLE, "pooling": "last"},
-                {"tokens": [[5, 17, 3], [8, 2]], "timeout_ms": 500},
-            ]
-        }
+    model_config = examples(
+        {"texts": ["Virtanen", "Rossi"]},
+        {"inputs": _FEATURES_EXAMPLE, "pooling": "last"},
+        {"tokens": [[5, 17, 3], [8, 2]], "timeout_ms": 500},
     )
     pooling: Pooling | None = Field(
         default=None, description="Pooling over time; default: the model's; none = per step."
@@ -118,17 +114,13 @@ class EncodeBody(_Inputs):
 class EncodeResponse(BaseModel):
     """Answer of encode: one encoding per sequence (per-step lists for pooling `none`)."""
 
-    model_config = ConfigDict(
-        json_schema_extra={
-            "examples": [
-                {
-                    "model": "surnames",
-                    "version": 1,
-                    "encodings": [[0.12, -0.4, 0.9]],
-                    "labels": ["Italian"],
-                    "scores": [[0.01, 0.02, 0.93, 0.04]],
-                }
-            ]
+    model_config = examples(
+        {
+            "model": "surnames",
+            "version": 1,
+            "encodings": [[0.12, -0.4, 0.9]],
+            "labels": ["Italian"],
+            "scores": [[0.01, 0.02, 0.93, 0.04]],
         }
     )
     model: str
@@ -141,14 +133,10 @@ class EncodeResponse(BaseModel):
 class GenerateBody(_Inputs):
     """Body of `POST /v1/models/{name}/generate` (seq2seq models)."""
 
-    model_config = ConfigDict(
-        json_schema_extra={
-            "examples": [
-                {"texts": ["25 December 2021", "8 de junio de 2004"]},
-                {"texts": ["Montag, 2. Oktober 2023"], "max_length": 12, "beam_size": 4},
-                {"texts": ["25 December 2021"], "stream": True},
-            ]
-        }
+    model_config = examples(
+        {"texts": ["25 December 2021", "8 de junio de 2004"]},
+        {"texts": ["Montag, 2. Oktober 2023"], "max_length": 12, "beam_size": 4},
+        {"texts": ["25 December 2021"], "stream": True},
     )
     max_length: int | None = Field(default=None, ge=1, le=100_000, description="Token limit.")
     # NOTE: no bounds here: the engine checks beam_size against the server's configured limit
@@ -171,15 +159,11 @@ class GeneratedOutput(BaseModel):
 class GenerateResponse(BaseModel):
     """Answer of generate (also the data of the final `result` event when streaming)."""
 
-    model_config = ConfigDict(
-        json_schema_extra={
-            "examples": [
-                {
-                    "model": "dates",
-                    "version": 1,
-                    "outputs": [{"tokens": [6, 4, 6, 5, 14, 5, 6, 14, 6, 9], "text": "2021-12-25"}],
-                }
-            ]
+    model_config = examples(
+        {
+            "model": "dates",
+            "version": 1,
+            "outputs": [{"tokens": [6, 4, 6, 5, 14, 5, 6, 14, 6, 9], "text": "2021-12-25"}],
         }
     )
     model: str
@@ -208,15 +192,11 @@ class VersionStatus(BaseModel):
 class ModelStatus(BaseModel):
     """A model: its versions with their states, and the architecture of its serving version."""
 
-    model_config = ConfigDict(
-        json_schema_extra={
-            "examples": [
-                {
-                    "name": "elnino",
-                    "versions": [{"version": 1, "state": "READY", "load_seconds": 0.041}],
-                    "architecture": {"task": "encode", "encoder": {"cell": "lstm"}},
-                }
-            ]
+    model_config = examples(
+        {
+            "name": "elnino",
+            "versions": [{"version": 1, "state": "READY", "load_seconds": 0.041}],
+            "architecture": {"task": "encode", "encoder": {"cell": "lstm"}},
         }
     )
     name: str
@@ -274,24 +254,20 @@ class V2TensorMetadata(BaseModel):
 
 
 class V2ModelMetadata(BaseModel):
-    model_config = ConfigDict(
-        json_schema_extra={
-            "examples": [
-                {
-                    "name": "elnino",
-                    "versions": ["1"],
-                    "platform": "rnnserve",
-                    "inputs": [
-                        {"name": "INPUT", "datatype": "FP32", "shape": [-1, -1, 1]},
-                        {"name": "LENGTHS", "datatype": "INT64", "shape": [-1]},
-                    ],
-                    "outputs": [
-                        {"name": "ENCODING", "datatype": "FP32", "shape": [-1, 32]},
-                        {"name": "SCORES", "datatype": "FP32", "shape": [-1, 1]},
-                    ],
-                    "parameters": {"precision.encoder": "float32", "precision.head": "float32"},
-                }
-            ]
+    model_config = examples(
+        {
+            "name": "elnino",
+            "versions": ["1"],
+            "platform": "rnnserve",
+            "inputs": [
+                {"name": "INPUT", "datatype": "FP32", "shape": [-1, -1, 1]},
+                {"name": "LENGTHS", "datatype": "INT64", "shape": [-1]},
+            ],
+            "outputs": [
+                {"name": "ENCODING", "datatype": "FP32", "shape": [-1, 32]},
+                {"name": "SCORES", "datatype": "FP32", "shape": [-1, 1]},
+            ],
+            "parameters": {"precision.encoder": "float32", "precision.head": "float32"},
         }
     )
     name: str
@@ -326,21 +302,17 @@ class V2RequestOutput(BaseModel):
 class V2InferRequest(BaseModel):
     """A V2 inference request (JSON; or JSON header + binary tensors, see the extension)."""
 
-    model_config = ConfigDict(
-        json_schema_extra={
-            "examples": [
+    model_config = examples(
+        {
+            "inputs": [
                 {
-                    "inputs": [
-                        {
-                            "name": "TEXT",
-                            "shape": [2],
-                            "datatype": "BYTES",
-                            "data": ["Virtanen", "Rossi"],
-                        }
-                    ],
-                    "outputs": [{"name": "LABELS"}],
+                    "name": "TEXT",
+                    "shape": [2],
+                    "datatype": "BYTES",
+                    "data": ["Virtanen", "Rossi"],
                 }
-            ]
+            ],
+            "outputs": [{"name": "LABELS"}],
         }
     )
     id: str | None = None
@@ -389,9 +361,7 @@ class _SessionBody(BaseModel):
 class SessionBody(_SessionBody):
     """Body of `POST /v1/models/{name}/sessions` (every field optional)."""
 
-    model_config = ConfigDict(
-        json_schema_extra={"examples": [{"pooling": "mean", "return_state": True}]}
-    )
+    model_config = examples({"pooling": "mean", "return_state": True})
     pooling: Pooling | None = Field(
         default=None,
         description="Encoding per chunk: over every step so far (last/mean/max; default: the "
@@ -405,7 +375,9 @@ class SessionBody(_SessionBody):
     )
 
 
-class _Chunk(_SessionBody):
+class _Chunk(_SessionBody, _OneInput):
+    inputs_of = ("inputs", "tokens", "text")
+
     inputs: Annotated[list[list[float]] | None, SkipValidation] = Field(
         default=None, description="One feature-sequence chunk: [step][feature] floats."
     )
@@ -415,29 +387,19 @@ class _Chunk(_SessionBody):
     text: str | None = Field(default=None, description="One text chunk.")
     timeout_ms: TimeoutMs = None
 
-    @model_validator(mode="after")
-    def _exactly_one(self) -> _Chunk:
-        return _one_of(self, ("inputs", "tokens", "text"))
-
 
 class ChunkBody(_Chunk):
     """Body of `POST /v1/sessions/{id}/chunks`."""
 
-    model_config = ConfigDict(
-        json_schema_extra={"examples": [{"inputs": [[22.7], [24.4], [25.5]]}]}
-    )
+    model_config = examples({"inputs": [[22.7], [24.4], [25.5]]})
 
 
 class StreamBody(_Chunk):
     """Body of `POST /v1/models/{name}/stream`: a chunk and the state so far."""
 
-    model_config = ConfigDict(
-        json_schema_extra={
-            "examples": [
-                {"inputs": [[22.7], [24.4]]},
-                {"inputs": [[25.5]], "state_token": "<the state_token of the previous answer>"},
-            ]
-        }
+    model_config = examples(
+        {"inputs": [[22.7], [24.4]]},
+        {"inputs": [[25.5]], "state_token": "<the state_token of the previous answer>"},
     )
     pooling: Pooling | None = Field(default=None, description="As for sessions.")
     state_token: str | None = Field(

@@ -22,7 +22,7 @@ from service.core.request_metrics import RequestMetrics
 from service.core.sessions import ChunkResult, SessionInfo, SessionManager
 from service.core.types import InputKind, SequenceData
 from service.http_api import json_codecs, schemas
-from service.http_api.bodies import json_response, parse_body
+from service.http_api.bodies import fields_of, json_response, parse_body
 from service.http_api.openapi import documented_body, errors_doc, optional_body
 from service.http_api.routing import Route, path_version
 
@@ -175,16 +175,7 @@ def session_answer(info: SessionInfo) -> dict[str, Any]:
 
 def chunk_answer(result: ChunkResult) -> dict[str, Any]:
     """A ChunkResult as the JSON of `ChunkResponse`."""
-    out: dict[str, Any] = {
-        "model": result.model,
-        "version": result.version,
-        "steps": result.steps,
-        "encoding": result.encoding,
-    }
-    if result.scores is not None:
-        out["scores"] = result.scores
-    if result.label is not None:
-        out["label"] = result.label
+    answer = fields_of(result, "model", "version", "steps", "encoding", "scores", "label")
     if result.state_token is not None:
-        out["state_token"] = token_text(result.state_token)
-    return out
+        answer["state_token"] = token_text(result.state_token)
+    return answer

@@ -30,7 +30,14 @@ from service.core.types import (
     TokenEvent,
 )
 from service.http_api import json_codecs, schemas
-from service.http_api.bodies import json_response, management_guard, parse_body, sse
+from service.http_api.bodies import (
+    fields_of,
+    json_response,
+    management_guard,
+    parse_body,
+    present,
+    sse,
+)
 from service.http_api.disconnects import unless_disconnected
 from service.http_api.errors import as_core_error
 from service.http_api.openapi import documented_body, errors_doc
@@ -299,16 +306,7 @@ def model_status(info: ModelInfo) -> dict[str, Any]:
 
 def encode_answer(result: EncodeResult) -> dict[str, Any]:
     """An EncodeResult as the JSON of `EncodeResponse`."""
-    answer: dict[str, Any] = {
-        "model": result.model,
-        "version": result.version,
-        "encodings": result.encodings,
-    }
-    if result.labels is not None:
-        answer["labels"] = result.labels
-    if result.scores is not None:
-        answer["scores"] = result.scores
-    return answer
+    return fields_of(result, "model", "version", "encodings", "labels", "scores")
 
 
 def generate_answer(result: GenerateResult) -> dict[str, Any]:
@@ -316,16 +314,10 @@ def generate_answer(result: GenerateResult) -> dict[str, Any]:
     return {
         "model": result.model,
         "version": result.version,
-        "outputs": [
-            {"tokens": o.tokens, "text": o.text} if o.text is not None else {"tokens": o.tokens}
-            for o in result.outputs
-        ],
+        "outputs": [present(tokens=o.tokens, text=o.text) for o in result.outputs],
     }
 
 
 def token_answer(event: TokenEvent) -> dict[str, Any]:
     """A TokenEvent as the JSON of `TokenEventData`."""
-    token: dict[str, Any] = {"index": event.index, "token": event.token}
-    if event.text is not None:
-        token["text"] = event.text
-    return token
+    return present(index=event.index, token=event.token, text=event.text)

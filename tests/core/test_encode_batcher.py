@@ -19,7 +19,7 @@ from service.core.encode_batcher import EncodeCompute, Item
 from service.core.engine import Engine
 from service.core.errors import ComputeError, DeadlineExceeded, Overloaded
 from service.core.metrics import Metrics
-from service.core.types import EncodeRequest
+from service.core.types import ChunkRequest, EncodeRequest
 from tests.factories import write_model
 from tests.support import StartEngine, device_held, sample
 
@@ -269,11 +269,13 @@ async def test_rows_with_their_own_initial_state_share_a_batch(
     path = write_model(repository, "m", input_size=FEATURES, num_layers=2, cell="gru")
     engine = await start_engine()
     whole, plain = features([9, 6], seed=18)
-    first = await engine.encode_chunk("m", 1, whole[:5], "features", None, None)
+    first = await engine.encode_chunk(ChunkRequest("m", 1, whole[:5], "features", None, None))
     before = batches(metrics, "m")
     async with device_held(engine):
         chunk = asyncio.ensure_future(
-            engine.encode_chunk("m", 1, whole[5:], "features", first.final_state, None)
+            engine.encode_chunk(
+                ChunkRequest("m", 1, whole[5:], "features", first.final_state, None)
+            )
         )
         other = asyncio.ensure_future(engine.encode(request("m", [plain])))
         await asyncio.sleep(0.01)

@@ -15,7 +15,7 @@ from service.core.engine import Engine
 from service.core.errors import Draining, InvalidInput, NotFound, NotReady
 from service.core.metrics import Metrics
 from service.core.settings import Settings
-from service.core.types import EncodeRequest, GenerateRequest
+from service.core.types import ChunkRequest, EncodeRequest, GenerateRequest
 from tests.factories import CHAR_VOCAB, write_model
 from tests.support import StartEngine, sample
 
@@ -268,8 +268,10 @@ async def test_stream_chunks_continue_from_the_carried_state(
     path = write_model(repository, "m", input_size=FEATURES, cell="lstm", num_layers=2)
     engine = await start_engine()
     (whole,) = feats(10, seed=4)
-    first = await engine.encode_chunk("m", 1, whole[:4], "features", None, None)
-    second = await engine.encode_chunk("m", 1, whole[4:], "features", first.final_state, None)
+    first = await engine.encode_chunk(ChunkRequest("m", 1, whole[:4], "features", None, None))
+    second = await engine.encode_chunk(
+        ChunkRequest("m", 1, whole[4:], "features", first.final_state, None)
+    )
     expected = direct(path, [whole], pooling="none")[0]
     np.testing.assert_allclose(
         np.concatenate([first.outputs, second.outputs]), expected, rtol=1e-5, atol=1e-6

@@ -43,8 +43,7 @@ from rnnserve_client.proto.inference import grpc_service_pb2_grpc as v2_grpc
 from rnnserve_client.proto.rnnserve.v1 import rnnserve_pb2 as pb
 from rnnserve_client.proto.rnnserve.v1 import rnnserve_pb2_grpc as pb_grpc
 from service.grpc_api.server import create_grpc_server
-from service.http_api.json_codecs import V2_DTYPES
-from service.inference_protocol.tensors import pack_bytes
+from service.inference_protocol.tensors import V2_DTYPES, pack_bytes
 from tests.factories import CHARS, TOKENS_VOCAB_SIZE, write_model
 from tests.support import Served
 
