@@ -306,7 +306,7 @@ class DecodeScheduler(Scheduler):
         self._reserved = 0
         if not self._bursting:
             # NOTE: the device thread is not in a burst: the running batch is the loop's to
-            # clear. With a burst in flight it ends at its next step (`_stopped`) and nothing
+            # clear. With a burst in flight it ends at its next step (`_stopping`) and nothing
             # reads the batch again.
             with self._lock:
                 self._ready = []

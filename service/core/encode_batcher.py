@@ -13,9 +13,10 @@ Shape (Ray Serve's batching, plus what an RNN server needs):
   `max_batch_size`. The next batch goes behind a running one once it has that many rows, and a
   batch takes at most that many (but at least MIN_SPLIT = 16 when queued), so that the two stay
   balanced even after the device went idle with many rows queued. Closed-loop clients then
-  settle into two alternating batches: on this CPU a batch of 32 computes within a few % of a
-  batch of 64 per sequence, while one batch of all the callers idles the device for their
-  whole turnaround (bench/RESULTS.md).
+  settle into two alternating batches: on the CPU a batch's cost is per row, so half the
+  callers compute about as fast per sequence as all of them, while one batch of all the
+  callers idles the device for their whole turnaround (`python -m bench.probes batch-sizes`,
+  `python -m bench.http`).
 - Regrouping (idle device only): when a batch finishes, the callers whose requests it completed
   are expected back. If fewer rows are queued than the target (and than those callers' rows plus
   the queue), the next batch waits for them — at most `regroup_fraction` of the finished batch's
@@ -64,18 +65,16 @@ log = logging.getLogger(__name__)
 # Batches of one batcher in flight on the device at most: one computing, one queued behind it.
 PIPELINE = 2
 # A batch takes at most its target size (half the rows in the system), so that two alternate,
-# but never fewer than this many rows when more are queued: on this CPU a batch of 8 computes
-# up to 1.5× slower per sequence than 32–64, 16 up to 1.2× (`python -m bench.probes batch-sizes`).
+# but never fewer than this many rows when more are queued: smaller batches cost more per
+# sequence (`python -m bench.probes batch-sizes`).
 MIN_SPLIT = 16
 # A batch whose padded inputs take more than this is padded on the device thread, not the loop:
-# 64 rows of 2 048 steps × 80 features (42 MB) took 6 ms to pad, the loop's time for hundreds of
-# requests; 1 MB takes ~0.1 ms.
+# the loop's time is every other request's, and numpy copies large arrays without the GIL.
 PAD_ON_LOOP_BYTES = 1 << 20
 # How long before the running batch should end the next one is queued behind it when it has
 # not reached its target size: enough for a loop turn, the batch's host preparation on the loop
-# (`EncodeCompute.prepare`: ~0.1 ms for 32 rows, ~0.5 ms for 128 streamed chunks) and the
-# device thread to pick it up (at most a tenth of the running batch's time, so that short
-# batches still fill up).
+# (`EncodeCompute.prepare`) and the device thread to pick it up (at most a tenth of the running
+# batch's time, so that short batches still fill up).
 HANDOVER_S = 0.001
 
 
@@ -559,10 +558,9 @@ class EncodeCompute:
     """
 
     # NOTE: why the split. Python on the device thread is slow twice over: a busy event loop
-    # takes the GIL from it every switch interval (a batch of 128 streamed chunks spent 9 ms
-    # beside the loop on per-row work that takes 0.9 ms alone, next to 21 ms of LSTM), and
-    # while it holds the GIL the loop waits. On the loop, that work overlaps the other batch's
-    # compute, which releases the GIL.
+    # takes the GIL from it every switch interval, and while it holds the GIL the loop waits.
+    # On the loop, that work overlaps the other batch's compute, which releases the GIL
+    # (`python -m bench.sessions`: batches of streamed chunks, per-row work at its largest).
 
     def __init__(
         self, model: EncoderModel, device: torch.device, dtype: torch.dtype, sizes: tuple[int, int]
@@ -607,7 +605,7 @@ class EncodeCompute:
         """On the device thread: the model call, its outputs copied to the host."""
         # NOTE: every torch call gives up the GIL and takes it back, and a busy event loop makes
         # each take-back wait (up to the switch interval): conversions that change nothing are
-        # skipped (they were 15 of a batch's 36 torch calls on the CPU).
+        # skipped.
         initial = batch.initial
         if initial is not None:
             initial = (

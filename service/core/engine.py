@@ -10,9 +10,10 @@
     engine.live; engine.ready; engine.draining; await engine.drain(grace_s)
     await engine.until_draining()            # streams: returns once a drain has begun
 
-Every request is validated here (`service.core.validation`) before it joins a batch; errors are the
-classes of `service.core.errors`. Front-ends record request outcomes with `Metrics.observe_request`;
-the engine records everything below that (queue, batches, compute, in-flight, model state).
+Every request is validated here (`service.core.validation`) before it joins a batch; errors are
+the classes of `service.core.errors`. Front-ends observe each request once
+(`service.core.request_metrics`); the engine records everything below that (queue, batches,
+compute, in-flight, model state).
 """
 
 from __future__ import annotations

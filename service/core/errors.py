@@ -87,7 +87,7 @@ class ComputeError(ServiceError):
     """The model failed while computing a batch; every item of that batch gets this error."""
 
 
-# NOTE: the transport tables (service/http_api/errors.py, service/grpc_api/convert.py) must cover
+# NOTE: the transport tables (service/http_api/errors.py, service/grpc_api/errors.py) must cover
 # every class above; tests/grpc_api/test_error_table.py checks that each subclass of ServiceError
 # has an entry.
 ALL_ERRORS: tuple[type[ServiceError], ...] = (

@@ -1,8 +1,9 @@
 """`Settings`: every server option, from `RNNSERVE_*` environment variables (and CLI flags).
 
-Each field is documented with `Field(description=...)`; `service/process/cli.py` turns every field
-into a `--flag` (underscores become dashes). Values are checked here, once, with messages that name
-the setting, so a bad deployment fails at start-up and not at the first request.
+The engine reads them, so they live in the core; the process builds them (service/process/
+flags.py turns every field into a `--flag`, underscores become dashes, and its description into
+the flag's help). Values are checked here, once, with messages that name the setting, so a bad
+deployment fails at start-up and not at the first request.
 """
 
 from __future__ import annotations
@@ -79,7 +80,7 @@ class Settings(BaseSettings):
         le=1024,
         description=(
             "torch intra-op threads for CPU compute. Default: one thread less than the cores "
-            "(at least 1), so the event loop and front-ends keep a core (see bench/RESULTS.md)."
+            "(at least 1), so the event loop and front-ends keep a core."
         ),
     )
     models: Annotated[list[str] | None, NoDecode] = Field(
@@ -259,7 +260,7 @@ class Settings(BaseSettings):
         description=(
             "Python's thread switch interval in µs (sys.setswitchinterval; Python's default is "
             "5000). The compute thread takes the GIL back after every torch op; a busy event "
-            "loop would make it wait up to this long each time (bench/RESULTS.md, HTTP)."
+            "loop would make it wait up to this long each time."
         ),
     )
     regroup_max_ms: float = Field(

@@ -56,7 +56,7 @@ async def abort_with(context: Context, exc: BaseException) -> NoReturn:
     Raises CallAborted, not grpc's `context.abort`: grpc keeps the AbortError that one raises in
     the call's state, and through its traceback every frame it left (the request and all that
     was decoded from it) in a reference cycle that only a full collection frees, many calls
-    later (a refused 57 MiB V2 request kept ~1.5 GB; `python -m bench.edge`).
+    later (`python -m bench.edge`).
     """
     if isinstance(exc, errors.ServiceError):
         code, message = grpc_status(exc)

@@ -2,8 +2,8 @@
 
 protobuf (upb) parses a message into its own memory, far larger than the wire for some shapes: a
 zero in a packed int64 field is 1 byte on the wire and 8 in memory (plus the array's growth), an
-empty string or message 2 bytes on the wire and 16–80 in memory. Near the 64 MiB message limit
-that is 1.0–2.8 GB and 0.7–3.1 s of a blocked event loop (`python -m bench.probes parse-costs`).
+empty string or message 2 bytes on the wire and 16–80 in memory: near the message size limit,
+gigabytes and seconds of a blocked event loop (`python -m bench.probes parse-costs`).
 So a large message is walked first, by its wire format and its descriptor, without building
 anything: its fields (strings, bytes, messages and unpacked numbers each count one) and the
 integers of its packed varint fields (counted by numpy) are its values. Packed fixed-width

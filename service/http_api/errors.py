@@ -19,7 +19,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.requests import ClientDisconnect
 
 from service.core import errors, validation
-from service.http_api import json_codecs as codecs
+from service.http_api import json_codecs
 from service.http_api.body_limits import BodyTooLargeError
 from service.http_api.disconnects import ClientDisconnectedError
 
@@ -54,11 +54,11 @@ def is_v2(request: Request) -> bool:
 def error_body(v2: bool, type_name: str, message: str, field: str | None = None) -> bytes:
     """The JSON error body in the shape of the API the request addressed."""
     if v2:
-        return codecs.dumps({"error": message})
+        return json_codecs.dumps({"error": message})
     detail: dict[str, Any] = {"type": type_name, "message": message}
     if field is not None:
         detail["field"] = field
-    return codecs.dumps({"error": detail})
+    return json_codecs.dumps({"error": detail})
 
 
 def service_error_response(exc: errors.ServiceError, v2: bool) -> Response:

@@ -6,8 +6,8 @@ runs only after the fast path has failed. Outputs are serialised straight from n
 
 A large body is first counted (`json_values`, byte counts in C) and refused when it holds more
 values than the limit: orjson builds every value as a Python object while holding the GIL, so
-the parse itself is what a hostile body costs (a 64 MiB body of one-step rows: 16 M lists,
-~2 GB and seconds of a frozen event loop; `python -m bench.edge`, bench/RESULTS.md).
+the parse itself is what a hostile body costs, in memory and in time the event loop is frozen
+(`python -m bench.edge`).
 
 The V2 binary extension (Triton's `Inference-Header-Content-Length`): the body is a JSON header
 followed by raw tensors in the order of the header's tensors that carry
