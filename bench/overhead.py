@@ -556,6 +556,9 @@ async def decode_compare(
 
     torch.set_num_threads(1)
     settings = Settings(repository=repository, device="cpu", cpu_threads=1, models=[DECODE_MODEL])
+    # NOTE: as `rnnserve serve` runs (service/main.py): the device thread takes the GIL back
+    # after every torch op, and the switch interval bounds its wait.
+    sys.setswitchinterval(settings.gil_switch_interval_us / 1e6)
     engine = Engine(settings, Metrics(CollectorRegistry()))
     await engine.start()
     model = engine.registry.resolve(DECODE_MODEL).loaded.model  # type: ignore[union-attr]
@@ -563,7 +566,6 @@ async def decode_compare(
     spec = model.decoder_spec
     rng = np.random.default_rng(0)
     sources = [rng.integers(4, 20, int(n)) for n in rng.integers(5, 30, DECODE_ROWS)]
-    device_tid = (await engine.executor.run(threading.get_native_id))[0]
     pid = os.getpid()
 
     def bare() -> tuple[float, float]:
@@ -579,9 +581,13 @@ async def decode_compare(
                 feed.tolist()
         return time.perf_counter() - start_at, time.thread_time() - cpu
 
+    async def device_time() -> float:
+        # NOTE: the device thread's own clock (ns); /proc counts 10 ms ticks, a run's whole time.
+        return (await engine.executor.run(time.thread_time))[0]
+
     async def scheduled() -> tuple[float, float, float]:
-        before, loop_cpu = thread_cpu(pid), time.thread_time()
-        start_at = time.perf_counter()
+        device_cpu = await device_time()
+        loop_cpu, start_at = time.thread_time(), time.perf_counter()
         results = await asyncio.gather(
             *(
                 engine.generate(GenerateRequest(DECODE_MODEL, [s], "tokens", max_length=steps))
@@ -590,9 +596,9 @@ async def decode_compare(
         )
         wall = time.perf_counter() - start_at
         loop_cpu = time.thread_time() - loop_cpu
-        after = thread_cpu(pid)
+        device_cpu = await device_time() - device_cpu
         assert all(len(r.outputs[0].tokens) == steps for r in results)
-        return wall, loop_cpu, after.get(device_tid, 0.0) - before.get(device_tid, 0.0)
+        return wall, loop_cpu, device_cpu
 
     bare()
     await scheduled()  # warm-up
@@ -761,10 +767,14 @@ def served(args: argparse.Namespace, root: Path) -> None:
         write_bodies(root / f"bodies-{mode}", sequences, mode)
     write_grpc_bodies(root)
     variants = [v.split("=", 1) for v in args.variant]
-    servers = [start_rnnserve("rnnserve", repository, ROOT), start_bare()]
-    servers += [start_rnnserve(label, repository, Path(path)) for label, path in variants]
+    servers: list[Server] = []
     rows: list[dict[str, Any]] = []
     try:
+        # NOTE: started inside the `try`, so that whatever fails stops the ones already running.
+        servers.append(start_rnnserve("rnnserve", repository, ROOT))
+        servers.append(start_bare())
+        for label, path in variants:
+            servers.append(start_rnnserve(label, repository, Path(path)))
         for server in servers:
             for name in args.wires:
                 measure(server, WIRES[name], 16, 2, root)  # warm-up
@@ -794,6 +804,7 @@ def served(args: argparse.Namespace, root: Path) -> None:
             args.profile.mkdir(parents=True, exist_ok=True)
             top = max(args.clients)
             for name in args.wires:
+                profiles = {}
                 for server in servers:
                     out = profile(server, WIRES[name], top, args.duration, root, args.profile)
                     runs = _runs(rows, name, top, server.label)
@@ -801,11 +812,17 @@ def served(args: argparse.Namespace, root: Path) -> None:
                         group: statistics.median(r["cpu_us"][group] for r in runs)
                         for group in ("loop", "device")
                     }
+                    profiles[server.label] = (stacks.read(out), per)
+                    table = stacks.table(profiles[server.label][0], per, "request")
                     print(
                         f"\n{server.label}, {WIRES[name].label}, {top} clients ({out.name}), "
-                        "µs per request:\n"
+                        f"µs per request:\n\n{table}"
                     )
-                    print(stacks.table(stacks.read(out), per, "request"))
+                loops = {
+                    label: (samples, per["loop"]) for label, (samples, per) in profiles.items()
+                }
+                table = stacks.compare(loops, "loop", "req")
+                print(f"\n{WIRES[name].label}, {top} clients:\n\n{table}")
     finally:
         for server in servers:
             stop(server.process)  # type: ignore[arg-type]

@@ -256,3 +256,32 @@ def table(samples: list[Sample], cpu_per_unit: dict[str, float], unit: str) -> s
         )
         lines.append(f"| {name} | {waits} |")
     return "\n".join(lines)
+
+
+def compare(profiles: dict[str, tuple[list[Sample], float]], group: str, unit: str) -> str:
+    """A Markdown table of one thread group's µs per `unit` by component, one column per
+    profile (label → (samples, the group's CPU µs per unit)), and the first two's difference."""
+    columns: dict[str, Counter[str]] = {}
+    for label, (samples, cpu) in profiles.items():
+        counts = components(samples).get(group, Counter())
+        busy = sum(n for name, n in counts.items() if name not in NOT_CPU)
+        columns[label] = Counter(
+            {name: n / busy * cpu for name, n in counts.items() if name not in NOT_CPU and busy}
+        )
+    labels = list(profiles)
+    first = columns[labels[0]]
+    second = columns[labels[1]] if len(labels) > 1 else Counter[str]()
+    names = sorted(set().union(*columns.values()), key=lambda n: (second[n] - first[n], -first[n]))
+    diff = f" | {labels[0]} − {labels[1]}" if len(labels) > 1 else ""
+    lines = [
+        f"| component ({group} thread, µs/{unit}) | " + " | ".join(labels) + diff + " |",
+        "|---|" + "---:|" * (len(labels) + (1 if diff else 0)),
+    ]
+    for name in names:
+        cells = " | ".join(f"{columns[label][name]:.1f}" for label in labels)
+        extra = f" | {first[name] - second[name]:+.1f}" if diff else ""
+        lines.append(f"| {name} | {cells}{extra} |")
+    totals = " | ".join(f"**{profiles[label][1]:.1f}**" for label in labels)
+    extra = f" | **{profiles[labels[0]][1] - profiles[labels[1]][1]:+.1f}**" if diff else ""
+    lines.append(f"| CPU time (measured) | {totals}{extra} |")
+    return "\n".join(lines)
