@@ -417,7 +417,8 @@ def h2load(server: Server, wire: Wire, clients: int, seconds: float, root: Path)
         command += ["-H", "content-type: application/grpc", "-H", "te: trailers"]
         command += [f"http://127.0.0.1:{server.grpc_port}{METHODS[wire.target]}"]
         running.append(subprocess.Popen(command, stdout=subprocess.PIPE, text=True))
-    rate = answered = errors = 0.0
+    rate = 0.0
+    answered = errors = 0
     means = []
     for process in running:
         out, _ = process.communicate(timeout=seconds + 60)

@@ -79,6 +79,10 @@ def test_samples_are_split_into_components(tmp_path: Path) -> None:
     assert "| JSON parse (orjson) | 40.0 | 40.0 % | 0.0 | 0.0 % |" in table
     assert "| model (torch) | 0.0 | 0.0 % | 50.0 | 100.0 % |" in table
     assert "| waiting for the GIL | – | 0.0 % of samples | – | 75.0 % of samples |" in table
+    # side by side: the same samples at twice the CPU time differ by their component's share
+    both = stacks.compare({"a": (samples, 200.0), "b": (samples, 100.0)}, "loop", "req")
+    assert "| JSON parse (orjson) | 80.0 | 40.0 | +40.0 |" in both
+    assert "| CPU time (measured) | **200.0** | **100.0** | **+100.0** |" in both
 
 
 def test_thread_cpu_reads_every_thread_of_a_process() -> None:
