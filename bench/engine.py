@@ -38,9 +38,8 @@ from prometheus_client import CollectorRegistry
 from bench.baseline import packed_encode, reference_config
 from models.checkpoint import build_model, save
 from models.config import ModelConfig
-from models.decoding import greedy_decode
 from models.encoder import EncoderModel, collate
-from models.seq2seq import Seq2SeqModel
+from models.seq2seq import Seq2SeqModel, greedy_decode
 from service.engine import Engine
 from service.metrics import Metrics
 from service.settings import Settings

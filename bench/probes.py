@@ -9,6 +9,7 @@
     .venv/bin/python -m bench.probes batch-sizes  # per-sequence cost by batch size (LSTM 2×256)
     .venv/bin/python -m bench.probes hot-routes   # HTTP front-end capacity, HotRoutes on / off
     .venv/bin/python -m bench.probes fixed-ceiling  # the served fixed-length ratio's upper bound
+    .venv/bin/python -m bench.probes parse-costs  # parsing 64 MiB bodies / messages, and counting
 
 One intra-op thread throughout (the server's default on 2 cores); medians of repeated runs.
 segments and call-costs time the thread's CPU time (`time.thread_time`), which a host shared
@@ -344,12 +345,92 @@ def hot_routes(seconds: float) -> None:
             print(f"{label}: {result['rate']:.0f} req/s, p50 {result['p50_us'] / 1000:.1f} ms")
 
 
+PARSE_CASES = ("json-rows", "json-floats", "json-strings", "pb-int64", "pb-strings", "pb-messages")
+MIB = 1024 * 1024
+
+
+def parse_costs(scale: float) -> None:
+    """Near the 64 MiB body and message limits: what parsing each shape costs (seconds, peak RSS
+    growth; one fresh process each), orjson with the garbage collector running and paused, and
+    what the pre-parse count of service/codecs.py or service/grpc_limits.py costs instead."""
+    print(f"| shape ({64 * scale:g} MiB) | step | seconds | peak RSS growth MB |")
+    print("|---|---|---:|---:|")
+    for case in PARSE_CASES:
+        steps = ("count", "parse") if case.startswith("pb-") else ("count", "paused", "parse")
+        for step in steps:
+            command = [sys.executable, "-m", "bench.probes", "_parse", case, step, str(scale)]
+            out = subprocess.run(command, capture_output=True, text=True, check=True).stdout
+            seconds, peak = out.split()
+            name = {"paused": "parse, collector paused", "count": "count (pre-check)"}
+            print(f"| {case} | {name.get(step, step)} | {float(seconds):.2f} | {peak} |")
+
+
+def _peak_mb() -> int:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) // 1024
+    return 0
+
+
+def _parse_one(case: str, step: str, scale: float) -> None:
+    """One measurement of `parse_costs`, in this (fresh) process."""
+    import gc
+
+    import orjson
+
+    from rnnserve_client.proto.inference import grpc_service_pb2 as v2
+    from service import codecs
+    from service.grpc_limits import _count
+
+    size = int(64 * MIB * scale)
+    payload: bytes
+    if case == "json-rows":
+        payload = b'{"inputs":[[' + b",".join([b"[0]"] * (size // 4)) + b"]]}"
+    elif case == "json-floats":
+        payload = b'{"inputs":[[[' + b",".join([b"0.1"] * (size // 4)) + b"]]]}"
+    elif case == "json-strings":
+        payload = b'{"texts":[' + b",".join([b'"a"'] * (size // 4)) + b"]}"
+    else:
+        request = v2.ModelInferRequest(model_name="m")
+        if case == "pb-int64":
+            tensor = request.inputs.add(name="TOKENS", datatype="INT64", shape=[1, size])
+            tensor.contents.int64_contents.extend([0] * size)
+        elif case == "pb-strings":
+            tensor = request.inputs.add(name="TEXT", datatype="BYTES", shape=[size // 2])
+            tensor.contents.bytes_contents.extend([b""] * (size // 2))
+        else:
+            for _ in range(size // 2):
+                request.inputs.add()
+        payload = request.SerializeToString()
+        del request
+    # NOTE: as `rnnserve serve` does once its models are loaded (service/main.py).
+    gc.collect()
+    gc.freeze()
+    Path("/proc/self/clear_refs").write_text("5")
+    before = _peak_mb()
+    start = time.perf_counter()
+    if step == "count" and case.startswith("json"):
+        codecs.json_values(payload)
+    elif step == "count":
+        _count(payload, v2.ModelInferRequest.DESCRIPTOR, 4 * 1024 + 4096)
+    elif case.startswith("pb-"):
+        v2.ModelInferRequest.FromString(payload)
+    elif step == "paused":
+        gc.disable()
+        orjson.loads(payload)
+        gc.enable()
+    else:
+        orjson.loads(payload)
+    print(f"{time.perf_counter() - start:.3f} {_peak_mb() - before}")
+
+
 def _serve(repository: str, port: int, mode: str) -> None:
     """The server of `hot_routes`: the real app on a real engine, hot routes on or off."""
     import uvicorn
     from prometheus_client import CollectorRegistry
 
     from service.engine import Engine
+    from service.http_protocol import deadline_protocol
     from service.metrics import Metrics
     from service.rest import create_app
     from service.settings import Settings
@@ -361,7 +442,11 @@ def _serve(repository: str, port: int, mode: str) -> None:
         engine = Engine(settings, metrics)
         await engine.start()
         app = create_app(engine, settings, metrics, hot_routes=mode == "hot")
-        config = uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning")
+        # NOTE: the HTTP protocol `rnnserve serve` runs (service/main.py).
+        protocol = deadline_protocol(settings.http_header_timeout_s, settings.http_body_timeout_s)
+        config = uvicorn.Config(
+            app, host="127.0.0.1", port=port, log_level="warning", http=protocol
+        )
         await uvicorn.Server(config).serve()
 
     # NOTE: the loop `rnnserve serve` runs (service/main.py).
@@ -382,11 +467,14 @@ def main() -> None:
             "batch-sizes",
             "fixed-ceiling",
             "hot-routes",
+            "parse-costs",
             "_serve",
+            "_parse",
         ],
     )
     parser.add_argument("args", nargs="*")
     parser.add_argument("--duration", type=float, default=8.0, help="seconds per wrk run")
+    parser.add_argument("--scale", type=float, default=1.0, help="parse-costs: size factor")
     parser.add_argument(
         "--dtype",
         choices=["float32", "bfloat16"],
@@ -409,6 +497,10 @@ def main() -> None:
         fixed_ceiling()
     elif args.probe == "hot-routes":
         hot_routes(args.duration)
+    elif args.probe == "parse-costs":
+        parse_costs(args.scale)
+    elif args.probe == "_parse":
+        _parse_one(args.args[0], args.args[1], float(args.args[2]))
     else:
         _serve(args.args[0], int(args.args[1]), args.args[2])
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import json
 import struct
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -177,6 +177,7 @@ def load(
     path: Path | str,
     device: str | torch.device = "cpu",
     dtype: torch.dtype | None = None,
+    root: Path | str | None = None,
     every_part: bool = False,
     capabilities: Mapping[str, Any] | None = None,
 ) -> LoadedModel:
@@ -184,15 +185,23 @@ def load(
 
     `dtype` is the precision asked for (None: float32) unless the config's `serving.dtype` asks
     its own; `models.precision.plan_precision(config, that, device, every_part, capabilities)`
-    decides each part's dtype. Everything that leaves the model stays float32.
+    decides each part's dtype. Everything that leaves the model stays float32. With `root`, the
+    folder and every file read must resolve (symbolic links followed) inside `root`.
     """
     folder = Path(path)
+    confine = _confinement(root)
+    confine(folder)
     if not folder.is_dir():
         raise CheckpointError(folder, "not a checkpoint folder (it does not exist or is a file)")
+    confine(folder / CONFIG_FILE)
     config = read_config(folder / CONFIG_FILE)
     weights_path = folder / WEIGHTS_FILE
+    confine(weights_path)
     header = _read_header(folder, weights_path)
     _check_shapes(weights_path, header, expected_shapes(config))
+    for name in (config.input_vocab_path, config.decoder.vocab if config.decoder else None):
+        if name is not None:
+            confine(_vocab_path(folder, name))
     input_tokenizer = _input_tokenizer(folder, config)
     output_tokenizer = _output_tokenizer(folder, config)
     try:
@@ -215,6 +224,22 @@ def load(
     model.eval()
     model.set_precision(plan)
     return LoadedModel(config, model, input_tokenizer, output_tokenizer, folder, plan)
+
+
+def _confinement(root: Path | str | None) -> Callable[[Path], None]:
+    """A check that a path resolves inside `root` (none without a root)."""
+    if root is None:
+        return lambda path: None
+    real_root = Path(root).resolve()
+
+    def confine(path: Path) -> None:
+        # NOTE: the target is not named: reasons are shown to clients, host paths are not.
+        if not path.resolve().is_relative_to(real_root):
+            raise CheckpointError(
+                path, "resolves outside the model repository (a symbolic link leads out of it)"
+            )
+
+    return confine
 
 
 def read_config(path: Path) -> ModelConfig:

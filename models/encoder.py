@@ -180,7 +180,7 @@ def collate(sequences: Sequence[Tensor | np.ndarray]) -> tuple[Tensor, Tensor]:
         arrays = [s for s in sequences if isinstance(s, np.ndarray)]
         longest = max(a.shape[0] for a in arrays)
         if all(a.shape[0] == longest for a in arrays):
-            # NOTE: np.array stacks equal shapes in C, np.stack runs Python per row (2-2.5×).
+            # NOTE: np.array stacks equal shapes in C, np.stack runs Python per row.
             return torch.from_numpy(np.array(arrays)), lengths
         padded = np.zeros((len(arrays), longest, *arrays[0].shape[1:]), dtype=arrays[0].dtype)
         for row, a in enumerate(arrays):

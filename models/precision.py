@@ -10,7 +10,7 @@ On a GPU a requested float16/bfloat16 applies to every part (cuDNN is fast at bo
 only bfloat16 can pay, and only for some parts and shapes: PyTorch sends nn.LSTM to oneDNN
 (AMX tiles), while GRU and Elman RNN run ATen's own step loop, where bfloat16 wins only for
 large hidden sizes and batches. `plan_precision` applies the measured rules below
-(`python -m bench.probes dtypes`, bench/RESULTS.md "bfloat16 on the CPU"); a part that wins only
+(`python -m bench.precision`, bench/RESULTS.md "bfloat16 on the CPU"); a part that wins only
 for large batches keeps a float32 copy of its weights for small ones (`PartDtype.min_rows`).
 """
 
@@ -169,36 +169,33 @@ def uniform_dtype(plan: Plan) -> torch.dtype | None:
     return dtypes.pop()
 
 
-# The rules for bfloat16 on the CPU, from `python -m bench.precision` (1 intra-op thread, AMX;
-# bench/RESULTS.md "bfloat16 on the CPU" has the whole table). Per (part, cell, bidirectional):
-# tiers (min size, min rows), largest size first: a part whose size reaches a tier's runs in
-# bfloat16 in calls of at least its rows (below them in float32). Size = hidden for recurrent
-# parts, weight elements (inputs × outputs) for the head and the output projection. No tier =
-# bfloat16 was slower at every size and batch measured (hidden 32–512, rows 1–128).
+# The rules for bfloat16 on the CPU, read off `python -m bench.precision`'s table (bench/
+# RESULTS.md "bfloat16 on the CPU"). Per (part, cell, bidirectional): tiers (min size, min
+# rows), largest size first: a part whose size reaches a tier's runs in bfloat16 in calls of
+# at least its rows (below them in float32). Size = hidden for recurrent parts, weight elements
+# (inputs × outputs) for the head and the output projection. No tier = bfloat16 was slower at
+# every size and batch measured.
 Tiers = tuple[tuple[int, int], ...]
 CPU_BF16_RULES: dict[tuple[str, str, bool], Tiers] = {
-    # oneDNN's LSTM: from hidden 256 faster at every batch (1.3–2.4×, with final states,
-    # segmented); hidden 128 from 32 rows (1.2–1.4×; rows 8 0.8–1.0×); hidden 32–64 0.7–1.15×.
+    # oneDNN's fused LSTM (segmented): it pays from hidden 128, at every batch from 256.
     ("encoder", "lstm", False): ((256, 1), (128, 32)),
-    # bidirectional runs packed (ATen's loop for unequal lengths): small batches lose (rows 8:
-    # 0.5–0.7× up to hidden 256).
+    # bidirectional runs packed (ATen's loop for unequal lengths): small batches lose.
     ("encoder", "lstm", True): ((512, 1), (256, 32), (128, 128)),
-    # ATen's GRU / RNN loop: a win needs big matrices (rows 1 at hidden 256: 0.4×; rows 32: 1.3×).
+    # ATen's GRU / RNN loop: a win needs big matrices (wide and many rows).
     ("encoder", "gru", False): ((512, 8), (256, 32), (128, 128)),
     ("encoder", "gru", True): ((512, 8), (256, 32), (128, 128)),
     ("encoder", "gru-reset-before", False): ((512, 8), (256, 32)),
     ("encoder", "gru-reset-before", True): ((512, 8), (256, 32)),
     ("encoder", "rnn", False): ((512, 32), (256, 128)),
     ("encoder", "rnn", True): ((512, 32), (256, 64)),
-    # One step of fused cells (torch.*_cell): hidden 512 from 8 rows 1.1–2.4×, 256 from 32.
+    # One step of fused cells (torch.*_cell): again big matrices.
     ("decoder", "lstm", False): ((512, 8), (256, 32), (128, 128)),
     ("decoder", "gru", False): ((512, 8), (256, 32), (128, 128)),
     ("decoder", "gru-reset-before", False): ((512, 8), (256, 32)),
     ("decoder", "rnn", False): ((512, 8), (256, 64)),
-    # Additive attention is elementwise work over [N, S, A] (tanh, softmax): 0.2–0.7× throughout.
+    # Additive attention is elementwise work over [N, S, A] (tanh, softmax): it never pays.
     ("attention", "any", False): (),
-    # A linear layer pays once its matrix is big: 512×1000 from 8 rows 1.5–2.5×, 128×1000 from
-    # 32 rows 1.2–1.6×; 16 outputs never (0.2–0.9×).
+    # A linear layer pays once its matrix is big (a vocabulary projection, not a small head).
     ("head", "any", False): ((500_000, 8), (100_000, 32)),
     ("output", "any", False): ((500_000, 8), (100_000, 32)),
 }

@@ -160,15 +160,12 @@ def make_rnn(
     return ResetBeforeGRU(input_size, hidden_size, num_layers, bidirectional)
 
 
-# Where the segmented path beats packing on the CPU (`python -m bench.probes segments`, bench/
-# RESULTS.md 2026-11-26 fourth session; packed time ÷ segmented, batches of 32): nn.LSTM only
-# (the fused oneDNN kernel is LSTM's; a GRU lost 11–21 %). With final states (replays of rows
-# ending inside a segment): hidden ≥ 128 over ≥ 64 steps (lengths 16–128: 1.21× at hidden 128,
-# 1.39× at 256; up to 63 steps 0.99–1.10×, too close to call). Outputs alone: hidden ≥ 64 and
-# ≥ 8 steps (1.13–2.19× from lengths 8–16 to 32–63, hidden 64–256). In bfloat16 the packed
-# path's step loop is slower than float32's while the fused kernel is 2–4× faster, so segments
-# win at every size measured (`python -m bench.probes segments --dtype bfloat16`, bench/
-# RESULTS.md "bfloat16 on the CPU").
+# Where the segmented path beats packing on the CPU, from `python -m bench.probes segments
+# [--dtype bfloat16]` (figures in bench/RESULTS.md): nn.LSTM only (the fused oneDNN kernel is
+# LSTM's; a GRU stays packed). In float32 the segments must be long and wide enough to pay for
+# replaying the rows that end inside one, less so for outputs alone (no replays). In bfloat16
+# the packed path's step loop is slower than float32's while the fused kernel is faster, so
+# segments win at every size.
 SEGMENTED_MIN_HIDDEN = {  # by dtype, then by whether final states are wanted
     torch.float32: {True: 128, False: 64},
     torch.bfloat16: {True: 1, False: 1},
@@ -191,13 +188,10 @@ class PlanCosts:
     finish: float
 
 
-# Fitted on the reference LSTM (`python -m bench.probes call-costs [--dtype bfloat16]`); both
-# sides grow with the weights, so the ratios carry across sizes. float32: a call 48 (fitted at
-# 34–44), a step 0.6 (0.4–0.6), a replayed step 3 (the best of a sweep, bench/RESULTS.md).
-# bfloat16: a row-step costs 4–5× less than in float32 (fitted: a call ~200, a step ~2), and a
-# call of 60–200 with a replay of 5.5 planned within noise of the best in sweeps of call
-# 30–400 × replay 5.5–25 (`python -m bench.probes plan-sweep`; bench/RESULTS.md "bfloat16 on
-# the CPU"); 120 is the middle.
+# Call and step fitted on the reference LSTM (`python -m bench.probes call-costs [--dtype
+# bfloat16]`), the replay and bfloat16's call chosen by sweeps (`python -m bench.probes
+# plan-sweep`); figures in bench/RESULTS.md. Both sides grow with the weights, so the ratios
+# carry across sizes.
 PLAN_COSTS = {
     torch.float32: PlanCosts(call=48.0, step=0.6, finish=3.0),
     torch.bfloat16: PlanCosts(call=120.0, step=1.6, finish=5.5),
@@ -337,10 +331,8 @@ def _segmented(
     in_order = bool((order == torch.arange(batch)).all())
     sorted_lengths = lengths[order]
     x = inputs if in_order else inputs.index_select(0, order.to(inputs.device))
-    hidden = rnn.hidden_size
-    layers = rnn.num_layers
     if initial_state is None:
-        zero = x.new_zeros(layers, batch, hidden)
+        zero = x.new_zeros(rnn.num_layers, batch, rnn.hidden_size)
         state: State = (zero, zero.clone()) if isinstance(rnn, nn.LSTM) else zero
     else:
         state = initial_state if in_order else select_state(initial_state, order.to(x.device))
@@ -354,7 +346,7 @@ def _segmented(
     elif not cuts or cuts[-1] < ends[0]:
         raise ValueError(f"the last cut must reach the longest length {ends[0]}, got {cuts}")
     # NOTE: every step is written by a segment or zeroed by the final mask.
-    outputs = x.new_empty(batch, steps, hidden)
+    outputs = x.new_empty(batch, steps, rnn.hidden_size)
     final = _empty_like_state(state) if need_state else None
     start_states = _empty_like_state(state) if need_state else None
     inside: list[int] = []  # rows that end inside a segment (their final state is replayed)
@@ -379,17 +371,7 @@ def _segmented(
         running = still
         t0 = t1
     if final is not None and start_states is not None and inside:
-        # One short packed call replays each such row's last segment from its start state.
-        rows = torch.tensor(inside)
-        starts = torch.tensor(inside_starts)
-        remaining = sorted_lengths[rows] - starts  # 1 … its segment's length − 1
-        index = starts[:, None] + torch.arange(int(remaining.max()))[None, :]
-        index = index.clamp(max=steps - 1).to(inputs.device)
-        device_rows = rows.to(inputs.device)
-        tail = x[device_rows[:, None], index]  # [R, longest remainder, F]
-        packed = pack_padded_sequence(tail, remaining, batch_first=True, enforce_sorted=False)
-        _, fixed = rnn(packed, select_state(start_states, device_rows))
-        _scatter_rows(final, fixed, device_rows)
+        _replay(rnn, x, sorted_lengths, inside, inside_starts, start_states, final)
     real = torch.arange(steps)[None, :] < sorted_lengths[:, None]  # [N, T]
     outputs.masked_fill_(~real[:, :, None].to(x.device), 0.0)
     if in_order:
@@ -397,6 +379,30 @@ def _segmented(
     inverse = torch.argsort(order).to(x.device)
     outputs = outputs.index_select(0, inverse)
     return outputs, None if final is None else select_state(final, inverse)
+
+
+def _replay(
+    rnn: nn.RNNBase,
+    x: Tensor,
+    lengths: Tensor,
+    rows: list[int],
+    starts: list[int],
+    start_states: State,
+    final: State,
+) -> None:
+    """Write into `final` the exact final states of `rows` (which end inside the segment that
+    starts at `starts`): one short packed call replays each one's last segment from its start
+    state. x [N, T, F] and lengths [N] are in the segmented order."""
+    row_index = torch.tensor(rows)
+    start_index = torch.tensor(starts)
+    remaining = lengths[row_index] - start_index  # 1 … its segment's length − 1
+    index = start_index[:, None] + torch.arange(int(remaining.max()))[None, :]
+    index = index.clamp(max=x.shape[1] - 1).to(x.device)
+    device_rows = row_index.to(x.device)
+    tail = x[device_rows[:, None], index]  # [R, longest remainder, F]
+    packed = pack_padded_sequence(tail, remaining, batch_first=True, enforce_sorted=False)
+    _, fixed = rnn(packed, select_state(start_states, device_rows))
+    _scatter_rows(final, fixed, device_rows)
 
 
 def _empty_like_state(state: State) -> State:
@@ -440,8 +446,8 @@ def step_rnn(rnn: nn.Module, inputs: Tensor, state: State) -> tuple[Tensor, Stat
     """One time step for every row: inputs [N, F], state [L, N, H] → (top output [N, H], state).
 
     Unidirectional only (decoders). nn.RNN/LSTM/GRU run one fused cell op per layer
-    (torch.*_cell): a single step through nn.GRU/LSTM.forward costs ~20 % more in argument
-    checks and flat-weight handling. Same results as `run_rnn` over one step.
+    (torch.*_cell): a single step through nn.GRU/LSTM.forward costs more in argument checks
+    and flat-weight handling. Same results as `run_rnn` over one step.
     """
     if isinstance(rnn, ResetBeforeGRU) or not isinstance(rnn, nn.RNNBase) or rnn.bidirectional:
         ones = torch.ones(inputs.shape[0], dtype=torch.int64)

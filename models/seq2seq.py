@@ -1,4 +1,5 @@
-"""`Seq2SeqModel`: encode → decoder initial state → one decoder step at a time (DESIGN §2).
+"""`Seq2SeqModel`: encode → decoder initial state → one decoder step at a time (DESIGN §2), and
+the offline searches that drive it (`greedy_decode`, `beam_decode`).
 
 Shapes: N = rows, S = source steps, E = encoder output size (= decoder hidden), V = target vocab,
 L = layers. The decoder's input at each step is concat(embedding(previous token), context).
@@ -13,8 +14,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from models.attention import AdditiveAttention
+from models.beam_search import BeamSearch
 from models.config import DecoderSpec, ModelConfig
-from models.decoding import beam_decode, greedy_decode
 from models.encoder import SequenceEncoder
 from models.precision import PartDtype, Plan, Switch
 from models.recurrent import (
@@ -200,6 +201,72 @@ class Seq2SeqModel(nn.Module):
         if beam_size == 1:
             return greedy_decode(self, state, limit)
         return beam_decode(self, state, beam_size, limit, length_penalty)
+
+
+def greedy_decode(model: Seq2SeqModel, state: DecoderState, max_length: int) -> list[list[int]]:
+    """Arg-max decoding of every row of `state` together; a row stops at <eos> or max_length."""
+    spec = model.decoder_spec
+    rows = state.rows
+    tokens = torch.full((rows,), spec.bos_id, dtype=torch.int64, device=state.device)
+    outputs: list[list[int]] = [[] for _ in range(rows)]
+    active = list(range(rows))  # request index of each live row
+    for _ in range(max_length):
+        log_probs, state = model.step(state, tokens)
+        chosen = log_probs.argmax(dim=-1)
+        keep: list[int] = []
+        for position, token in enumerate(chosen.tolist()):
+            if token == spec.eos_id:
+                continue
+            outputs[active[position]].append(token)
+            keep.append(position)
+        if not keep:
+            break
+        if len(keep) < len(active):
+            index = torch.tensor(keep, dtype=torch.int64, device=state.device)
+            state = state.select(index)
+            chosen = chosen.index_select(0, index)
+            active = [active[p] for p in keep]
+        tokens = chosen
+    return outputs
+
+
+def beam_decode(
+    model: Seq2SeqModel,
+    state: DecoderState,
+    beam_size: int,
+    max_length: int,
+    length_penalty: float = 1.0,
+) -> list[list[int]]:
+    """Beam search for every row of `state` (one request per row), all stepped together."""
+    spec = model.decoder_spec
+    searches = [
+        BeamSearch(beam_size, spec.eos_id, max_length, length_penalty) for _ in range(state.rows)
+    ]
+    owners = list(range(state.rows))  # which search each of the current rows belongs to
+    counts = [1] * state.rows
+    tokens = torch.full((state.rows,), spec.bos_id, dtype=torch.int64, device=state.device)
+    while owners:
+        log_probs, state = model.step(state, tokens)
+        # NOTE: one device-to-host copy per step for all requests, not one per request.
+        log_probs = log_probs.detach().to("cpu", torch.float64)
+        rows: list[Tensor] = []
+        next_tokens: list[Tensor] = []
+        next_owners: list[int] = []
+        next_counts: list[int] = []
+        offset = 0
+        for owner, count in zip(owners, counts, strict=True):
+            parents, chosen = searches[owner].step(log_probs[offset : offset + count])
+            if len(parents) > 0:
+                rows.append(parents + offset)
+                next_tokens.append(chosen)
+                next_owners.append(owner)
+                next_counts.append(len(parents))
+            offset += count
+        owners, counts = next_owners, next_counts
+        if owners:
+            state = state.select(torch.cat(rows).to(state.device))
+            tokens = torch.cat(next_tokens).to(state.device)
+    return [search.best() for search in searches]
 
 
 def _merge_directions(state: State, layers: int, directions: int) -> State:

@@ -29,6 +29,7 @@ import re
 import sys
 import warnings
 from collections.abc import Mapping
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
@@ -37,7 +38,7 @@ from pydantic import ValidationError
 from safetensors.torch import load_file
 from torch import Tensor
 
-from models.checkpoint import CheckpointError, build_model, load, save
+from models.checkpoint import CheckpointError, Model, build_model, load, save
 from models.config import ModelConfig
 from models.recurrent import GATES
 from models.versions import discard, publish_version, staging_folder
@@ -138,103 +139,181 @@ def import_state_dict(
         raise TorchImportError(
             f"model name {name!r}: use letters, digits, '-', '_', '.' (no path separators or '..')"
         )
-    tensors = (
-        read_state_dict(state_dict_or_path)
-        if isinstance(state_dict_or_path, (str, Path))
-        else {k: v.detach().cpu() for k, v in state_dict_or_path.items()}
+    if isinstance(state_dict_or_path, (str, Path)):
+        tensors = read_state_dict(state_dict_or_path)
+    else:
+        tensors = {k: v.detach().cpu() for k, v in state_dict_or_path.items()}
+    rnn = _read_recurrent(tensors, rnn_prefix, cell, nonlinearity, reset_after)
+    recurrent_keys = {rnn.prefix + key for key in rnn.weights}
+    embedding_at, head_at = _find_layers(
+        tensors,
+        recurrent_keys,
+        rnn.input_size,
+        rnn.encoding_size,
+        embedding_prefix,
+        head_prefix,
+        vocab,
     )
-    used: set[str] = set()
-    rnn_weights, prefix = _recurrent_weights(tensors, rnn_prefix)
-    used.update(prefix + key for key in rnn_weights)
-    hidden = rnn_weights["weight_hh_l0"].shape[1]
-    gates, remainder = divmod(rnn_weights["weight_hh_l0"].shape[0], hidden)
+    inputs = _input_part(tensors, embedding_at, rnn, vocab, tokenizer, input_size)
+    head = _head_part(tensors, head_at, rnn, labels)
+    _check_all_mapped(tensors, recurrent_keys | inputs.sources | head.sources, rnn)
+    raw: dict[str, Any] = {
+        "format": "rnnserve/v1",
+        "task": "encode",
+        "pooling": pooling,
+        "input": inputs.section,
+        "encoder": rnn.section,
+    }
+    if head.section is not None:
+        raw["head"] = head.section
+    model = _build(raw, {**inputs.state, **head.state, **rnn.state()})
+    return _write_version(Path(out_repository) / name, version, model, vocab)
+
+
+def _build(raw: dict[str, Any], state: dict[str, Tensor]) -> Model:
+    """The model of config `raw` holding `state` (float32), or why they do not fit."""
+    try:
+        config = ModelConfig.model_validate(raw)
+    except ValidationError as exc:
+        raise TorchImportError(f"the inferred config is invalid: {exc}") from exc
+    model = build_model(config)
+    try:
+        model.load_state_dict({k: v.float() for k, v in state.items()}, strict=True)
+    except RuntimeError as exc:
+        raise TorchImportError(f"weights do not fit the inferred architecture: {exc}") from exc
+    return model
+
+
+@dataclass(frozen=True)
+class _Recurrent:
+    """The recurrent layer as its weights' shapes tell it, and its config section."""
+
+    weights: dict[str, Tensor]  # keys without `prefix`, e.g. "weight_ih_l0_reverse"
+    prefix: str
+    hidden: int
+    gates: int
+    bidirectional: bool
+    input_size: int  # what the first layer reads
+    section: dict[str, Any]  # the config's "encoder"
+
+    @property
+    def encoding_size(self) -> int:
+        return self.hidden * (2 if self.bidirectional else 1)
+
+    def state(self) -> dict[str, Tensor]:
+        """The checkpoint's `encoder.rnn.*` tensors; a missing bias (`bias=False`) is zeros."""
+        state = {f"encoder.rnn.{key}": value for key, value in self.weights.items()}
+        for key, shape in _expected_biases(self.weights, self.hidden * self.gates).items():
+            state.setdefault(f"encoder.rnn.{key}", torch.zeros(shape))
+        return state
+
+
+@dataclass(frozen=True)
+class _Part:
+    """A config section (None: no such part), its checkpoint tensors and the keys they came from."""
+
+    section: dict[str, Any] | None
+    state: dict[str, Tensor]
+    sources: set[str]
+
+
+def _read_recurrent(
+    tensors: Mapping[str, Tensor],
+    rnn_prefix: str | None,
+    cell: str | None,
+    nonlinearity: str | None,
+    reset_after: bool | None,
+) -> _Recurrent:
+    """Cell, sizes, layers and directions from the recurrent weights (a given `cell` is checked)."""
+    weights, prefix = _recurrent_weights(tensors, rnn_prefix)
+    hidden = weights["weight_hh_l0"].shape[1]
+    gates, remainder = divmod(weights["weight_hh_l0"].shape[0], hidden)
     found_cell = CELL_BY_GATES.get(gates) if remainder == 0 else None
     if found_cell is None:
         raise TorchImportError(
-            f"{prefix}weight_hh_l0 has shape {list(rnn_weights['weight_hh_l0'].shape)}: "
+            f"{prefix}weight_hh_l0 has shape {list(weights['weight_hh_l0'].shape)}: "
             "not the 1, 3 or 4 gate blocks of nn.RNN, nn.GRU or nn.LSTM"
         )
     if cell is not None and cell != found_cell:
         raise TorchImportError(
             f"cell {cell!r} was given but the weights have {gates} gate block(s): a {found_cell}"
         )
-    layers = 1 + max(int(m["layer"]) for m in map(RNN_KEY.match, rnn_weights) if m)
-    bidirectional = "weight_ih_l0_reverse" in rnn_weights
-    first_input = rnn_weights["weight_ih_l0"].shape[1]
-
-    raw: dict[str, Any] = {"format": "rnnserve/v1", "task": "encode", "pooling": pooling}
-    state: dict[str, Tensor] = {}
-    encoding_size = hidden * (2 if bidirectional else 1)
-    embedding_at, head_at = _find_layers(
-        tensors, used, first_input, encoding_size, embedding_prefix, head_prefix, vocab
+    bidirectional = "weight_ih_l0_reverse" in weights
+    section: dict[str, Any] = {
+        "cell": found_cell,
+        "hidden_size": hidden,
+        "num_layers": 1 + max(int(m["layer"]) for m in map(RNN_KEY.match, weights) if m),
+        "bidirectional": bidirectional,
+    }
+    if nonlinearity is not None:
+        section["nonlinearity"] = nonlinearity
+    if reset_after is not None:
+        section["reset_after"] = reset_after
+    return _Recurrent(
+        weights, prefix, hidden, gates, bidirectional, weights["weight_ih_l0"].shape[1], section
     )
+
+
+def _input_part(
+    tensors: Mapping[str, Tensor],
+    embedding_at: str | None,
+    rnn: _Recurrent,
+    vocab: list[str] | None,
+    tokenizer: str,
+    input_size: int | None,
+) -> _Part:
+    """The config's "input": tokens or text through the embedding, else features."""
     if embedding_at is not None:
         embedding = tensors[f"{embedding_at}weight"]
-        used.add(f"{embedding_at}weight")
-        state["encoder.embedding.weight"] = embedding
-        raw["input"] = {
+        section: dict[str, Any] = {
             "type": "tokens",
             "vocab_size": embedding.shape[0],
             "embedding_size": embedding.shape[1],
         }
         if vocab is not None:
-            raw["input"].update(type="text", tokenizer=tokenizer, vocab="vocab.json")
-    else:
-        if vocab is not None:
-            raise TorchImportError(
-                "a vocab was given but there is no embedding (a 2-D weight without bias of "
-                f"width {first_input}, the recurrent layer's input size)"
-            )
-        if input_size is not None and input_size != first_input:
-            raise TorchImportError(
-                f"input_size {input_size} was given but {prefix}weight_ih_l0 reads {first_input}"
-            )
-        raw["input"] = {"type": "features", "size": first_input}
-    encoder: dict[str, Any] = {
-        "cell": found_cell,
-        "hidden_size": hidden,
-        "num_layers": layers,
-        "bidirectional": bidirectional,
-    }
-    if nonlinearity is not None:
-        encoder["nonlinearity"] = nonlinearity
-    if reset_after is not None:
-        encoder["reset_after"] = reset_after
-    raw["encoder"] = encoder
-    if head_at is not None:
-        head_weight = tensors[f"{head_at}weight"]
-        used.update(k for k in (f"{head_at}weight", f"{head_at}bias") if k in tensors)
-        size = head_weight.shape[0]
-        raw["head"] = {"size": size} if labels is None else {"size": size, "labels": labels}
-        state["head.weight"] = head_weight
-        state["head.bias"] = tensors.get(f"{head_at}bias", torch.zeros(size))
-    elif labels is not None:
+            section.update(type="text", tokenizer=tokenizer, vocab="vocab.json")
+        return _Part(section, {"encoder.embedding.weight": embedding}, {f"{embedding_at}weight"})
+    if vocab is not None:
         raise TorchImportError(
-            f"labels were given but there is no head (a 2-D weight of width {encoding_size}, "
-            "the encoding size, with an optional bias)"
+            "a vocab was given but there is no embedding (a 2-D weight without bias of "
+            f"width {rnn.input_size}, the recurrent layer's input size)"
         )
+    if input_size is not None and input_size != rnn.input_size:
+        raise TorchImportError(
+            f"input_size {input_size} was given but {rnn.prefix}weight_ih_l0 reads {rnn.input_size}"
+        )
+    return _Part({"type": "features", "size": rnn.input_size}, {}, set())
+
+
+def _head_part(
+    tensors: Mapping[str, Tensor], head_at: str | None, rnn: _Recurrent, labels: list[str] | None
+) -> _Part:
+    """The config's "head" (a classifier with `labels`); a missing bias is zeros."""
+    if head_at is None:
+        if labels is not None:
+            raise TorchImportError(
+                f"labels were given but there is no head (a 2-D weight of width "
+                f"{rnn.encoding_size}, the encoding size, with an optional bias)"
+            )
+        return _Part(None, {}, set())
+    weight = tensors[f"{head_at}weight"]
+    size = weight.shape[0]
+    return _Part(
+        {"size": size} if labels is None else {"size": size, "labels": labels},
+        {"head.weight": weight, "head.bias": tensors.get(f"{head_at}bias", torch.zeros(size))},
+        {k for k in (f"{head_at}weight", f"{head_at}bias") if k in tensors},
+    )
+
+
+def _check_all_mapped(tensors: Mapping[str, Tensor], used: set[str], rnn: _Recurrent) -> None:
     leftover = sorted(set(tensors) - used)
     if leftover:
         shapes = ", ".join(f"{k} {list(tensors[k].shape)}" for k in leftover)
         raise TorchImportError(
             f"tensors that map to nothing: {shapes} (an embedding is a 2-D weight of width "
-            f"{first_input} without bias, a head a 2-D weight of width {encoding_size} with an "
-            "optional bias; name them with --embedding-prefix / --head-prefix)"
+            f"{rnn.input_size} without bias, a head a 2-D weight of width {rnn.encoding_size} "
+            "with an optional bias; name them with --embedding-prefix / --head-prefix)"
         )
-    try:
-        config = ModelConfig.model_validate(raw)
-    except ValidationError as exc:
-        raise TorchImportError(f"the inferred config is invalid: {exc}") from exc
-    for key, value in rnn_weights.items():
-        state[f"encoder.rnn.{key}"] = value
-    for key, shape in _expected_biases(rnn_weights, hidden * gates).items():
-        state.setdefault(f"encoder.rnn.{key}", torch.zeros(shape))
-    model = build_model(config)
-    try:
-        model.load_state_dict({k: v.float() for k, v in state.items()}, strict=True)
-    except RuntimeError as exc:
-        raise TorchImportError(f"weights do not fit the inferred architecture: {exc}") from exc
-    return _write_version(Path(out_repository) / name, version, model, vocab)
 
 
 def _find_layers(
@@ -258,32 +337,16 @@ def _find_layers(
         if key.endswith("weight") and key not in used and value.dim() == 2
     }
 
-    def given(prefix: str, role: str, flag: str) -> str:
-        if prefix and not prefix.endswith(".") and f"{prefix}weight" not in tensors:
-            prefix += "."
-        if f"{prefix}weight" not in tensors:
-            raise TorchImportError(f"no tensor {prefix + 'weight'!r} for the {role} ({flag})")
-        return prefix
-
-    def unbiased(prefix: str) -> bool:
-        return f"{prefix}bias" not in tensors
-
-    def one(found: list[str], role: str, flag: str) -> str | None:
-        if len(found) > 1:
-            raise TorchImportError(
-                f"more than one tensor could be the {role}: "
-                f"{', '.join(p + 'weight' for p in sorted(found))}; name it with {flag}"
-            )
-        return found[0] if found else None
-
-    embedding = (
-        None
-        if embedding_prefix is None
-        else given(embedding_prefix, "embedding", "--embedding-prefix")
-    )
-    head = None if head_prefix is None else given(head_prefix, "head", "--head-prefix")
+    embedding = None
+    if embedding_prefix is not None:
+        embedding = _given_prefix(tensors, embedding_prefix, "embedding", "--embedding-prefix")
+    head = None
+    if head_prefix is not None:
+        head = _given_prefix(tensors, head_prefix, "head", "--head-prefix")
     embeddings = [
-        p for p, w in linear.items() if w.shape[1] == input_size and unbiased(p) and p != head
+        p
+        for p, w in linear.items()
+        if w.shape[1] == input_size and f"{p}bias" not in tensors and p != head
     ]
     heads = [p for p, w in linear.items() if w.shape[1] == encoding_size and p != embedding]
     if embedding_prefix is None and head_prefix is None:
@@ -296,10 +359,29 @@ def _find_layers(
             )
         heads = [p for p in heads if p not in either]  # NOTE: a vocab means an embedding
     if embedding_prefix is None:
-        embedding = one(embeddings, "embedding", "--embedding-prefix")
+        embedding = _only(embeddings, "embedding", "--embedding-prefix")
     if head_prefix is None:
-        head = one(heads, "head", "--head-prefix")
+        head = _only(heads, "head", "--head-prefix")
     return embedding, head
+
+
+def _given_prefix(tensors: Mapping[str, Tensor], prefix: str, role: str, flag: str) -> str:
+    """A prefix named with `flag`, its missing final dot added; it must hold a weight."""
+    if prefix and not prefix.endswith(".") and f"{prefix}weight" not in tensors:
+        prefix += "."
+    if f"{prefix}weight" not in tensors:
+        raise TorchImportError(f"no tensor {prefix + 'weight'!r} for the {role} ({flag})")
+    return prefix
+
+
+def _only(found: list[str], role: str, flag: str) -> str | None:
+    """The one candidate prefix for `role`, None for none; several must be named with `flag`."""
+    if len(found) > 1:
+        raise TorchImportError(
+            f"more than one tensor could be the {role}: "
+            f"{', '.join(p + 'weight' for p in sorted(found))}; name it with {flag}"
+        )
+    return found[0] if found else None
 
 
 def _recurrent_weights(
@@ -338,7 +420,7 @@ def _expected_biases(weights: Mapping[str, Tensor], rows: int) -> dict[str, tupl
 
 
 def _write_version(
-    model_dir: Path, version: int | None, model: Any, vocab: list[str] | None
+    model_dir: Path, version: int | None, model: Model, vocab: list[str] | None
 ) -> Path:
     model_dir.mkdir(parents=True, exist_ok=True)
     existing = [int(p.name) for p in model_dir.iterdir() if p.is_dir() and p.name.isdigit()]

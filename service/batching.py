@@ -24,7 +24,9 @@ Shape (Ray Serve's batching, plus what an RNN server needs):
 - The batch's rows run in one model call, sorted by length (packed); each row may start from its
   own `initial_state` and hand back its `final_state` (streaming sessions).
 - Results go only to futures not already done; an exception reaches every item of its batch and
-  nothing else. `drain` stops admitting, finishes what was admitted, then stops.
+  nothing else. `drain` stops admitting, finishes what was admitted (until a deadline, then
+  fails the rest with `Draining`), then stops. If the batching task dies, queued items fail with
+  `NotReady` and `on_failure` tells the owner (the registry restarts the version).
 """
 
 from __future__ import annotations
@@ -34,7 +36,7 @@ import contextlib
 import logging
 import time
 from collections import deque
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -44,7 +46,14 @@ from torch import Tensor
 from models.config import RequestPooling
 from models.encoder import EncoderModel, collate, pool
 from models.recurrent import State
-from service.errors import ComputeError, DeadlineExceeded, Draining, Overloaded, ServiceError
+from service.errors import (
+    ComputeError,
+    DeadlineExceeded,
+    Draining,
+    NotReady,
+    Overloaded,
+    ServiceError,
+)
 from service.executor import DeviceExecutor
 from service.metrics import Metrics
 
@@ -135,6 +144,7 @@ class Batcher:
         regroup_fraction: float = 1.0,
         regroup_max_s: float = 0.1,
         halve: bool = True,
+        on_failure: Callable[[str], None] | None = None,
     ) -> None:
         self.model = model
         self.version = version
@@ -174,6 +184,9 @@ class Batcher:
         self._wakeup: asyncio.Event | None = None
         self._emptied: asyncio.Event | None = None  # set when nothing is queued or in flight
         self._task: asyncio.Task[None] | None = None
+        self._stopping = False  # `stop` began: the task's end is expected
+        self._failure: str | None = None  # why the batching task died
+        self.on_failure = on_failure
 
     # -- lifecycle -------------------------------------------------------------------------
 
@@ -188,17 +201,29 @@ class Batcher:
         self._task.add_done_callback(self._task_done)
 
     def _task_done(self, task: asyncio.Task[None]) -> None:
-        # NOTE: the batching task only ends by cancellation; if a bug ends it, fail what is
-        # queued (and refuse more) rather than leave callers waiting forever.
-        if task.cancelled() or task.exception() is None:
+        # NOTE: the batching task ends only when `stop` cancels it. Any other end (a bug, an
+        # exception, a stray cancellation) leaves nobody to form batches: fail what is queued
+        # with a retryable error, refuse more, and tell the owner (the registry restarts it).
+        if self._stopping:
             return
-        log.error(
-            "model %s version %s: batcher stopped: %r", self.model, self.version, task.exception()
-        )
+        reason = "cancelled" if task.cancelled() else repr(task.exception())
+        log.error("model %s version %s: batcher stopped: %s", self.model, self.version, reason)
+        self._failure = f"its batcher stopped ({reason})"
         self._closed = True
-        self._fail_queued(
-            ComputeError(f"model {self.model} version {self.version}: internal error")
+        self._fail_queued(self._not_ready())
+        if self.on_failure is not None:
+            self.on_failure(self._failure)
+
+    def _not_ready(self) -> NotReady:
+        return NotReady(
+            f"model {self.model} version {self.version} is not serving: {self._failure}; "
+            "it is being restarted, retry shortly"
         )
+
+    @property
+    def failure(self) -> str | None:
+        """Why the batcher stopped on its own (None while it runs or after `stop`)."""
+        return self._failure
 
     async def warm_up(self, sequence: np.ndarray) -> None:
         """Run one sequence through the compute path on the device (outside any metric)."""
@@ -211,32 +236,51 @@ class Batcher:
         """Sequences admitted and not yet in a batch."""
         return len(self._queue)
 
-    async def drain(self) -> None:
-        """Stop admitting; finish every admitted item; then stop the task."""
+    async def drain(self, deadline: float | None = None) -> bool:
+        """Stop admitting; finish every admitted item, until `deadline` (loop time; None: no
+        limit); then stop, failing what is left with `Draining`. True if nothing was left."""
         self._closed = True
         assert self._wakeup is not None and self._emptied is not None
         self._wakeup.set()
-        while self._queue or self._flights:
-            self._emptied.clear()
-            await self._emptied.wait()
-        await self.stop()
+        finished = True
+        try:
+            async with asyncio.timeout_at(deadline):
+                while (self._queue or self._flights) and self._failure is None:
+                    self._emptied.clear()
+                    await self._emptied.wait()
+        except TimeoutError:
+            finished = False
+        await self.stop(
+            Draining(
+                f"the server is shutting down: model {self.model} version {self.version} was "
+                "still computing this request when the drain grace ended"
+            )
+        )
+        return finished
 
-    async def stop(self) -> None:
-        """Stop at once: queued items fail with `Draining`."""
+    async def stop(self, error: ServiceError | None = None) -> None:
+        """Stop at once: queued items and those of batches still on the device fail with
+        `error` (default `Draining`); a batch still computing is left to end on its own."""
         self._closed = True
+        self._stopping = True
         if self._wakeup is not None:
             self._executor.remove_idle_listener(self._wakeup.set)
         if self._task is not None:
             self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
+            # NOTE: a task that died on its own is not raised again here (it was handled).
+            await asyncio.gather(self._task, return_exceptions=True)
             self._task = None
-        self._fail_queued(Draining(f"model {self.model} version {self.version} is unloading"))
+        error = error or Draining(f"model {self.model} version {self.version} is unloading")
+        self._fail_queued(error)
+        for flight in self._flights:
+            _fail(flight.batch, error)
 
     # -- admission -------------------------------------------------------------------------
 
     def submit(self, items: list[Item]) -> None:
         """Admit all of `items` or none: `Overloaded` when the queue cannot take them."""
+        if self._failure is not None:
+            raise self._not_ready()
         if self._closed:
             raise Draining(f"model {self.model} version {self.version} is not taking requests")
         if len(self._queue) + len(items) > self.max_queue_size:
@@ -673,6 +717,11 @@ class EncodeCompute:
         return tensor.to(self.device)
 
     def _host(self, tensor: Tensor) -> np.ndarray:
-        if self._on_host:
-            return tensor.numpy()
-        return tensor.float().cpu().numpy()
+        """`tensor` as a C-contiguous float32 host array.
+
+        NOTE: C order is part of the contract with the front-ends (their rows are slices of
+        it, and orjson writes only C-contiguous arrays): the recurrent layer's equal-length path
+        hands back a transposed view, copied here on the device thread (numpy releases the GIL).
+        """
+        array = tensor.numpy() if self._on_host else tensor.float().cpu().numpy()
+        return np.ascontiguousarray(array)

@@ -4,6 +4,11 @@ JSON is parsed with orjson and nested number lists become numpy arrays in one C 
 slow, exact walk that names the offending element (`inputs[2][5]: expected 32 features, got 31`)
 runs only after the fast path has failed. Outputs are serialised straight from numpy by orjson.
 
+A large body is first counted (`json_values`, byte counts in C) and refused when it holds more
+values than the limit: orjson builds every value as a Python object while holding the GIL, so
+the parse itself is what a hostile body costs (a 64 MiB body of one-step rows: 16 M lists,
+~2 GB and seconds of a frozen event loop; `python -m bench.edge`, bench/RESULTS.md).
+
 The V2 binary extension (Triton's `Inference-Header-Content-Length`): the body is a JSON header
 followed by raw tensors in the order of the header's tensors that carry
 `parameters.binary_data_size`; numbers are little-endian, BYTES elements each carry a 4-byte
@@ -12,16 +17,20 @@ little-endian length prefix.
 
 from __future__ import annotations
 
+import contextlib
+import functools
+import gc
 import math
 import struct
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 import orjson
 
-from service.errors import InvalidInput
+from service import validation
+from service.errors import InvalidInput, PayloadTooLarge
 
 JSON_OPTIONS = orjson.OPT_SERIALIZE_NUMPY
 HEADER_LENGTH = "Inference-Header-Content-Length"
@@ -44,9 +53,70 @@ V2_DTYPES: dict[str, np.dtype[Any]] = {
 _INT64 = np.iinfo(np.int64)
 
 
-def loads(body: bytes, field_name: str = "body") -> Any:
-    """Parse a JSON body; malformed JSON is an InvalidInput naming `field_name`."""
+# NOTE: with more strings than this, a body's values are bounded by its raw byte counts (the
+# commas and brackets inside strings counted too); no acceptable request comes near it (at most
+# max_sequences_per_request texts and a few keys), and walking the strings stays cheap below it.
+MAX_COUNTED_STRINGS = 65536
+# Above this size a body is parsed with the garbage collector paused: orjson allocates every list
+# and object while the collector runs again and again over the growing heap: time grows faster
+# than the body (`python -m bench.probes parse-costs`).
+GC_PAUSE_BYTES = 1 << 20
+
+
+def _separators(text: bytes, start: int = 0, end: int | None = None) -> int:
+    return sum(text.count(sep, start, end) for sep in (b"[", b"{", b","))
+
+
+def json_values(body: bytes) -> int:
+    """An upper bound of the values (numbers, strings, literals, lists, objects) in a JSON text:
+    its `[`, `{` and `,` outside strings, plus one. Byte counts only; never parses."""
+    everywhere = _separators(body)
+    text = body
+    if b"\\" in text:
+        # NOTE: left to right, escaped backslashes first; then every `\"` left is an escaped quote.
+        # Neither holds a separator, so the count above stands.
+        text = text.replace(b"\\\\", b"").replace(b'\\"', b"")
+    if text.count(b'"') > 2 * MAX_COUNTED_STRINGS:
+        return everywhere + 1
+    inside = 0
+    start = text.find(b'"')
+    while start != -1:
+        end = text.find(b'"', start + 1)
+        if end == -1:
+            break
+        inside += _separators(text, start + 1, end)
+        start = text.find(b'"', end + 1)
+    return everywhere - inside + 1
+
+
+@contextlib.contextmanager
+def _collector_paused() -> Iterator[None]:
+    enabled = gc.isenabled()
+    gc.disable()
     try:
+        yield
+    finally:
+        if enabled:
+            gc.enable()
+
+
+def loads(body: bytes, field_name: str = "body", max_values: int | None = None) -> Any:
+    """Parse a JSON body; malformed JSON is an InvalidInput naming `field_name`, a body of more
+    than `max_values` values (`json_values`) a PayloadTooLarge, refused before parsing."""
+    # NOTE: a value takes at least one byte, so a body no longer than the limit is not counted.
+    if max_values is not None and len(body) > max_values:
+        values = json_values(body)
+        if values > max_values:
+            raise PayloadTooLarge(
+                field_name,
+                f"about {values:,} JSON values (numbers, strings, lists, objects); the limit is "
+                f"{max_values:,} (--max-request-values): send large inputs as V2 binary "
+                "tensors or over gRPC",
+            )
+    try:
+        if len(body) > GC_PAUSE_BYTES:
+            with _collector_paused():
+                return orjson.loads(body)
         return orjson.loads(body)
     except orjson.JSONDecodeError as exc:
         raise InvalidInput(field_name, f"invalid JSON: {exc}") from None
@@ -60,12 +130,22 @@ def dumps(value: Any) -> bytes:
 # ---------------------------------------------------------------- rnnserve API: JSON → numpy
 
 
-def features_from_json(value: Any, field_name: str = "inputs") -> list[np.ndarray]:
-    """`[[[float, …], …], …]` → a float32 [T, F] array per sequence (types, finiteness checked)."""
+def _check_steps(seq: Any, where: str, max_steps: int | None) -> None:
+    # NOTE: before numpy walks the lists: a refused sequence costs no conversion.
+    if max_steps is not None and isinstance(seq, list) and len(seq) > max_steps:
+        raise validation.too_many_steps(where, len(seq), max_steps)
+
+
+def features_from_json(
+    value: Any, field_name: str = "inputs", max_steps: int | None = None
+) -> list[np.ndarray]:
+    """`[[[float, …], …], …]` → a float32 [T, F] array per sequence (types, finiteness checked;
+    sequences over `max_steps` refused before conversion)."""
     sequences = _require_list(value, field_name, "a list of sequences")
     out: list[np.ndarray] = []
     for i, seq in enumerate(sequences):
         where = f"{field_name}[{i}]"
+        _check_steps(seq, where, max_steps)
         try:
             raw = np.array(seq)
         except (ValueError, TypeError, OverflowError):
@@ -83,12 +163,16 @@ def features_from_json(value: Any, field_name: str = "inputs") -> list[np.ndarra
     return out
 
 
-def tokens_from_json(value: Any, field_name: str = "tokens") -> list[np.ndarray]:
-    """`[[int, …], …]` → one int64 [T] array per sequence (nesting and integer type checked)."""
+def tokens_from_json(
+    value: Any, field_name: str = "tokens", max_steps: int | None = None
+) -> list[np.ndarray]:
+    """`[[int, …], …]` → one int64 [T] array per sequence (nesting and integer type checked;
+    sequences over `max_steps` refused before conversion)."""
     sequences = _require_list(value, field_name, "a list of token sequences")
     out: list[np.ndarray] = []
     for i, seq in enumerate(sequences):
         where = f"{field_name}[{i}]"
+        _check_steps(seq, where, max_steps)
         try:
             raw = np.array(seq)
         except (ValueError, TypeError, OverflowError):
@@ -186,15 +270,29 @@ def _tokens_error(seq: Any, where: str) -> InvalidInput:
 # ---------------------------------------------------------------- Open Inference Protocol (V2)
 
 
+TensorData = np.ndarray | list[bytes]
+
+
 @dataclass(slots=True)
 class V2Tensor:
-    """One decoded V2 input tensor: numeric data as an ndarray of `shape`, BYTES as a list."""
+    """One V2 input tensor: numeric data as an ndarray of `shape`, BYTES as a list.
+
+    `source` is the data or a function that decodes it on first use of `data`: a request's
+    names, datatypes and shapes are checked against the model before its contents cost anything.
+    """
 
     name: str
     datatype: str
     shape: list[int]
-    data: np.ndarray | list[bytes]
+    source: TensorData | Callable[[], TensorData]
     parameters: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def data(self) -> TensorData:
+        """The decoded contents (decoding errors are InvalidInput naming the tensor)."""
+        if callable(self.source):
+            self.source = self.source()
+        return self.source
 
 
 @dataclass(slots=True)
@@ -253,8 +351,11 @@ def parameters_of(spec: dict[str, Any]) -> Any:
     return {} if params is None else params
 
 
-def split_v2_body(body: bytes, header_length: str | None) -> tuple[dict[str, Any], bytes]:
-    """Split a V2 request body into its JSON header (an object) and the binary tail."""
+def split_v2_body(
+    body: bytes, header_length: str | None, max_values: int | None = None
+) -> tuple[dict[str, Any], bytes]:
+    """Split a V2 request body into its JSON header (an object) and the binary tail; a header of
+    more than `max_values` JSON values is refused before parsing."""
     if header_length is None:
         head, tail = body, b""
     else:
@@ -267,7 +368,7 @@ def split_v2_body(body: bytes, header_length: str | None) -> tuple[dict[str, Any
                 HEADER_LENGTH, f"must be an integer between 0 and the body size ({len(body)})"
             )
         head, tail = body[:n], body[n:]
-    header = loads(head)
+    header = loads(head, max_values=max_values)
     if not isinstance(header, dict):
         raise InvalidInput("body", f"expected a JSON object, got {_kind(header)}")
     return header, tail
@@ -314,9 +415,11 @@ def decode_v2_inputs(header: dict[str, Any], tail: bytes) -> list[V2Tensor]:
                 )
             raw = tail[offset : offset + size]
             offset += size
-            data = _from_binary(raw, datatype, shape, count, where)
+            data = functools.partial(_from_binary, raw, datatype, shape, count, where)
         elif "data" in spec:
-            data = _from_json_data(spec["data"], datatype, shape, count, f"{where}.data")
+            data = functools.partial(
+                _from_json_data, spec["data"], datatype, shape, count, f"{where}.data"
+            )
         else:
             raise InvalidInput(where, "has neither 'data' nor 'parameters.binary_data_size'")
         out.append(V2Tensor(name, datatype, shape, data, params))
@@ -329,7 +432,7 @@ def _from_binary(
     raw: bytes, datatype: str, shape: list[int], count: int, where: str
 ) -> np.ndarray | list[bytes]:
     if datatype == "BYTES":
-        items = unpack_bytes(raw, f"{where}.parameters.binary_data_size")
+        items = unpack_bytes(raw, f"{where}.parameters.binary_data_size", count)
         if len(items) != count:
             raise InvalidInput(where, f"shape {shape} holds {count} elements, got {len(items)}")
         return items
@@ -397,12 +500,17 @@ _END = object()
 _LEN = struct.Struct("<I")
 
 
-def unpack_bytes(raw: bytes, where: str) -> list[bytes]:
-    """Split a BYTES tensor's raw data: each element is a 4-byte LE length, then its bytes."""
+def unpack_bytes(raw: bytes, where: str, count: int | None = None) -> list[bytes]:
+    """Split a BYTES tensor's raw data: each element is a 4-byte LE length, then its bytes.
+
+    With `count`, data holding more than `count` elements is refused without reading the rest.
+    """
     items: list[bytes] = []
     pos = 0
     end = len(raw)
     while pos < end:
+        if count is not None and len(items) == count:
+            raise InvalidInput(where, f"more than {count} BYTES elements (the shape's count)")
         if pos + 4 > end:
             raise InvalidInput(where, f"truncated BYTES element length at byte {pos}")
         (n,) = _LEN.unpack_from(raw, pos)

@@ -10,7 +10,7 @@ requests, source lengths, greedy rows and beams):
 - a row leaves at once when its request is done (<eos>, max_length), cancelled (client gone) or
   past its deadline, so a long output never holds short ones hostage;
 - greedy decoding streams each token as it is chosen (`Job.on_token`); beam search reorders its
-  rows with `models.decoding.BeamSearch` each step and hands out only its final best tokens.
+  rows with `models.beam_search.BeamSearch` each step and hands out only its final best tokens.
 Slots: a greedy request uses one row, a beam request reserves `beam_size` rows from the moment
 its encode starts; at most `max_slots` rows run together (`rnnserve_decode_slots_in_use`). The
 computation is the same as `Seq2SeqModel.generate` (same `encode`, `step`, `BeamSearch`), so
@@ -18,16 +18,35 @@ outputs equal offline decoding. Steps run in bursts on the device thread (one ex
 burst, not per step); encoded newcomers join inside a burst. Each step's results go back to the
 loop at once. Per step the device thread copies only the chosen token ids to the host (and the
 log-probs of beam rows); the next step's input stays on the device.
-Threads: the loop owns the waiting queue and starts encodes; the device thread owns the running
-batch; groups to join pass from one to the other through `_ready` (a deque). Slots reserved
-(loop) and released (device thread) are two counters with one writer each.
+
+Sharing. One request may hold at most `max_request_slots` rows and `max_request_work` rows ×
+source steps of the running batch at once (its first sequence always runs); its other sequences
+wait while later requests go ahead, so a request of many long beams neither takes every slot nor
+makes every step slow for the others. An encode group holds at most `max_group_steps` source
+steps (one sequence at least). A burst gives the device back after `turn_s` when other work
+(another model's batch) waits for it.
+
+Threads, and what each owns (NOTE: the invariants; a change must keep them):
+- the event loop owns admission and all the bookkeeping: the waiting queue (`_waiting`), the
+  jobs being encoded (`_encoding`), the jobs handed to the device thread and not yet reported
+  gone (`_admitted`), slot and per-request reservations (`_reserved`, `Share`), the tasks,
+  events and metrics. The device thread reports each job that leaves with one
+  `call_soon_threadsafe` per step (`_deliver`), and only then does the loop release its slots.
+- the prefill thread runs `_encode`, a function of its arguments only.
+- the device thread owns the running batch (`_running`, `_state`, `_feed`, `_beams`) and the
+  step count (`_steps`) while a burst runs. The loop touches the running batch only while no
+  burst is in flight (`_bursting`, which the loop sets when it submits a burst and clears when
+  the device thread has returned from it).
+- shared: `_ready`, the encoded groups waiting to join (the loop appends, the device thread takes
+  them all), under `_lock`; flags and counters one side writes and the other only reads
+  (`_stopped`, `_wait_until_step`, `_steps`, `Job.future.done()`).
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
+import threading
 import time
 from collections import deque
 from collections.abc import Callable
@@ -37,14 +56,34 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from models.decoding import BeamSearch
+from models.beam_search import BeamSearch
 from models.encoder import collate
 from models.seq2seq import DecoderState, Seq2SeqModel
-from service.errors import ComputeError, DeadlineExceeded, Draining, Overloaded, ServiceError
+from service.errors import (
+    ComputeError,
+    DeadlineExceeded,
+    Draining,
+    NotReady,
+    Overloaded,
+    ServiceError,
+)
 from service.executor import DeviceExecutor
 from service.metrics import Metrics
 
 log = logging.getLogger(__name__)
+
+# A burst gives the device back after this long when other work (an encode batch of another
+# model, another model's burst) is queued on it: that work waits at most about one step more.
+DEVICE_TURN_S = 0.005
+
+
+@dataclass(eq=False)
+class Share:
+    """What one generate request (the jobs of one `submit`) holds of the running batch: rows
+    and rows × source steps reserved by its jobs being encoded or decoded (loop-owned)."""
+
+    slots: int = 0
+    work: int = 0
 
 
 @dataclass(eq=False)
@@ -62,10 +101,26 @@ class Job:
     tokens: list[int] = field(default_factory=list)
     search: BeamSearch | None = None
     rows: int = 0  # rows of this job in the running batch
+    share: Share | None = None  # its request's share, set by `submit`
 
     @property
     def dead(self) -> bool:
         return self.future.done()
+
+    @property
+    def length(self) -> int:
+        """Source steps."""
+        return int(self.source.shape[0])
+
+    @property
+    def work(self) -> int:
+        """Rows × source steps: what one decode step of this job costs, roughly."""
+        return self.beam_size * self.length
+
+
+# An encoded group waiting to join the running batch: its jobs, their decoder state, their first
+# input (<bos>).
+Group = tuple[list[Job], DecoderState, Tensor]
 
 
 class DecodeScheduler:
@@ -83,18 +138,28 @@ class DecodeScheduler:
         max_slots: int,
         max_queue: int,
         max_batch_size: int,
+        max_request_slots: int | None = None,
+        max_request_work: int | None = None,
+        max_group_steps: int | None = None,
         join_fraction: float = 0.5,
         max_wait_steps: int = 16,
         max_burst: int = 16,
+        turn_s: float = DEVICE_TURN_S,
+        on_failure: Callable[[str], None] | None = None,
     ) -> None:
         self.model = model
         self.version = version
         self.max_slots = max_slots
         self.max_queue = max_queue
         self.max_admit = max_batch_size
+        self.max_request_slots = max_request_slots or max_slots
+        self.max_request_work = max_request_work or max_batch_size * 128
+        self.max_group_steps = max_group_steps or max_batch_size * 128
         self.join_fraction = join_fraction
         self.max_wait_steps = max_wait_steps
         self.max_burst = max_burst
+        self.turn_s = turn_s
+        self.on_failure = on_failure
         parameter = next(network.parameters())
         self._device = parameter.device
         self._dtype = parameter.dtype
@@ -114,33 +179,38 @@ class DecodeScheduler:
         self._spec = network.decoder_spec
         self._executor = executor
         self._prefill = prefill
-        # On the loop: jobs waiting for an encode, jobs being encoded, slots reserved so far.
+        # -- the loop's --
         self._waiting: deque[Job] = deque()
         self._encoding: list[Job] = []
-        self._reserved = 0
-        # Encoded groups to join: (jobs, their decoder state, their first input). The loop
-        # appends, the device thread takes.
-        self._ready: deque[tuple[list[Job], DecoderState, Tensor]] = deque()
-        # On the device thread: the running batch, slots released, steps run.
-        self._running: list[Job] = []  # in row order
-        self._released = 0
-        self._beams = 0  # beam-search jobs in `_running`: they need host log-probs
-        self._steps = 0
-        # The step at which the oldest waiting request has waited max_wait_steps (written by the
-        # loop), and the last such step the device thread woke the loop for (its own).
-        self._wait_until_step: int | None = None
-        self._woken_at_step: int | None = None
-        self._state: DecoderState | None = None
-        # NOTE: the token each running row reads at the next step, kept on the device.
-        self._feed: Tensor | None = None
-        self._closed = False
-        self._stopped = False
+        # Jobs handed to the device thread (in `_ready` or running) that it has not reported
+        # gone yet; a dict as an ordered set.
+        self._admitted: dict[Job, None] = {}
+        self._reserved = 0  # slots held by `_encoding` and `_admitted`
+        self._bursting = False  # a burst is on the device executor (queued or running)
+        self._closed = False  # admits nothing more
+        self._failure: str | None = None  # why a scheduling task died
         self._step_seconds = 0.005
+        # The step at which the oldest waiting request has waited max_wait_steps (the device
+        # thread reads it to wake the loop mid-burst).
+        self._wait_until_step: int | None = None
         self._wakeup: asyncio.Event | None = None
         self._prefill_wakeup: asyncio.Event | None = None
         self._emptied: asyncio.Event | None = None  # set when nothing waits, encodes or runs
         self._task: asyncio.Task[None] | None = None
         self._prefill_task: asyncio.Task[None] | None = None
+        # -- shared: encoded groups to join (the loop appends, the device thread takes) --
+        self._lock = threading.Lock()
+        self._ready: list[Group] = []
+        # -- the device thread's (during a burst) --
+        self._running: list[Job] = []  # in row order
+        self._beams = 0  # beam-search jobs in `_running`: they need host log-probs
+        self._steps = 0
+        self._woken_at_step: int | None = None
+        self._state: DecoderState | None = None
+        # NOTE: the token each running row reads at the next step, kept on the device.
+        self._feed: Tensor | None = None
+        # Written by the loop: a burst in flight ends at its next step.
+        self._stopped = False
 
     # -- lifecycle -------------------------------------------------------------------------
 
@@ -158,26 +228,39 @@ class DecodeScheduler:
         self._prefill_task.add_done_callback(self._task_done)
 
     def _task_done(self, task: asyncio.Task[None]) -> None:
-        # NOTE: the scheduling tasks only end by cancellation; if a bug ends one, fail every job
-        # (and refuse more) rather than leave callers waiting forever.
-        if task.cancelled() or task.exception() is None:
+        # NOTE: the scheduling tasks end only when `stop` cancels them. Any other end (a bug, an
+        # exception, a stray cancellation) leaves nobody to decode: fail every job with a
+        # retryable error, refuse more, and tell the owner (the registry restarts the model).
+        if self._stopped:
             return
-        log.error(
-            "model %s version %s: decoder stopped: %r", self.model, self.version, task.exception()
-        )
+        reason = "cancelled" if task.cancelled() else repr(task.exception())
+        log.error("model %s version %s: decoder stopped: %s", self.model, self.version, reason)
+        self._failure = f"its decoder stopped ({reason})"
         self._closed = True
         self._stopped = True  # a burst in flight ends at its next step
         # NOTE: the other task stops too: an encode it finishes later would join no batch.
         for sibling in (self._task, self._prefill_task):
             if sibling is not None and sibling is not task:
                 sibling.cancel()
-        self._fail_all(ComputeError(f"model {self.model} version {self.version}: internal error"))
-        self._gauges()
+        self._fail_everything(self._not_ready())
+        if self.on_failure is not None:
+            self.on_failure(self._failure)
+
+    def _not_ready(self) -> NotReady:
+        return NotReady(
+            f"model {self.model} version {self.version} is not serving: {self._failure}; "
+            "it is being restarted, retry shortly"
+        )
+
+    @property
+    def failure(self) -> str | None:
+        """Why the scheduler stopped on its own (None while it runs or after `stop`)."""
+        return self._failure
 
     @property
     def slots_in_use(self) -> int:
         """Rows reserved by requests being encoded, about to join or running."""
-        return self._reserved - self._released
+        return self._reserved
 
     @property
     def queue_depth(self) -> int:
@@ -195,56 +278,79 @@ class DecodeScheduler:
         await self._prefill.run(self._encode, [source])
         await self._executor.run(warm)
 
-    async def drain(self) -> None:
-        """Stop admitting; finish every admitted job; then stop the tasks."""
+    async def drain(self, deadline: float | None = None) -> bool:
+        """Stop admitting; finish every admitted job, until `deadline` (loop time; None: no
+        limit); then stop, failing what is left with `Draining`. True if nothing was left."""
         self._closed = True
         assert self._wakeup is not None and self._emptied is not None
-        while not self._empty():
-            self._wakeup.set()
-            if self._prefill_wakeup is not None:
-                self._prefill_wakeup.set()
-            self._emptied.clear()
-            await self._emptied.wait()
-        await self.stop()
+        finished = True
+        try:
+            async with asyncio.timeout_at(deadline):
+                while not self._empty() and self._failure is None:
+                    self._wakeup.set()
+                    if self._prefill_wakeup is not None:
+                        self._prefill_wakeup.set()
+                    self._emptied.clear()
+                    await self._emptied.wait()
+        except TimeoutError:
+            finished = False
+        await self.stop(
+            Draining(
+                f"the server is shutting down: model {self.model} version {self.version} was "
+                "still decoding this request when the drain grace ended"
+            )
+        )
+        return finished
 
-    async def stop(self) -> None:
-        """Stop at once: waiting and running jobs fail with `Draining`."""
+    async def stop(self, error: ServiceError | None = None) -> None:
+        """Stop at once: waiting and running jobs fail with `error` (default `Draining`)."""
         self._closed = True
         self._stopped = True  # a burst in flight ends at its next step
-        for task in (self._task, self._prefill_task):
-            if task is not None:
-                task.cancel()
-                with contextlib.suppress(asyncio.CancelledError):
-                    await task
+        tasks = [t for t in (self._task, self._prefill_task) if t is not None]
+        for task in tasks:
+            task.cancel()
+        # NOTE: a task that died on its own is not raised again here (its failure was handled).
+        await asyncio.gather(*tasks, return_exceptions=True)
         self._task = self._prefill_task = None
-        self._fail_all(Draining(f"model {self.model} version {self.version} is unloading"))
-        self._gauges()
+        self._fail_everything(
+            error or Draining(f"model {self.model} version {self.version} is unloading")
+        )
 
     def _empty(self) -> bool:
-        return not (self._waiting or self._encoding or self._ready or self._running)
+        return not (self._waiting or self._encoding or self._admitted)
 
     def _check_emptied(self) -> None:
         # NOTE: `drain` waits on this instead of polling.
         if self._empty() and self._emptied is not None:
             self._emptied.set()
 
-    def _fail_all(self, error: ServiceError) -> None:
-        jobs = [*self._waiting, *self._encoding, *self._running]
-        jobs += [job for group, _, _ in list(self._ready) for job in group]
+    def _fail_everything(self, error: ServiceError) -> None:
+        """Fail every job the scheduler knows (on the loop)."""
+        jobs = [*self._waiting, *self._encoding, *self._admitted]
         for job in jobs:
             if not job.future.done():
                 job.future.set_exception(error)
         self._waiting.clear()
         self._encoding = []
-        self._ready.clear()
-        self._clear_running()
-        self._reserved = self._released = 0
+        self._admitted.clear()
+        self._reserved = 0
+        if not self._bursting:
+            # NOTE: the device thread is not in a burst: the running batch is the loop's to
+            # clear. With a burst in flight it ends at its next step (`_stopped`) and nothing
+            # reads the batch again.
+            with self._lock:
+                self._ready = []
+            self._clear_running()
+        self._gauges()
         self._check_emptied()
 
     # -- admission (on the loop) -----------------------------------------------------------
 
     def submit(self, jobs: list[Job]) -> None:
-        """Admit all of `jobs` or none: `Overloaded` when the waiting queue cannot take them."""
+        """Admit all of `jobs` (one request) or none: `Overloaded` when the waiting queue cannot
+        take them."""
+        if self._failure is not None:
+            raise self._not_ready()
         if self._closed:
             raise Draining(f"model {self.model} version {self.version} is not taking requests")
         if len(self._waiting) + len(jobs) > self.max_queue:
@@ -253,14 +359,15 @@ class DecodeScheduler:
                 f"({len(self._waiting)} of {self.max_queue} sequences waiting)",
                 retry_after_s=round(max(0.05, self._step_seconds * self._spec.max_length), 3),
             )
+        limit = min(self.max_slots, self.max_request_slots)
         for job in jobs:
-            if job.beam_size > self.max_slots:
-                raise Overloaded(
-                    f"beam_size {job.beam_size} exceeds the {self.max_slots} decode slots"
-                )
+            if job.beam_size > limit:
+                raise Overloaded(f"beam_size {job.beam_size} exceeds the {limit} decode slots")
+        share = Share()
         step = self._steps
         for job in jobs:
             job.enqueued_step = step
+            job.share = share
         self._waiting.extend(jobs)
         self._gauges()
         assert self._prefill_wakeup is not None
@@ -268,7 +375,17 @@ class DecodeScheduler:
 
     def _gauges(self) -> None:
         self._m_depth.set(len(self._waiting))
-        self._m_slots.set(self.slots_in_use)
+        self._m_slots.set(self._reserved)
+
+    def _fits_share(self, job: Job) -> bool:
+        """Whether `job` may start now within its request's share (its first one always may)."""
+        share = job.share
+        if share is None or share.slots == 0:
+            return True
+        return (
+            share.slots + job.beam_size <= self.max_request_slots
+            and share.work + job.work <= self.max_request_work
+        )
 
     def _should_encode(self) -> bool:
         # NOTE: encoding newcomers costs about as much for one row as for many, so encodes are
@@ -276,12 +393,15 @@ class DecodeScheduler:
         # runs, else when enough wait or the oldest has waited max_wait_steps.
         if not self._waiting or self._encoding:
             return False
-        running = len(self._running) + sum(len(group) for group, _, _ in self._ready)
+        running = len(self._admitted)
+        head = next((job for job in self._waiting if self._fits_share(job)), None)
+        if head is None:
+            return False  # every waiting request holds its share: rows leaving wake us
         if not running:
             return True
-        if self.slots_in_use + self._waiting[0].beam_size > self.max_slots:
+        if self._reserved + head.beam_size > self.max_slots:
             return False  # the next one does not fit until rows leave
-        due = self._waiting[0].enqueued_step + self.max_wait_steps
+        due = head.enqueued_step + self.max_wait_steps
         if self._steps >= due or len(self._waiting) >= max(1, int(running * self.join_fraction)):
             return True
         # NOTE: the device thread wakes the loop at that step, not only at the end of its
@@ -290,33 +410,60 @@ class DecodeScheduler:
         return False
 
     def _take(self) -> list[Job]:
-        """Take waiting jobs that fit into free slots (reserving them); drop expired and
-        cancelled ones on the way."""
+        """Take waiting jobs that fit into free slots and their requests' shares (reserving
+        them), up to one encode group; drop expired and cancelled ones on the way."""
         now = time.monotonic()
         taken: list[Job] = []
-        free = self.max_slots - self.slots_in_use
-        while self._waiting and len(taken) < self.max_admit:
-            job = self._waiting[0]
+        kept: deque[Job] = deque()
+        free = self.max_slots - self._reserved
+        steps = 0
+        blocked = False
+        for job in self._waiting:
+            if blocked or len(taken) >= self.max_admit:
+                kept.append(job)
+                continue
             # NOTE: deadline first: a waiter that gave up at its deadline also cancelled it.
             if job.deadline is not None and job.deadline <= now:
-                self._waiting.popleft()
                 self._expire(job, now)
                 continue
             if job.dead:
-                self._waiting.popleft()
                 self._m_dropped_cancelled.inc()
                 continue
             if job.beam_size > free:
-                break
-            self._waiting.popleft()
+                # NOTE: first come, first served for slots: a wide beam is not starved by the
+                # narrow ones behind it.
+                blocked = True
+                kept.append(job)
+                continue
+            if not self._fits_share(job):
+                kept.append(job)  # its request holds its share; later requests go ahead
+                continue
+            if taken and steps + job.length > self.max_group_steps:
+                blocked = True
+                kept.append(job)
+                continue
             free -= job.beam_size
+            steps += job.length
+            self._reserve(job)
             job.rows = 1
             if job.beam_size > 1:
                 job.search = BeamSearch(job.beam_size, self._spec.eos_id, job.max_length)
             taken.append(job)
             self._m_queue.observe(now - job.enqueued)
-        self._reserved += sum(job.beam_size for job in taken)
+        self._waiting = kept
         return taken
+
+    def _reserve(self, job: Job) -> None:
+        self._reserved += job.beam_size
+        if job.share is not None:
+            job.share.slots += job.beam_size
+            job.share.work += job.work
+
+    def _release(self, job: Job) -> None:
+        self._reserved -= job.beam_size
+        if job.share is not None:
+            job.share.slots -= job.beam_size
+            job.share.work -= job.work
 
     def _expire(self, job: Job, now: float) -> None:
         self._m_dropped_deadline.inc()
@@ -334,51 +481,60 @@ class DecodeScheduler:
     async def _run_prefill(self) -> None:
         """Take waiting jobs when due, encode them on the prefill thread and hand them to the
         device thread."""
-        assert self._prefill_wakeup is not None and self._wakeup is not None
+        assert self._prefill_wakeup is not None
         while True:
             if not self._should_encode():
                 self._check_emptied()
                 self._prefill_wakeup.clear()
                 await self._prefill_wakeup.wait()
                 continue
-            jobs = self._take()
-            self._gauges()
-            if not jobs:
-                continue
-            self._encoding = jobs
-            try:
-                (state, bos), seconds = await self._prefill.run(
-                    self._encode, [job.source for job in jobs]
-                )
-            except Exception as exc:
-                self._encoding = []
-                self._reserved -= sum(job.beam_size for job in jobs)
-                self._fail(jobs, exc)
-                continue
-            self._m_encode_compute.observe(seconds)
-            self._m_encode_rows.observe(len(jobs))
-            self._m_encode_calls.inc()
-            # NOTE: ready before no longer encoding: `drain` never sees the jobs nowhere.
-            self._ready.append((jobs, state, bos))
+            # NOTE: one group per call, so that no local keeps its jobs (and their sources,
+            # results and errors) alive until the next encode.
+            await self._encode_group()
+
+    async def _encode_group(self) -> None:
+        assert self._wakeup is not None
+        jobs = self._take()
+        self._gauges()
+        if not jobs:
+            self._check_emptied()
+            return
+        self._encoding = jobs
+        try:
+            (state, bos), seconds = await self._prefill.run(
+                self._encode, [job.source for job in jobs]
+            )
+        except Exception as exc:
             self._encoding = []
-            self._wakeup.set()
+            for job in jobs:
+                self._release(job)
+            self._fail(jobs, exc)
+            self._check_emptied()
+            return
+        self._m_encode_compute.observe(seconds)
+        self._m_encode_rows.observe(len(jobs))
+        self._m_encode_calls.inc()
+        # NOTE: admitted before no longer encoding: `drain` never sees the jobs nowhere.
+        for job in jobs:
+            self._admitted[job] = None
+        with self._lock:
+            self._ready.append((jobs, state, bos))
+        self._encoding = []
+        self._wakeup.set()
 
     async def _run(self) -> None:
         assert self._wakeup is not None and self._prefill_wakeup is not None
         loop = asyncio.get_running_loop()
         while True:
-            if not self._running and not self._ready:
+            if not self._admitted:
                 self._check_emptied()
                 self._wakeup.clear()
                 await self._wakeup.wait()
                 continue
             try:
-                steps, _ = await self._executor.run(self._burst, loop)
+                steps = await self._submit_burst(loop)
             except Exception as exc:
-                failed = self._running
-                self._clear_running()
-                self._fail(failed, exc)
-                self._prefill_wakeup.set()  # their slots are free for the waiting ones
+                self._burst_failed(exc)
                 continue
             for rows, seconds in steps:
                 self._step_seconds = 0.8 * self._step_seconds + 0.2 * seconds
@@ -389,6 +545,44 @@ class DecodeScheduler:
             self._prefill_wakeup.set()
             # NOTE: a loop turn lets finished callers submit again before the next burst.
             await asyncio.sleep(0)
+
+    def _burst_failed(self, exc: Exception) -> None:
+        """A burst raised: fail the jobs it was running and free their slots."""
+        # NOTE: the burst has returned (`_bursting` is off): the batch is the loop's to clear.
+        failed = [job for job in self._running if job in self._admitted]
+        self._clear_running()
+        for job in failed:
+            del self._admitted[job]
+            self._release(job)
+        self._fail(failed, exc)
+        self._check_emptied()
+        assert self._prefill_wakeup is not None
+        self._prefill_wakeup.set()  # their slots are free for the waiting ones
+
+    async def _submit_burst(self, loop: asyncio.AbstractEventLoop) -> list[tuple[int, float]]:
+        """Run one burst on the device thread; `_bursting` is on until the thread returns from
+        it, even when this task is cancelled meanwhile."""
+        future: asyncio.Future[list[tuple[int, float]]] = loop.create_future()
+
+        def done(
+            result: tuple[list[tuple[int, float]], float] | None, exc: BaseException | None
+        ) -> None:
+            self._bursting = False
+            if future.done():
+                return
+            if exc is not None:
+                future.set_exception(exc)
+            else:
+                assert result is not None
+                future.set_result(result[0])
+
+        self._bursting = True
+        try:
+            self._executor.submit(self._burst, done, loop)
+        except BaseException:
+            self._bursting = False
+            raise
+        return await future
 
     # -- on the worker threads ---------------------------------------------------------------
 
@@ -403,17 +597,16 @@ class DecodeScheduler:
         return state, bos
 
     def _burst(self, loop: asyncio.AbstractEventLoop) -> list[tuple[int, float]]:
-        """Join waiting groups and run decode steps until nothing runs or max_burst steps;
-        returns (rows, seconds) per step. Runs on the device thread.
+        """Join waiting groups and run decode steps until nothing runs, max_burst steps, or the
+        device is wanted by other work; returns (rows, seconds) per step. On the device thread.
 
-        NOTE: while this runs the loop only appends to `_ready` and reads counters; results,
-        tokens and errors go back with `loop.call_soon_threadsafe`.
+        NOTE: results, tokens and departures go back with `loop.call_soon_threadsafe`.
         """
         network = self._network
         steps: list[tuple[int, float]] = []
+        started = time.perf_counter()
         while len(steps) < self.max_burst and not self._stopped:
-            if self._ready:
-                self._join()
+            self._join()
             if not self._running:
                 break
             start = time.perf_counter()
@@ -439,19 +632,24 @@ class DecodeScheduler:
                 self._state = state
                 self._feed = best
             self._steps += 1
-            steps.append((rows, time.perf_counter() - start))
+            now = time.perf_counter()
+            steps.append((rows, now - start))
             due = self._wait_until_step
             if due is not None and self._steps >= due and due != self._woken_at_step:
                 self._woken_at_step = due
                 assert self._prefill_wakeup is not None
                 loop.call_soon_threadsafe(self._prefill_wakeup.set)
+            # NOTE: `pending` counts this burst too; more means other work waits for the device.
+            if self._executor.pending > 1 and now - started >= self.turn_s:
+                break
         return steps
 
     def _join(self) -> None:
         """Add every encoded group waiting in `_ready` to the running batch (one copy)."""
-        # NOTE: the groups join `_running` before they leave `_ready`: the loop (drain) must
-        # never see them in neither. Groups the loop appends meanwhile wait for the next join.
-        groups = list(self._ready)
+        with self._lock:
+            groups, self._ready = self._ready, []
+        if not groups:
+            return
         jobs = [job for group, _, _ in groups for job in group]
         states = [state for _, state, _ in groups]
         feeds = [bos for _, _, bos in groups]
@@ -459,8 +657,6 @@ class DecodeScheduler:
             states.insert(0, self._state)
             feeds.insert(0, self._feed)
         self._running.extend(jobs)
-        for _ in groups:
-            self._ready.popleft()
         self._beams += sum(job.search is not None for job in jobs)
         self._state = states[0] if len(states) == 1 else DecoderState.cat(states)
         self._feed = feeds[0] if len(feeds) == 1 else torch.cat(feeds)
@@ -519,16 +715,17 @@ class DecodeScheduler:
                 feed.extend(chosen.tolist())
                 job.rows = len(parents)
             survivors.append(job)
-        if emitted or finished or expired or cancelled:
+        if emitted or left:
             # NOTE: one hand-over per step; tokens first, so a stream sees its last token
             # before its result.
-            loop.call_soon_threadsafe(self._deliver, emitted, finished, expired, cancelled, now)
-        for job in left:
-            self._released += job.beam_size
-            if job.search is not None:
-                self._beams -= 1
+            loop.call_soon_threadsafe(
+                self._deliver, emitted, finished, expired, cancelled, left, now
+            )
+        self._beams -= sum(job.search is not None for job in left)
         self._running = survivors
         return keep, feed
+
+    # -- back on the loop --------------------------------------------------------------------
 
     def _deliver(
         self,
@@ -536,9 +733,11 @@ class DecodeScheduler:
         finished: list[tuple[Job, list[int]]],
         expired: list[Job],
         cancelled: int,
+        left: list[Job],
         now: float,
     ) -> None:
-        """On the loop: stream tokens, set results, expire deadlines, count drops."""
+        """On the loop: stream tokens, set results, expire deadlines, count drops, and free the
+        slots of the jobs that left."""
         for job, token in emitted:
             if job.on_token is not None and not job.future.done():
                 job.on_token(token)
@@ -549,12 +748,20 @@ class DecodeScheduler:
             self._expire(job, now)
         if cancelled:
             self._m_dropped_cancelled.inc(cancelled)
-        if self._waiting and self._prefill_wakeup is not None:
-            self._prefill_wakeup.set()  # rows left: slots may be free
+        for job in left:
+            # NOTE: a job the loop already failed (stop) is no longer admitted: freed once.
+            if job in self._admitted:
+                del self._admitted[job]
+                self._release(job)
+        if left:
+            self._gauges()
+            self._check_emptied()
+            if self._waiting and self._prefill_wakeup is not None:
+                self._prefill_wakeup.set()  # rows left: slots may be free
 
     def _clear_running(self) -> None:
-        # NOTE: only when no burst runs (the device thread owns the running batch).
-        self._released += sum(job.beam_size for job in self._running)
+        # NOTE: only when no burst is in flight (the device thread owns the running batch).
+        assert not self._bursting
         self._running = []
         self._beams = 0
         self._state = None

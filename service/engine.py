@@ -8,6 +8,7 @@
     engine.list_models(); engine.model_info(name); engine.model_config(name)
     await engine.load(name); await engine.unload(name); await engine.reload(name)
     engine.live; engine.ready; engine.draining; await engine.drain(grace_s)
+    await engine.until_draining()            # streams: returns once a drain has begun
 
 Every request is validated here (`service.validation`) before it joins a batch; errors are the
 classes of `service.errors`. Front-ends record request outcomes with `Metrics.observe_request`;
@@ -74,10 +75,13 @@ class Engine:
         self.prefill = DeviceExecutor(self.device, threads, name="prefill")
         self.registry = Registry(settings, metrics, self.executor, self.prefill, self.dtype)
         self.required: list[str] = []
+        # False when a drain ended with a model call still running on a compute thread.
+        self.threads_done = True
         self._started = False
         self._draining = False
         self._inflight = 0
         self._idle: asyncio.Event | None = None
+        self._drain_started: asyncio.Event | None = None
         # Streaming sessions (service/sessions.py); the engine is their StreamBackend.
         self.sessions = SessionManager.from_settings(self, settings, metrics)
 
@@ -133,22 +137,50 @@ class Engine:
         return bool(ready)
 
     async def drain(self, grace_s: float | None = None) -> None:
-        """Refuse new work, let admitted work finish (up to `grace_s`), unload, stop."""
+        """Refuse new work at once; let admitted work finish until the grace (less a reserve to
+        stop in, `stop_reserve_s`) ends, then fail what is left with `Draining` (503 /
+        UNAVAILABLE); close sessions, unload every model, stop the compute threads. Returns
+        within `grace_s`, whatever still runs on the device (see `threads_done`)."""
         self._draining = True
+        if self._drain_started is not None:
+            self._drain_started.set()
         grace = self.settings.drain_grace_s if grace_s is None else grace_s
+        loop = asyncio.get_running_loop()
+        started = loop.time()
+        deadline = started + grace - stop_reserve_s(grace)
         if self._idle is not None:
             with contextlib.suppress(TimeoutError):
-                async with asyncio.timeout(grace):
+                async with asyncio.timeout_at(deadline):
                     while self._inflight:
                         self._idle.clear()
                         await self._idle.wait()
         if self._inflight:
-            log.warning("drain: %d requests still running after %.1f s", self._inflight, grace)
+            log.warning(
+                "drain: %d requests still running after %.1f s: they are answered as the "
+                "server shutting down",
+                self._inflight,
+                loop.time() - started,
+            )
+        await self.registry.close(deadline)
         await self.sessions.stop()
-        await self.registry.close()
-        await asyncio.to_thread(self.executor.shutdown)
-        await asyncio.to_thread(self.prefill.shutdown)
+        # NOTE: a model call cannot be interrupted: the threads get a moment to end, and the
+        # process may exit with one still computing (service/main.py).
+        wait_s = min(0.1, max(0.0, started + grace - stop_reserve_s(grace) / 2 - loop.time()))
+        self.threads_done = all(
+            await asyncio.gather(
+                asyncio.to_thread(self.executor.shutdown, wait_s),
+                asyncio.to_thread(self.prefill.shutdown, wait_s),
+            )
+        )
         log.info("engine drained")
+
+    async def until_draining(self) -> None:
+        """Return once a drain has begun (streams stop waiting for their client then)."""
+        if self._drain_started is None:
+            self._drain_started = asyncio.Event()
+            if self._draining:
+                self._drain_started.set()
+        await self._drain_started.wait()
 
     # -- models ----------------------------------------------------------------------------
 
@@ -164,6 +196,12 @@ class Engine:
         """The READY version's number and its config (NotFound / NotReady otherwise)."""
         entry = self.registry.resolve(name, version)
         return entry.version, entry.config
+
+    def infer_config(self, name: str, version: int | None = None) -> tuple[int, ModelConfig]:
+        """`model_config` for a request about to run: `Draining` first once the server drains
+        (a model may be unloaded by then, and the client must hear why)."""
+        self._check_admitting()
+        return self.model_config(name, version)
 
     def model_head(self, name: str, version: int) -> Head | None:
         """A READY version's linear head as numpy arrays (None without a head), copied from the
@@ -195,6 +233,14 @@ class Engine:
         validation.check_pooling(request.pooling)
         timeout = self._timeout(request.timeout_s)
         arrays = self._sequences(entry, request.kind, request.sequences)
+        if request.answer_limit is not None:
+            validation.check_answer_size(
+                config,
+                request.kind,
+                arrays,
+                request.pooling or config.pooling,
+                request.answer_limit,
+            )
         deadline = None if timeout is None else time.monotonic() + timeout
         loop = asyncio.get_running_loop()
         items = [Item(a, loop.create_future(), request.pooling, deadline) for a in arrays]
@@ -283,6 +329,10 @@ class Engine:
             for job in jobs:
                 if not job.future.done():
                     job.future.cancel()
+                elif not job.future.cancelled():
+                    # NOTE: once one job's error is raised, the others' are read here, or asyncio
+                    # logs each as "exception was never retrieved".
+                    job.future.exception()
             self._leave(request.model)
         yield self._generate_result(request, entry, tokens)
 
@@ -297,7 +347,7 @@ class Engine:
             config,
             request.beam_size,
             request.max_length,
-            min(self.settings.max_beam_size, self.settings.max_decode_slots),
+            min(self.settings.max_beam_size, self.settings.request_decode_slots()),
         )
         timeout = self._timeout(request.timeout_s)
         arrays = self._sequences(entry, request.kind, request.sequences)
@@ -391,6 +441,13 @@ class Engine:
             if abandoned and on_abandon is not None:
                 on_abandon()
             self._leave(model)
+
+
+def stop_reserve_s(grace_s: float) -> float:
+    """The part of a drain grace kept to stop in (fail what is left, unload, stop the servers,
+    exit) after admitted work had its time: half of it, at most 1 s (uvicorn alone takes
+    0.2–0.3 s to stop: it polls every 0.1 s)."""
+    return min(1.0, grace_s / 2)
 
 
 def _token_sink(

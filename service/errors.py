@@ -46,6 +46,11 @@ class InvalidInput(ServiceError):
         self.field = field
 
 
+class PayloadTooLarge(InvalidInput):
+    """The request carries more than a size limit lets the server parse (HTTP 413; gRPC, as any
+    invalid input, INVALID_ARGUMENT); the message names the limit."""
+
+
 class NotReady(ServiceError):
     """The model (or version) exists but cannot take traffic now (loading, failed, unloading)."""
 

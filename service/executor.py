@@ -2,20 +2,28 @@
 
 Every model call of a device (encode batches, decode steps, warm-up) runs here, one at a time and
 in submission order, under `torch.inference_mode()`. Batchers ask `idle` to decide whether to run
-at once (no idle waiting) and subscribe to `on_idle` to hear when the device frees up.
+at once (no idle waiting) and subscribe to `on_idle` to hear when the device frees up; decode
+bursts ask `pending` to give the device back when other work waits.
+
+The worker is a daemon thread: a model call cannot be interrupted, so shutdown waits for the
+running one only as long as it is told to (`shutdown(timeout_s)`), and the process may exit
+with it still running (`service.main` then ends the process without joining it).
 """
 
 from __future__ import annotations
 
 import asyncio
+import queue
+import threading
 import time
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
-from typing import TypeVar
+from typing import Any, TypeVar
 
 import torch
 
 T = TypeVar("T")
+# Every compute thread's name starts so (service/main.py looks for those still running at exit).
+COMPUTE_THREAD_PREFIX = "rnnserve-"
 # Called on the loop when a submitted call ends: ((result, seconds), None) or (None, exception).
 Done = Callable[[tuple[T, float] | None, BaseException | None], None]
 
@@ -31,23 +39,32 @@ class DeviceExecutor:
         self.threads = threads
         self.calls = 0
         self._pending = 0
-        self._pool: ThreadPoolExecutor | None = None
+        self._queue: queue.SimpleQueue[tuple[Any, ...] | None] | None = None
+        self._thread: threading.Thread | None = None
+        self._closing = False  # set by `shutdown`: calls not yet started are skipped
         self._idle_listeners: list[Callable[[], None]] = []
 
     def start(self) -> None:
         """Start the worker thread (idempotent)."""
-        if self._pool is None:
-            self._pool = ThreadPoolExecutor(
-                max_workers=1,
-                thread_name_prefix=f"rnnserve-{self.name or self.device}",
-                initializer=self._init_thread,
+        if self._thread is None:
+            self._closing = False
+            self._queue = queue.SimpleQueue()
+            self._thread = threading.Thread(
+                target=self._work,
+                args=(self._queue,),
+                name=f"{COMPUTE_THREAD_PREFIX}{self.name or self.device}",
+                daemon=True,
             )
+            self._thread.start()
 
-    def _init_thread(self) -> None:
+    def _work(self, calls: queue.SimpleQueue[tuple[Any, ...] | None]) -> None:
         # NOTE: intra-op threads are set from the worker itself as well: with OpenMP the
         # setting is per calling thread, and this is the only thread that computes.
         if self.threads is not None:
             torch.set_num_threads(self.threads)
+        while (call := calls.get()) is not None:
+            if not self._closing:
+                self._call(*call)
 
     @property
     def idle(self) -> bool:
@@ -88,15 +105,11 @@ class DeviceExecutor:
     def submit(self, fn: Callable[..., T], done: Done[T], *args: object) -> None:
         """Queue `fn(*args)` on the device thread; `done((result, seconds), None)` or
         `done(None, exception)` is called on this loop as soon as it ends (no task needed)."""
-        if self._pool is None:
-            raise RuntimeError("DeviceExecutor used before start()")
+        if self._queue is None or self._closing:
+            raise RuntimeError("DeviceExecutor used before start() or after shutdown()")
         loop = asyncio.get_running_loop()
         self._pending += 1
-        try:
-            self._pool.submit(self._call, loop, done, fn, args)
-        except BaseException:
-            self._pending -= 1
-            raise
+        self._queue.put((loop, done, fn, args))
 
     def _call(
         self,
@@ -112,10 +125,10 @@ class DeviceExecutor:
             if self.device.type == "cuda":
                 torch.cuda.synchronize(self.device)
         except BaseException as exc:
-            loop.call_soon_threadsafe(self._finish, done, None, exc)
+            _hand_back(loop, self._finish, done, None, exc)
             return
         self.calls += 1
-        loop.call_soon_threadsafe(self._finish, done, (result, time.perf_counter() - start), None)
+        _hand_back(loop, self._finish, done, (result, time.perf_counter() - start), None)
 
     def _finish(
         self, done: Done[T], result: tuple[T, float] | None, exc: BaseException | None
@@ -129,8 +142,25 @@ class DeviceExecutor:
                 listener()
         done(result, exc)
 
-    def shutdown(self) -> None:
-        """Stop the worker thread after the calls already submitted."""
-        if self._pool is not None:
-            self._pool.shutdown(wait=True)
-            self._pool = None
+    def shutdown(self, timeout_s: float | None = None) -> bool:
+        """Stop the worker thread: the running call ends, calls not yet started are dropped
+        (their waiters were failed by their owners). Waits up to `timeout_s` (None: no limit);
+        True when the thread has ended."""
+        thread, calls = self._thread, self._queue
+        if thread is None or calls is None:
+            return True
+        self._closing = True
+        calls.put(None)
+        thread.join(timeout_s)
+        self._thread = self._queue = None
+        return not thread.is_alive()
+
+
+def _hand_back(loop: asyncio.AbstractEventLoop, callback: Callable[..., None], *args: Any) -> None:
+    # NOTE: a call that outlived the server (shutdown stopped waiting for it) finds its loop
+    # closed; its result has nobody left to take it.
+    try:
+        loop.call_soon_threadsafe(callback, *args)
+    except RuntimeError:
+        if not loop.is_closed():
+            raise

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import hmac
 import logging
 import math
 import time
@@ -29,9 +28,11 @@ from grpc_reflection.v1alpha import reflection
 from rnnserve_client.proto.inference import grpc_service_pb2 as v2_pb
 from rnnserve_client.proto.rnnserve.v1 import rnnserve_pb2 as pb
 from rnnserve_client.proto.rnnserve.v1 import rnnserve_pb2_grpc
-from service import errors, grpc_convert, metric_labels, validation
+from service import errors, grpc_convert, management, metric_labels, validation
+from service.grpc_limits import MessageLimits
 from service.metrics import Metrics, outcome_of
 from service.settings import Settings
+from service.types import AnswerLimit
 
 if TYPE_CHECKING:
     from service.engine import Engine
@@ -55,6 +56,16 @@ def deadline_of(context: grpc.aio.ServicerContext[Any, Any]) -> float | None:
     return None if remaining is None else max(0.0, remaining)
 
 
+class CallAborted(Exception):
+    """Ends a call with a status: raised by `abort_with`, turned into the call's status by the
+    method handlers of `add_service`."""
+
+    def __init__(self, code: grpc.StatusCode, details: str) -> None:
+        super().__init__(details)
+        self.code = code
+        self.details = details
+
+
 def error_metadata(exc: errors.ServiceError) -> tuple[tuple[str, str], ...]:
     """Trailing metadata of a refused call: `rnnserve-error-type` (the core error's class, as
     REST's error body names it: one gRPC code covers both NotReady and Draining),
@@ -68,14 +79,26 @@ def error_metadata(exc: errors.ServiceError) -> tuple[tuple[str, str], ...]:
 
 
 async def abort_with(context: grpc.aio.ServicerContext[Any, Any], exc: BaseException) -> NoReturn:
-    """End the call with the status of `exc`: its table entry, or INTERNAL without details."""
+    """End the call with the status of `exc`: its table entry, or INTERNAL without details.
+
+    Raises CallAborted, not grpc's `context.abort`: grpc keeps the AbortError that one raises in
+    the call's state, and through its traceback every frame it left (the request and all that
+    was decoded from it) in a reference cycle that only a full collection frees, many calls
+    later (a refused 57 MiB V2 request kept ~1.5 GB; `python -m bench.edge`).
+    """
     if isinstance(exc, errors.ServiceError):
         code, message = grpc_convert.grpc_status(exc)
         context.set_trailing_metadata(error_metadata(exc))
-        await context.abort(code, message)
+        raise CallAborted(code, message)
     log.exception("unexpected error in a gRPC handler", exc_info=exc)
-    await context.abort(grpc.StatusCode.INTERNAL, "internal error (see the server log)")
-    raise AssertionError("unreachable: context.abort raises")
+    raise CallAborted(grpc.StatusCode.INTERNAL, "internal error (see the server log)")
+
+
+def _end_call(context: Context, aborted: CallAborted) -> None:
+    # NOTE: a status set on the context ends the call once the handler returns; a unary answer
+    # returned with it (None here) is discarded by grpc.
+    context.set_code(aborted.code)
+    context.set_details(aborted.details)
 
 
 # --- requests grpc cannot parse -----------------------------------------------------------------
@@ -86,8 +109,11 @@ async def abort_with(context: grpc.aio.ServicerContext[Any, Any], exc: BaseExcep
 # and parse them here, where a bad message is InvalidInput like any other bad request.
 
 
-def parse_request(message_type: type[M], data: bytes) -> M:
-    """`data` as a `message_type`; `InvalidInput("request")` when it does not parse."""
+def parse_request(message_type: type[M], data: bytes, limits: MessageLimits | None = None) -> M:
+    """`data` as a `message_type`; `InvalidInput("request")` when it does not parse, and
+    `PayloadTooLarge("request")` when it passes `limits` (checked before parsing)."""
+    if limits is not None:
+        limits.check(data, message_type.DESCRIPTOR)
     try:
         return message_type.FromString(data)
     except DecodeError:
@@ -99,32 +125,36 @@ class ParsedRequests(Generic[M]):
     """A client stream's messages, parsed as they come. One that does not parse raises
     InvalidInput for itself only: the servicer may answer it and read on (ModelStreamInfer)."""
 
-    def __init__(self, raw: AsyncIterator[bytes], message_type: type[M]) -> None:
+    def __init__(
+        self, raw: AsyncIterator[bytes], message_type: type[M], limits: MessageLimits | None = None
+    ) -> None:
         self._raw = raw
         self._type = message_type
+        self._limits = limits
 
     def __aiter__(self) -> ParsedRequests[M]:
         return self
 
     async def __anext__(self) -> M:
-        return parse_request(self._type, await anext(self._raw))
+        return parse_request(self._type, await anext(self._raw), self._limits)
 
 
 def _parsing_handler(
     method: MethodDescriptor,
     behaviour: Any,
     on_unparsed: Callable[[errors.InvalidInput, float], None],
+    limits: MessageLimits | None,
 ) -> grpc.RpcMethodHandler:
-    """The handler of one RPC: raw request bytes in, parsed here, then `behaviour` called;
-    `on_unparsed(error, seconds)` records a request that does not parse (it never reaches
-    `behaviour`)."""
+    """The handler of one RPC: raw request bytes in, checked against `limits` and parsed here,
+    then `behaviour` called; `on_unparsed(error, seconds)` records a request refused before it
+    parsed (it never reaches `behaviour`). A CallAborted from anywhere below ends the call."""
     request_type: type[Message] = GetMessageClass(method.input_type)
     serialize = GetMessageClass(method.output_type).SerializeToString
 
     async def parsed(data: bytes, context: Context) -> Message:
         start = time.perf_counter()
         try:
-            return parse_request(request_type, data)
+            return parse_request(request_type, data, limits)
         except errors.InvalidInput as exc:
             on_unparsed(exc, time.perf_counter() - start)
             await abort_with(context, exc)
@@ -134,24 +164,34 @@ def _parsing_handler(
         assert method.server_streaming, f"{method.full_name}: client stream, unary answer"
 
         async def stream_stream(raw: AsyncIterator[bytes], context: Context) -> AsyncIterator[Any]:
-            requests = ParsedRequests(raw, request_type)
-            async with contextlib.aclosing(behaviour(requests, context)) as responses:
-                async for response in responses:
-                    yield response
+            requests = ParsedRequests(raw, request_type, limits)
+            try:
+                async with contextlib.aclosing(behaviour(requests, context)) as responses:
+                    async for response in responses:
+                        yield response
+            except CallAborted as aborted:
+                _end_call(context, aborted)
 
         return grpc.stream_stream_rpc_method_handler(stream_stream, response_serializer=serialize)
     if method.server_streaming:
 
         async def unary_stream(data: bytes, context: Context) -> AsyncIterator[Any]:
-            request = await parsed(data, context)
-            async with contextlib.aclosing(behaviour(request, context)) as responses:
-                async for response in responses:
-                    yield response
+            try:
+                request = await parsed(data, context)
+                async with contextlib.aclosing(behaviour(request, context)) as responses:
+                    async for response in responses:
+                        yield response
+            except CallAborted as aborted:
+                _end_call(context, aborted)
 
         return grpc.unary_stream_rpc_method_handler(unary_stream, response_serializer=serialize)
 
     async def unary_unary(data: bytes, context: Context) -> Any:
-        return await behaviour(await parsed(data, context), context)
+        try:
+            return await behaviour(await parsed(data, context), context)
+        except CallAborted as aborted:
+            _end_call(context, aborted)
+            return None
 
     return grpc.unary_unary_rpc_method_handler(unary_unary, response_serializer=serialize)
 
@@ -162,11 +202,13 @@ def add_service(
     servicer: object,
     calls: CallRecorder,
     endpoints: dict[str, str],
+    limits: MessageLimits | None = None,
 ) -> None:
     """Serve `service` with `servicer`'s methods (one per RPC, as the generated base class names
-    them), each parsing its own requests so that a bad message is INVALID_ARGUMENT. A request
-    that does not parse is counted by `calls` under its RPC's entry in `endpoints` (RPC name →
-    endpoint label; RPCs without one are not counted, as when they succeed)."""
+    them), each parsing its own requests so that a bad message is INVALID_ARGUMENT, and one
+    over `limits` is refused before parsing. A request refused before it parsed is counted by
+    `calls` under its RPC's entry in `endpoints` (RPC name → endpoint label; RPCs without one
+    are not counted, as when they succeed)."""
 
     def recorder(rpc: str) -> Callable[[errors.InvalidInput, float], None]:
         endpoint = endpoints.get(rpc)
@@ -178,12 +220,54 @@ def add_service(
         return record
 
     handlers = {
-        m.name: _parsing_handler(m, getattr(servicer, m.name), recorder(m.name))
+        m.name: _parsing_handler(m, getattr(servicer, m.name), recorder(m.name), limits)
         for m in service.methods
     }
     server.add_generic_rpc_handlers(
         (grpc.method_handlers_generic_handler(service.full_name, handlers),)
     )
+
+
+class DrainWatch:
+    """Ends a stream's wait for its client's next message once the server drains: `read`
+    raises `Draining` (UNAVAILABLE) instead of waiting on. One watcher task per stream, made in
+    the task that reads (the handler's, or a reader task of its own)."""
+
+    def __init__(self, until_draining: Callable[[], Awaitable[None]]) -> None:
+        task = asyncio.current_task()
+        assert task is not None
+        self._task = task
+        self._reading = False
+        self._drained = False
+        self._watcher = asyncio.ensure_future(until_draining())
+        self._watcher.add_done_callback(self._on_drain)
+
+    def _on_drain(self, watcher: asyncio.Future[None]) -> None:
+        if watcher.cancelled():
+            return
+        self._drained = True
+        if self._reading:
+            self._task.cancel()
+
+    async def read(self, messages: AsyncIterator[M]) -> M | None:
+        """The next message (None at the end of the client's stream)."""
+        if self._drained:
+            raise errors.Draining("the server is shutting down; this stream takes no more messages")
+        self._reading = True
+        try:
+            return await anext(messages, None)
+        except asyncio.CancelledError:
+            if self._drained and self._task.uncancel() == 0:
+                raise errors.Draining(
+                    "the server is shutting down; this stream takes no more messages"
+                ) from None
+            raise
+        finally:
+            self._reading = False
+
+    def close(self) -> None:
+        """Stop watching (the stream ended)."""
+        self._watcher.cancel()
 
 
 class CallRecorder:
@@ -192,10 +276,32 @@ class CallRecorder:
     Failed calls for unknown models get blank labels, as REST's (service/metric_labels.py).
     """
 
-    def __init__(self, metrics: Metrics, protocol: str, known: metric_labels.Known) -> None:
+    def __init__(
+        self,
+        metrics: Metrics,
+        protocol: str,
+        known: metric_labels.Known,
+        max_answer_bytes: int | None = None,
+    ) -> None:
         self.metrics = metrics
         self.protocol = protocol
         self.known = known
+        self.max_answer_bytes = max_answer_bytes
+
+    def check_answer(self, answer: object) -> None:
+        """`InvalidInput("answer")` for an answer message over the gRPC message limit: grpc
+        would fail it (RESOURCE_EXHAUSTED) only after the handler returned, counted as a
+        success. Encode answers are refused before compute (`validation.check_answer_size`);
+        this catches the rest."""
+        if self.max_answer_bytes is None or not isinstance(answer, Message):
+            return
+        size = answer.ByteSize()
+        if size > self.max_answer_bytes:
+            raise errors.InvalidInput(
+                "answer",
+                f"the answer takes {size:,} bytes; the limit is {self.max_answer_bytes:,} "
+                "(--grpc-max-message-bytes): ask for less in one call",
+            )
 
     async def run(
         self,
@@ -209,6 +315,7 @@ class CallRecorder:
         start = time.perf_counter()
         try:
             result = await call()
+            self.check_answer(result)
         except asyncio.CancelledError as exc:
             self.observe(model, None, endpoint, exc, time.perf_counter() - start)
             raise
@@ -233,23 +340,18 @@ class CallRecorder:
         )
 
 
+def answer_limit(settings: Settings, padded: bool) -> AnswerLimit:
+    """The largest encode answer a gRPC call sends: max_answer_bytes, or the message limit when
+    lower (grpc would fail a larger answer only once built); 4 bytes a number."""
+    if settings.grpc_max_message_bytes < settings.max_answer_bytes:
+        return AnswerLimit(settings.grpc_max_message_bytes, 4, padded, "--grpc-max-message-bytes")
+    return AnswerLimit(settings.max_answer_bytes, 4, padded, "--max-answer-bytes")
+
+
 def check_management(settings: Settings, context: grpc.aio.ServicerContext[Any, Any]) -> None:
-    """Raise unless management is enabled and the call carries the configured bearer token."""
-    if not settings.management_enabled:
-        raise errors.PermissionDenied(
-            "management RPCs are disabled (start the server with --management-enabled)"
-        )
-    if settings.management_token is None:
-        # NOTE: same rule as REST: enabling management without a token is refused, not open.
-        raise errors.PermissionDenied(
-            "management is enabled but no RNNSERVE_MANAGEMENT_TOKEN is set"
-        )
-    expected = f"Bearer {settings.management_token.get_secret_value()}"
-    given = dict(context.invocation_metadata() or ()).get("authorization", "")
-    if not isinstance(given, str) or not hmac.compare_digest(given.encode(), expected.encode()):
-        raise errors.Unauthenticated(
-            "management RPCs need the metadata 'authorization: Bearer <token>'"
-        )
+    """Allow a management call by the one rule of both wires (`management.authorize`)."""
+    values = [v for k, v in context.invocation_metadata() or () if k == "authorization"]
+    management.authorize(settings, [v if isinstance(v, str) else "" for v in values])
 
 
 class RnnServeServicer(rnnserve_pb2_grpc.RnnServeServicer):
@@ -272,13 +374,18 @@ class RnnServeServicer(rnnserve_pb2_grpc.RnnServeServicer):
     def __init__(self, engine: Engine, settings: Settings, metrics: Metrics) -> None:
         self.engine = engine
         self.settings = settings
-        self.calls = CallRecorder(metrics, "grpc", metric_labels.known_model(engine))
+        self.calls = CallRecorder(
+            metrics, "grpc", metric_labels.known_model(engine), settings.grpc_max_message_bytes
+        )
+        self.answers = answer_limit(settings, padded=False)
 
     async def Encode(  # noqa: N802 (gRPC method names)
         self, request: pb.EncodeRequest, context: grpc.aio.ServicerContext[Any, Any]
     ) -> pb.EncodeResponse:
         async def call() -> pb.EncodeResponse:
-            core = grpc_convert.encode_request_from_proto(request, deadline_of(context))
+            core = grpc_convert.encode_request_from_proto(
+                request, deadline_of(context), answer_limit=self.answers
+            )
             return grpc_convert.encode_result_to_proto(await self.engine.encode(core))
 
         return await self.calls.run(context, request.model, "encode", call, lambda r: r.version)
@@ -313,7 +420,9 @@ class RnnServeServicer(rnnserve_pb2_grpc.RnnServeServicer):
                 close = getattr(events, "aclose", None)
                 if close is not None:
                     await close()
-        except asyncio.CancelledError as exc:
+        except (asyncio.CancelledError, GeneratorExit) as exc:
+            # NOTE: the client went away: its task was cancelled while this stream awaited, or
+            # grpc closed this generator at a `yield` (GeneratorExit). Counted once, cancelled.
             self.calls.observe(
                 request.model, version, "generate_stream", exc, time.perf_counter() - start
             )
@@ -392,7 +501,9 @@ class RnnServeServicer(rnnserve_pb2_grpc.RnnServeServicer):
         from service import session_grpc
 
         # NOTE: grpc.aio streams only from an async generator function, so this one re-yields.
-        replies = session_grpc.stream_session(self.engine.sessions, self.calls, requests, context)
+        replies = session_grpc.stream_session(
+            self.engine.sessions, self.calls, requests, context, self.engine.until_draining
+        )
         async for reply in replies:
             yield reply
 
@@ -502,6 +613,7 @@ class GrpcServer:
                 *connection_age_options(self.settings),
             ]
         )
+        limits = MessageLimits.from_settings(self.settings)
         servicer = RnnServeServicer(self.engine, self.settings, self.metrics)
         add_service(
             server,
@@ -509,6 +621,7 @@ class GrpcServer:
             servicer,
             servicer.calls,
             servicer.ENDPOINTS,
+            limits,
         )
         inference = v2_grpc.InferenceServicer(self.engine, self.settings, self.metrics)
         add_service(
@@ -517,6 +630,7 @@ class GrpcServer:
             inference,
             inference.calls,
             inference.ENDPOINTS,
+            limits,
         )
         health_servicer = HealthServicer()
         # NOTE: the library starts "" as SERVING; nothing is ready before the models load.

@@ -9,8 +9,9 @@ sequence contents are validated by the engine.
 
 from __future__ import annotations
 
+import functools
 import struct
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from typing import Any, Literal, cast
 
 import grpc
@@ -23,6 +24,7 @@ from rnnserve_client.proto.rnnserve.v1 import rnnserve_pb2 as pb
 from service import errors, v2_common, validation
 from service.codecs import (
     V2_DTYPES,
+    TensorData,
     V2Output,
     V2Tensor,
     check_int_range,
@@ -30,6 +32,7 @@ from service.codecs import (
     tensor_elements,
 )
 from service.types import (
+    AnswerLimit,
     EncodeRequest,
     EncodeResult,
     GenerateRequest,
@@ -170,9 +173,13 @@ def request_timeout(timeout_ms: int, deadline_s: float | None) -> float | None:
 
 
 def encode_request_from_proto(
-    message: pb.EncodeRequest, deadline_s: float | None = None, protocol: Protocol = "grpc"
+    message: pb.EncodeRequest,
+    deadline_s: float | None = None,
+    protocol: Protocol = "grpc",
+    answer_limit: AnswerLimit | None = None,
 ) -> EncodeRequest:
-    """Build the core's EncodeRequest; `deadline_s` is the call's remaining gRPC deadline."""
+    """Build the core's EncodeRequest; `deadline_s` is the call's remaining gRPC deadline,
+    `answer_limit` the largest answer the call may send."""
     if message.pooling and message.pooling not in _POOLINGS:
         raise errors.InvalidInput(
             "pooling", f"{errors.shown(message.pooling)} is not one of {', '.join(_POOLINGS)}"
@@ -186,6 +193,7 @@ def encode_request_from_proto(
         pooling=cast(PoolingName, message.pooling) if message.pooling else None,
         timeout_s=request_timeout(message.timeout_ms, deadline_s),
         protocol=protocol,
+        answer_limit=answer_limit,
     )
 
 
@@ -300,8 +308,8 @@ def encode_bytes(items: Iterable[bytes]) -> bytes:
 
 
 def decode_v2_inputs(request: v2.ModelInferRequest) -> list[V2Tensor]:
-    """Decode every input tensor of a V2 request (raw or typed contents) in the request's order,
-    checking shapes."""
+    """Every input tensor of a V2 request (raw or typed contents) in the request's order; shapes
+    and sizes are checked here, the data is decoded on first use (`V2Tensor.data`)."""
     raw = request.raw_input_contents
     if raw and len(raw) != len(request.inputs):
         raise errors.InvalidInput(
@@ -318,35 +326,40 @@ def decode_v2_inputs(request: v2.ModelInferRequest) -> list[V2Tensor]:
             raise errors.InvalidInput(
                 f"{field}.datatype", f"unknown datatype {errors.shown(datatype)}"
             )
+        data: Callable[[], TensorData]
         if raw:
-            data = _from_raw(raw[i], datatype, shape, count, i)
+            data = _raw_decoder(raw[i], datatype, shape, count, i)
         else:
-            data = _from_contents(tensor.contents, datatype, shape, count, field)
+            data = _contents_decoder(tensor.contents, datatype, shape, count, field)
         tensors.append(V2Tensor(tensor.name, datatype, list(shape), data))
     return tensors
 
 
-def _from_raw(
+def _raw_decoder(
     data: bytes, datatype: str, shape: tuple[int, ...], count: int, index: int
-) -> np.ndarray | list[bytes]:
+) -> Callable[[], TensorData]:
     field = f"raw_input_contents[{index}]"
     if datatype == "BYTES":
-        return decode_bytes(data, count, field)
+        return functools.partial(decode_bytes, data, count, field)
     dtype = V2_DTYPES[datatype]
     if len(data) != count * dtype.itemsize:
         raise errors.InvalidInput(
             field,
             f"has {len(data)} bytes but {datatype} {list(shape)} needs {count * dtype.itemsize}",
         )
+    return functools.partial(_from_raw, data, dtype, shape)
+
+
+def _from_raw(data: bytes, dtype: np.dtype[Any], shape: tuple[int, ...]) -> np.ndarray:
     # NOTE: copy so the array is writable and native-endian (torch refuses read-only buffers).
     return (
         np.frombuffer(data, dtype=dtype).astype(dtype.newbyteorder("="), copy=True).reshape(shape)
     )
 
 
-def _from_contents(
+def _contents_decoder(
     contents: v2.InferTensorContents, datatype: str, shape: tuple[int, ...], count: int, field: str
-) -> np.ndarray | list[bytes]:
+) -> Callable[[], TensorData]:
     name = _CONTENTS_FIELD.get(datatype)
     if name is None:
         raise errors.InvalidInput(f"{field}.datatype", f"{datatype} needs raw_input_contents")
@@ -356,6 +369,12 @@ def _from_contents(
             f"{field}.contents.{name}",
             f"has {len(values)} elements but shape {list(shape)} needs {count}",
         )
+    return functools.partial(_from_contents, values, name, datatype, shape, field)
+
+
+def _from_contents(
+    values: Any, name: str, datatype: str, shape: tuple[int, ...], field: str
+) -> TensorData:
     if datatype == "BYTES":
         return list(values)
     dtype = V2_DTYPES[datatype].newbyteorder("=")
@@ -386,9 +405,10 @@ def v2_infer_request(
     limit: int,
     protocol: Protocol = "v2-grpc",
     endpoint: str = "infer",
+    answer_limit: AnswerLimit | None = None,
 ) -> EncodeRequest | GenerateRequest:
-    """The engine's request of a V2 infer request (at most `limit` sequences; parameters as
-    `v2_common.infer_request`)."""
+    """The engine's request of a V2 infer request (at most `limit` sequences; parameters and
+    `answer_limit` as `v2_common.infer_request`)."""
     kind, sequences = v2_common.infer_sequences(decode_v2_inputs(request), config, limit)
     return v2_common.infer_request(
         request.model_name,
@@ -400,6 +420,7 @@ def v2_infer_request(
         protocol,
         endpoint=endpoint,
         deadline_s=deadline_s,
+        answer_limit=answer_limit,
     )
 
 

@@ -7,7 +7,6 @@ for raw-read bodies, the management guard, and per-request metrics.
 from __future__ import annotations
 
 import asyncio
-import hmac
 import time
 import weakref
 from collections.abc import Awaitable, Callable, Iterator
@@ -17,9 +16,10 @@ from typing import Annotated, Any, TypeVar
 from fastapi import Request
 from fastapi.responses import Response
 from pydantic import BaseModel, BeforeValidator, ValidationError
+from starlette.requests import ClientDisconnect
 
-from service import codecs, http_errors, metric_labels, rest_schemas, validation
-from service.errors import InvalidInput, PermissionDenied, Unauthenticated
+from service import codecs, http_errors, management, metric_labels, rest_schemas, validation
+from service.errors import InvalidInput
 from service.http_limits import BodyTooLargeError
 from service.metrics import Metrics, outcome_of
 from service.settings import Settings
@@ -106,9 +106,10 @@ def errors_doc(v2: bool, *statuses: int) -> dict[int | str, dict[str, Any]]:
     return {status: {"model": model} for status in statuses}
 
 
-def parse_body(model: type[_B], body: bytes) -> _B:
-    """Parse and check a JSON body against `model`; problems become InvalidInput naming fields."""
-    value = codecs.loads(body) if body else {}
+def parse_body(model: type[_B], body: bytes, max_values: int | None = None) -> _B:
+    """Parse and check a JSON body against `model`; problems become InvalidInput naming fields,
+    a body of more than `max_values` JSON values PayloadTooLarge (before parsing)."""
+    value = codecs.loads(body, max_values=max_values) if body else {}
     if not isinstance(value, dict):
         raise InvalidInput("body", "expected a JSON object")
     try:
@@ -118,18 +119,8 @@ def parse_body(model: type[_B], body: bytes) -> _B:
 
 
 def management_guard(settings: Settings, request: Request) -> None:
-    """Allow a management call only when enabled and carrying the configured bearer token."""
-    if not settings.management_enabled:
-        raise PermissionDenied("management endpoints are disabled (RNNSERVE_MANAGEMENT_ENABLED)")
-    token = settings.management_token
-    if token is None:
-        raise PermissionDenied("management is enabled but no RNNSERVE_MANAGEMENT_TOKEN is set")
-    header = request.headers.get("authorization", "")
-    scheme, _, given = header.partition(" ")
-    if scheme.lower() != "bearer" or not hmac.compare_digest(
-        given.strip().encode(), token.get_secret_value().encode()
-    ):
-        raise Unauthenticated("management calls need 'Authorization: Bearer <token>'")
+    """Allow a management call by the one rule of both wires (`management.authorize`)."""
+    management.authorize(settings, request.headers.getlist("authorization"))
 
 
 class RequestObserver:
@@ -163,7 +154,7 @@ class RequestObserver:
     ) -> None:
         """Count one answered request."""
         model, version = metric_labels.request_labels(self.known, model, version, error)
-        if isinstance(error, ClientDisconnectedError):
+        if isinstance(error, ClientDisconnectedError | ClientDisconnect):
             error = asyncio.CancelledError()
         elif isinstance(error, BodyTooLargeError):
             # NOTE: a chunked body crossing the size limit: the client's fault (413), not ours.

@@ -21,6 +21,7 @@ from service import codecs, errors, validation
 HTTP_STATUS: dict[type[errors.ServiceError], int] = {
     errors.NotFound: 404,
     errors.InvalidInput: 400,
+    errors.PayloadTooLarge: 413,
     errors.NotReady: 503,
     errors.Overloaded: 503,
     errors.DeadlineExceeded: 504,

@@ -1,8 +1,12 @@
 """`rnnserve serve`: one process, one asyncio loop, HTTP (uvicorn) and gRPC on one Engine.
 
 This module owns SIGTERM/SIGINT. On either: readiness goes false at once (gRPC health
-NOT_SERVING, /readyz 503 as the engine drains), new work is refused, admitted and queued work
-finishes within `drain_grace_s`, models unload, both servers stop, and the process exits 0.
+NOT_SERVING, /readyz 503 as the engine drains), new work is refused (503 / UNAVAILABLE), open
+streams end with UNAVAILABLE, admitted and queued work may finish until the grace less a reserve
+(`engine.stop_reserve_s`: half the grace, at most 1 s), what is still running then is answered
+503 / UNAVAILABLE naming the shutdown, models unload, both servers stop, and the process exits 0
+— all within `drain_grace_s`. A model call still computing then cannot be interrupted: the
+process exits without waiting for it (`os._exit` once the logs are flushed).
 Both servers start before the models load, so probes see "live, not ready" while loading.
 """
 
@@ -14,8 +18,10 @@ import contextlib
 import gc
 import json
 import logging
+import os
 import signal
 import sys
+import threading
 import time
 from collections.abc import Coroutine, Generator
 from typing import Any, get_args, get_origin
@@ -26,7 +32,9 @@ from pydantic import ValidationError
 from pydantic.fields import FieldInfo
 
 from service import logging_setup, validation
+from service.executor import COMPUTE_THREAD_PREFIX
 from service.grpc_api import create_grpc_server
+from service.http_protocol import deadline_protocol
 from service.metrics import Metrics
 from service.settings import Settings
 
@@ -116,7 +124,15 @@ def run(args: argparse.Namespace) -> int:
         return 2
     logging_setup.configure(settings.log_format, settings.log_level)
     sys.setswitchinterval(settings.gil_switch_interval_us / 1e6)
-    return _run_loop(serve(settings))
+    code = _run_loop(serve(settings))
+    if any(t.name.startswith(COMPUTE_THREAD_PREFIX) for t in threading.enumerate()):
+        # NOTE: a model call outlived the drain grace (it cannot be interrupted). Interpreter
+        # shutdown beside a thread inside torch may crash or hang; the work is abandoned anyway.
+        logging.shutdown()
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
+    return code
 
 
 def http_url(host: str, port: int) -> str:
@@ -178,7 +194,7 @@ async def serve(settings: Settings) -> int:
             log_config=None,
             access_log=False,
             lifespan="off",
-            timeout_graceful_shutdown=max(1, int(settings.drain_grace_s) + 1),
+            http=deadline_protocol(settings.http_header_timeout_s, settings.http_body_timeout_s),
         )
     )
     grpc_server = create_grpc_server(engine, settings, metrics)
@@ -252,16 +268,17 @@ async def serve(settings: Settings) -> int:
     if not start_task.done():
         start_task.cancel()
         await asyncio.gather(start_task, return_exceptions=True)
-    try:
-        await asyncio.wait_for(engine.drain(settings.drain_grace_s), settings.drain_grace_s + 5.0)
-    except TimeoutError:
-        logging_setup.event(
-            log, "server.drain_timeout", level=logging.WARNING, grace_s=settings.drain_grace_s
-        )
+    # NOTE: the engine ends its work within the grace less a reserve; the servers get the rest.
+    await engine.drain(settings.drain_grace_s)
+    left = max(0.05, settings.drain_grace_s - (time.perf_counter() - drain_started) - 0.05)
+    http.config.timeout_graceful_shutdown = left  # type: ignore[assignment]
     http.should_exit = True
-    await asyncio.gather(http_task, grpc_server.stop(1.0), return_exceptions=True)
+    await asyncio.gather(http_task, grpc_server.stop(left), return_exceptions=True)
     logging_setup.event(
-        log, "server.stopped", drain_s=round(time.perf_counter() - drain_started, 3)
+        log,
+        "server.stopped",
+        drain_s=round(time.perf_counter() - drain_started, 3),
+        compute_finished=engine.threads_done,
     )
     failed = not start_task.cancelled() and start_task.exception() is not None
     return 1 if failed else 0

@@ -65,7 +65,8 @@ def outcome_of(exc: BaseException | None) -> str:
     """The `outcome` label for a request that ended with `exc` (None = success)."""
     if exc is None:
         return "success"
-    if isinstance(exc, asyncio.CancelledError):
+    if isinstance(exc, asyncio.CancelledError | GeneratorExit):
+        # NOTE: GeneratorExit: a streaming answer closed at a yield because its client left.
         return "cancelled"
     for cls in type(exc).__mro__:
         if cls in _OUTCOMES:
@@ -161,6 +162,12 @@ class Metrics:
             "rnnserve_model_state",
             "1 for the current state of each model version, 0 for the others.",
             (*model, "state"),
+            registry=registry,
+        )
+        self.model_restarts_total = Counter(
+            "rnnserve_model_restarts",
+            "Restarts of a READY version whose batcher or decode scheduler stopped on its own.",
+            model,
             registry=registry,
         )
         self.model_load_duration = Histogram(

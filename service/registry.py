@@ -5,6 +5,12 @@ scheduler started, one warm-up batch run) or → FAILED (the reason kept); UNLOA
 drains. Only READY versions take traffic. A new build of a version is made completely beside the
 one serving and swapped in atomically; requests admitted by the old one finish on it. A failed
 load leaves whatever was serving untouched; one bad checkpoint never stops the others.
+
+A READY version whose batcher or decode scheduler stops on its own (a bug: its task ended) goes
+FAILED with the reason (its waiting requests get NotReady), and is restarted: a fresh batcher or
+scheduler over the same loaded weights (nothing is read from disk again), warmed up, then READY —
+after RESTART_FIRST_S, doubling with each failure up to RESTART_MAX_S; a version that then served
+RESTART_RESET_S starts again from the first delay.
 """
 
 from __future__ import annotations
@@ -12,7 +18,9 @@ from __future__ import annotations
 import asyncio
 import difflib
 import logging
+import os
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -41,6 +49,12 @@ log = logging.getLogger(__name__)
 KNOWN_NAMES_SHOWN = 10
 
 VersionState = Literal["LOADING", "READY", "FAILED", "UNLOADING"]
+
+# Restarts of a version whose batcher or decode scheduler stopped: the first delay, its doubling
+# cap, and how long a restarted version must serve before its next failure counts as a first.
+RESTART_FIRST_S = 0.1
+RESTART_MAX_S = 30.0
+RESTART_RESET_S = 60.0
 
 
 def select_versions(available: list[int], policy: str) -> list[int]:
@@ -72,6 +86,9 @@ class ModelVersion:
     decoder: DecodeScheduler | None = None
     head: Head | None = None  # an encoder's linear head on the host, for streaming sessions
     architecture: dict[str, Any] = field(default_factory=dict)
+    restarts: int = 0  # failures since it last served RESTART_RESET_S
+    started_at: float = 0.0  # time.monotonic() when its batcher or scheduler last started
+    restarting: asyncio.Task[None] | None = None
 
     @property
     def config(self) -> ModelConfig:
@@ -126,11 +143,13 @@ class Registry:
         self._building: dict[str, dict[int, ModelVersion]] = {}
         self._failures: dict[str, str] = {}
         self._locks: dict[str, asyncio.Lock] = {}
+        self._closing = False
 
     # -- the repository --------------------------------------------------------------------
 
     def scan(self) -> dict[str, list[int]]:
-        """Model names → version numbers found on disk (invalid names are skipped, logged)."""
+        """Model names → version numbers found on disk (invalid names are skipped, logged; a
+        folder leading out of the repository is listed with no versions, and fails to load)."""
         found: dict[str, list[int]] = {}
         if not self.repository.is_dir():
             log.error("model repository %s is not a folder", self.repository)
@@ -141,17 +160,37 @@ class Registry:
             if not is_model_name(folder.name):
                 log.warning("skipping %s: not a valid model name", folder)
                 continue
-            found[folder.name] = self._versions_on_disk(folder)
+            found[folder.name] = [] if self._outside(folder) else self._versions_on_disk(folder)
         return found
 
+    def _outside(self, path: Path) -> bool:
+        """Whether `path` resolves (symbolic links followed) outside the repository's real path:
+        only the repository is ever read. Links inside it (a Kubernetes ConfigMap's `..data`)
+        are fine."""
+        return not path.resolve().is_relative_to(self.repository.resolve())
+
     def _versions_on_disk(self, folder: Path) -> list[int]:
-        if not folder.is_dir():
+        if not folder.is_dir() or self._outside(folder):
             return []
         return sorted(
             int(child.name)
             for child in folder.iterdir()
             if child.is_dir() and child.name.isdigit() and int(child.name) > 0
         )
+
+    def _reason(self, exc: Exception) -> str:
+        """A load failure as clients may see it: paths relative to the repository (public
+        listings show reasons; host paths are not theirs to know)."""
+        if isinstance(exc, checkpoint.CheckpointError):
+            try:
+                where = str(exc.path.relative_to(self.repository))
+            except ValueError:
+                where = exc.path.name
+            return f"{where}: {exc.problem}"
+        reason = str(exc) or type(exc).__name__
+        for root in {str(self.repository.resolve()), str(self.repository)}:
+            reason = reason.replace(root + os.sep, "")
+        return reason
 
     def wanted_versions(self, name: str) -> list[int]:
         """The versions of `name` on disk that its version policy selects."""
@@ -253,12 +292,24 @@ class Registry:
         """
         validation.check_model_name(name, "model")
         async with self._lock(name):
+            folder = self.repository / name
+            if folder.exists() and self._outside(folder):
+                problem = (
+                    f"model {shown(name)}: its folder resolves outside the model repository "
+                    "(a symbolic link leads out of it)"
+                )
+                self._failures[name] = problem
+                log.error("%s: %s", folder, problem)
+                raise NotReady(f"model {shown(name)} failed to load: {problem}")
             versions = [version] if version is not None else self.wanted_versions(name)
-            on_disk = self._versions_on_disk(self.repository / name)
+            on_disk = self._versions_on_disk(folder)
             if not versions or any(v not in on_disk for v in versions):
                 missing = "any version" if not versions else f"version {versions}"
                 problem = f"model {shown(name)} has no {missing} in the repository"
-                self._failures[name] = problem
+                # NOTE: a name only a management call made up is not listed for good: only a
+                # model the server was told to serve, or one it knows, reports the problem.
+                if name in (self.settings.models or []) or name in self.names():
+                    self._failures[name] = problem
                 raise NotFound(problem)
             results = [await self._build_and_swap(name, v) for v in versions]
             if not any(results):
@@ -283,6 +334,8 @@ class Registry:
         validation.check_model_name(name, "model")
         async with self._lock(name):
             known = self._versions.get(name, {})
+            if not known and version is None and self._failures.pop(name, None) is not None:
+                return  # NOTE: a model that never loaded leaves the listing
             if not known:
                 raise NotFound(f"model {shown(name)} is not loaded")
             if version is not None and version not in known:
@@ -291,23 +344,85 @@ class Registry:
                 await self._unload(name, v)
             self._failures.pop(name, None)
 
-    async def close(self) -> None:
-        """Drain and unload everything."""
-        for name in list(self._versions):
-            async with self._lock(name):
-                for version in list(self._versions.get(name, {})):
-                    await self._unload(name, version)
+    async def close(self, deadline: float | None = None) -> None:
+        """Drain and unload everything; work still running at `deadline` (loop time; None: no
+        limit) fails with `Draining`."""
+        self._closing = True
+        for versions in self._versions.values():
+            for entry in versions.values():
+                if entry.restarting is not None:
+                    entry.restarting.cancel()
 
-    async def _unload(self, name: str, version: int) -> None:
+        async def close_model(name: str) -> None:
+            async with self._lock(name):
+                await asyncio.gather(
+                    *(self._unload(name, v, deadline) for v in list(self._versions.get(name, {})))
+                )
+
+        await asyncio.gather(*(close_model(name) for name in list(self._versions)))
+
+    async def _unload(self, name: str, version: int, deadline: float | None = None) -> None:
         entry = self._versions[name][version]
         entry.state = "UNLOADING"
         self._metrics.set_model_state(name, version, "UNLOADING")
-        await _drain(entry)
+        await _drain(entry, deadline)
         del self._versions[name][version]
         if not self._versions[name]:
             del self._versions[name]
         self._metrics.set_model_state(name, version, None)
         log.info("unloaded model %s version %s", name, version)
+
+    # -- restarts ----------------------------------------------------------------------------
+
+    def _component_failed(self, entry: ModelVersion, component: object, reason: str) -> None:
+        """A batcher or decode scheduler of `entry` stopped on its own (on the loop)."""
+        current = self._versions.get(entry.name, {}).get(entry.version) is entry
+        mine = component is entry.batcher or component is entry.decoder
+        if self._closing or not current or not mine or entry.state == "UNLOADING":
+            return  # being unloaded or replaced: nothing to bring back
+        if entry.restarting is not None and not entry.restarting.done():
+            return  # the restart under way sees it
+        self._schedule_restart(entry, reason)
+
+    def _schedule_restart(self, entry: ModelVersion, reason: str) -> None:
+        if time.monotonic() - entry.started_at >= RESTART_RESET_S:
+            entry.restarts = 0
+        delay = min(RESTART_MAX_S, RESTART_FIRST_S * 2**entry.restarts)
+        entry.restarts += 1
+        entry.state = "FAILED"
+        entry.reason = f"{reason}; restarting in {delay:g} s"
+        self._metrics.set_model_state(entry.name, entry.version, "FAILED")
+        self._metrics.model_restarts_total.labels(entry.name, str(entry.version)).inc()
+        log.error("model %s version %s: %s", entry.name, entry.version, entry.reason)
+        entry.restarting = asyncio.get_running_loop().create_task(
+            self._restart(entry, delay), name=f"restart-{entry.name}-{entry.version}"
+        )
+
+    async def _restart(self, entry: ModelVersion, delay: float) -> None:
+        await asyncio.sleep(delay)
+        async with self._lock(entry.name):
+            if self._closing or self._versions.get(entry.name, {}).get(entry.version) is not entry:
+                return
+            for old in (entry.batcher, entry.decoder):
+                if old is not None:
+                    await old.stop()
+            entry.batcher = entry.decoder = None
+            entry.state = "LOADING"
+            self._metrics.set_model_state(entry.name, entry.version, "LOADING")
+            try:
+                await self._start_serving(entry)
+                component = entry.batcher or entry.decoder
+                if component is not None and component.failure is not None:
+                    raise RuntimeError(component.failure)
+            except Exception as exc:
+                entry.restarting = None
+                self._schedule_restart(entry, f"restart failed: {exc}")
+                return
+            entry.state = "READY"
+            entry.reason = None
+            entry.restarting = None
+            self._metrics.set_model_state(entry.name, entry.version, "READY")
+            log.info("model %s version %s restarted, READY", entry.name, entry.version)
 
     async def _build_and_swap(self, name: str, version: int) -> bool:
         if self._building.get(name, {}).get(version) is not None:
@@ -325,9 +440,9 @@ class Registry:
             await self._build(entry)
         except Exception as exc:
             entry.state = "FAILED"
-            entry.reason = str(exc) or type(exc).__name__
+            entry.reason = self._reason(exc)
             self._failures[name] = entry.reason
-            log.error("model %s version %s failed to load: %s", name, version, entry.reason)
+            log.error("model %s version %s failed to load: %s", name, version, exc)
             await _drain(entry)
             del self._building[name][version]
             if not self._building[name]:
@@ -357,20 +472,38 @@ class Registry:
 
     async def _build(self, entry: ModelVersion) -> None:
         loaded = await asyncio.to_thread(
-            checkpoint.load, entry.path, self._executor.device, self._dtype
+            checkpoint.load,
+            entry.path,
+            self._executor.device,
+            self._dtype,
+            root=self.repository,
         )
         entry.loaded = loaded
+        entry.architecture = architecture(loaded.config, loaded.plan)
+        if isinstance(loaded.model, EncoderModel):
+            entry.head = _host_head(loaded.model, loaded.config)
+        await self._start_serving(entry)
+
+    async def _start_serving(self, entry: ModelVersion) -> None:
+        """Start a fresh batcher (encoder) or decode scheduler (seq2seq) for `entry`'s loaded
+        model and warm it up."""
+        loaded = entry.loaded
+        assert loaded is not None
         config = loaded.config
-        entry.architecture = architecture(config, loaded.plan)
         serving = config.serving
+        budget = self.settings.max_batch_timesteps or serving.max_batch_size * 128
         # NOTE: on the CPU the model takes float32 whatever its parts compute in (each part
         # casts); on a GPU inputs are cast on the way in, to the one dtype of every part.
         input_dtype = torch.float32
         if self._executor.device.type != "cpu":
             input_dtype = uniform_dtype(loaded.plan) or torch.float32
+
+        def failed(component: object) -> Callable[[str], None]:
+            return lambda reason: self._component_failed(entry, component, reason)
+
         if isinstance(loaded.model, EncoderModel):
             encoder = config.encoder
-            entry.batcher = Batcher(
+            batcher = Batcher(
                 entry.name,
                 entry.version,
                 self._executor,
@@ -384,18 +517,19 @@ class Registry:
                 max_batch_size=serving.max_batch_size,
                 max_delay_s=serving.max_delay_ms / 1000.0,
                 max_queue_size=serving.max_queue_size,
-                max_batch_timesteps=self.settings.max_batch_timesteps
-                or serving.max_batch_size * 128,
+                max_batch_timesteps=budget,
                 regroup_fraction=self.settings.regroup_fraction,
                 halve=self._executor.device.type == "cpu",
                 regroup_max_s=self.settings.regroup_max_ms / 1000.0,
             )
-            entry.head = _host_head(loaded.model, config)
-            entry.batcher.start()
+            batcher.on_failure = failed(batcher)
+            entry.batcher = batcher
+            entry.started_at = time.monotonic()
+            batcher.start()
             if self.settings.warmup:
-                await entry.batcher.warm_up(_warm_input(config))
+                await batcher.warm_up(_warm_input(config))
         else:
-            entry.decoder = DecodeScheduler(
+            decoder = DecodeScheduler(
                 entry.name,
                 entry.version,
                 loaded.model,
@@ -405,12 +539,19 @@ class Registry:
                 max_slots=self.settings.max_decode_slots,
                 max_queue=self.settings.max_decode_queue,
                 max_batch_size=serving.max_batch_size,
+                max_request_slots=self.settings.request_decode_slots(),
+                max_request_work=self.settings.max_request_decode_work
+                or serving.max_batch_size * 128,
+                max_group_steps=budget,
                 join_fraction=self.settings.decode_join_fraction,
                 max_wait_steps=self.settings.decode_max_wait_steps,
             )
-            entry.decoder.start()
+            decoder.on_failure = failed(decoder)
+            entry.decoder = decoder
+            entry.started_at = time.monotonic()
+            decoder.start()
             if self.settings.warmup:
-                await entry.decoder.warm_up(_warm_input(config))
+                await decoder.warm_up(_warm_input(config))
 
 
 def _host_head(model: EncoderModel, config: ModelConfig) -> Head | None:
@@ -432,8 +573,10 @@ def _warm_input(config: ModelConfig) -> np.ndarray:
     return np.zeros(2, dtype=np.int64)
 
 
-async def _drain(entry: ModelVersion) -> None:
+async def _drain(entry: ModelVersion, deadline: float | None = None) -> None:
+    if entry.restarting is not None:
+        entry.restarting.cancel()
     if entry.batcher is not None:
-        await entry.batcher.drain()
+        await entry.batcher.drain(deadline)
     if entry.decoder is not None:
-        await entry.decoder.drain()
+        await entry.decoder.drain(deadline)

@@ -11,7 +11,7 @@ import importlib.resources
 import time
 from collections.abc import AsyncIterator
 from dataclasses import asdict
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from fastapi import APIRouter, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -23,6 +23,7 @@ from prometheus_client import CONTENT_TYPE_LATEST
 from pydantic import BaseModel
 from pydantic.json_schema import models_json_schema
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.requests import ClientDisconnect
 
 from service import (
     codecs,
@@ -52,6 +53,7 @@ from service.http_limits import BodySizeLimit
 from service.metrics import Metrics
 from service.settings import Settings
 from service.types import (
+    AnswerLimit,
     EncodeRequest,
     GenerateRequest,
     GenerateResult,
@@ -66,6 +68,7 @@ if TYPE_CHECKING:
     from service.sessions import SessionManager
 
 PROTOCOL: WireProtocol = "rest"
+Body = TypeVar("Body", rest_schemas.EncodeBody, rest_schemas.GenerateBody)
 # Request bodies read raw (fast path) but documented from these models.
 REQUEST_MODELS: tuple[type[BaseModel], ...] = (
     rest_schemas.EncodeBody,
@@ -76,9 +79,12 @@ REQUEST_MODELS: tuple[type[BaseModel], ...] = (
 
 
 def request_sequences(
-    body: rest_schemas.EncodeBody | rest_schemas.GenerateBody, limit: int
+    body: rest_schemas.EncodeBody | rest_schemas.GenerateBody,
+    limit: int,
+    max_steps: int | None = None,
 ) -> tuple[InputKind, list[Sequence]]:
-    """The sequences of an encode/generate body as numpy arrays or strings, count checked."""
+    """The sequences of an encode/generate body as numpy arrays or strings, count (and, with
+    `max_steps`, length) checked before conversion."""
     for name in ("inputs", "tokens", "texts"):
         value = getattr(body, name)
         if value is None:
@@ -86,9 +92,9 @@ def request_sequences(
         if isinstance(value, list) and len(value) > limit:
             raise InvalidInput(name, f"at most {limit} sequences per request, got {len(value)}")
         if name == "inputs":
-            return "features", list(codecs.features_from_json(value, name))
+            return "features", list(codecs.features_from_json(value, name, max_steps))
         if name == "tokens":
-            return "tokens", list(codecs.tokens_from_json(value, name))
+            return "tokens", list(codecs.tokens_from_json(value, name, max_steps))
         return "text", list(codecs.texts_from_json(value, name))
     raise InvalidInput("body", "exactly one of 'inputs', 'tokens', 'texts' is required")
 
@@ -103,11 +109,26 @@ def create_router(engine: Engine, settings: Settings, metrics: Metrics) -> APIRo
     router = APIRouter()
     observer = RequestObserver(metrics, PROTOCOL, metric_labels.known_model(engine))
     bad = errors_doc(False, 400, 404, 413, 503, 504)
+    answers = AnswerLimit(settings.max_answer_bytes, 16, False, "--max-answer-bytes")
+
+    async def sequences_of(
+        name: str, version: int | None, request: Request, schema: type[Body]
+    ) -> tuple[Body, InputKind, list[Sequence]]:
+        # NOTE: the model first: an unknown model's body is never read, and sequences longer
+        # than the model takes are refused before numpy converts them.
+        _, config = engine.infer_config(name, version)
+        raw = await request.body()
+        body = parse_body(schema, raw, settings.request_values_limit)
+        kind, sequences = request_sequences(
+            body, settings.max_sequences_per_request, config.serving.max_sequence_length
+        )
+        return body, kind, sequences
 
     async def encode(name: str, version: int | None, request: Request) -> Response:
         with observer.observe(name, version, "encode") as labels:
-            body = parse_body(rest_schemas.EncodeBody, await request.body())
-            kind, sequences = request_sequences(body, settings.max_sequences_per_request)
+            body, kind, sequences = await sequences_of(
+                name, version, request, rest_schemas.EncodeBody
+            )
             typed = EncodeRequest(
                 model=name,
                 sequences=sequences,
@@ -116,6 +137,7 @@ def create_router(engine: Engine, settings: Settings, metrics: Metrics) -> APIRo
                 pooling=body.pooling,
                 timeout_s=None if body.timeout_ms is None else body.timeout_ms / 1000,
                 protocol=PROTOCOL,
+                answer_limit=answers,
             )
             result = await unless_disconnected(request, engine.encode(typed))
             labels["version"] = result.version
@@ -132,8 +154,9 @@ def create_router(engine: Engine, settings: Settings, metrics: Metrics) -> APIRo
 
     async def generate(name: str, version: int | None, request: Request) -> Response:
         with observer.observe(name, version, "generate") as labels:
-            body = parse_body(rest_schemas.GenerateBody, await request.body())
-            kind, sequences = request_sequences(body, settings.max_sequences_per_request)
+            body, kind, sequences = await sequences_of(
+                name, version, request, rest_schemas.GenerateBody
+            )
             typed = GenerateRequest(
                 model=name,
                 sequences=sequences,
@@ -491,6 +514,8 @@ def create_app(
     app.add_exception_handler(RequestValidationError, http_errors.handle_validation_error)
     app.add_exception_handler(StarletteHTTPException, http_errors.handle_http_exception)
     app.add_exception_handler(ClientDisconnectedError, http_errors.handle_client_disconnected)
+    # NOTE: a client gone while its body was read (or cut off by its body deadline).
+    app.add_exception_handler(ClientDisconnect, http_errors.handle_client_disconnected)
     app.add_exception_handler(Exception, http_errors.handle_unexpected)
     app.include_router(create_ops_router(engine, metrics))
     app.include_router(api)
@@ -499,7 +524,10 @@ def create_app(
 
     app.include_router(
         create_session_router(
-            sessions or engine.sessions, metrics, metric_labels.known_model(engine)
+            sessions or engine.sessions,
+            metrics,
+            metric_labels.known_model(engine),
+            settings.request_values_limit,
         )
     )
     add_offline_docs(app)

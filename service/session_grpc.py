@@ -10,7 +10,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any, cast, get_args
 
 import grpc
@@ -18,7 +18,7 @@ import numpy as np
 
 from rnnserve_client.proto.rnnserve.v1 import rnnserve_pb2 as pb
 from service import errors
-from service.grpc_api import CallRecorder, abort_with, deadline_of
+from service.grpc_api import CallRecorder, DrainWatch, abort_with, deadline_of
 from service.grpc_convert import float_values, optional_version, request_timeout
 from service.sessions import ChunkResult, SessionManager, StreamPooling
 from service.types import InputKind, Sequence
@@ -83,14 +83,19 @@ async def stream_session(
     calls: CallRecorder,
     requests: AsyncIterator[pb.SessionRequest],
     context: grpc.aio.ServicerContext[Any, Any],
+    until_draining: Callable[[], Awaitable[None]],
 ) -> AsyncIterator[pb.SessionResponse]:
-    """Serve one StreamSession call: open on the first message, then answer every chunk."""
+    """Serve one StreamSession call: open on the first message, then answer every chunk.
+
+    Once the server drains, the stream ends with UNAVAILABLE (`Draining`) at its next message,
+    or at once while it waits for one."""
     session_id: str | None = None
     model, version = "", None
+    watch = DrainWatch(until_draining)
     try:
         start = time.perf_counter()
         try:
-            first = await anext(requests, None)
+            first = await watch.read(requests)
             if first is None:
                 return
             if first.WhichOneof("message") != "open":
@@ -124,8 +129,8 @@ async def stream_session(
             # NOTE: not `async for`: a message that does not parse (grpc_api.ParsedRequests)
             # raises here, and must end the stream with its status like any bad chunk.
             try:
-                message = await anext(requests, None)
-            except errors.InvalidInput as exc:
+                message = await watch.read(requests)
+            except errors.ServiceError as exc:
                 calls.observe(model, version, "session_chunk", exc, 0.0)
                 await abort_with(context, exc)
             if message is None:
@@ -151,8 +156,9 @@ async def stream_session(
             calls.observe(model, version, "session_chunk", None, time.perf_counter() - start)
             yield pb.SessionResponse(chunk=result_to_proto(result))
     finally:
+        watch.close()
         if session_id is not None:
-            with contextlib.suppress(errors.NotFound):
+            with contextlib.suppress(errors.NotFound, errors.Draining):
                 sessions.close(session_id)
 
 

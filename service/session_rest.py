@@ -187,10 +187,14 @@ def _optional(extra: dict[str, Any]) -> dict[str, Any]:
 
 
 def create_session_router(
-    sessions: SessionManager, metrics: Metrics, known: metric_labels.Known
+    sessions: SessionManager,
+    metrics: Metrics,
+    known: metric_labels.Known,
+    max_values: int | None = None,
 ) -> APIRouter:
     """The session routes over `sessions`; requests are counted in `metrics` like every route's
-    (failed requests for models `known` rejects get blank labels)."""
+    (failed requests for models `known` rejects get blank labels); bodies of more than
+    `max_values` JSON values are refused before parsing."""
     router = APIRouter(tags=["streaming sessions"])
     observer = RequestObserver(metrics, "rest", known)
     errors: dict[int | str, dict[str, Any]] = {
@@ -203,7 +207,7 @@ def create_session_router(
 
     async def _open(name: str, version: int | None, request: Request) -> Response:
         with observer.observe(name, version, "session_open") as labels:
-            body = parse_body(SessionBody, await request.body())
+            body = parse_body(SessionBody, await request.body(), max_values)
             info = sessions.create(
                 name,
                 version,
@@ -216,7 +220,7 @@ def create_session_router(
 
     async def _stream(name: str, version: int | None, request: Request) -> Response:
         with observer.observe(name, version, "stream") as labels:
-            body = parse_body(StreamBody, await request.body())
+            body = parse_body(StreamBody, await request.body(), max_values)
             sequence, kind = chunk_sequence(body)
             result = await sessions.stream(
                 name,
@@ -263,7 +267,7 @@ def create_session_router(
     )
     async def send_chunk(session_id: str, request: Request) -> Response:
         with observer.observe(*_labels(session_id), "session_chunk"):
-            body = parse_body(ChunkBody, await request.body())
+            body = parse_body(ChunkBody, await request.body(), max_values)
             sequence, kind = chunk_sequence(body)
             result = await sessions.chunk(
                 session_id,

@@ -338,6 +338,7 @@ class SessionManager:
         protocol: WireProtocol = "internal",
     ) -> ChunkResult:
         """Feed one chunk to a session; the answer covers every step so far."""
+        self._check_admitting(session_id)
         session = self._get(session_id)
         if session.busy:
             raise Conflict(
@@ -394,6 +395,8 @@ class SessionManager:
         protocol: WireProtocol = "internal",
     ) -> ChunkResult:
         """One stateless chunk: state in by token (None = start), new token out."""
+        if self.backend.draining:
+            raise Draining("the server is shutting down and takes no new chunks")
         number, config = self.backend.model_config(model, version)
         self._check_streamable(model, config)
         state = self._open_token(model, number, config, state_token)
@@ -478,6 +481,8 @@ class SessionManager:
             self._expire(session)
             session = None
         if session is None:
+            # NOTE: sessions close when the server drains; their clients hear why.
+            self._check_admitting(session_id)
             if session_id in self._expired:
                 raise NotFound(
                     f"session {shown(session_id)} expired after {self.idle_timeout_s:g} s idle; "
@@ -485,6 +490,13 @@ class SessionManager:
                 )
             raise NotFound(f"no session {shown(session_id)} (never opened, or closed)")
         return session
+
+    def _check_admitting(self, session_id: str) -> None:
+        if self.backend.draining:
+            raise Draining(
+                f"the server is shutting down: session {shown(session_id)} takes no more "
+                "chunks; resume it on another replica from its last state_token"
+            )
 
     def _idle(self, session: _Session, now: float) -> bool:
         return now - session.last_used > self.idle_timeout_s

@@ -119,6 +119,51 @@ class Settings(BaseSettings):
     grpc_max_message_bytes: int = Field(
         default=64 * 1024 * 1024, ge=1024, description="Largest gRPC message (in and out)."
     )
+    max_request_values: int | None = Field(
+        default=None,
+        ge=1024,
+        description=(
+            "Most values one request may hold that are parsed one by one, counted before "
+            "parsing: JSON numbers, strings, lists and objects; protobuf integers, strings, "
+            "bytes and messages (packed floats and raw tensor bytes are copied whole and not "
+            "counted). Default: max_sequences_per_request × 4096 + 65536, a full request of "
+            "one-feature rows of 2048 steps (a list and a number each)."
+        ),
+    )
+    max_answer_bytes: int = Field(
+        default=64 * 1024 * 1024,
+        ge=1024,
+        description=(
+            "Largest answer an encode request may ask for, estimated before any compute "
+            "(JSON numbers at 16 bytes, binary and gRPC at 4; gRPC answers are also held to "
+            "grpc_max_message_bytes)."
+        ),
+    )
+    max_stream_pending: int = Field(
+        default=16,
+        ge=1,
+        le=4096,
+        description=(
+            "Requests one ModelStreamInfer stream may have running or answered but unread; "
+            "the stream reads no more until the client takes an answer."
+        ),
+    )
+    http_header_timeout_s: float = Field(
+        default=10.0,
+        gt=0.0,
+        description=(
+            "Seconds a client has to send a request's line and headers, from connecting or "
+            "from its first byte on a kept-alive connection; then the connection closes (408)."
+        ),
+    )
+    http_body_timeout_s: float = Field(
+        default=60.0,
+        gt=0.0,
+        description=(
+            "Seconds a client has to send a request's whole body once its headers arrived; "
+            "then the connection closes (408)."
+        ),
+    )
     grpc_max_connection_age_s: float = Field(
         default=60.0,
         gt=0.0,
@@ -147,6 +192,26 @@ class Settings(BaseSettings):
         default=256,
         ge=1,
         description="Rows (greedy requests + beams) in one model's running decode batch.",
+    )
+    max_request_decode_slots: int | None = Field(
+        default=None,
+        ge=1,
+        description=(
+            "Most rows (sequences × beam_size) one generate request may have in a model's "
+            "running decode batch at once; its other sequences wait while later requests go "
+            "ahead. Default: half of max_decode_slots (at least one full beam of max_beam_size). "
+            "beam_size may not exceed it."
+        ),
+    )
+    max_request_decode_work: int | None = Field(
+        default=None,
+        ge=1,
+        description=(
+            "Most decode work one generate request may have running at once, in rows × source "
+            "steps (a beam of 4 over a 100-character text is 400); its first sequence always "
+            "runs. Bounds how much one request slows every step of the others. Default: the "
+            "model's max_batch_size × 128."
+        ),
     )
     max_decode_queue: int = Field(
         default=1024,
@@ -276,6 +341,13 @@ class Settings(BaseSettings):
             check_cpu_dtype(self.dtype, cpu_capabilities())
         return self
 
+    @property
+    def request_values_limit(self) -> int:
+        """`max_request_values`, or its default derived from `max_sequences_per_request`."""
+        if self.max_request_values is not None:
+            return self.max_request_values
+        return self.max_sequences_per_request * 4096 + 65536
+
     def policy_for(self, model: str) -> str:
         """The version policy of `model` (its override, else the default)."""
         return self.version_policies.get(model, self.version_policy)
@@ -302,6 +374,13 @@ class Settings(BaseSettings):
         return {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}[
             self.dtype
         ]
+
+    def request_decode_slots(self) -> int:
+        """Rows one generate request may hold in a running decode batch."""
+        if self.max_request_decode_slots is not None:
+            return min(self.max_request_decode_slots, self.max_decode_slots)
+        beam = min(self.max_beam_size, self.max_decode_slots)
+        return max(beam, self.max_decode_slots // 2)
 
     def intra_op_threads(self, cores: int) -> int:
         """torch intra-op threads for a machine with `cores` cores."""

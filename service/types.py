@@ -19,6 +19,19 @@ Sequence = np.ndarray | str
 
 
 @dataclass(frozen=True, slots=True)
+class AnswerLimit:
+    """The largest answer a wire sends, checked before compute from the answer's shape."""
+
+    max_bytes: int
+    # The encoded size counted per number (16 in JSON, 4 in binary tensors and protobuf).
+    bytes_per_value: int
+    # Per-step encodings padded to the longest sequence (V2's [batch, time, size] tensor).
+    padded: bool
+    # The setting named in the refusal.
+    setting: str
+
+
+@dataclass(frozen=True, slots=True)
 class EncodeRequest:
     """Encode a batch of sequences of one model version."""
 
@@ -30,6 +43,7 @@ class EncodeRequest:
     timeout_s: float | None = None
     protocol: Protocol = "internal"
     endpoint: str = "encode"
+    answer_limit: AnswerLimit | None = None
 
 
 @dataclass(frozen=True, slots=True)

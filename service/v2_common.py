@@ -8,6 +8,7 @@ parameters and output tensors are decided here once; service/v2_rest.py and serv
 from __future__ import annotations
 
 import functools
+import math
 from collections.abc import Mapping
 from dataclasses import dataclass
 from importlib import metadata
@@ -20,6 +21,7 @@ from service import validation
 from service.codecs import V2Output, V2Tensor
 from service.errors import InvalidInput, NotFound, shown
 from service.types import (
+    AnswerLimit,
     EncodeRequest,
     EncodeResult,
     GenerateRequest,
@@ -165,6 +167,8 @@ def infer_sequences(
 ) -> tuple[InputKind, list[Sequence]]:
     """The engine's sequences of a V2 request's input tensors (all of them, in the request's order).
 
+    Names, datatypes and shapes are checked against the model (batch, and values at most
+    `limit` sequences of its max_sequence_length steps) before any tensor's data is decoded.
     Errors name the request's own path (`inputs[1].shape`, `inputs[0].data[3]`) on both wires.
     """
     names = [t.name for t in input_metadata(config)]
@@ -196,13 +200,14 @@ def infer_sequences(
         raise InvalidInput(
             f"{where}.datatype", f"{main_name} must be {sorted(allowed_types)}, got {main.datatype}"
         )
-    data = main.data
-    assert isinstance(data, np.ndarray)  # every numeric datatype decodes to an array
-    if data.ndim != (3 if features else 2):
+    if len(main.shape) != (3 if features else 2):
         dims = "[batch, time, features]" if features else "[batch, time]"
         raise InvalidInput(f"{where}.shape", f"{main_name} must be {dims}, got {main.shape}")
-    batch, steps = data.shape[0], data.shape[1]
+    batch, steps = main.shape[0], main.shape[1]
     _check_batch(batch, where, limit)
+    _check_values(main, where, limit, config)
+    data = main.data
+    assert isinstance(data, np.ndarray)  # every numeric datatype decodes to an array
     data = data.astype(np.float32 if features else np.int64, copy=False)
     if "LENGTHS" not in positions:
         return kind, list(data)
@@ -218,16 +223,32 @@ def _check_batch(batch: int, where: str, limit: int) -> None:
         raise InvalidInput(f"{where}.shape", f"at most {limit} sequences per request, got {batch}")
 
 
+def _check_values(tensor: V2Tensor, where: str, limit: int, config: ModelConfig) -> None:
+    """Refuse a main input larger than the largest request the model takes (`limit` sequences
+    of max_sequence_length steps), whatever its padding, before its data is decoded."""
+    longest = config.serving.max_sequence_length
+    features = getattr(config.input, "size", 1)
+    most = limit * longest * features
+    values = math.prod(tensor.shape)
+    if values > most:
+        per_step = f" × {features} features" if len(tensor.shape) == 3 else ""
+        raise InvalidInput(
+            f"{where}.shape",
+            f"{tensor.shape} holds {values} values; this model takes at most {most} "
+            f"({limit} sequences × {longest} steps{per_step})",
+        )
+
+
 def _lengths(tensor: V2Tensor, where: str, batch: int, steps: int) -> list[int]:
     if tensor.datatype not in _INTS:
         raise InvalidInput(
             f"{where}.datatype", f"LENGTHS must be {sorted(_INTS)}, got {tensor.datatype}"
         )
-    assert isinstance(tensor.data, np.ndarray)
-    if tensor.data.shape != (batch,):
+    if tensor.shape != [batch]:
         raise InvalidInput(
             f"{where}.shape", f"LENGTHS must be [{batch}] (one per sequence), got {tensor.shape}"
         )
+    assert isinstance(tensor.data, np.ndarray)
     lengths: list[int] = tensor.data.tolist()
     for b, n in enumerate(lengths):
         if not 1 <= n <= steps:
@@ -306,11 +327,13 @@ def infer_request(
     *,
     endpoint: str = "infer",
     deadline_s: float | None = None,
+    answer_limit: AnswerLimit | None = None,
 ) -> EncodeRequest | GenerateRequest:
     """The engine's request of an infer: a GenerateRequest for a seq2seq model (parameters
     timeout_ms, max_length, beam_size), else an EncodeRequest (timeout_ms, pooling).
 
     `deadline_s` is the call's own remaining deadline, if the wire has one; the tighter wins.
+    `answer_limit` bounds the encoding the wire would send.
     """
     timeout = validation.tighter_timeout(timeout_s(params), deadline_s)
     if config.task == "seq2seq":
@@ -335,6 +358,7 @@ def infer_request(
         timeout_s=timeout,
         protocol=protocol,
         endpoint=endpoint,
+        answer_limit=answer_limit,
     )
 
 

@@ -18,8 +18,15 @@ import grpc
 
 from rnnserve_client.proto.inference import grpc_service_pb2 as v2
 from rnnserve_client.proto.inference import grpc_service_pb2_grpc
-from service import errors, grpc_convert, metric_labels, v2_common, validation
-from service.grpc_api import CallRecorder, check_management, deadline_of
+from service import errors, grpc_convert, management, metric_labels, v2_common, validation
+from service.grpc_api import (
+    CallRecorder,
+    DrainWatch,
+    abort_with,
+    answer_limit,
+    check_management,
+    deadline_of,
+)
 from service.metrics import Metrics
 from service.settings import Settings
 
@@ -45,6 +52,16 @@ def _tensor_metadata(
     ]
 
 
+def _repository_parameters(
+    request: v2.RepositoryModelLoadRequest | v2.RepositoryModelUnloadRequest,
+) -> dict[str, Any]:
+    """A repository request's parameters as plain values (None for one with no value set)."""
+    return {
+        name: getattr(param, which) if (which := param.WhichOneof("parameter_choice")) else None
+        for name, param in request.parameters.items()
+    }
+
+
 class InferenceServicer(grpc_service_pb2_grpc.GRPCInferenceServiceServicer):
     """inference.GRPCInferenceService on the engine."""
 
@@ -62,7 +79,10 @@ class InferenceServicer(grpc_service_pb2_grpc.GRPCInferenceServiceServicer):
     def __init__(self, engine: Engine, settings: Settings, metrics: Metrics) -> None:
         self.engine = engine
         self.settings = settings
-        self.calls = CallRecorder(metrics, "v2-grpc", metric_labels.known_model(engine))
+        self.calls = CallRecorder(
+            metrics, "v2-grpc", metric_labels.known_model(engine), settings.grpc_max_message_bytes
+        )
+        self.answers = answer_limit(settings, padded=True)
 
     async def ServerLive(  # noqa: N802 (gRPC method names)
         self, request: v2.ServerLiveRequest, context: Context
@@ -85,10 +105,14 @@ class InferenceServicer(grpc_service_pb2_grpc.GRPCInferenceServiceServicer):
             try:
                 ready = v2_common.model_ready(self.engine, request.name, version)
             except errors.NotFound:
+                # NOTE: an answer (ready: false, as Triton's), yet made-up names and versions
+                # must not become label values: counted as for a refusal.
                 ready = False
+                version = None
             return v2.ModelReadyResponse(ready=ready)
 
-        return await self.calls.run(context, request.name, "model_ready", call, lambda _: version)
+        model = request.name if self.calls.known(request.name, None) else ""
+        return await self.calls.run(context, model, "model_ready", call, lambda _: version)
 
     async def ServerMetadata(  # noqa: N802
         self, request: v2.ServerMetadataRequest, context: Context
@@ -131,7 +155,7 @@ class InferenceServicer(grpc_service_pb2_grpc.GRPCInferenceServiceServicer):
     async def _infer(
         self, request: v2.ModelInferRequest, deadline_s: float | None, endpoint: str
     ) -> v2.ModelInferResponse:
-        version, config = self.engine.model_config(
+        version, config = self.engine.infer_config(
             request.model_name, _version(request.model_version)
         )
         infer = grpc_convert.v2_infer_request(
@@ -141,6 +165,7 @@ class InferenceServicer(grpc_service_pb2_grpc.GRPCInferenceServiceServicer):
             deadline_s,
             limit=self.settings.max_sequences_per_request,
             endpoint=endpoint,
+            answer_limit=self.answers,
         )
         answered, outputs = await v2_common.infer(self.engine, infer, config)
         return grpc_convert.v2_infer_response(request, answered, outputs)
@@ -163,6 +188,10 @@ class InferenceServicer(grpc_service_pb2_grpc.GRPCInferenceServiceServicer):
         # stream, as Triton does.
         answers: asyncio.Queue[v2.ModelStreamInferResponse | None] = asyncio.Queue()
         running: set[asyncio.Task[None]] = set()
+        # NOTE: one permit per request read, given back once its answer went out: a client that
+        # stops reading stops the stream reading its requests (HTTP/2 flow control then holds
+        # its sends), instead of the server running and keeping answers without bound.
+        pending = asyncio.Semaphore(self.settings.max_stream_pending)
 
         async def fail(request: v2.ModelInferRequest, message: str) -> None:
             failed = v2.ModelInferResponse(
@@ -175,6 +204,7 @@ class InferenceServicer(grpc_service_pb2_grpc.GRPCInferenceServiceServicer):
             start = time.perf_counter()
             try:
                 response = await self._infer(request, deadline_of(context), "stream_infer")
+                self.calls.check_answer(response)
             except asyncio.CancelledError as exc:
                 self.calls.observe(
                     request.model_name, None, "stream_infer", exc, time.perf_counter() - start
@@ -200,13 +230,20 @@ class InferenceServicer(grpc_service_pb2_grpc.GRPCInferenceServiceServicer):
             )
             await answers.put(v2.ModelStreamInferResponse(infer_response=response))
 
+        drained: list[errors.Draining] = []
+
         async def read() -> None:
             requests = aiter(request_iterator)
+            watch = DrainWatch(self.engine.until_draining)
             try:
                 while True:
+                    await pending.acquire()
                     try:
-                        request = await anext(requests)
-                    except StopAsyncIteration:
+                        request = await watch.read(requests)
+                    except errors.Draining as exc:
+                        # NOTE: the server drains: requests under way are answered, then the
+                        # stream ends with UNAVAILABLE.
+                        drained.append(exc)
                         break
                     except errors.InvalidInput as exc:
                         # NOTE: a message that does not parse (grpc_api.ParsedRequests) is
@@ -214,11 +251,14 @@ class InferenceServicer(grpc_service_pb2_grpc.GRPCInferenceServiceServicer):
                         self.calls.observe("", None, "stream_infer", exc, 0.0)
                         await fail(v2.ModelInferRequest(), exc.message)
                         continue
+                    if request is None:
+                        break
                     task = asyncio.get_running_loop().create_task(one(request))
                     running.add(task)
                     task.add_done_callback(running.discard)
                 await asyncio.gather(*running)
             finally:
+                watch.close()
                 # NOTE: always, so the writer below never waits for answers that cannot come.
                 answers.put_nowait(None)
 
@@ -226,15 +266,19 @@ class InferenceServicer(grpc_service_pb2_grpc.GRPCInferenceServiceServicer):
         try:
             while (answer := await answers.get()) is not None:
                 yield answer
+                pending.release()
             await reader
         finally:
             for task in (reader, *running):
                 task.cancel()
+        if drained:
+            await abort_with(context, drained[0])
 
     async def RepositoryIndex(  # noqa: N802
         self, request: v2.RepositoryIndexRequest, context: Context
     ) -> v2.RepositoryIndexResponse:
         async def call() -> v2.RepositoryIndexResponse:
+            check_management(self.settings, context)
             index = v2.RepositoryIndexResponse()
             for model, v in v2_common.repository_index(self.engine, request.ready):
                 index.models.add(
@@ -250,6 +294,7 @@ class InferenceServicer(grpc_service_pb2_grpc.GRPCInferenceServiceServicer):
         async def call() -> v2.RepositoryModelLoadResponse:
             check_management(self.settings, context)
             validation.check_model_name(request.model_name, "model_name")
+            management.check_repository_parameters(_repository_parameters(request))
             await v2_common.repository_load(self.engine, request.model_name)
             return v2.RepositoryModelLoadResponse()
 
@@ -261,6 +306,7 @@ class InferenceServicer(grpc_service_pb2_grpc.GRPCInferenceServiceServicer):
         async def call() -> v2.RepositoryModelUnloadResponse:
             check_management(self.settings, context)
             validation.check_model_name(request.model_name, "model_name")
+            management.check_repository_parameters(_repository_parameters(request))
             await self.engine.unload(request.model_name)
             return v2.RepositoryModelUnloadResponse()
 

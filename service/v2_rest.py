@@ -14,11 +14,20 @@ from fastapi import APIRouter, Request
 from fastapi.responses import Response
 
 from models.config import ModelConfig
-from service import codecs, http_common, metric_labels, rest_schemas, v2_common, validation
+from service import (
+    codecs,
+    http_common,
+    management,
+    metric_labels,
+    rest_schemas,
+    v2_common,
+    validation,
+)
 from service.engine import Engine
 from service.errors import InvalidInput
 from service.metrics import Metrics
 from service.settings import Settings
+from service.types import AnswerLimit
 from service.types import Protocol as WireProtocol
 
 PROTOCOL: WireProtocol = "v2-rest"
@@ -72,6 +81,20 @@ def select_outputs(
         ):
             binary.add(name)
     return v2_common.requested_outputs(outputs, names), binary
+
+
+def binary_encoding(header: dict[str, Any]) -> bool:
+    """Whether the answer to `header` sends ENCODING as a binary tensor (4 bytes a number) rather
+    than JSON (counted at 16): its own `binary_data`, else the request's `binary_data_output`."""
+    params = codecs.parameters_of(header)
+    binary = isinstance(params, dict) and params.get("binary_data_output") is True
+    requested = header.get("outputs")
+    for spec in requested if isinstance(requested, list) else []:
+        if isinstance(spec, dict) and spec.get("name") == "ENCODING":
+            spec_params = codecs.parameters_of(spec)
+            if isinstance(spec_params, dict) and isinstance(spec_params.get("binary_data"), bool):
+                return bool(spec_params["binary_data"])
+    return binary
 
 
 def create_router(engine: Engine, settings: Settings, metrics: Metrics) -> APIRouter:
@@ -166,20 +189,30 @@ def create_router(engine: Engine, settings: Settings, metrics: Metrics) -> APIRo
 
     async def infer(name: str, version: int | None, request: Request) -> Response:
         with observer.observe(name, version, "infer") as labels:
+            # NOTE: the model first: an unknown model's body is never read, and tensors larger
+            # than the model takes are refused before their data is decoded.
+            resolved, config = engine.infer_config(name, version)
+            labels["version"] = resolved
             header, tail = codecs.split_v2_body(
-                await request.body(), request.headers.get(codecs.HEADER_LENGTH)
+                await request.body(),
+                request.headers.get(codecs.HEADER_LENGTH),
+                settings.request_values_limit,
             )
             tensors = codecs.decode_v2_inputs(header, tail)
-            resolved, config = engine.model_config(name, version)
-            labels["version"] = resolved
             kind, sequences = v2_common.infer_sequences(
                 tensors, config, settings.max_sequences_per_request
             )
             params = codecs.parameters_of(header)
             if not isinstance(params, dict):
                 raise InvalidInput("parameters", "expected an object")
+            answers = AnswerLimit(
+                settings.max_answer_bytes,
+                4 if binary_encoding(header) else 16,
+                True,
+                "--max-answer-bytes",
+            )
             infer = v2_common.infer_request(
-                name, resolved, config, kind, sequences, params, PROTOCOL
+                name, resolved, config, kind, sequences, params, PROTOCOL, answer_limit=answers
             )
             _, outputs = await http_common.unless_disconnected(
                 request, v2_common.infer(engine, infer, config)
@@ -234,7 +267,9 @@ def create_router(engine: Engine, settings: Settings, metrics: Metrics) -> APIRo
             http_common.management_guard(settings, request)
             body = await request.body()
             query = (
-                http_common.parse_body(rest_schemas.V2RepositoryIndexBody, body)
+                http_common.parse_body(
+                    rest_schemas.V2RepositoryIndexBody, body, settings.request_values_limit
+                )
                 if body.strip()
                 else None
             )
@@ -256,19 +291,12 @@ def create_router(engine: Engine, settings: Settings, metrics: Metrics) -> APIRo
             http_common.management_guard(settings, request)
             validation.check_model_name(name)
             body = await request.body()
-            value = codecs.loads(body) if body.strip() else {}
+            value = (
+                codecs.loads(body, max_values=settings.request_values_limit) if body.strip() else {}
+            )
             if not isinstance(value, dict):
                 raise InvalidInput("body", "expected a JSON object")
-            params = codecs.parameters_of(value)
-            unknown = (
-                sorted(set(params) - {"unload_dependents"}) if isinstance(params, dict) else [""]
-            )
-            if unknown:
-                # NOTE: Triton's load parameters can carry model files or a config; loading only
-                # ever reads the configured repository, by name.
-                raise InvalidInput(
-                    "parameters", f"unsupported load/unload parameters {unknown} (names only)"
-                )
+            management.check_repository_parameters(value.get("parameters"))
             if action == "unload":
                 await engine.unload(name)
             else:

@@ -15,7 +15,7 @@ from models.config import FeaturesInput, ModelConfig, TextInput, TokensInput
 from models.tokenizer import Tokenizer
 from service.errors import InvalidInput
 from service.settings import MODEL_NAME_RULE, is_model_name
-from service.types import InputKind, Sequence
+from service.types import AnswerLimit, InputKind, Sequence
 
 FIELD_OF_KIND: dict[str, str] = {"features": "inputs", "tokens": "tokens", "text": "texts"}
 POOLINGS = ("last", "mean", "max", "none")
@@ -138,11 +138,14 @@ def sequences(
         if array.shape[0] == 0:
             raise InvalidInput(name, "empty sequence; at least one step is required")
         if array.shape[0] > limit:
-            raise InvalidInput(
-                name, f"{array.shape[0]} steps; this model's max_sequence_length is {limit}"
-            )
+            raise too_many_steps(name, array.shape[0], limit)
         out.append(array)
     return out
+
+
+def too_many_steps(field: str, steps: int, limit: int) -> InvalidInput:
+    """The refusal of a sequence longer than its model's max_sequence_length (`limit`)."""
+    return InvalidInput(field, f"{steps} steps; this model's max_sequence_length is {limit}")
 
 
 def _features(name: str, item: Sequence, size: int) -> np.ndarray:
@@ -199,6 +202,36 @@ def _text(
     if ids.shape[0] == 0:
         raise InvalidInput(name, f"empty text (no {spec.tokenizer} tokens)")
     return ids
+
+
+def check_answer_size(
+    config: ModelConfig,
+    kind: InputKind,
+    arrays: list[np.ndarray],
+    pooling: str,
+    limit: AnswerLimit,
+) -> None:
+    """`InvalidInput` when the answer to encoding `arrays` would pass `limit`: per-step encodings
+    ("none") grow with every step, so a small request can ask for a huge answer."""
+    rows = len(arrays)
+    if pooling != "none":
+        steps = rows
+    elif limit.padded:
+        steps = rows * max(a.shape[0] for a in arrays)
+    else:
+        steps = sum(a.shape[0] for a in arrays)
+    values = steps * config.encoding_size + rows * (config.head.size if config.head else 0)
+    size = values * limit.bytes_per_value
+    if size <= limit.max_bytes:
+        return
+    advice = "send fewer or shorter sequences"
+    if pooling == "none":
+        advice += ", or ask for a pooled encoding (pooling 'none' answers every step)"
+    raise InvalidInput(
+        FIELD_OF_KIND[kind],
+        f"the answer would take about {size:,} bytes ({values:,} numbers); the limit is "
+        f"{limit.max_bytes:,} bytes ({limit.setting}): {advice}",
+    )
 
 
 def generate_limits(

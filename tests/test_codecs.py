@@ -325,8 +325,10 @@ def test_v2_response_round_trip(spec: tuple[str, list[int], np.ndarray], binary:
 def test_v2_errors_name_the_field(
     header: dict[str, object], tail: bytes, field: str, fragment: str
 ) -> None:
+    # Data is decoded on first use (after the model's checks of names and shapes).
     with pytest.raises(InvalidInput) as err:
-        codecs.decode_v2_inputs(header, tail)
+        for tensor in codecs.decode_v2_inputs(header, tail):
+            assert tensor.data is not None
     assert err.value.field == field
     assert fragment in err.value.message
 

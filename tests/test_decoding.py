@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
+import logging
 import random
 import threading
 import time
@@ -11,6 +13,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pytest
 import torch
 
@@ -442,3 +445,109 @@ async def test_a_waiting_request_is_encoded_once_it_waited_max_wait_steps_mid_bu
     assert waited and waited[0] - enqueued <= 4 + 200, (enqueued, waited)
     assert not all(f.done() for f in long)
     await asyncio.gather(*long)
+
+
+async def test_streamed_jobs_past_their_deadline_leave_no_unretrieved_exceptions(
+    repository: Path, start_engine: StartEngine, caplog: pytest.LogCaptureFixture
+) -> None:
+    write_model(repository, "s2s", task="seq2seq", input_type="text", max_length=100_000)
+    engine = await start_engine()
+    request = GenerateRequest("s2s", ["abc", "de", "fghi"], "text", timeout_s=0.3)
+
+    async def consume() -> bool:
+        events = engine.generate_stream(request)
+        assert isinstance(await anext(events), TokenEvent)
+        # The client reads nothing while the deadline passes: the scheduler fails every job.
+        await asyncio.sleep(0.6)
+        try:
+            async for _ in events:
+                pass
+        except DeadlineExceeded:
+            return True
+        return False
+
+    with caplog.at_level(logging.ERROR, logger="asyncio"):
+        assert await consume()
+        for _ in range(3):  # the jobs' futures are freed (an exception's frames form cycles)
+            gc.collect()
+            await asyncio.sleep(0.01)
+    assert "never retrieved" not in caplog.text
+
+
+async def test_one_request_holds_at_most_its_share_of_the_decode_slots(
+    repository: Path, start_engine: StartEngine, metrics: Metrics
+) -> None:
+    path = write_model(repository, "s2s", task="seq2seq", input_type="text", max_length=300)
+    engine = await start_engine(max_decode_slots=16, max_request_decode_slots=4)
+    scheduler = engine.registry.resolve("s2s").decoder
+    assert scheduler is not None
+    texts = ["abc", "bcd", "cde", "def", "efg", "fgh"]
+    # 6 sequences × beam 4 would take 24 rows: one beam of 4 runs at a time.
+    big = asyncio.ensure_future(
+        engine.generate(GenerateRequest("s2s", texts, "text", beam_size=4, max_length=40))
+    )
+    peak = 0
+    small_done = False
+
+    async def watch() -> None:
+        nonlocal peak
+        while not big.done():
+            peak = max(peak, scheduler.slots_in_use)
+            await asyncio.sleep(0)
+
+    watcher = asyncio.ensure_future(watch())
+    await asyncio.sleep(0.02)
+    small = await engine.generate(GenerateRequest("s2s", ["xy"], "text", max_length=5))
+    small_done = not big.done()
+    result = await big
+    await watcher
+    assert small_done, "the small request waited for the whole big one"
+    assert small.outputs[0].tokens == offline(path, ["xy"], 1, 5)[0]
+    assert [o.tokens for o in result.outputs] == offline(path, texts, 4, 40)
+    assert 4 <= peak <= 4 + 1  # its one beam, plus the small request's row
+    with pytest.raises(InvalidInput, match="beam_size: must be between 1 and 4, got 5"):
+        await engine.generate(GenerateRequest("s2s", ["ab"], "text", beam_size=5))
+
+
+async def test_one_request_of_long_sources_runs_one_sequence_at_a_time(
+    repository: Path, start_engine: StartEngine
+) -> None:
+    path = write_model(repository, "s2s", task="seq2seq", input_type="text", max_length=30)
+    # 3 rows × 20 source steps = 60 > 50: after the first, the others wait for it.
+    engine = await start_engine(max_request_decode_work=50)
+    scheduler = engine.registry.resolve("s2s").decoder
+    assert scheduler is not None
+    texts = ["a" * 20, "b" * 20, "c" * 20]
+    task = asyncio.ensure_future(
+        engine.generate(GenerateRequest("s2s", texts, "text", beam_size=3))
+    )
+    peak = 0
+    while not task.done():
+        peak = max(peak, scheduler.slots_in_use)
+        await asyncio.sleep(0)
+    assert [o.tokens for o in (await task).outputs] == offline(path, texts, 3, 30)
+    assert peak == 3
+
+
+async def test_a_long_decode_gives_the_device_to_another_models_batch(
+    repository: Path, start_engine: StartEngine
+) -> None:
+    write_model(repository, "s2s", task="seq2seq", input_type="text", max_length=3000)
+    write_model(repository, "enc", input_type="features", input_size=4)
+    engine = await start_engine()
+    scheduler = engine.registry.resolve("s2s").decoder
+    assert scheduler is not None
+    # NOTE: one burst would cover the whole decode: only giving the device back between steps
+    # lets the encode run before it ends.
+    scheduler.max_burst = 100_000
+    started = asyncio.Event()
+
+    async def long() -> None:
+        async for _ in engine.generate_stream(GenerateRequest("s2s", ["abc"], "text")):
+            started.set()
+
+    decoding = asyncio.ensure_future(long())
+    await started.wait()
+    await engine.encode(EncodeRequest("enc", [np.zeros((3, 4), np.float32)], "features"))
+    assert not decoding.done()
+    await decoding

@@ -595,7 +595,7 @@ async def test_v2_server_and_model_endpoints(served: Served) -> None:
         ("LENGTHS", "INT64", [-1]),
     ]
     assert [t.name for t in model.outputs] == ["ENCODING", "SCORES", "LABELS"]
-    index = await served.v2.RepositoryIndex(v2.RepositoryIndexRequest(ready=True))
+    index = await served.v2.RepositoryIndex(v2.RepositoryIndexRequest(ready=True), metadata=AUTH)
     assert {(m.name, m.version, m.state) for m in index.models} >= {("enc", "1", "READY")}
     code, _ = await _code(served.v2.ModelMetadata(v2.ModelMetadataRequest(name="nope")))
     assert code == grpc.StatusCode.NOT_FOUND
@@ -607,7 +607,7 @@ async def test_v2_repository_unload_and_load(served: Served) -> None:
     assert code == grpc.StatusCode.UNAUTHENTICATED
     await served.v2.RepositoryModelUnload(unload, metadata=AUTH)
     assert not (await served.v2.ModelReady(v2.ModelReadyRequest(name="tok"))).ready
-    index = await served.v2.RepositoryIndex(v2.RepositoryIndexRequest(ready=True))
+    index = await served.v2.RepositoryIndex(v2.RepositoryIndexRequest(ready=True), metadata=AUTH)
     assert "tok" not in {m.name for m in index.models}
     await served.v2.RepositoryModelLoad(
         v2.RepositoryModelLoadRequest(model_name="tok"), metadata=AUTH

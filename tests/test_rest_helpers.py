@@ -19,6 +19,7 @@ from prometheus_client import CollectorRegistry
 from prometheus_client.parser import text_string_to_metric_families
 
 from service.engine import Engine
+from service.http_protocol import deadline_protocol
 from service.metrics import Metrics
 from service.rest import create_app
 from service.settings import Settings
@@ -106,7 +107,16 @@ def live_server(repository: Path, **overrides: Any) -> Iterator[LiveServer]:
         app = create_app(engine, settings, metrics)
         server = uvicorn.Server(
             uvicorn.Config(
-                app, host="127.0.0.1", port=0, lifespan="off", log_level="warning", access_log=False
+                app,
+                host="127.0.0.1",
+                port=0,
+                lifespan="off",
+                log_level="warning",
+                access_log=False,
+                # NOTE: the protocol `rnnserve serve` runs (service/main.py).
+                http=deadline_protocol(
+                    settings.http_header_timeout_s, settings.http_body_timeout_s
+                ),
             )
         )
         holder.update(engine=engine, server=server, loop=asyncio.get_running_loop())

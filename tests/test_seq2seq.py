@@ -9,10 +9,10 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from models.beam_search import BeamSearch
 from models.checkpoint import build_model
-from models.decoding import BeamSearch, beam_decode
 from models.encoder import collate
-from models.seq2seq import DecoderState, Seq2SeqModel
+from models.seq2seq import DecoderState, Seq2SeqModel, beam_decode
 from tests.factories import make_config
 
 VARIANTS: list[dict[str, Any]] = [

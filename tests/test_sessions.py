@@ -412,9 +412,11 @@ async def test_a_draining_server_opens_no_sessions(repository: Path, start_engin
     await engine.drain(0.5)
     with pytest.raises(Draining):
         engine.sessions.create("lstm")
-    # drain closed the open sessions too
-    with pytest.raises(NotFound):
+    # drain closed the open sessions too; their clients hear why (not "no such session")
+    with pytest.raises(Draining):
         engine.sessions.info(info.id)
+    with pytest.raises(Draining):
+        await engine.sessions.chunk(info.id, _sequence("features", 4, 3), "features")
 
 
 async def test_a_token_of_another_version_is_refused(repository: Path, start_engine: Any) -> None:

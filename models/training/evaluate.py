@@ -96,7 +96,8 @@ def _evaluate(args: argparse.Namespace) -> int:
     start = time.perf_counter()
     heldout = task.evaluate(loaded.model, "test")
     seconds = time.perf_counter() - start
-    _print(args, folder, task, seed, loaded, heldout, report, seconds)
+    _print_setup(args, folder, task, seed, loaded)
+    _print_result(task, heldout, report, seconds)
     return 0
 
 
@@ -154,16 +155,10 @@ def _use_checkpoint(task: Task, loaded: LoadedModel) -> None:
     task.saved()
 
 
-def _print(
-    args: argparse.Namespace,
-    folder: Path,
-    task: Task,
-    seed: int,
-    loaded: LoadedModel,
-    heldout: dict[str, float],
-    report: dict[str, Any],
-    seconds: float,
+def _print_setup(
+    args: argparse.Namespace, folder: Path, task: Task, seed: int, loaded: LoadedModel
 ) -> None:
+    """What was evaluated: the folder, task, seed, and the dtype each part computed in."""
     parts = ", ".join(
         f"{part} {d.describe()['dtype']}"
         + (f" from {d.min_rows} rows (float32 below)" if d.switches else "")
@@ -172,6 +167,12 @@ def _print(
     every = " on every part" if args.every_part else ""
     print(f"{folder}: task {task.name}, seed {seed}, {args.dtype}{every} on {args.device}")
     print(f"precision: {parts}")
+
+
+def _print_result(
+    task: Task, heldout: dict[str, float], report: dict[str, Any], seconds: float
+) -> None:
+    """The held-out metrics, beside the figure recorded at training when there is one."""
     figures = ", ".join(f"{name} {value:.4f}" for name, value in heldout.items())
     print(f"held-out {task.metric}: {heldout[task.metric]:.4f} ({figures}; {seconds:.1f} s)")
     trained = report.get("heldout", {}).get(task.metric)

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import math
 from abc import ABC, abstractmethod
-from collections.abc import Iterator
+from collections.abc import Iterator, Sized
 from dataclasses import dataclass
 from typing import Any, ClassVar, Literal
 
@@ -32,14 +32,14 @@ from models.config import (
 from models.encoder import EncoderModel, collate
 from models.seq2seq import Seq2SeqModel
 from models.tokenizer import BOS, EOS, PAD, UNK, Tokenizer
-from models.training import metrics
+from models.training import dates, metrics, series, surnames
 from models.training.errors import TrainingError
 
 Split = Literal["valid", "test"]
 EVAL_BATCH = 512
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class Hyper:
     """Architecture and optimisation settings of one training run."""
 
@@ -47,9 +47,9 @@ class Hyper:
     layers: int
     hidden: int
     bidirectional: bool
-    attention: bool
-    embedding: int
-    attention_size: int
+    attention: bool = False  # seq2seq only
+    embedding: int = 0  # text only
+    attention_size: int = 0
     epochs: int
     batch_size: int
     learning_rate: float
@@ -176,6 +176,30 @@ def _encoder_spec(hyper: Hyper) -> EncoderSpec:
     )
 
 
+def _char_input(vocab: list[str], hyper: Hyper) -> TextInput:
+    """Text read character by character through an embedding."""
+    return TextInput(
+        type="text", vocab_size=len(vocab), embedding_size=hyper.embedding, tokenizer="char"
+    )
+
+
+def _encode_config(inputs: TextInput | FeaturesInput, hyper: Hyper, head: HeadSpec) -> ModelConfig:
+    """An encode model that pools the last step into `head`."""
+    return ModelConfig(
+        format=FORMAT,
+        task="encode",
+        input=inputs,
+        encoder=_encoder_spec(hyper),
+        pooling="last",
+        head=head,
+    )
+
+
+def _split_sizes(train: Sized, valid: Sized, test: Sized) -> dict[str, int]:
+    """The examples in each split, for `data_summary`."""
+    return {"train": len(train), "valid": len(valid), "test": len(test)}
+
+
 # ------------------------------------------------------------------------------------ surnames
 
 
@@ -193,9 +217,7 @@ class SurnamesTask(Task):
         layers=1,
         hidden=128,
         bidirectional=True,
-        attention=False,
         embedding=32,
-        attention_size=0,
         epochs=12,
         batch_size=64,
         learning_rate=3e-3,
@@ -203,9 +225,7 @@ class SurnamesTask(Task):
     )
 
     def load(self, seed: int, limit: int | None = None) -> None:
-        from models.training.surnames import load_surnames
-
-        splits = load_surnames(seed)
+        splits = surnames.load_surnames(seed)
         self.labels = splits.labels
         self.train = splits.train[:limit] if limit else splits.train
         self.valid, self.test = splits.valid, splits.test
@@ -215,19 +235,8 @@ class SurnamesTask(Task):
         self._train_labels = torch.tensor([label for _, label in self.train])
 
     def config(self, hyper: Hyper) -> ModelConfig:
-        return ModelConfig(
-            format=FORMAT,
-            task="encode",
-            input=TextInput(
-                type="text",
-                vocab_size=len(self.vocab),
-                embedding_size=hyper.embedding,
-                tokenizer="char",
-            ),
-            encoder=_encoder_spec(hyper),
-            pooling="last",
-            head=HeadSpec(size=len(self.labels), labels=self.labels),
-        )
+        head = HeadSpec(size=len(self.labels), labels=self.labels)
+        return _encode_config(_char_input(self.vocab, hyper), hyper, head)
 
     def vocabs(self) -> tuple[list[str] | None, list[str] | None]:
         return self.vocab, None
@@ -273,15 +282,11 @@ class SurnamesTask(Task):
         return {"majority_class_accuracy": metrics.accuracy([top] * len(expected), expected)}
 
     def data_summary(self) -> dict[str, Any]:
-        from models.training.surnames import LOCALES
-
         return {
             "source": "Faker's per-locale last-name lists (faker.providers.person.*)",
-            "labels": {label: list(LOCALES[label]) for label in self.labels},
+            "labels": {label: list(surnames.LOCALES[label]) for label in self.labels},
             "split": "by name; names listed under two labels dropped",
-            "train": len(self.train),
-            "valid": len(self.valid),
-            "test": len(self.test),
+            **_split_sizes(self.train, self.valid, self.test),
         }
 
 
@@ -312,9 +317,7 @@ class DatesTask(Task):
     TARGET_CHARS = "0123456789-"
 
     def load(self, seed: int, limit: int | None = None) -> None:
-        from models.training.dates import load_dates
-
-        splits = load_dates(seed, train_size=limit or 60_000)
+        splits = dates.load_dates(seed, train_size=limit or 60_000)
         self.train, self.valid, self.test = splits.train, splits.valid, splits.test
         self.vocab = char_vocab([source for source, _ in self.train], [PAD, UNK])
         self.target_vocab = [PAD, UNK, BOS, EOS, *self.TARGET_CHARS]
@@ -332,12 +335,7 @@ class DatesTask(Task):
         return ModelConfig(
             format=FORMAT,
             task="seq2seq",
-            input=TextInput(
-                type="text",
-                vocab_size=len(self.vocab),
-                embedding_size=hyper.embedding,
-                tokenizer="char",
-            ),
+            input=_char_input(self.vocab, hyper),
             encoder=encoder,
             decoder=DecoderSpec(
                 hidden_size=encoder.output_size,
@@ -413,17 +411,13 @@ class DatesTask(Task):
         }
 
     def data_summary(self) -> dict[str, Any]:
-        from models.training.dates import LOCALES, NUMERIC
-
         return {
             "source": "Babel (CLDR) full/long/medium date formats + numeric/English forms",
-            "locales": list(LOCALES),
-            "numeric_formats": len(NUMERIC),
+            "locales": list(dates.LOCALES),
+            "numeric_formats": len(dates.NUMERIC),
             "split": "by calendar day 1000-01-01..2999-12-31 (test 10%, valid 5% of days); "
             "half of each split's examples drawn from its days in 1900..2099",
-            "train": len(self.train),
-            "valid": len(self.valid),
-            "test": len(self.test),
+            **_split_sizes(self.train, self.valid, self.test),
         }
 
 
@@ -444,18 +438,13 @@ class ElninoTask(Task):
         layers=1,
         hidden=32,
         bidirectional=False,
-        attention=False,
-        embedding=0,
-        attention_size=0,
         epochs=100,
         batch_size=32,
         learning_rate=1e-2,
     )
 
     def load(self, seed: int, limit: int | None = None) -> None:
-        from models.training.series import load_series
-
-        splits = load_series()
+        splits = series.load_series()
         self.window = splits.window
         self.first_test_month = splits.first_test_month
         self.train = splits.train[:limit] if limit else splits.train
@@ -467,19 +456,12 @@ class ElninoTask(Task):
         self._train_x = self._tensor([w for w, _ in self.train], normalise=True)  # [N, T, 1]
         self._train_y = (torch.tensor(targets) - self.mean) / self.std  # [N]
 
-    def _tensor(self, series: list[list[float]], normalise: bool) -> Tensor:
-        x = torch.tensor(series, dtype=torch.float32)[:, :, None]  # [N, T, 1]
+    def _tensor(self, windows: list[list[float]], normalise: bool) -> Tensor:
+        x = torch.tensor(windows, dtype=torch.float32)[:, :, None]  # [N, T, 1]
         return (x - self.mean) / self.std if normalise else x
 
     def config(self, hyper: Hyper) -> ModelConfig:
-        return ModelConfig(
-            format=FORMAT,
-            task="encode",
-            input=FeaturesInput(type="features", size=1),
-            encoder=_encoder_spec(hyper),
-            pooling="last",
-            head=HeadSpec(size=1),
-        )
+        return _encode_config(FeaturesInput(type="features", size=1), hyper, HeadSpec(size=1))
 
     def train_size(self) -> int:
         return len(self.train)
@@ -567,9 +549,7 @@ class ElninoTask(Task):
             "output": "the next month's temperature in °C (head output 0)",
             "split": f"by time: targets from {self.first_test_month} on are test, the 6 years "
             "before valid, the rest train",
-            "train": len(self.train),
-            "valid": len(self.valid),
-            "test": len(self.test),
+            **_split_sizes(self.train, self.valid, self.test),
         }
 
 

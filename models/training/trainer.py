@@ -7,6 +7,7 @@ from __future__ import annotations
 import copy
 import math
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -14,7 +15,7 @@ import torch
 
 from models.checkpoint import Model
 from models.training.progress import Progress
-from models.training.tasks import Batch, Hyper, Task
+from models.training.tasks import Batch, Hyper, StepResult, Task
 
 CLIP_NORM = 1.0
 WARMUP_FRACTION = 0.03
@@ -68,9 +69,51 @@ def _regularise(model: Model, dropout: float) -> list[torch.utils.hooks.Removabl
     return handles
 
 
+def _unregularise(model: Model, hooks: list[torch.utils.hooks.RemovableHandle]) -> None:
+    """Undo `_regularise`: the model leaves training as its plain architecture."""
+    for hook in hooks:
+        hook.remove()
+    for module in model.modules():
+        if isinstance(module, torch.nn.RNNBase):
+            module.dropout = 0.0
+
+
 def _to(batch: Batch, device: torch.device) -> Batch:
     # NOTE: lengths stay on the CPU (packing reads them there).
     return Batch(batch.inputs.to(device), batch.lengths, batch.targets.to(device))
+
+
+@dataclass
+class _Steps:
+    """The optimizer steps taken so far, of `total`, and the schedule's peak learning rate."""
+
+    done: int
+    total: int
+    peak: float
+
+
+@dataclass
+class _Running:
+    """An epoch's running sums: batches, loss, and the task's training metric (`total/count`)."""
+
+    batches: int = 0
+    loss: float = 0.0
+    total: float = 0.0
+    count: int = 0
+
+    def add(self, out: StepResult) -> None:
+        self.batches += 1
+        self.loss += float(out.loss.item())
+        self.total += out.total
+        self.count += out.count
+
+    @property
+    def mean_loss(self) -> float:
+        return self.loss / self.batches
+
+    @property
+    def metric(self) -> float:
+        return self.total / max(1, self.count)
 
 
 def train(
@@ -82,42 +125,20 @@ def train(
     max_steps: int | None = None,
 ) -> TrainResult:
     """Train `model` in place on `task`; on return it holds the best validation epoch's weights."""
-    device = next(model.parameters()).device
     generator = torch.Generator().manual_seed(seed)
     per_epoch = math.ceil(task.train_size() / hyper.batch_size)
-    total = (
-        per_epoch * hyper.epochs if max_steps is None else min(max_steps, per_epoch * hyper.epochs)
-    )
+    total = per_epoch * hyper.epochs
+    steps = _Steps(0, total if max_steps is None else min(max_steps, total), hyper.learning_rate)
     optimizer = torch.optim.Adam(model.parameters(), lr=hyper.learning_rate)
     hooks = _regularise(model, hyper.dropout)
     started = time.monotonic()
-    step = 0
     best: float | None = None
     best_state: dict[str, torch.Tensor] | None = None
     result = TrainResult(steps=0, epochs=0, seconds=0.0, best_epoch=0, valid={})
     for epoch in range(1, hyper.epochs + 1):
-        model.train()
-        loss_sum, metric_total, metric_count, batches = 0.0, 0.0, 0, 0
-        for batch in task.batches(generator, hyper.batch_size):
-            if step >= total:
-                break
-            for group in optimizer.param_groups:
-                group["lr"] = learning_rate(step, total, hyper.learning_rate)
-            out = task.step(model, _to(batch, device))
-            optimizer.zero_grad(set_to_none=True)
-            out.loss.backward()
-            torch.nn.utils.clip_grad_norm_(model.parameters(), CLIP_NORM)
-            optimizer.step()
-            step += 1
-            batches += 1
-            loss_sum += float(out.loss.item())
-            metric_total += out.total
-            metric_count += out.count
-            if progress is not None:
-                progress.update(
-                    step, epoch, hyper.epochs, loss_sum / batches, metric_total / metric_count
-                )
-        if batches == 0:
+        batches = task.batches(generator, hyper.batch_size)
+        running = _train_epoch(task, model, optimizer, batches, steps, epoch, hyper, progress)
+        if running.batches == 0:
             break
         model.eval()
         valid = task.evaluate(model, "valid")
@@ -125,8 +146,8 @@ def train(
         result.history.append(
             {
                 "epoch": epoch,
-                "loss": loss_sum / batches,
-                task.train_metric: metric_total / max(1, metric_count),
+                "loss": running.mean_loss,
+                task.train_metric: running.metric,
                 **{f"valid_{k}": v for k, v in valid.items()},
             }
         )
@@ -139,21 +160,48 @@ def train(
         if progress is not None and (epoch % every == 0 or epoch == hyper.epochs):
             shown = " ".join(f"{k} {v:.4f}" for k, v in valid.items())
             progress.message(
-                f"epoch {epoch}/{hyper.epochs}: loss {loss_sum / batches:.4f} "
-                f"{task.train_metric} {metric_total / max(1, metric_count):.4f} | valid {shown}"
+                f"epoch {epoch}/{hyper.epochs}: loss {running.mean_loss:.4f} "
+                f"{task.train_metric} {running.metric:.4f} | valid {shown}"
             )
-        if step >= total:
+        if steps.done >= steps.total:
             break
     if progress is not None:
         progress.close()
-    for hook in hooks:
-        hook.remove()
-    for module in model.modules():
-        if isinstance(module, torch.nn.RNNBase):
-            module.dropout = 0.0
+    _unregularise(model, hooks)
     if best_state is not None:
         model.load_state_dict(best_state)
     model.eval()
-    result.steps = step
+    result.steps = steps.done
     result.seconds = time.monotonic() - started
     return result
+
+
+def _train_epoch(
+    task: Task,
+    model: Model,
+    optimizer: torch.optim.Optimizer,
+    batches: Iterator[Batch],
+    steps: _Steps,
+    epoch: int,
+    hyper: Hyper,
+    progress: Progress | None,
+) -> _Running:
+    """One pass over `batches` (stopping at `steps.total`), in train mode."""
+    device = next(model.parameters()).device
+    model.train()
+    running = _Running()
+    for batch in batches:
+        if steps.done >= steps.total:
+            break
+        for group in optimizer.param_groups:
+            group["lr"] = learning_rate(steps.done, steps.total, steps.peak)
+        out = task.step(model, _to(batch, device))
+        optimizer.zero_grad(set_to_none=True)
+        out.loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), CLIP_NORM)
+        optimizer.step()
+        steps.done += 1
+        running.add(out)
+        if progress is not None:
+            progress.update(steps.done, epoch, hyper.epochs, running.mean_loss, running.metric)
+    return running
