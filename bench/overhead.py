@@ -22,8 +22,9 @@ not the bottleneck. Where the bare server's loop is not saturated (it idles, wai
 generator), the loop-CPU-per-request ratio is the fairer comparison.
 
 `--profile DIR` samples each server under the highest client count with py-spy (`pip install
-py-spy`; `--native`, per thread) and prints the event loop's time per request by component
-(bench/stacks.py); the raw stacks stay in DIR.
+py-spy`; `--native`, per thread), and the decode scheduler, and prints time per request (per
+decode step) by component and thread, and rnnserve beside bare per wire (bench/stacks.py); the
+raw stacks stay in DIR.
 
 The decode loop: a tiny seq2seq model (tokens, LSTM 16, no attention; <eos> made impossible so
 every row runs to max_length) decoded by the engine's scheduler, 64 greedy requests at once,
@@ -70,6 +71,7 @@ INPUT, HIDDEN = 32, 8
 SEQUENCES = 128
 DECODE_MODEL = "tiny-s2s"
 DECODE_ROWS = 64
+DECODE_REPEATS = 9  # runs of each side per decode round
 
 
 @dataclass(frozen=True)
@@ -495,11 +497,8 @@ def profile(
     spy = py_spy()
     if spy is None:
         raise SystemExit("--profile needs py-spy (pip install py-spy)")
-    out = folder / f"{server.label}-{wire.target.strip('/').replace('/', '_')}-{clients}.txt"
-    if wire.bodies:
-        out = out.with_name(f"{server.label}-{wire.bodies}-{clients}.txt")
-    else:
-        out = out.with_name(f"{server.label}-grpc-{wire.target}-{clients}.txt")
+    kind = wire.bodies or f"grpc-{wire.target}"
+    out = folder / f"{server.label}-{kind}-{clients}.txt"
     load = threading.Thread(
         target=measure, args=(server, wire, clients, seconds + 3, root), daemon=True
     )
@@ -605,16 +604,19 @@ async def decode_compare(
     await scheduled()  # warm-up
     walls: dict[str, list[float]] = {"bare": [], "scheduler": []}
     cpus: dict[str, list[float]] = {"bare": [], "loop": [], "device": []}
+    # NOTE: one run lasts ~10 ms, less than one time slice a loaded host may take away: a round
+    # is the median of DECODE_REPEATS runs of each, alternated.
     for round_ in range(rounds):
-        for name in ("bare", "scheduler") if round_ % 2 == 0 else ("scheduler", "bare"):
-            if name == "bare":
-                wall, cpu = bare()
-                cpus["bare"].append(cpu)
-            else:
-                wall, loop_cpu, device_cpu = await scheduled()
-                cpus["loop"].append(loop_cpu)
-                cpus["device"].append(device_cpu)
-            walls[name].append(wall)
+        runs: dict[str, list[tuple[float, ...]]] = {"bare": [], "scheduler": []}
+        for repeat in range(DECODE_REPEATS):
+            first = (round_ + repeat) % 2 == 0
+            for name in ("bare", "scheduler") if first else ("scheduler", "bare"):
+                runs[name].append(bare() if name == "bare" else await scheduled())
+        walls["bare"].append(statistics.median(r[0] for r in runs["bare"]))
+        cpus["bare"].append(statistics.median(r[1] for r in runs["bare"]))
+        walls["scheduler"].append(statistics.median(r[0] for r in runs["scheduler"]))
+        cpus["loop"].append(statistics.median(r[1] for r in runs["scheduler"]))
+        cpus["device"].append(statistics.median(r[2] for r in runs["scheduler"]))
     ratios = [s / b for s, b in zip(walls["scheduler"], walls["bare"], strict=True)]
 
     def per_step(values: list[float]) -> float:
@@ -622,7 +624,7 @@ async def decode_compare(
 
     print(
         f"\nDecode loop: {DECODE_ROWS} greedy rows × {steps} steps (one encode included), "
-        f"medians of {rounds} alternated rounds\n\n"
+        f"medians of {rounds} rounds (each the median of {DECODE_REPEATS} alternated runs)\n\n"
         "| | wall µs per step | CPU µs per step |\n|---|---:|---:|\n"
         f"| bare `Seq2SeqModel.step` loop | {per_step(walls['bare']):.0f} | "
         f"{per_step(cpus['bare']):.0f} (its thread) |\n"
