@@ -93,7 +93,7 @@ def direct_baseline(folder: Path, threads: int, device: str, seconds: float) -> 
 # --- the load-generating process ---------------------------------------------------------------
 
 
-def _requests(service: str, n: int) -> list[Any]:
+def _requests(service: str, n: int, model: str = MODEL) -> list[Any]:
     from rnnserve_client.proto.inference import grpc_service_pb2 as v2
     from rnnserve_client.proto.rnnserve.v1 import rnnserve_pb2 as pb
 
@@ -102,10 +102,10 @@ def _requests(service: str, n: int) -> list[Any]:
     for t in _lengths(rng, n):
         x = rng.normal(size=(t, INPUT)).astype(np.float32)
         if service == "v1":
-            message = pb.EncodeRequest(model=MODEL)
+            message = pb.EncodeRequest(model=model)
             message.inputs.sequences.add(shape=x.shape, values=x.ravel().tolist())
         else:
-            message = v2.ModelInferRequest(model_name=MODEL)
+            message = v2.ModelInferRequest(model_name=model)
             message.inputs.add(name="INPUT", datatype="FP32", shape=[1, t, INPUT])
             message.raw_input_contents.append(x.astype("<f4").tobytes())
         messages.append(message)
@@ -115,28 +115,31 @@ def _requests(service: str, n: int) -> list[Any]:
 METHODS = {"v1": "/rnnserve.v1.RnnServe/Encode", "v2": "/inference.GRPCInferenceService/ModelInfer"}
 
 
-async def _load(port: int, service: str, concurrency: int, duration: float) -> dict[str, Any]:
+async def _load(
+    port: int, service: str, concurrency: int, duration: float, model: str = MODEL
+) -> dict[str, Any]:
     import grpc
 
     # NOTE: like wrk for HTTP, the load generator sends pre-serialised messages and does not
     # parse the answers (no serializers on the call), so that it takes as little as possible
     # of the cores it shares with the server.
-    messages = [m.SerializeToString() for m in _requests(service, 512)]
+    messages = [m.SerializeToString() for m in _requests(service, 512, model)]
     async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
         call = channel.unary_unary(METHODS[service])
         latencies: list[float] = []
-        errors = 0
+        errors = sent = 0
         warmup_end = time.perf_counter() + min(1.0, duration / 4)
         end = warmup_end + duration
 
         async def worker(k: int) -> None:
-            nonlocal errors
+            nonlocal errors, sent
             i = k
             while (now := time.perf_counter()) < end:
                 try:
                     await call(messages[i % len(messages)], timeout=30)
                 except grpc.aio.AioRpcError:
                     errors += 1
+                sent += 1
                 done = time.perf_counter()
                 if now >= warmup_end:
                     latencies.append(done - now)
@@ -146,6 +149,7 @@ async def _load(port: int, service: str, concurrency: int, duration: float) -> d
     latencies.sort()
     return {
         "requests": len(latencies),
+        "sent": sent,  # calls answered, the warm-up's included
         "errors": errors,
         "throughput": len(latencies) / duration,
         "p50_ms": 1000 * latencies[len(latencies) // 2],
@@ -155,7 +159,7 @@ async def _load(port: int, service: str, concurrency: int, duration: float) -> d
 
 def client_main(args: argparse.Namespace) -> int:
     """--client: generate load and print one JSON line."""
-    load = _load(args.port, args.service, args.concurrency, args.duration)
+    load = _load(args.port, args.service, args.concurrency, args.duration, args.model)
     try:
         import uvloop
     except ImportError:
@@ -169,11 +173,11 @@ def client_main(args: argparse.Namespace) -> int:
 # --- orchestration -----------------------------------------------------------------------------
 
 
-def _start_server(
-    repository: Path, threads: int, device: str, flags: tuple[str, ...] = ()
+def start_server(
+    repository: Path, threads: int, device: str, flags: tuple[str, ...] = (), cwd: Path = ROOT
 ) -> tuple[subprocess.Popen[str], int, int]:
-    """The server subprocess (`flags` added), its gRPC port and its HTTP port (read from the
-    startup summary)."""
+    """`rnnserve serve` as a subprocess (`flags` added; run from `cwd`, a checkout), its gRPC
+    port and its HTTP port (read from the startup summary)."""
     process = subprocess.Popen(
         [
             sys.executable,
@@ -194,7 +198,7 @@ def _start_server(
             "json",
             *flags,
         ],
-        cwd=ROOT,
+        cwd=cwd,
         stderr=subprocess.PIPE,
         text=True,
     )
@@ -238,15 +242,34 @@ def _batches(http_port: int) -> tuple[float, float, float]:
     return values[names[0]], values[names[1]], values[names[2]]
 
 
-def _client(port: int, service: str, level: int, duration: float) -> dict[str, Any]:
-    """One measurement by a separate load-generating process."""
-    command = [sys.executable, "-m", "bench.grpc", "--client", "--port", str(port)]
-    command += ["--service", service, "--concurrency", str(level), "--duration", str(duration)]
-    out = subprocess.run(
-        command, cwd=ROOT, capture_output=True, text=True, check=True, timeout=duration * 4 + 60
-    )
-    row: dict[str, Any] = json.loads(out.stdout.strip().splitlines()[-1])
-    return row | {"service": service, "concurrency": level}
+def run_client(
+    port: int,
+    service: str,
+    level: int,
+    duration: float,
+    processes: int = 1,
+    model: str = MODEL,
+) -> dict[str, Any]:
+    """One measurement by `processes` separate load-generating processes sharing `level` calls
+    in flight: their requests and throughputs add up; p50 and p99 are their medians."""
+    counts = [level // processes + (k < level % processes) for k in range(processes)]
+    running = []
+    for concurrency in (c for c in counts if c):
+        command = [sys.executable, "-m", "bench.grpc", "--client", "--port", str(port)]
+        command += ["--service", service, "--concurrency", str(concurrency)]
+        command += ["--duration", str(duration), "--model", model]
+        running.append(subprocess.Popen(command, cwd=ROOT, stdout=subprocess.PIPE, text=True))
+    parts = []
+    for process in running:
+        out, _ = process.communicate(timeout=duration * 4 + 60)
+        if process.returncode:
+            raise RuntimeError(f"the load generator failed (exit {process.returncode})")
+        parts.append(json.loads(out.strip().splitlines()[-1]))
+    added = ("requests", "sent", "errors", "throughput")
+    row: dict[str, Any] = {key: sum(part[key] for part in parts) for key in added}
+    for key in ("p50_ms", "p99_ms"):
+        row[key] = statistics.median(part[key] for part in parts)
+    return row | {"service": service, "concurrency": level, "processes": len(parts)}
 
 
 def main() -> int:
@@ -256,6 +279,7 @@ def main() -> int:
     parser.add_argument("--port", type=int, default=0, help=argparse.SUPPRESS)
     parser.add_argument("--service", choices=["v1", "v2"], default="v1", help=argparse.SUPPRESS)
     parser.add_argument("--concurrency", type=int, default=1, help=argparse.SUPPRESS)
+    parser.add_argument("--model", default=MODEL, help=argparse.SUPPRESS)
     parser.add_argument("--duration", type=float, default=5.0, help="seconds per measurement")
     parser.add_argument("--threads", type=int, default=max(1, (os.cpu_count() or 2) - 1))
     parser.add_argument("--device", default="cpu")
@@ -287,7 +311,7 @@ def main() -> int:
         folder = write_reference(repository)
         baselines = [direct_baseline(folder, args.threads, args.device, args.duration)]
         servers = {
-            name: _start_server(repository, args.threads, args.device, flags)
+            name: start_server(repository, args.threads, args.device, flags)
             for name, flags in configs.items()
         }
         rows: list[dict[str, Any]] = []
@@ -298,7 +322,7 @@ def main() -> int:
                 for service, round_ in itertools.product(("v1", "v2"), range(args.rounds)):
                     for name, (_, port, http_port) in servers.items():
                         calls, sequences, busy = _batches(http_port)
-                        row = _client(port, service, level, args.duration)
+                        row = run_client(port, service, level, args.duration)
                         calls_after, sequences_after, busy_after = _batches(http_port)
                         done = max(1.0, sequences_after - sequences)
                         row["mean_batch"] = (sequences_after - sequences) / max(

@@ -127,7 +127,9 @@ def direct_rate(path: Path, sequences: list[np.ndarray], repeats: int) -> float:
 
 
 def write_bodies(folder: Path, sequences: list[np.ndarray], mode: str) -> None:
-    """One request body per sequence, plus index.txt ("file header-length", 0 = plain JSON)."""
+    """One request body per sequence, plus index.txt ("file header-length", 0 = plain JSON).
+    Modes: "json" (rnnserve's encode body), "v2json" (V2 infer, flat JSON data), "binary" (V2
+    infer, the binary tensor extension)."""
     folder.mkdir(parents=True)
     lines = []
     for i, seq in enumerate(sequences):
@@ -136,6 +138,12 @@ def write_bodies(folder: Path, sequences: list[np.ndarray], mode: str) -> None:
                 orjson.dumps({"inputs": [seq]}, option=orjson.OPT_SERIALIZE_NUMPY),
                 0,
             )
+        elif mode == "v2json":
+            tensor = {"name": "INPUT", "datatype": "FP32", "shape": [1, *seq.shape]}
+            body = orjson.dumps(
+                {"inputs": [tensor | {"data": seq.ravel()}]}, option=orjson.OPT_SERIALIZE_NUMPY
+            )
+            header_length = 0
         else:
             head = orjson.dumps(
                 {
