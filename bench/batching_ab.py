@@ -84,7 +84,7 @@ def main() -> None:
                 port = free_port()
                 urls[name] = f"http://127.0.0.1:{port}"
                 command = [
-                    sys.executable, "-m", "service.cli", "serve",
+                    sys.executable, "-m", "service.process.cli", "serve",
                     "--repository", str(root / "repository"), "--http-port", str(port),
                     "--grpc-port", "0", "--device", "cpu", "--log-level", "WARNING",
                     *VARIANTS[name],

@@ -44,7 +44,7 @@ from rnnserve_client.proto.rnnserve.v1 import rnnserve_pb2 as pb
 ROOT = Path(__file__).resolve().parent.parent
 TOKEN = "bench-edge-token"
 MIB = 1024 * 1024
-# The server's defaults (service/settings.py): the largest body / message a client may send.
+# The server's defaults (service/core/settings.py): the largest body / message a client may send.
 BODY_LIMIT = 64 * MIB
 MESSAGE_LIMIT = 64 * MIB
 GRPC_OPTIONS = [
@@ -88,7 +88,7 @@ def start_server(extra: list[str]) -> Server:
     """`rnnserve serve` on demo-repository, ports read from its JSON startup line."""
     env = {**os.environ, "RNNSERVE_MANAGEMENT_TOKEN": TOKEN}
     command = [
-        sys.executable, "-m", "service.cli", "serve", "--repository", "demo-repository",
+        sys.executable, "-m", "service.process.cli", "serve", "--repository", "demo-repository",
         "--http-port", "0", "--grpc-port", "0", "--log-format", "json",
         "--management-enabled", *extra,
     ]  # fmt: skip

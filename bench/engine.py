@@ -40,10 +40,10 @@ from models.checkpoint import build_model, save
 from models.config import ModelConfig
 from models.encoder import EncoderModel, collate
 from models.seq2seq import Seq2SeqModel, greedy_decode
-from service.engine import Engine
-from service.metrics import Metrics
-from service.settings import Settings
-from service.types import EncodeRequest, GenerateRequest
+from service.core.engine import Engine
+from service.core.metrics import Metrics
+from service.core.settings import Settings
+from service.core.types import EncodeRequest, GenerateRequest
 
 CALLERS = 64
 FEATURES = 32
@@ -372,7 +372,7 @@ async def main() -> None:
 
 
 if __name__ == "__main__":
-    # NOTE: the loop `rnnserve serve` runs (service/main.py): uvloop where installed.
+    # NOTE: the loop `rnnserve serve` runs (service/process/serve.py): uvloop where installed.
     try:
         import uvloop
     except ImportError:

@@ -182,7 +182,7 @@ def start_server(
         [
             sys.executable,
             "-m",
-            "service.cli",
+            "service.process.cli",
             "serve",
             "--repository",
             str(repository),

@@ -232,10 +232,10 @@ def codec_costs(sequence: np.ndarray, number: int = 200) -> dict[str, float]:
     """Median µs per request to parse one sequence and serialise one 256-float encoding."""
     from pydantic import TypeAdapter
 
-    from service import codecs
-    from service.http_common import parse_body
-    from service.rest import request_sequences
-    from service.rest_schemas import EncodeBody
+    from service.http_api import json_codecs as codecs
+    from service.http_api.bodies import parse_body
+    from service.http_api.schemas import EncodeBody
+    from service.http_api.v1_routes import request_sequences
 
     body = orjson.dumps({"inputs": [sequence]}, option=orjson.OPT_SERIALIZE_NUMPY)
     encoding = np.random.default_rng(0).standard_normal((1, HIDDEN)).astype(np.float32)
@@ -337,7 +337,7 @@ def main() -> None:
         for dtype in dtypes:
             port = free_port()
             command = [
-                sys.executable, "-m", "service.cli", "serve",
+                sys.executable, "-m", "service.process.cli", "serve",
                 "--repository", str(root / "repository"), "--http-port", str(port),
                 "--grpc-port", "0", "--device", "cpu", "--cpu-threads", str(args.threads),
                 "--log-level", "WARNING", "--dtype", dtype,

@@ -198,7 +198,7 @@ def bare_grpc_handler() -> Any:
 
     from rnnserve_client.proto.inference import grpc_service_pb2 as v2
     from rnnserve_client.proto.rnnserve.v1 import rnnserve_pb2 as pb
-    from service.grpc_convert import float_array, float_values
+    from service.grpc_api.convert import float_array, float_values
 
     encoding = np.random.default_rng(0).standard_normal(HIDDEN).astype(np.float32)
     encoded = pb.EncodeResponse(model=MODEL, version=1, encodings=[float_array(encoding)])
@@ -549,15 +549,15 @@ async def decode_compare(
 
     from models.encoder import collate
     from models.seq2seq import Seq2SeqModel
-    from service.engine import Engine
-    from service.metrics import Metrics
-    from service.settings import Settings
-    from service.types import GenerateRequest
+    from service.core.engine import Engine
+    from service.core.metrics import Metrics
+    from service.core.settings import Settings
+    from service.core.types import GenerateRequest
 
     torch.set_num_threads(1)
     settings = Settings(repository=repository, device="cpu", cpu_threads=1, models=[DECODE_MODEL])
-    # NOTE: as `rnnserve serve` runs (service/main.py): the device thread takes the GIL back
-    # after every torch op, and the switch interval bounds its wait.
+    # NOTE: as `rnnserve serve` runs (service/process/serve.py): the device thread takes the GIL
+    # back after every torch op, and the switch interval bounds its wait.
     sys.setswitchinterval(settings.gil_switch_interval_us / 1e6)
     engine = Engine(settings, Metrics(CollectorRegistry()))
     await engine.start()

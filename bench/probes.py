@@ -7,7 +7,7 @@
     .venv/bin/python -m bench.probes call-costs --dtype bfloat16
     .venv/bin/python -m bench.probes plan-sweep   # bfloat16 planner costs: call × replay sweep
     .venv/bin/python -m bench.probes batch-sizes  # per-sequence cost by batch size (LSTM 2×256)
-    .venv/bin/python -m bench.probes hot-routes   # HTTP front-end capacity, HotRoutes on / off
+    .venv/bin/python -m bench.probes hot-routes   # HTTP capacity, direct dispatch on / off
     .venv/bin/python -m bench.probes fixed-ceiling  # the served fixed-length ratio's upper bound
     .venv/bin/python -m bench.probes parse-costs  # parsing 64 MiB bodies / messages, and counting
 
@@ -57,7 +57,7 @@ def gil() -> None:
     Python, per switch interval."""
     from bench.baseline import reference_config
     from models.checkpoint import build_model
-    from service.batching import EncodeCompute, Item
+    from service.core.encode_batcher import EncodeCompute, Item
 
     model = build_model(reference_config()).eval()
     compute = EncodeCompute(model, torch.device("cpu"), torch.float32, (2, 256))
@@ -309,8 +309,8 @@ def _onednn_split(batch: int) -> tuple[float, float]:
 
 def hot_routes(seconds: float) -> None:
     """Requests/s of `rnnserve serve`'s HTTP app with a model that costs almost nothing (LSTM
-    8→8), fixed-length JSON bodies, wrk at 64 connections: inference routes through HotRoutes,
-    and through FastAPI's full stack."""
+    8→8), fixed-length JSON bodies, wrk at 64 connections: inference routes through the direct
+    dispatcher, and through FastAPI's full stack."""
     from bench.http import LUA, free_port, start, stop, workload, write_bodies, wrk
     from models.checkpoint import build_model, save
     from models.config import ModelConfig
@@ -341,7 +341,7 @@ def hot_routes(seconds: float) -> None:
                 result = wrk(url, path, root / "bodies", root / "post.lua", 64, seconds)
             finally:
                 stop(server)
-            label = "HotRoutes" if hot else "FastAPI stack"
+            label = "direct dispatch" if hot else "FastAPI stack"
             print(f"{label}: {result['rate']:.0f} req/s, p50 {result['p50_us'] / 1000:.1f} ms")
 
 
@@ -352,7 +352,8 @@ MIB = 1024 * 1024
 def parse_costs(scale: float) -> None:
     """Near the 64 MiB body and message limits: what parsing each shape costs (seconds, peak RSS
     growth; one fresh process each), orjson with the garbage collector running and paused, and
-    what the pre-parse count of service/codecs.py or service/grpc_limits.py costs instead."""
+    what the pre-parse count of service/http_api/json_codecs.py or
+    service/grpc_api/message_limits.py costs instead."""
     print(f"| shape ({64 * scale:g} MiB) | step | seconds | peak RSS growth MB |")
     print("|---|---|---:|---:|")
     for case in PARSE_CASES:
@@ -379,8 +380,8 @@ def _parse_one(case: str, step: str, scale: float) -> None:
     import orjson
 
     from rnnserve_client.proto.inference import grpc_service_pb2 as v2
-    from service import codecs
-    from service.grpc_limits import _count
+    from service.grpc_api.message_limits import _count
+    from service.http_api import json_codecs as codecs
 
     size = int(64 * MIB * scale)
     payload: bytes
@@ -403,7 +404,7 @@ def _parse_one(case: str, step: str, scale: float) -> None:
                 request.inputs.add()
         payload = request.SerializeToString()
         del request
-    # NOTE: as `rnnserve serve` does once its models are loaded (service/main.py).
+    # NOTE: as `rnnserve serve` does once its models are loaded (service/process/serve.py).
     gc.collect()
     gc.freeze()
     Path("/proc/self/clear_refs").write_text("5")
@@ -425,15 +426,15 @@ def _parse_one(case: str, step: str, scale: float) -> None:
 
 
 def _serve(repository: str, port: int, mode: str) -> None:
-    """The server of `hot_routes`: the real app on a real engine, hot routes on or off."""
+    """The server of `hot_routes`: the real app on a real engine, direct dispatch on or off."""
     import uvicorn
     from prometheus_client import CollectorRegistry
 
-    from service.engine import Engine
-    from service.http_protocol import deadline_protocol
-    from service.metrics import Metrics
-    from service.rest import create_app
-    from service.settings import Settings
+    from service.core.engine import Engine
+    from service.core.metrics import Metrics
+    from service.core.settings import Settings
+    from service.http_api.app import create_app
+    from service.http_api.connection import deadline_protocol
 
     async def main() -> None:
         settings = Settings(repository=Path(repository), device="cpu", cpu_threads=1)
@@ -441,15 +442,15 @@ def _serve(repository: str, port: int, mode: str) -> None:
         metrics = Metrics(CollectorRegistry())
         engine = Engine(settings, metrics)
         await engine.start()
-        app = create_app(engine, settings, metrics, hot_routes=mode == "hot")
-        # NOTE: the HTTP protocol `rnnserve serve` runs (service/main.py).
+        app = create_app(engine, settings, metrics, direct_dispatch=mode == "hot")
+        # NOTE: the HTTP protocol `rnnserve serve` runs (service/process/serve.py).
         protocol = deadline_protocol(settings.http_header_timeout_s, settings.http_body_timeout_s)
         config = uvicorn.Config(
             app, host="127.0.0.1", port=port, log_level="warning", http=protocol
         )
         await uvicorn.Server(config).serve()
 
-    # NOTE: the loop `rnnserve serve` runs (service/main.py).
+    # NOTE: the loop `rnnserve serve` runs (service/process/serve.py).
     import uvloop
 
     uvloop.run(main())

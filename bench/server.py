@@ -43,7 +43,7 @@ def start_server(repository: Path, *flags: str) -> Server:
         [
             sys.executable,
             "-m",
-            "service.cli",
+            "service.process.cli",
             "serve",
             "--repository",
             str(repository),

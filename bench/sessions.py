@@ -41,9 +41,9 @@ from pydantic import SecretStr  # noqa: E402
 
 from models.checkpoint import build_model, save  # noqa: E402
 from models.config import ModelConfig  # noqa: E402
-from service.engine import Engine  # noqa: E402
-from service.metrics import Metrics  # noqa: E402
-from service.settings import Settings  # noqa: E402
+from service.core.engine import Engine  # noqa: E402
+from service.core.metrics import Metrics  # noqa: E402
+from service.core.settings import Settings  # noqa: E402
 
 
 def model_config(args: argparse.Namespace, max_batch_size: int) -> ModelConfig:
@@ -82,8 +82,8 @@ async def run_mode(mode: str, args: argparse.Namespace) -> dict[str, Any]:
             state_key=SecretStr(secrets.token_urlsafe(32)),
             max_sessions=args.sessions,
         )
-        # As `rnnserve serve` does at start-up (service/main.py): the compute thread takes the
-        # GIL back after every torch op, and this bounds its wait for a busy event loop.
+        # As `rnnserve serve` does at start-up (service/process/serve.py): the compute thread takes
+        # the GIL back after every torch op, and this bounds its wait for a busy event loop.
         sys.setswitchinterval(settings.gil_switch_interval_us / 1e6)
         engine = Engine(settings, Metrics(CollectorRegistry()))
         await engine.start()
@@ -203,7 +203,7 @@ def main() -> None:
         choices=["batched", "unbatched", "tokens"],
     )
     args = parser.parse_args()
-    # NOTE: the loop `rnnserve serve` runs (service/main.py): uvloop where installed.
+    # NOTE: the loop `rnnserve serve` runs (service/process/serve.py): uvloop where installed.
     try:
         import uvloop
     except ImportError:

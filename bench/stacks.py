@@ -38,9 +38,17 @@ CLAIMS: list[tuple[str, str]] = [
     ("garbage collector", r"^(gc_collect_main|gc_collect_with_callback|collect_generations) "),
     ("thread wake-ups (eventfd writes)", r"^(eventfd_write|uv_async_send) "),
     ("disconnect watcher (a task per request)", r"^_disconnected "),
-    ("metrics", r"prometheus_client/|service/metrics\.py|service/metric_labels\.py"),
-    ("metrics", r"^(RequestObserver\.(record|observe)|CallRecorder\.observe) "),
-    ("logging", r"\(logging/|service/logging_setup\.py"),
+    (
+        "metrics",
+        r"prometheus_client/|service/(core/)?metrics\.py"
+        r"|service/(metric_labels|core/request_metrics)\.py",
+    ),
+    (
+        "metrics",
+        r"^(RequestObserver\.(record|observe)|CallRecorder\.observe|RequestMetrics\.record"
+        r"|Observed\.__(enter|exit)__) ",
+    ),
+    ("logging", r"\(logging/|service/(process/)?logging_setup\.py"),
     ("FastAPI telemetry check", r"^NativeTelemetry\.enabled |opentelemetry|\(trace/__init__"),
 ]
 # ...or a function's own work, asyncio's and the event loop's included (nothing deeper that
@@ -57,10 +65,14 @@ RULES: list[tuple[str, str]] = [
         r"^(__lll_lock_wake|lll_mutex_unlock_optimized|__pthread_mutex_unlock_usercnt|futex_wake)",
     ),
     ("HTTP protocol (uvicorn, httptools)", r"\(uvicorn/|\((llhttp|api|parser)\.c\)"),
-    ("JSON parse (orjson)", r"^(loads|split_v2_body) \(service/codecs|^parse_json \("),
+    (
+        "JSON parse (orjson)",
+        r"^(loads|split_v2_body) \(service/(http_api/json_)?codecs|^parse_json \(",
+    ),
     (
         "response building",
-        r"^(json_response|dumps|encode_v2_response|select_outputs|generate_answer) \(service/"
+        r"^(json_response|dumps|encode_v2_response|select_outputs|generate_answer|encode_answer"
+        r"|infer_answer|fields_of|present|raw_contents) \(service/"
         r"|starlette/responses\.py|^(encode_result_to_proto|float_array|v2_infer_response"
         r"|encode_outputs|_padded|requested_outputs)[ .]",
     ),
@@ -68,36 +80,46 @@ RULES: list[tuple[str, str]] = [
         "numpy conversion + input checks",
         r"^(features_from_json|_require_finite|_features_error|decode_v2_inputs|_from_binary"
         r"|_from_json_data|_flatten|tensor_elements|float_values|_feature_sequence|_from_raw"
-        r"|_from_contents|check_int_range|_sequences|to_array)[ .(]",
+        r"|_from_contents|check_int_range|_sequences|to_array|_features|_tokens|raw_array"
+        r"|bytes_elements|feature_sequence|unpack_bytes)[ .(]",
     ),
     ("protobuf parse/serialise", r"_message\.abi3\.so|^PyUpb|^upb_|^parse_request \(|protobuf/"),
     ("pydantic", r"pydantic|^parse_body \("),
     (
         "validation (task, shapes, parameters)",
-        r"service/validation\.py|^(infer_sequences|_check_batch|_lengths|parameter|timeout_s"
-        r"|pooling|generate_options|infer_request|encode_request_from_proto|request_timeout"
-        r"|optional_version|v2_infer_request|v2_parameters|request_sequences|deadline_of)[ .(]",
+        r"service/(core/)?(validation|limits)\.py|^(infer_sequences|_check_batch|_lengths"
+        r"|parameter|timeout_s|pooling|generate_options|infer_request|encode_request_from_proto"
+        r"|request_timeout|optional_version|v2_infer_request|v2_parameters|plain_parameters"
+        r"|pooling_from_proto|_request_of|path_version|request_sequences|deadline_of)[ .(]",
     ),
     ("engine submit (enqueue)", r"^Batcher\.submit "),
-    ("batcher (form, prepare, deliver rows)", r"service/batching\.py|\(models/encoder\.py"),
-    ("decode scheduler", r"service/decoding\.py"),
+    (
+        "batcher (form, prepare, deliver rows)",
+        r"service/(batching|core/encode_batcher)\.py|\(models/encoder\.py",
+    ),
+    ("decode scheduler", r"service/(decoding|core/decode_scheduler)\.py"),
     ("model (torch)", r"\((models|torch)/"),
-    ("engine (resolve, wait, collect)", r"service/engine\.py|service/registry\.py"),
+    ("engine (resolve, wait, collect)", r"service/(core/)?(engine|registry)\.py"),
     ("dataclass construction", r"^__create_fn__"),
     (
         "thread hand-offs (executor queue, locks)",
-        r"concurrent/futures/|service/executor\.py|\(threading\.py|^_queue_SimpleQueue_put"
+        r"concurrent/futures/|service/(core/)?executor\.py|\(threading\.py"
+        r"|^_queue_SimpleQueue_put"
         r"|^(sem_post|pthread_cond_signal|call_soon_threadsafe) ",
     ),
     (
         "ASGI layers (Starlette, FastAPI, middlewares)",
-        r"\((starlette|fastapi)/|service/http_(hot|limits)\.py|\(contextlib\.py",
+        r"\((starlette|fastapi)/|service/http_(hot|limits)\.py|\(contextlib\.py"
+        r"|service/http_api/(direct_dispatch|body_limits|routing)\.py",
     ),
     ("gRPC aio (Cython, core on this thread)", r"\(grpc/|cygrpc"),
     ("asyncio futures/tasks", r"\(asyncio/|_asynciomodule|\(_weakrefset\.py"),
     (
         "route / servicer code",
         r"service/(rest|v2_rest|grpc_api|v2_grpc|http_common|v2_common|grpc_convert)\.py"
+        r"|service/http_api/(app|v1_routes|v2_routes|session_routes|bodies|disconnects)\.py"
+        r"|service/grpc_api/(server|calls|v1_servicer|v2_servicer|session_servicer|convert)\.py"
+        r"|service/inference_protocol/"
         r"|\(typing\.py|\(inspect\.py",
     ),
     ("bare app / bench code", r"\(overhead\.py"),

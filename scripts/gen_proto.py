@@ -1,10 +1,11 @@
 """Regenerate the Python code of `proto/` into the client package (run: `make proto`).
 
-The stubs live in `client/rnnserve_client/proto/` (import `rnnserve_client.proto...`): the
-client library ships them and the server imports the same ones, so there is one copy.
-Uses grpcio-tools (pinned in pyproject's dev extra) with `--pyi_out`, then rewrites the generated
-absolute imports (`from rnnserve.v1 import ...`) so the code imports as `rnnserve_client.proto...`.
-`tests/test_proto_generated.py` regenerates into a temporary folder and fails on any difference.
+The stubs live in `client/rnnserve_client/proto/` (import `rnnserve_client.proto...`): the client
+library ships them and the server imports the same ones, so there is one copy. Uses grpcio-tools
+(pinned in pyproject's dev extra) with `--pyi_out`, then rewrites the generated absolute imports
+(`from rnnserve.v1 import ...`) so the code imports as `rnnserve_client.proto...`.
+`tests/grpc_api/test_proto_generated.py` regenerates into a temporary folder and fails on any
+difference.
 """
 
 from __future__ import annotations

@@ -1,30 +1,21 @@
-"""Shared fixtures: a fresh model repository, an injected metrics registry, a real engine.
-
-Keep this small and generic; test modules add their own fixtures.
+"""Shared fixtures: a fresh model repository, an injected metrics registry, a real engine, the
+demo server. Helpers the tests share live in tests/support.py; test modules add their own fixtures.
 """
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
-import threading
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import pytest
 import torch
 from prometheus_client import CollectorRegistry
 
-from service.engine import Engine
-from service.metrics import Metrics
-from service.settings import Settings
-
-if TYPE_CHECKING:
-    from tests.test_server import ServerProcess
-
-StartEngine = Callable[..., Awaitable[Engine]]
-DEMO_REPOSITORY = Path(__file__).resolve().parent.parent / "demo-repository"
+from service.core.engine import Engine
+from service.core.metrics import Metrics
+from service.core.settings import Settings
+from tests.support import DEMO_REPOSITORY, ServerProcess, StartEngine, running_server
 
 # NOTE: one intra-op thread for everything the suite computes in this process: on 2 shared
 # cores more threads make tests slower and their timings unstable (bench/RESULTS.md, Engine).
@@ -74,27 +65,5 @@ async def start_engine(repository: Path, metrics: Metrics) -> AsyncIterator[Star
 def demo_server() -> Iterator[ServerProcess]:
     """`rnnserve serve` on the bundled demo repository (CPU, free ports), shared by the tests
     that replay the README and run independent clients."""
-    from tests.test_server import running_server
-
     with running_server(DEMO_REPOSITORY) as served:
         yield served
-
-
-def sample(metrics: Metrics, name: str, **labels: str) -> float:
-    """The value of one sample of the injected registry (0 when it was never set)."""
-    value = metrics.registry.get_sample_value(name, labels)
-    return 0.0 if value is None else value
-
-
-@contextlib.asynccontextmanager
-async def device_held(engine: Engine) -> AsyncIterator[None]:
-    """Keep the engine's device thread busy (a real job on the executor) until the block ends."""
-    release = threading.Event()
-    job = asyncio.ensure_future(engine.executor.run(release.wait, 30.0))
-    await asyncio.sleep(0)  # the job is submitted once its task first runs
-    assert not engine.executor.idle
-    try:
-        yield
-    finally:
-        release.set()
-        await job

@@ -1,5 +1,5 @@
 """Reading the examples of the Markdown docs and the outputs they show, for the replay tests
-(tests/test_readme_grpc.py: grpcurl; tests/test_readme_examples.py: curl and Python).
+(tests/system/test_readme_grpc.py: grpcurl; tests/system/test_readme_examples.py: curl and Python).
 
 A doc shows what a command prints in the comment lines right below it (for Python, in the
 comment on a `print(...)` line). What it leaves out is marked, and the rest must match:

@@ -26,7 +26,7 @@ from rnnserve_client.results import (
     VersionInfo,
 )
 
-# The server refuses a timeout_ms over one hour (service/validation.py, MAX_TIMEOUT_MS).
+# The server refuses a timeout_ms over one hour (service/core/validation.py, MAX_TIMEOUT_MS).
 MAX_TIMEOUT_MS = 3_600_000
 
 

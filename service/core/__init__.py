@@ -1,0 +1,1 @@
+"""The serving core: transport-free (no web or RPC framework); both front-ends call it."""

@@ -1,0 +1,1 @@
+"""The process: the `rnnserve` command, settings from flags, logging, serving both front-ends."""

@@ -1,0 +1,1 @@
+"""Tests of service/core: the engine, batchers, registry, sessions and metrics, without a wire."""

@@ -1,0 +1,1 @@
+"""Tests of models/: pure PyTorch, checkpoints, training and the offline tools."""

@@ -1,0 +1,1 @@
+"""Tests of service/process: the `rnnserve` command and real server processes."""
