@@ -503,9 +503,9 @@ class DecodeScheduler(Scheduler):
             except Exception as exc:
                 self._burst_failed(exc)
                 continue
-            for rows, seconds in steps:
+            for _, seconds in steps:
                 self._step_seconds = 0.8 * self._step_seconds + 0.2 * seconds
-                self._m_steps.observe(seconds, rows)
+            self._m_steps.observe_many(steps)
             self._gauges()
             self._prefill_wakeup.set()
             # NOTE: a loop turn lets finished callers submit again before the next burst.

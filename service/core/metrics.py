@@ -298,6 +298,12 @@ class CallMetrics:
         self.rows.observe(rows)
         self.count.inc()
 
+    def observe_many(self, calls: list[tuple[int, float]]) -> None:
+        """Record several model calls at once: (rows, seconds) each."""
+        self.seconds.observe_many([seconds for _, seconds in calls])
+        self.rows.observe_many([rows for rows, _ in calls])
+        self.count.inc(len(calls))
+
 
 class Metrics:
     """All rnnserve metrics, registered on `registry` (never the global default)."""
