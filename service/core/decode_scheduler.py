@@ -14,10 +14,10 @@ requests, source lengths, greedy rows and beams):
 Slots: a greedy request uses one row, a beam request reserves `beam_size` rows from the moment
 its encode starts; at most `max_slots` rows run together (`rnnserve_decode_slots_in_use`). The
 computation is the same as `Seq2SeqModel.generate` (same `encode`, `step`, `BeamSearch`), so
-outputs equal offline decoding. Steps run in bursts on the device thread (one executor call per
-burst, not per step); encoded newcomers join inside a burst. Each step's results go back to the
-loop at once. Per step the device thread copies only the chosen token ids to the host (and the
-log-probs of beam rows); the next step's input stays on the device.
+outputs equal offline decoding. Steps run in bursts on the device thread (one executor call for
+as long as rows run, not one per step); encoded newcomers join inside a burst. Each step's
+results go back to the loop at once. Per step the device thread copies only the chosen token ids
+to the host (and the log-probs of beam rows); the next step's input stays on the device.
 
 Sharing. One request may hold at most `max_request_slots` rows and `max_request_work` rows ×
 source steps of the running batch at once (its first sequence always runs); its other sequences
@@ -503,13 +503,21 @@ class DecodeScheduler(Scheduler):
             except Exception as exc:
                 self._burst_failed(exc)
                 continue
-            for _, seconds in steps:
-                self._step_seconds = 0.8 * self._step_seconds + 0.2 * seconds
-            self._m_steps.observe_many(steps)
-            self._gauges()
-            self._prefill_wakeup.set()
+            self._stepped(steps)
             # NOTE: a loop turn lets finished callers submit again before the next burst.
             await asyncio.sleep(0)
+
+    def _stepped(self, steps: list[tuple[int, float]]) -> None:
+        """On the loop, for each `max_burst` steps of a burst and at its end: record the steps
+        (rows, seconds), refresh the gauges and let admission look at the waiting queue."""
+        if not steps:
+            return
+        for _, seconds in steps:
+            self._step_seconds = 0.8 * self._step_seconds + 0.2 * seconds
+        self._m_steps.observe_many(steps)
+        self._gauges()
+        assert self._prefill_wakeup is not None
+        self._prefill_wakeup.set()
 
     def _burst_failed(self, exc: Exception) -> None:
         """A burst raised: fail the jobs it was running and free their slots."""
@@ -558,15 +566,19 @@ class DecodeScheduler(Scheduler):
         return state, bos
 
     def _burst(self, loop: asyncio.AbstractEventLoop) -> list[tuple[int, float]]:
-        """Join waiting groups and run decode steps until nothing runs, max_burst steps, or the
-        device is wanted by other work; returns (rows, seconds) per step. On the device thread.
+        """Join waiting groups and run decode steps until nothing runs or the device is wanted
+        by other work; returns (rows, seconds) of the steps not yet handed over. On the device
+        thread.
 
-        NOTE: results, tokens and departures go back with `loop.call_soon_threadsafe`.
+        NOTE: results, tokens and departures go back with `loop.call_soon_threadsafe`, and so do
+        the steps' figures every `max_burst` steps (`_stepped`) while the burst goes on: ending
+        the burst instead and waiting for the loop to start the next one would cost the device
+        two thread wake-ups, on a loaded host each one a wait for a core.
         """
         network = self._network
         steps: list[tuple[int, float]] = []
         started = time.perf_counter()
-        while len(steps) < self.max_burst and not self._stopping:
+        while not self._stopping:
             self._join()
             if not self._running:
                 break
@@ -595,6 +607,9 @@ class DecodeScheduler(Scheduler):
             self._steps += 1
             now = time.perf_counter()
             steps.append((rows, now - start))
+            if len(steps) >= self.max_burst:
+                loop.call_soon_threadsafe(self._stepped, steps)
+                steps = []
             due = self._wait_until_step
             if due is not None and self._steps >= due and due != self._woken_at_step:
                 self._woken_at_step = due
