@@ -149,8 +149,10 @@ class DecodeLimits:
 
 
 # An encoded group waiting to join the running batch: its jobs, their decoder state, their first
-# input (<bos>).
-Group = tuple[list[Job], DecoderState, Tensor]
+# input (<bos>); (jobs, None, None) for a group the device thread encodes as it joins.
+Group = tuple[list[Job], DecoderState | None, Tensor | None]
+# (rows, seconds) of model calls made in a burst, for the metrics.
+Calls = list[tuple[int, float]]
 
 
 @dataclass(eq=False, slots=True)
@@ -468,6 +470,16 @@ class DecodeScheduler(Scheduler):
         if not jobs:
             self._check_emptied()
             return
+        if not self._admitted and self._executor.idle:
+            # NOTE: nothing of ours runs and the device is free: the device thread encodes the
+            # group as the burst that decodes it begins (the prefill thread and a loop turn in
+            # between would cost two thread wake-ups before the first step).
+            for job in jobs:
+                self._admitted[job] = None
+            with self._lock:
+                self._ready.append((jobs, None, None))
+            self._wakeup.set()
+            return
         self._encoding = jobs
         try:
             (state, bos), seconds = await self._prefill.run(
@@ -499,17 +511,20 @@ class DecodeScheduler(Scheduler):
                 await self._wakeup.wait()
                 continue
             try:
-                steps = await self._submit_burst(loop)
+                steps, encodes = await self._submit_burst(loop)
             except Exception as exc:
                 self._burst_failed(exc)
                 continue
-            self._stepped(steps)
+            self._stepped(steps, encodes)
             # NOTE: a loop turn lets finished callers submit again before the next burst.
             await asyncio.sleep(0)
 
-    def _stepped(self, steps: list[tuple[int, float]]) -> None:
+    def _stepped(self, steps: Calls, encodes: Calls) -> None:
         """On the loop, for each `max_burst` steps of a burst and at its end: record the steps
-        (rows, seconds), refresh the gauges and let admission look at the waiting queue."""
+        and the encodes made on the device thread, refresh the gauges and let admission look at
+        the waiting queue."""
+        if encodes:
+            self._m_encodes.observe_many(encodes)
         if not steps:
             return
         for _, seconds in steps:
@@ -532,14 +547,14 @@ class DecodeScheduler(Scheduler):
         assert self._prefill_wakeup is not None
         self._prefill_wakeup.set()  # their slots are free for the waiting ones
 
-    async def _submit_burst(self, loop: asyncio.AbstractEventLoop) -> list[tuple[int, float]]:
+    async def _submit_burst(self, loop: asyncio.AbstractEventLoop) -> tuple[Calls, Calls]:
         """Run one burst on the device thread; `_bursting` is on until the thread returns from
         it, even when this task is cancelled meanwhile."""
-        future: asyncio.Future[tuple[list[tuple[int, float]], float]] = loop.create_future()
+        future: asyncio.Future[tuple[tuple[Calls, Calls], float]] = loop.create_future()
         hand_over = settle(future)
 
         def done(
-            result: tuple[list[tuple[int, float]], float] | None, exc: BaseException | None
+            result: tuple[tuple[Calls, Calls], float] | None, exc: BaseException | None
         ) -> None:
             self._bursting = False
             hand_over(result, exc)
@@ -550,8 +565,8 @@ class DecodeScheduler(Scheduler):
         except BaseException:
             self._bursting = False
             raise
-        steps, _ = await future
-        return steps
+        calls, _ = await future
+        return calls
 
     # -- on the worker threads ---------------------------------------------------------------
 
@@ -565,10 +580,10 @@ class DecodeScheduler(Scheduler):
         bos = torch.full((len(sources),), self._spec.bos_id, dtype=torch.int64, device=self._device)
         return state, bos
 
-    def _burst(self, loop: asyncio.AbstractEventLoop) -> list[tuple[int, float]]:
+    def _burst(self, loop: asyncio.AbstractEventLoop) -> tuple[Calls, Calls]:
         """Join waiting groups and run decode steps until nothing runs or the device is wanted
-        by other work; returns (rows, seconds) of the steps not yet handed over. On the device
-        thread.
+        by other work; returns (rows, seconds) of the steps and of the encodes not yet handed
+        over. On the device thread.
 
         NOTE: results, tokens and departures go back with `loop.call_soon_threadsafe`, and so do
         the steps' figures every `max_burst` steps (`_stepped`) while the burst goes on: ending
@@ -576,10 +591,11 @@ class DecodeScheduler(Scheduler):
         two thread wake-ups, on a loaded host each one a wait for a core.
         """
         network = self._network
-        steps: list[tuple[int, float]] = []
+        steps: Calls = []
+        encodes: Calls = []
         started = time.perf_counter()
         while not self._stopping:
-            self._join()
+            self._join(loop, encodes)
             if not self._running:
                 break
             start = time.perf_counter()
@@ -608,8 +624,8 @@ class DecodeScheduler(Scheduler):
             now = time.perf_counter()
             steps.append((rows, now - start))
             if len(steps) >= self.max_burst:
-                loop.call_soon_threadsafe(self._stepped, steps)
-                steps = []
+                loop.call_soon_threadsafe(self._stepped, steps, encodes)
+                steps, encodes = [], []
             due = self._wait_until_step
             if due is not None and self._steps >= due and due != self._woken_at_step:
                 self._woken_at_step = due
@@ -618,17 +634,31 @@ class DecodeScheduler(Scheduler):
             # NOTE: `pending` counts this burst too; more means other work waits for the device.
             if self._executor.pending > 1 and now - started >= self.turn_s:
                 break
-        return steps
+        return steps, encodes
 
-    def _join(self) -> None:
-        """Add every encoded group waiting in `_ready` to the running batch (one copy)."""
+    def _join(self, loop: asyncio.AbstractEventLoop, encodes: Calls) -> None:
+        """Add every group waiting in `_ready` to the running batch (one copy), encoding those
+        not encoded yet (their encodes go to `encodes`; a failed one fails only its own jobs)."""
         with self._lock:
             groups, self._ready = self._ready, []
         if not groups:
             return
-        jobs = [job for group, _, _ in groups for job in group]
-        states = [state for _, state, _ in groups]
-        feeds = [bos for _, _, bos in groups]
+        joined: list[tuple[list[Job], DecoderState, Tensor]] = []
+        for group, state, bos in groups:
+            if state is None or bos is None:
+                start = time.perf_counter()
+                try:
+                    state, bos = self._encode([job.source for job in group])
+                except Exception as exc:
+                    loop.call_soon_threadsafe(self._encode_failed, group, exc)
+                    continue
+                encodes.append((len(group), time.perf_counter() - start))
+            joined.append((group, state, bos))
+        if not joined:
+            return
+        jobs = [job for group, _, _ in joined for job in group]
+        states = [state for _, state, _ in joined]
+        feeds = [bos for _, _, bos in joined]
         if self._state is not None and self._feed is not None:
             states.insert(0, self._state)
             feeds.insert(0, self._feed)
@@ -710,6 +740,19 @@ class DecodeScheduler(Scheduler):
             self._check_emptied()
             if self._waiting and self._prefill_wakeup is not None:
                 self._prefill_wakeup.set()  # rows left: slots may be free
+
+    def _encode_failed(self, jobs: list[Job], exc: Exception) -> None:
+        """On the loop: a group the device thread failed to encode leaves; its slots free up."""
+        failed = [job for job in jobs if job in self._admitted]
+        for job in failed:
+            del self._admitted[job]
+            self._release(job)
+        if failed:
+            self._fail(failed, exc)
+        self._gauges()
+        self._check_emptied()
+        assert self._prefill_wakeup is not None
+        self._prefill_wakeup.set()
 
     def _clear_running(self) -> None:
         # NOTE: only when no burst is in flight (the device thread owns the running batch).
