@@ -7,6 +7,8 @@ requests, source lengths, greedy rows and beams):
   ones, or the oldest has waited `max_wait_steps` steps (encoding one costs about as much as
   encoding many; the device thread wakes the loop at that step, mid-burst). The encode runs
   on the `prefill` executor (a second worker thread) while the running batch keeps stepping;
+  when nothing of the version runs and the device is free, the device thread encodes the group
+  itself as the burst that decodes it begins (two thread hand-offs fewer before the first step);
 - a row leaves at once when its request is done (<eos>, max_length), cancelled (client gone) or
   past its deadline, so a long output never holds short ones hostage;
 - greedy decoding streams each token as it is chosen (`Job.on_token`); beam search reorders its
@@ -32,7 +34,9 @@ Threads, and what each owns (NOTE: the invariants; a change must keep them):
   gone (`_admitted`), slot and per-request reservations (`_reserved`, `Share`), the tasks,
   events and metrics. The device thread reports each job that leaves with one
   `call_soon_threadsafe` per step (`_deliver`), and only then does the loop release its slots.
-- the prefill thread runs `_encode`, a function of its arguments only.
+- the prefill thread runs `_encode`, a function of its arguments only (so does the device
+  thread for a group queued unencoded, `(jobs, None, None)` in `_ready`; a failure there goes
+  back with one `call_soon_threadsafe`, `_encode_failed`).
 - the device thread owns the running batch (`_running`, `_state`, `_feed`, `_beams`) and the
   step count (`_steps`) while a burst runs. The loop touches the running batch only while no
   burst is in flight (`_bursting`, which the loop sets when it submits a burst and clears when
