@@ -676,6 +676,8 @@ class DecodeScheduler(Scheduler):
     ) -> tuple[list[int], list[int] | None]:
         """Apply one step to each running job; return the rows to keep and, when beams run,
         the token each kept row reads next (else it is its arg-max)."""
+        if log_probs is None:
+            return self._advance_greedy(loop, best), None
         now = time.monotonic()
         keep: list[int] = []
         feed: list[int] | None = None if log_probs is None else []
@@ -718,6 +720,42 @@ class DecodeScheduler(Scheduler):
         self._beams -= sum(job.search is not None for job in left)
         self._running = survivors
         return keep, feed
+
+    def _advance_greedy(self, loop: asyncio.AbstractEventLoop, best: list[int]) -> list[int]:
+        """`_advance` when no beam runs: one row per job, in order (the device thread's
+        per-row Python is most of its own time per step: `python -m bench.overhead`)."""
+        now = time.monotonic()
+        keep: list[int] = []
+        survivors: list[Job] = []
+        step = _StepOutcome(now)
+        left = step.left
+        eos = self._spec.eos_id
+        for row, (job, token) in enumerate(zip(self._running, best, strict=True)):
+            deadline = job.deadline
+            if job.future.done():  # NOTE: a flag the loop may set; at worst one step late
+                step.cancelled += 1
+                left.append(job)
+            elif deadline is not None and deadline <= now:
+                step.expired.append(job)
+                left.append(job)
+            elif token == eos:
+                step.finish(job, job.tokens)
+            else:
+                tokens = job.tokens
+                tokens.append(token)
+                if job.on_token is not None:
+                    step.emitted.append((job, token))
+                if len(tokens) >= job.max_length:
+                    step.finish(job, tokens)
+                else:
+                    keep.append(row)
+                    survivors.append(job)
+        if step.emitted or left:
+            # NOTE: one hand-over per step; tokens first, so a stream sees its last token
+            # before its result.
+            loop.call_soon_threadsafe(self._deliver, step)
+        self._running = survivors
+        return keep
 
     # -- back on the loop --------------------------------------------------------------------
 
