@@ -238,6 +238,8 @@ P = ParamSpec("P")
 def _awaiting(
     build: Callable[P, Call[T]],
 ) -> Callable[Concatenate[AsyncClient, P], Coroutine[Any, Any, T]]:
+    """`AsyncClient`'s method for the call `build` describes: sent (retried), its answer read."""
+
     async def call(self: AsyncClient, /, *args: P.args, **kwargs: P.kwargs) -> T:
         made = build(*args, **kwargs)
         return await self._retrying(made.timeout, lambda t, left: t.unary(made, left))
@@ -248,10 +250,13 @@ def _awaiting(
 def _yielding(
     build: Callable[P, Call[GenerateResult]],
 ) -> Callable[Concatenate[AsyncClient, P], AsyncIterator[Event]]:
+    """`AsyncClient.generate_stream`: the call `build` describes, streamed; retried until its
+    first event."""
+
     async def call(self: AsyncClient, /, *args: P.args, **kwargs: P.kwargs) -> AsyncIterator[Event]:
         made = build(*args, **kwargs)
         first, events = await self._retrying(
-            made.timeout, lambda transport, left: _started(transport.events(made, left))
+            made.timeout, lambda t, left: _started(t.events(made, left))
         )
         try:
             yield first
@@ -274,6 +279,9 @@ async def _started(
 def _opening(
     build: Callable[P, Call[SessionOpened]],
 ) -> Callable[Concatenate[AsyncClient, P], AsyncSession]:
+    """`AsyncClient.session`: the session `build` describes, opened (retried) when the session
+    is entered."""
+
     def call(self: AsyncClient, /, *args: P.args, **kwargs: P.kwargs) -> AsyncSession:
         made = build(*args, **kwargs)
 

@@ -233,9 +233,11 @@ P = ParamSpec("P")
 
 
 def _returning(build: Callable[P, Call[T]]) -> Callable[Concatenate[Client, P], T]:
+    """`Client`'s method for the call `build` describes: sent (retried), its answer read."""
+
     def call(self: Client, /, *args: P.args, **kwargs: P.kwargs) -> T:
         made = build(*args, **kwargs)
-        return self._retrying(made.timeout, lambda transport, left: transport.unary(made, left))
+        return self._retrying(made.timeout, lambda t, left: t.unary(made, left))
 
     return method(call, build, "Client", answer_type(build))
 
@@ -243,6 +245,9 @@ def _returning(build: Callable[P, Call[T]]) -> Callable[Concatenate[Client, P], 
 def _yielding(
     build: Callable[P, Call[GenerateResult]],
 ) -> Callable[Concatenate[Client, P], Iterator[Event]]:
+    """`Client.generate_stream`: the call `build` describes, streamed; retried until its first
+    event."""
+
     def call(self: Client, /, *args: P.args, **kwargs: P.kwargs) -> Iterator[Event]:
         made = build(*args, **kwargs)
         first, events = self._retrying(made.timeout, lambda t, left: _started(t.events(made, left)))
@@ -259,6 +264,8 @@ def _started(events: Iterator[Event]) -> tuple[Event, Iterator[Event]]:
 
 
 def _opening(build: Callable[P, Call[SessionOpened]]) -> Callable[Concatenate[Client, P], Session]:
+    """`Client.session`: the session `build` describes, opened (retried) before it returns."""
+
     def call(self: Client, /, *args: P.args, **kwargs: P.kwargs) -> Session:
         made = build(*args, **kwargs)
         link = self._retrying(made.timeout, lambda t, left: t.open_session(made, left))
