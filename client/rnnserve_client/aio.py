@@ -306,6 +306,19 @@ class AsyncClient(ClientBase[AsyncTransport]):
     models = _awaiting(_calls.models)
     model = _awaiting(_calls.model)
 
+    async def close(self) -> None:
+        """Close every connection."""
+        for transport in self._disconnect():
+            await transport.close()
+
+    async def __aenter__(self) -> AsyncClient:
+        return self
+
+    async def __aexit__(
+        self, kind: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        await self.close()
+
     def _connect(self, address: Address) -> AsyncTransport:
         if address.scheme == "http":
             return AsyncHttpTransport(address, self._headers)
@@ -320,16 +333,3 @@ class AsyncClient(ClientBase[AsyncTransport]):
             with plan.attempt() as remaining:
                 return await attempt(self._transport(plan.index), remaining)
             await asyncio.sleep(plan.wait)
-
-    async def close(self) -> None:
-        """Close every connection."""
-        for transport in self._disconnect():
-            await transport.close()
-
-    async def __aenter__(self) -> AsyncClient:
-        return self
-
-    async def __aexit__(
-        self, kind: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
-    ) -> None:
-        await self.close()

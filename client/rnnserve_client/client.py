@@ -292,6 +292,11 @@ class Client(ClientBase[Transport], _ClosedByWith):
     models = _returning(_calls.models)
     model = _returning(_calls.model)
 
+    def close(self) -> None:
+        """Close every connection."""
+        for transport in self._disconnect():
+            transport.close()
+
     def _connect(self, address: Address) -> Transport:
         if address.scheme == "http":
             return HttpTransport(address, self._headers)
@@ -306,8 +311,3 @@ class Client(ClientBase[Transport], _ClosedByWith):
             with plan.attempt() as remaining:
                 return attempt(self._transport(plan.index), remaining)
             time.sleep(plan.wait)
-
-    def close(self) -> None:
-        """Close every connection."""
-        for transport in self._disconnect():
-            transport.close()
