@@ -122,6 +122,10 @@ class _Family(Collector):
         self.name = name
         self.documentation = documentation
         self.labelnames = labels
+        # NOTE: the attributes prometheus-client's own metrics carry (tests/system/test_deploy.py
+        # reads every metric's names and labels through them).
+        self._name = name
+        self._labelnames = labels
         self._lock = threading.Lock()
         self._children: dict[tuple[str, ...], Any] = {}
         registry.register(self)
