@@ -169,6 +169,10 @@ class _StepOutcome:
     expired: list[Job] = field(default_factory=list)  # past their deadline
     cancelled: int = 0  # jobs whose client left
     left: list[Job] = field(default_factory=list)  # every job that left the batch
+    # (rows, seconds) of the burst's steps and encodes not yet handed over, this one's included:
+    # recorded before the results they made are
+    steps: list[tuple[int, float]] = field(default_factory=list)
+    encodes: list[tuple[int, float]] = field(default_factory=list)
 
     def finish(self, job: Job, tokens: list[int]) -> None:
         self.finished.append((job, tokens))
@@ -519,24 +523,32 @@ class DecodeScheduler(Scheduler):
             except Exception as exc:
                 self._burst_failed(exc)
                 continue
-            self._stepped(steps, encodes)
+            self._record(steps, encodes)
+            self._gauges()
+            self._prefill_wakeup.set()
             # NOTE: a loop turn lets finished callers submit again before the next burst.
             await asyncio.sleep(0)
 
     def _stepped(self, steps: Calls, encodes: Calls) -> None:
-        """On the loop, for each `max_burst` steps of a burst and at its end: record the steps
-        and the encodes made on the device thread, refresh the gauges and let admission look at
-        the waiting queue."""
-        if encodes:
-            self._m_encodes.observe_many(encodes)
-        if not steps:
+        """On the loop, for each `max_burst` steps of a burst: record the steps and the encodes
+        made on the device thread, refresh the gauges and let admission look at the waiting
+        queue."""
+        if not self._record(steps, encodes):
             return
-        for _, seconds in steps:
-            self._step_seconds = 0.8 * self._step_seconds + 0.2 * seconds
-        self._m_steps.observe_many(steps)
         self._gauges()
         assert self._prefill_wakeup is not None
         self._prefill_wakeup.set()
+
+    def _record(self, steps: Calls, encodes: Calls) -> bool:
+        """Record steps and encodes made on the device thread; False when there were none."""
+        if encodes:
+            self._m_encodes.observe_many(encodes)
+        if not steps:
+            return bool(encodes)
+        for _, seconds in steps:
+            self._step_seconds = 0.8 * self._step_seconds + 0.2 * seconds
+        self._m_steps.observe_many(steps)
+        return True
 
     def _burst_failed(self, exc: Exception) -> None:
         """A burst raised: fail the jobs it was running and free their slots."""
@@ -610,7 +622,9 @@ class DecodeScheduler(Scheduler):
             best = log_probs.argmax(dim=-1)
             host = log_probs.float().cpu() if self._beams else None
             rows = log_probs.shape[0]
-            keep, beam_feed = self._advance(loop, best.tolist(), host)
+            tokens = best.tolist()
+            steps.append((rows, time.perf_counter() - start))
+            keep, beam_feed = self._advance(loop, tokens, host, steps, encodes)
             if not self._running:
                 self._state = None
                 self._feed = None
@@ -626,7 +640,6 @@ class DecodeScheduler(Scheduler):
                 self._feed = best
             self._steps += 1
             now = time.perf_counter()
-            steps.append((rows, now - start))
             if len(steps) >= self.max_burst:
                 loop.call_soon_threadsafe(self._stepped, steps, encodes)
                 steps, encodes = [], []
@@ -672,12 +685,18 @@ class DecodeScheduler(Scheduler):
         self._feed = feeds[0] if len(feeds) == 1 else torch.cat(feeds)
 
     def _advance(
-        self, loop: asyncio.AbstractEventLoop, best: list[int], log_probs: Tensor | None
+        self,
+        loop: asyncio.AbstractEventLoop,
+        best: list[int],
+        log_probs: Tensor | None,
+        steps: Calls,
+        encodes: Calls,
     ) -> tuple[list[int], list[int] | None]:
         """Apply one step to each running job; return the rows to keep and, when beams run,
-        the token each kept row reads next (else it is its arg-max)."""
+        the token each kept row reads next (else it is its arg-max). A hand-over to the loop
+        takes `steps` and `encodes` along (and empties them)."""
         if log_probs is None:
-            return self._advance_greedy(loop, best), None
+            return self._advance_greedy(loop, best, steps, encodes), None
         now = time.monotonic()
         keep: list[int] = []
         feed: list[int] | None = None if log_probs is None else []
@@ -714,14 +733,26 @@ class DecodeScheduler(Scheduler):
                     feed.append(token)
                 survivors.append(job)
         if step.emitted or left:
-            # NOTE: one hand-over per step; tokens first, so a stream sees its last token
-            # before its result.
-            loop.call_soon_threadsafe(self._deliver, step)
+            self._hand_over(loop, step, steps, encodes)
         self._beams -= sum(job.search is not None for job in left)
         self._running = survivors
         return keep, feed
 
-    def _advance_greedy(self, loop: asyncio.AbstractEventLoop, best: list[int]) -> list[int]:
+    def _hand_over(
+        self, loop: asyncio.AbstractEventLoop, step: _StepOutcome, steps: Calls, encodes: Calls
+    ) -> None:
+        # NOTE: one hand-over per step; tokens first, so a stream sees its last token before
+        # its result, and the steps' figures before both (read after an answer, they count
+        # every step that made it).
+        step.steps.extend(steps)
+        step.encodes.extend(encodes)
+        steps.clear()
+        encodes.clear()
+        loop.call_soon_threadsafe(self._deliver, step)
+
+    def _advance_greedy(
+        self, loop: asyncio.AbstractEventLoop, best: list[int], steps: Calls, encodes: Calls
+    ) -> list[int]:
         """`_advance` when no beam runs: one row per job, in order (the device thread's
         per-row Python is most of its own time per step: `python -m bench.overhead`)."""
         now = time.monotonic()
@@ -751,9 +782,7 @@ class DecodeScheduler(Scheduler):
                     keep.append(row)
                     survivors.append(job)
         if step.emitted or left:
-            # NOTE: one hand-over per step; tokens first, so a stream sees its last token
-            # before its result.
-            loop.call_soon_threadsafe(self._deliver, step)
+            self._hand_over(loop, step, steps, encodes)
         self._running = survivors
         return keep
 
@@ -762,6 +791,7 @@ class DecodeScheduler(Scheduler):
     def _deliver(self, step: _StepOutcome) -> None:
         """On the loop: stream tokens, set results, expire deadlines, count drops, and free the
         slots of the jobs that left."""
+        self._record(step.steps, step.encodes)
         for job, token in step.emitted:
             if job.on_token is not None and not job.future.done():
                 job.on_token(token)
