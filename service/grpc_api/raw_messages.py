@@ -5,7 +5,8 @@ EncodeResponse and ModelInferResponse written as wire bytes.
 The writers produce exactly the bytes protobuf's serializer produces for the same message (fields
 in number order, repeated scalars packed, default values left out). The reader takes the layouts
 protobuf writes for such a request and returns None for anything else (token or text inputs,
-unknown fields, a singular field sent twice, an unpacked float): the caller then parses with
+unknown fields, a singular field sent twice, an unpacked float, a shape of more than two
+dimensions): the caller then parses with
 protobuf, so both paths read every message alike (tests/grpc_api/test_raw_messages.py).
 """
 
@@ -68,7 +69,7 @@ def _read_encode_request(data: bytes) -> RawEncodeRequest | None:
     while pos < end:
         key, pos = read_varint(data, pos, end)
         number, wire = key >> 3, key & 7
-        if seen & (1 << number) or number > _TIMEOUT:
+        if number > _TIMEOUT or seen & (1 << number):
             return None
         seen |= 1 << number
         if wire == VARINT and number in (_VERSION, _TIMEOUT):
@@ -136,7 +137,7 @@ def _read_float_array(data: bytes, pos: int, end: int) -> tuple[list[int], int, 
             stop = pos + length
             if stop > end:
                 return None
-            while pos < stop:
+            while pos < stop and len(shape) <= 2:
                 dim, pos = read_varint(data, pos, stop)
                 shape.append(dim)
         elif key == _SHAPE_ONE:
@@ -151,7 +152,9 @@ def _read_float_array(data: bytes, pos: int, end: int) -> tuple[list[int], int, 
             pos += length
         else:
             return None
-        if shape and shape[-1] > _UINT32_MAX:
+        # NOTE: a feature sequence has two dimensions; protobuf reads (and refuses) any other
+        # number, in C, rather than this loop walking a megabyte of them.
+        if len(shape) > 2 or any(d > _UINT32_MAX for d in shape):
             return None
     return shape, offset, count
 
