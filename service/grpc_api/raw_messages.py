@@ -6,8 +6,8 @@ The writers produce exactly the bytes protobuf's serializer produces for the sam
 in number order, repeated scalars packed, default values left out). The reader takes the layouts
 protobuf writes for such a request and returns None for anything else (token or text inputs,
 unknown fields, a singular field sent twice, an unpacked float, a shape of more than two
-dimensions): the caller then parses with
-protobuf, so both paths read every message alike (tests/grpc_api/test_raw_messages.py).
+dimensions): the caller then parses with protobuf, so both paths read every message alike
+(tests/grpc_api/test_raw_messages.py).
 """
 
 from __future__ import annotations
