@@ -171,7 +171,8 @@ def encode_request_from_raw(
     pooling = pooling_from_proto(raw.pooling)
     sequences: list[types.SequenceData] = []
     for i, (shape, offset, count) in enumerate(raw.sequences):
-        _check_feature_shape(shape, count, f"inputs[{i}]")
+        if len(shape) != 2 or shape[0] * shape[1] != count:
+            _check_feature_shape(shape, count, f"inputs[{i}]")
         sequences.append(float32_values(raw.data, offset, count).reshape(shape[0], shape[1]))
     return types.EncodeRequest(
         raw.model,

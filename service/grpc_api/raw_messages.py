@@ -106,7 +106,7 @@ def _read_feature_inputs(
     """FeatureInputs: its FloatArrays appended to `sequences`; False for a layout not read."""
     while pos < end:
         key, pos = read_varint(data, pos, end)
-        if key != tag(1, LENGTH_DELIMITED):
+        if key != _SEQUENCE:
             return False
         length, pos = read_varint(data, pos, end)
         stop = pos + length
@@ -120,6 +120,7 @@ def _read_feature_inputs(
     return True
 
 
+_SEQUENCE = tag(1, LENGTH_DELIMITED)
 _SHAPE_PACKED = tag(1, LENGTH_DELIMITED)
 _SHAPE_ONE = tag(1, VARINT)
 _VALUES_PACKED = tag(2, LENGTH_DELIMITED)
@@ -137,11 +138,17 @@ def _read_float_array(data: bytes, pos: int, end: int) -> tuple[list[int], int, 
             stop = pos + length
             if stop > end:
                 return None
-            while pos < stop and len(shape) <= 2:
+            # NOTE: a feature sequence has two dimensions; protobuf reads (and refuses) any
+            # other number, in C, rather than this loop walking a megabyte of them.
+            while pos < stop:
                 dim, pos = read_varint(data, pos, stop)
+                if dim > _UINT32_MAX or len(shape) == 2:
+                    return None
                 shape.append(dim)
         elif key == _SHAPE_ONE:
             dim, pos = read_varint(data, pos, end)
+            if dim > _UINT32_MAX or len(shape) == 2:
+                return None
             shape.append(dim)
         elif key == _VALUES_PACKED and not values_seen:
             length, pos = read_varint(data, pos, end)
@@ -151,10 +158,6 @@ def _read_float_array(data: bytes, pos: int, end: int) -> tuple[list[int], int, 
             offset, count = pos, length // 4
             pos += length
         else:
-            return None
-        # NOTE: a feature sequence has two dimensions; protobuf reads (and refuses) any other
-        # number, in C, rather than this loop walking a megabyte of them.
-        if len(shape) > 2 or any(d > _UINT32_MAX for d in shape):
             return None
     return shape, offset, count
 
@@ -207,13 +210,14 @@ def _int64s(values: Iterable[int]) -> bytes:
     return b"".join(write_varint(v & _UINT64_MASK) for v in values)
 
 
-def _infer_output(output: V2Output) -> bytes:
-    """An InferOutputTensor's bytes: name, datatype, shape (packed int64)."""
-    out = _field(1, output.name.encode()) if output.name else b""
-    if output.datatype:
-        out += _field(2, output.datatype.encode())
-    shape = _int64s(output.shape)
-    return out + _field(3, shape) if shape else out
+@functools.lru_cache(maxsize=1024)
+def _infer_output(name: str, datatype: str, shape: tuple[int, ...]) -> bytes:
+    """An `outputs` entry of a ModelInferResponse: name, datatype, shape (packed int64)."""
+    out = _field(1, name.encode()) if name else b""
+    if datatype:
+        out += _field(2, datatype.encode())
+    packed = _int64s(shape)
+    return _field(5, out + _field(3, packed) if packed else out)
 
 
 def infer_response(model: str, version: int, request_id: str, outputs: list[V2Output]) -> bytes:
@@ -221,6 +225,6 @@ def infer_response(model: str, version: int, request_id: str, outputs: list[V2Ou
     parts = [_infer_head(model, str(version))]
     if request_id:
         parts.append(_field(3, request_id.encode()))
-    parts.extend(_field(5, _infer_output(o)) for o in outputs)
+    parts.extend(_infer_output(o.name, o.datatype, tuple(o.shape)) for o in outputs)
     parts.extend(_field(6, raw_contents(o)) for o in outputs)
     return b"".join(parts)
