@@ -11,6 +11,10 @@ has started a request and nothing was answered yet, and the connection closes.
 
 httptools sets no bound on a request's line and headers either (uvicorn's h11 protocol does):
 past MAX_HEAD_BYTES the client gets 431 and the connection closes.
+
+The connection also watches its requests for a client that leaves (`disconnects.Connection`):
+each request's scope carries the connection, and a request task it is asked to watch is
+cancelled when the connection is lost.
 """
 
 from __future__ import annotations
@@ -19,6 +23,8 @@ import asyncio
 from typing import Any, Literal
 
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
+
+from service.http_api.disconnects import CONNECTION
 
 # A body earns one second more per this many bytes received (a floor of 64 KiB/s, once the
 # first body_timeout_s are spent).
@@ -67,6 +73,26 @@ class DeadlineHttpProtocol(HttpToolsProtocol):
         self._head_bytes = 0
         self._completed = False  # a request ended within the bytes being parsed
         self._refused = False  # answered 431: whatever else arrives is dropped
+        # Request tasks to cancel if the connection is lost → whether its loss cancelled them.
+        self._watched: dict[asyncio.Task[object], bool] = {}
+        self._lost = False
+
+    # -- requests whose client may leave (disconnects.Connection) ------------------------------
+
+    def watch(self, task: asyncio.Task[object]) -> None:
+        """Cancel `task` when the connection is lost (soon, if it is already)."""
+        self._watched[task] = False
+        if self._lost:
+            self.loop.call_soon(self._cancel, task)
+
+    def unwatch(self, task: asyncio.Task[object]) -> bool:
+        """Stop watching `task`; whether the connection's loss cancelled it."""
+        return self._watched.pop(task, False)
+
+    def _cancel(self, task: asyncio.Task[object]) -> None:
+        if task in self._watched and not self._watched[task]:
+            self._watched[task] = True
+            task.cancel()
 
     def _arm(self, seconds: float) -> None:
         self._disarm()
@@ -98,6 +124,9 @@ class DeadlineHttpProtocol(HttpToolsProtocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._disarm()
+        self._lost = True
+        for task in list(self._watched):
+            self._cancel(task)
         super().connection_lost(exc)
 
     def data_received(self, data: bytes) -> None:
@@ -118,6 +147,7 @@ class DeadlineHttpProtocol(HttpToolsProtocol):
 
     def on_message_begin(self) -> None:
         super().on_message_begin()
+        self.scope[CONNECTION] = self  # type: ignore[literal-required]
         self._phase = "headers"
         self._head_bytes = 0
         if self._timer is None:
