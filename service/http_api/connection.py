@@ -67,6 +67,8 @@ class DeadlineHttpProtocol(HttpToolsProtocol):
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self._timer: asyncio.TimerHandle | None = None
+        self._timer_at = 0.0  # when the timer fires
+        self._armed = False  # a deadline is in force (a request, or the first, is awaited)
         self._deadline = 0.0
         # Where the request being received is: none yet, in its line and headers, in its body.
         self._phase: Literal["idle", "headers", "body"] = "idle"
@@ -94,10 +96,16 @@ class DeadlineHttpProtocol(HttpToolsProtocol):
             self._watched[task] = True
             task.cancel()
 
+    # NOTE: one timer serves many requests: it is moved only when a deadline comes earlier than
+    # it fires; when it fires early it sleeps again until the deadline in force (if any).
+
     def _arm(self, seconds: float) -> None:
-        self._disarm()
-        self._deadline = self.loop.time() + seconds
-        self._timer = self.loop.call_at(self._deadline, self._check)
+        self._armed = True
+        self._deadline = deadline = self.loop.time() + seconds
+        if self._timer is None or self._timer_at > deadline:
+            self._disarm()
+            self._timer = self.loop.call_at(deadline, self._check)
+            self._timer_at = deadline
 
     def _disarm(self) -> None:
         if self._timer is not None:
@@ -106,9 +114,12 @@ class DeadlineHttpProtocol(HttpToolsProtocol):
 
     def _check(self) -> None:
         self._timer = None
+        if not self._armed:
+            return
         if self.loop.time() < self._deadline:
-            # NOTE: the body deadline moved on while the timer waited (see on_body).
+            # NOTE: a later deadline is in force (the body's, or one moved on by on_body).
             self._timer = self.loop.call_at(self._deadline, self._check)
+            self._timer_at = self._deadline
             return
         if self.transport.is_closing():
             return
@@ -150,7 +161,7 @@ class DeadlineHttpProtocol(HttpToolsProtocol):
         self.scope[CONNECTION] = self  # type: ignore[literal-required]
         self._phase = "headers"
         self._head_bytes = 0
-        if self._timer is None:
+        if not self._armed:
             self._arm(self.header_timeout)
 
     def on_headers_complete(self) -> None:
@@ -166,4 +177,4 @@ class DeadlineHttpProtocol(HttpToolsProtocol):
         super().on_message_complete()
         self._phase = "idle"
         self._completed = True
-        self._disarm()
+        self._armed = False
