@@ -17,7 +17,7 @@ from __future__ import annotations
 
 from collections.abc import Awaitable, Callable
 
-from starlette.requests import Request
+from starlette.requests import ClientDisconnect, Request
 from starlette.responses import Response
 from starlette.types import ASGIApp, Receive, Scope, Send
 
@@ -43,15 +43,22 @@ class DirectDispatch:
         unexpected: UnexpectedHandler | None = None,
     ) -> None:
         self.app = app
-        self._routes = [DirectRoute.of(route) for route in routes]
+        # NOTE: grouped by method and last path segment (encode, generate, infer): a request is
+        # matched against the one or two patterns that can match it.
+        self._routes: dict[tuple[str, str], list[DirectRoute]] = {}
+        for route in routes:
+            last = route.path.rpartition("/")[2]
+            if "{" in last:
+                raise ValueError(f"a direct route ends in a literal segment, not {route.path!r}")
+            self._routes.setdefault((route.method, last), []).append(DirectRoute.of(route))
         self._max_body_bytes = max_body_bytes
         self._unexpected = unexpected
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] == "http":
-            method, path = scope["method"], scope["path"]
-            for route in self._routes:
-                if route.method == method and (found := route.pattern.fullmatch(path)):
+            path = scope["path"]
+            for route in self._routes.get((scope["method"], path.rpartition("/")[2]), ()):
+                if found := route.pattern.fullmatch(path):
                     await self._serve(route, found.groupdict(), scope, receive, send)
                     return
         await self.app(scope, receive, send)
@@ -72,7 +79,7 @@ class DirectDispatch:
                 return
             if counted:
                 receive = counting(receive, limit)
-        request = Request(scope, receive)
+        request = _DirectRequest(scope, receive)
         try:
             response = await route.handler(request, **params)
         except BodyTooLargeError:
@@ -93,3 +100,20 @@ class DirectDispatch:
         if self._unexpected is not None:
             answer = await self._unexpected(request, exc)
             await answer(request.scope, request.receive, send)
+
+
+class _DirectRequest(Request):
+    """A request whose body is read by a plain loop over `receive` (Starlette reads it through
+    an async generator); the same bytes, the same ClientDisconnect when the client leaves."""
+
+    async def body(self) -> bytes:
+        chunks: list[bytes] = []
+        receive = self.receive
+        while True:
+            message = await receive()
+            if message["type"] == "http.request":
+                chunks.append(message.get("body", b""))
+                if not message.get("more_body", False):
+                    return b"".join(chunks)
+            elif message["type"] == "http.disconnect":
+                raise ClientDisconnect

@@ -290,9 +290,10 @@ async def test_client_gone_is_never_computed(server: LiveServer, binary: bool) -
         body, extra = orjson.dumps({"inputs": [{**spec, "data": data.ravel().tolist()}]}), b""
     async with httpx.AsyncClient(base_url=server.url, timeout=60) as c:
         before = (await c.get("/metrics")).text
-        # Keep the device busy with one long call, so that the next request waits in its queue.
+        # Keep the device busy with long sequences (a batch each: a batch's step budget is
+        # max_batch_size × 128), so that the next request waits in its queue.
         busy = asyncio.create_task(
-            c.post("/v1/models/heavy/encode", json={"tokens": [[1, 2, 3, 4] * 2000]})
+            c.post("/v1/models/heavy/encode", json={"tokens": [[1, 2, 3, 4] * 2000] * 3})
         )
         await asyncio.sleep(0.05)
         _reader, writer = await asyncio.open_connection("127.0.0.1", server.port)
@@ -301,7 +302,7 @@ async def test_client_gone_is_never_computed(server: LiveServer, binary: bool) -
             b"Content-Length: %d\r\n\r\n%s" % (extra, len(body), body)
         )
         await writer.drain()
-        # NOTE: the heavy call takes ~100 ms here: leave well before it ends.
+        # NOTE: the heavy call takes ~300 ms here: leave well before it ends.
         await asyncio.sleep(0.02)
         writer.close()
         assert (await busy).status_code == 200
