@@ -1,57 +1,77 @@
-"""rnnserve's gRPC API (rnnserve.v1) on the client side: messages, answers, errors, channels.
+"""rnnserve's gRPC API (rnnserve.v1) on the client side: messages, answers, errors, channels —
+no I/O.
 
-Pure functions and constants: the sync and async clients (client.py, aio.py) make the calls.
+A call is a `Request`: which RPC, its message, and how its answer reads. The sync and async
+transports (client.py, aio.py) make the call with grpc or grpc.aio and hand the answer back here.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
-from typing import Any
+from collections.abc import Callable, Iterator, Mapping
+from dataclasses import dataclass
+from functools import partial
+from typing import Any, Generic, TypeVar
 
 import grpc
 import numpy as np
 from google.protobuf import json_format
 
-from rnnserve_client import errors
-from rnnserve_client._http import retry_after
-from rnnserve_client._inputs import Batch, Chunk, token_bytes, token_text
+from rnnserve_client import _inputs, errors, results
+from rnnserve_client._http import retry_after, timeout_ms
+from rnnserve_client._retry import Address
 from rnnserve_client.proto.rnnserve.v1 import rnnserve_pb2 as pb
-from rnnserve_client.results import (
-    ChunkResult,
-    EncodeResult,
-    GeneratedOutput,
-    GenerateResult,
-    ModelInfo,
-    TokenEvent,
-    VersionInfo,
-)
+
+T = TypeVar("T")
 
 
-def channel_options(load_balancing: str | None) -> list[tuple[str, Any]]:
-    """Channel options: no client-side message limit (the server enforces its own, 64 MiB by
-    default, where gRPC's default would refuse answers over 4 MiB), and optionally a
-    load-balancing policy (`round_robin` over every address a DNS name resolves to)."""
+@dataclass(frozen=True)
+class Request(Generic[T]):
+    """One call of rnnserve.v1.RnnServe: the RPC's name on the stub, its (first) message, and
+    how its answer reads (a stream's `read` reads its result)."""
+
+    rpc: str
+    message: Any
+    read: Callable[[Any], T]
+
+
+def metadata(headers: Mapping[str, str]) -> tuple[tuple[str, str], ...]:
+    """Headers as call metadata (gRPC keys are lower case)."""
+    return tuple((key.lower(), value) for key, value in headers.items())
+
+
+def channel_args(address: Address, load_balancing: str | None) -> tuple[str, list[Any]]:
+    """A channel's target and options: no client-side message limit (the server enforces its
+    own, 64 MiB by default, where gRPC's default would refuse answers over 4 MiB), and
+    optionally a load-balancing policy (`round_robin` over every address a DNS name resolves
+    to, the target then being `dns:///host:port`)."""
     options: list[tuple[str, Any]] = [
         ("grpc.max_receive_message_length", -1),
         ("grpc.max_send_message_length", -1),
     ]
-    if load_balancing is not None:
-        config: dict[str, Any] = {"loadBalancingConfig": [{load_balancing: {}}]}
-        options.append(("grpc.service_config", json.dumps(config)))
-    return options
-
-
-def target(host: str, port: int, load_balancing: str | None) -> str:
-    """The channel target: `dns:///host:port` when balancing over DNS, else `host:port`."""
-    address = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
-    return f"dns:///{address}" if load_balancing is not None else address
+    target = address.netloc
+    if load_balancing is None:
+        return target, options
+    config: dict[str, Any] = {"loadBalancingConfig": [{load_balancing: {}}]}
+    return f"dns:///{target}", [*options, ("grpc.service_config", json.dumps(config))]
 
 
 def _float_array(array: np.ndarray) -> pb.FloatArray:
     return pb.FloatArray(shape=array.shape, values=array.ravel().tolist())
 
 
-def _fill(message: pb.EncodeRequest | pb.GenerateRequest, batch: Batch) -> None:
+def _token(state_token: str | bytes | None) -> bytes:
+    return b"" if state_token is None else _inputs.token_bytes(state_token)
+
+
+def _with_version(message: Any, version: int | None) -> Any:
+    if version is not None:
+        message.version = version
+    return message
+
+
+def _fill(message: pb.EncodeRequest | pb.GenerateRequest, batch: _inputs.Batch) -> None:
     if batch.kind == "texts":
         message.texts.texts.extend(batch.items)
     elif batch.kind == "tokens":
@@ -60,34 +80,23 @@ def _fill(message: pb.EncodeRequest | pb.GenerateRequest, batch: Batch) -> None:
         message.inputs.sequences.extend(_float_array(x) for x in batch.items)
 
 
-def encode_request(
-    model: str, batch: Batch, pooling: str | None, version: int | None
-) -> pb.EncodeRequest:
-    """An Encode message."""
-    message = pb.EncodeRequest(model=model, pooling=pooling or "")
-    if version is not None:
-        message.version = version
-    _fill(message, batch)
-    return message
+def encode(asked: _inputs.EncodeArgs) -> Request[results.EncodeResult]:
+    """Encode."""
+    message = pb.EncodeRequest(model=asked.model, pooling=asked.pooling or "")
+    _fill(_with_version(message, asked.version), asked.batch)
+    return Request("Encode", message, partial(encode_result, pooling=asked.pooling))
 
 
-def generate_request(
-    model: str,
-    batch: Batch,
-    max_length: int | None,
-    beam_size: int | None,
-    version: int | None,
-) -> pb.GenerateRequest:
-    """A Generate / GenerateStream message."""
-    message = pb.GenerateRequest(model=model, max_length=max_length or 0, beam_size=beam_size or 0)
-    if version is not None:
-        message.version = version
-    _fill(message, batch)
-    return message
+def generate(asked: _inputs.GenerateArgs, stream: bool = False) -> Request[results.GenerateResult]:
+    """Generate, or GenerateStream with `stream`."""
+    message = pb.GenerateRequest(
+        model=asked.model, max_length=asked.max_length or 0, beam_size=asked.beam_size or 0
+    )
+    _fill(_with_version(message, asked.version), asked.batch)
+    return Request("GenerateStream" if stream else "Generate", message, generate_result)
 
 
-def session_chunk(chunk: Chunk) -> pb.SessionChunk:
-    """A chunk of a session or stream."""
+def _session_chunk(chunk: _inputs.Chunk) -> pb.SessionChunk:
     if chunk.kind == "text":
         return pb.SessionChunk(text=chunk.value)
     if chunk.kind == "tokens":
@@ -95,42 +104,51 @@ def session_chunk(chunk: Chunk) -> pb.SessionChunk:
     return pb.SessionChunk(inputs=_float_array(chunk.value))
 
 
-def stream_request(
-    model: str,
-    chunk: Chunk,
-    pooling: str | None,
-    state_token: str | bytes | None,
-    version: int | None,
-) -> pb.StreamChunkRequest:
-    """A StreamChunk message."""
+def stream(asked: _inputs.StreamArgs) -> Request[results.ChunkResult]:
+    """StreamChunk."""
     message = pb.StreamChunkRequest(
-        model=model,
-        pooling=pooling or "",
-        state_token=b"" if state_token is None else token_bytes(state_token),
-        chunk=session_chunk(chunk),
+        model=asked.model,
+        pooling=asked.pooling or "",
+        state_token=_token(asked.state_token),
+        chunk=_session_chunk(asked.chunk),
     )
-    if version is not None:
-        message.version = version
-    return message
+    return Request("StreamChunk", _with_version(message, asked.version), chunk_result)
 
 
-def session_open(
-    model: str,
-    pooling: str | None,
-    return_state: bool,
-    state_token: str | bytes | None,
-    version: int | None,
-) -> pb.SessionRequest:
-    """The first message of a StreamSession."""
+def models() -> Request[list[results.ModelInfo]]:
+    """ListModels."""
+    return Request(
+        "ListModels", pb.ListModelsRequest(), lambda answer: [model_info(m) for m in answer.models]
+    )
+
+
+def model(name: str) -> Request[results.ModelInfo]:
+    """GetModel."""
+    return Request("GetModel", pb.GetModelRequest(name=name), model_info)
+
+
+def open_session(asked: _inputs.SessionArgs) -> Request[results.SessionOpened]:
+    """StreamSession: its first message, and how the first answer reads."""
     opening = pb.SessionOpen(
-        model=model,
-        pooling=pooling or "",
-        return_state=return_state,
-        state_token=b"" if state_token is None else token_bytes(state_token),
+        model=asked.model,
+        pooling=asked.pooling or "",
+        return_state=asked.return_state,
+        state_token=_token(asked.state_token),
     )
-    if version is not None:
-        opening.version = version
-    return pb.SessionRequest(open=opening)
+    message = pb.SessionRequest(open=_with_version(opening, asked.version))
+    return Request("StreamSession", message, session_opened)
+
+
+def session_chunk(chunk: _inputs.Chunk, timeout_s: float | None) -> pb.SessionRequest:
+    """A chunk of a StreamSession; its deadline is its own `timeout_ms` (the stream has none)."""
+    message = _session_chunk(chunk)
+    message.timeout_ms = timeout_ms(timeout_s) or 0
+    return pb.SessionRequest(chunk=message)
+
+
+def session_ended(url: str) -> errors.ConnectionFailed:
+    """The error of a session stream that ended before its answer."""
+    return errors.ConnectionFailed("the session stream ended", url=url)
 
 
 # --- answers ------------------------------------------------------------------------------------
@@ -141,11 +159,11 @@ def array(message: pb.FloatArray) -> Any:
     return np.asarray(message.values, dtype=np.float32).reshape(tuple(message.shape))
 
 
-def encode_result(answer: pb.EncodeResponse, pooling: str | None) -> EncodeResult:
+def encode_result(answer: pb.EncodeResponse, pooling: str | None) -> results.EncodeResult:
     """An EncodeResponse."""
     encodings = [array(e) for e in answer.encodings]
     scores = [array(s) for s in answer.scores]
-    return EncodeResult(
+    return results.EncodeResult(
         model=answer.model,
         version=answer.version,
         encodings=encodings if pooling == "none" else _stack(encodings),
@@ -158,37 +176,53 @@ def _stack(rows: list[Any]) -> Any:
     return np.stack(rows) if rows else np.zeros((0, 0), dtype=np.float32)
 
 
-def generate_result(answer: pb.GenerateResponse) -> GenerateResult:
+def generate_result(answer: pb.GenerateResponse) -> results.GenerateResult:
     """A GenerateResponse."""
-    return GenerateResult(
+    return results.GenerateResult(
         model=answer.model,
         version=answer.version,
         outputs=[
-            GeneratedOutput(list(o.tokens), o.text if o.HasField("text") else None)
+            results.GeneratedOutput(list(o.tokens), o.text if o.HasField("text") else None)
             for o in answer.outputs
         ],
     )
 
 
-def stream_event(message: pb.GenerateStreamResponse) -> TokenEvent | GenerateResult:
-    """One message of GenerateStream: a token, or the result (last)."""
+def stream_event(
+    message: pb.GenerateStreamResponse, request: Request[results.GenerateResult]
+) -> results.TokenEvent | results.GenerateResult:
+    """One message of GenerateStream: a token, or the result (last, read by `request`)."""
     if message.HasField("token"):
         token = message.token
-        return TokenEvent(token.index, token.token, token.text if token.HasField("text") else None)
-    return generate_result(message.result)
+        text = token.text if token.HasField("text") else None
+        return results.TokenEvent(token.index, token.token, text)
+    return request.read(message.result)
 
 
-def chunk_result(answer: pb.SessionChunkResult) -> ChunkResult:
+def chunk_result(answer: pb.SessionChunkResult) -> results.ChunkResult:
     """A SessionChunkResult."""
-    return ChunkResult(
+    return results.ChunkResult(
         model=answer.model,
         version=answer.version,
         steps=answer.steps,
         encoding=array(answer.encoding),
         scores=np.asarray(answer.scores, dtype=np.float32) if answer.scores else None,
         label=answer.label if answer.HasField("label") else None,
-        state_token=token_text(answer.state_token) if answer.state_token else None,
+        state_token=_inputs.token_text(answer.state_token) if answer.state_token else None,
     )
+
+
+def session_opened(reply: pb.SessionResponse) -> results.SessionOpened:
+    """The first answer of a StreamSession."""
+    opened = reply.opened
+    return results.SessionOpened(
+        opened.session_id, opened.model, opened.version, opened.pooling, opened.steps
+    )
+
+
+def session_chunk_result(reply: pb.SessionResponse) -> results.ChunkResult:
+    """A StreamSession's answer to a chunk."""
+    return chunk_result(reply.chunk)
 
 
 def _whole_numbers(value: Any) -> Any:
@@ -202,12 +236,12 @@ def _whole_numbers(value: Any) -> Any:
     return value
 
 
-def model_info(answer: pb.ModelInfo) -> ModelInfo:
+def model_info(answer: pb.ModelInfo) -> results.ModelInfo:
     """A ModelInfo message."""
-    return ModelInfo(
+    return results.ModelInfo(
         name=answer.name,
         versions=[
-            VersionInfo(
+            results.VersionInfo(
                 v.version,
                 v.state,
                 v.reason or None,
@@ -231,6 +265,15 @@ _BY_CODE: dict[grpc.StatusCode, type[errors.RnnserveError]] = {
     grpc.StatusCode.FAILED_PRECONDITION: errors.Conflict,
     grpc.StatusCode.INTERNAL: errors.ComputeError,
 }
+
+
+@contextlib.contextmanager
+def errors_mapped(url: str) -> Iterator[None]:
+    """A failed call inside the block as the client's error (`error_of`)."""
+    try:
+        yield
+    except grpc.RpcError as exc:
+        raise error_of(url, exc) from None
 
 
 def error_of(url: str, error: grpc.RpcError) -> errors.RnnserveError:

@@ -1,33 +1,52 @@
-"""rnnserve's REST API (JSON) on the client side: request bodies, answers, errors, SSE.
+"""rnnserve's REST API (JSON) on the client side: requests, answers, errors, SSE — no I/O.
 
-Pure functions: the sync and async clients (client.py, aio.py) do the I/O with httpx.
+A call is a `Request`: what to send and how to read the answer. The sync and async transports
+(client.py, aio.py) send it with httpx and hand the answer back here.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
-from collections.abc import Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
-from typing import Any
+from functools import partial
+from typing import Any, Generic, TypeVar
 from urllib.parse import quote
 
+import httpx
 import numpy as np
 
-from rnnserve_client import errors
-from rnnserve_client._inputs import Batch, Chunk, token_text
-from rnnserve_client.results import (
-    ChunkResult,
-    EncodeResult,
-    GeneratedOutput,
-    GenerateResult,
-    ModelInfo,
-    TokenEvent,
-    VersionInfo,
-)
+from rnnserve_client import _inputs, errors, results
+
+T = TypeVar("T")
 
 # The server refuses a timeout_ms over one hour (service/core/validation.py, MAX_TIMEOUT_MS).
 MAX_TIMEOUT_MS = 3_600_000
+# What closing a session may meet and ignore: it expired, or its server is gone.
+SESSION_GONE = (errors.NotFound, errors.Unavailable)
+SESSION_CLOSE_TIMEOUT_S = 10.0
+
+
+@dataclass(frozen=True)
+class Request(Generic[T]):
+    """One REST call: method, path, JSON body, and how its answer's JSON reads (a stream's
+    `read` reads its `result` event)."""
+
+    method: str
+    path: str
+    read: Callable[[Any], T]
+    body: dict[str, Any] | None = None
+    # The body carries the call's deadline as `timeout_ms` (the server computes nothing past it).
+    timed: bool = False
+
+    def json(self, remaining_s: float | None) -> dict[str, Any] | None:
+        """The body to send with `remaining_s` left of the call's deadline."""
+        ms = timeout_ms(remaining_s)
+        if self.body is None or not self.timed or ms is None:
+            return self.body
+        return {**self.body, "timeout_ms": ms}
 
 
 def model_path(name: str, version: int | None = None, action: str | None = None) -> str:
@@ -45,76 +64,72 @@ def timeout_ms(remaining_s: float | None) -> int | None:
     return min(MAX_TIMEOUT_MS, max(1, math.ceil(remaining_s * 1000)))
 
 
-def _with_timeout(body: dict[str, Any], remaining_s: float | None) -> dict[str, Any]:
-    ms = timeout_ms(remaining_s)
-    if ms is not None:
-        body["timeout_ms"] = ms
-    return body
+def _given(**fields: Any) -> dict[str, Any]:
+    # Optional fields are left out when not given (the server applies its defaults).
+    return {name: value for name, value in fields.items() if value is not None}
 
 
-def _batch(batch: Batch) -> dict[str, Any]:
+def _batch(batch: _inputs.Batch) -> dict[str, Any]:
     if batch.kind == "texts":
         return {"texts": batch.items}
     return {batch.kind: [item.tolist() for item in batch.items]}
 
 
-def encode_body(batch: Batch, pooling: str | None, remaining_s: float | None) -> dict[str, Any]:
-    """Body of `POST .../encode`."""
-    body = _batch(batch)
-    if pooling is not None:
-        body["pooling"] = pooling
-    return _with_timeout(body, remaining_s)
+def _chunk(chunk: _inputs.Chunk) -> dict[str, Any]:
+    return {chunk.kind: chunk.value if chunk.kind == "text" else chunk.value.tolist()}
 
 
-def generate_body(
-    batch: Batch,
-    max_length: int | None,
-    beam_size: int | None,
-    remaining_s: float | None,
-    stream: bool = False,
-) -> dict[str, Any]:
-    """Body of `POST .../generate`."""
-    body = _batch(batch)
-    if max_length is not None:
-        body["max_length"] = max_length
-    if beam_size is not None:
-        body["beam_size"] = beam_size
-    if stream:
-        body["stream"] = True
-    return _with_timeout(body, remaining_s)
+def _token(state_token: str | bytes | None) -> str | None:
+    return None if state_token is None else _inputs.token_text(state_token)
 
 
-def chunk_body(chunk: Chunk, remaining_s: float | None) -> dict[str, Any]:
-    """Body of `POST /v1/sessions/{id}/chunks`."""
-    value = chunk.value if chunk.kind == "text" else chunk.value.tolist()
-    return _with_timeout({chunk.kind: value}, remaining_s)
+def encode(asked: _inputs.EncodeArgs) -> Request[results.EncodeResult]:
+    """`POST .../encode`."""
+    body = _batch(asked.batch) | _given(pooling=asked.pooling)
+    path = model_path(asked.model, asked.version, "encode")
+    return Request("POST", path, partial(encode_result, pooling=asked.pooling), body, timed=True)
 
 
-def stream_body(
-    chunk: Chunk,
-    pooling: str | None,
-    state_token: str | bytes | None,
-    remaining_s: float | None,
-) -> dict[str, Any]:
-    """Body of `POST .../stream`."""
-    body = chunk_body(chunk, remaining_s)
-    if pooling is not None:
-        body["pooling"] = pooling
-    if state_token is not None:
-        body["state_token"] = token_text(state_token)
-    return body
+def generate(asked: _inputs.GenerateArgs, stream: bool = False) -> Request[results.GenerateResult]:
+    """`POST .../generate` (with `stream`: answered by server-sent events)."""
+    options = _given(max_length=asked.max_length, beam_size=asked.beam_size, stream=stream or None)
+    path = model_path(asked.model, asked.version, "generate")
+    return Request("POST", path, generate_result, _batch(asked.batch) | options, timed=True)
 
 
-def session_body(
-    pooling: str | None, return_state: bool, state_token: str | bytes | None
-) -> dict[str, Any]:
-    """Body of `POST .../sessions`."""
-    body: dict[str, Any] = {"return_state": return_state}
-    if pooling is not None:
-        body["pooling"] = pooling
-    if state_token is not None:
-        body["state_token"] = token_text(state_token)
-    return body
+def stream(asked: _inputs.StreamArgs) -> Request[results.ChunkResult]:
+    """`POST .../stream`."""
+    options = _given(pooling=asked.pooling, state_token=_token(asked.state_token))
+    path = model_path(asked.model, asked.version, "stream")
+    return Request("POST", path, chunk_result, _chunk(asked.chunk) | options, timed=True)
+
+
+def models() -> Request[list[results.ModelInfo]]:
+    """`GET /v1/models`."""
+    return Request("GET", "/v1/models", lambda answer: [model_info(m) for m in answer["models"]])
+
+
+def model(name: str) -> Request[results.ModelInfo]:
+    """`GET /v1/models/{name}`."""
+    return Request("GET", model_path(name), model_info)
+
+
+def open_session(asked: _inputs.SessionArgs) -> Request[results.SessionOpened]:
+    """`POST .../sessions`."""
+    options = _given(pooling=asked.pooling, state_token=_token(asked.state_token))
+    path = model_path(asked.model, asked.version, "sessions")
+    return Request("POST", path, session_opened, {"return_state": asked.return_state} | options)
+
+
+def session_chunk(session_id: str, chunk: _inputs.Chunk) -> Request[results.ChunkResult]:
+    """`POST /v1/sessions/{id}/chunks`."""
+    path = f"/v1/sessions/{session_id}/chunks"
+    return Request("POST", path, chunk_result, _chunk(chunk), timed=True)
+
+
+def close_session(session_id: str) -> Request[None]:
+    """`DELETE /v1/sessions/{id}`."""
+    return Request("DELETE", f"/v1/sessions/{session_id}", lambda answer: None)
 
 
 # --- answers ------------------------------------------------------------------------------------
@@ -125,57 +140,68 @@ def floats(values: Any) -> Any:
     return np.asarray(values, dtype=np.float32)
 
 
-def encode_result(answer: Mapping[str, Any], pooling: str | None) -> EncodeResult:
+def _floats_or_none(values: Any) -> Any:
+    return None if values is None else floats(values)
+
+
+def encode_result(answer: Mapping[str, Any], pooling: str | None) -> results.EncodeResult:
     """The JSON of an encode answer."""
     encodings = answer["encodings"]
-    scores = answer.get("scores")
-    return EncodeResult(
+    return results.EncodeResult(
         model=answer["model"],
         version=answer["version"],
         encodings=[floats(e) for e in encodings] if pooling == "none" else floats(encodings),
         labels=answer.get("labels"),
-        scores=None if scores is None else floats(scores),
+        scores=_floats_or_none(answer.get("scores")),
     )
 
 
-def generate_result(answer: Mapping[str, Any]) -> GenerateResult:
+def generate_result(answer: Mapping[str, Any]) -> results.GenerateResult:
     """The JSON of a generate answer (or of the `result` event of a streamed one)."""
-    return GenerateResult(
+    return results.GenerateResult(
         model=answer["model"],
         version=answer["version"],
-        outputs=[GeneratedOutput(o["tokens"], o.get("text")) for o in answer["outputs"]],
+        outputs=[results.GeneratedOutput(o["tokens"], o.get("text")) for o in answer["outputs"]],
     )
 
 
-def token_event(data: Mapping[str, Any]) -> TokenEvent:
-    """The data of a `token` event."""
-    return TokenEvent(data["index"], data["token"], data.get("text"))
-
-
-def chunk_result(answer: Mapping[str, Any]) -> ChunkResult:
+def chunk_result(answer: Mapping[str, Any]) -> results.ChunkResult:
     """The JSON of a chunk's answer."""
-    scores = answer.get("scores")
-    return ChunkResult(
+    return results.ChunkResult(
         model=answer["model"],
         version=answer["version"],
         steps=answer["steps"],
         encoding=floats(answer["encoding"]),
-        scores=None if scores is None else floats(scores),
+        scores=_floats_or_none(answer.get("scores")),
         label=answer.get("label"),
         state_token=answer.get("state_token"),
     )
 
 
-def model_info(answer: Mapping[str, Any]) -> ModelInfo:
+def session_opened(answer: Mapping[str, Any]) -> results.SessionOpened:
+    """The JSON of an opened session."""
+    return results.SessionOpened(
+        answer["session_id"], answer["model"], answer["version"], answer["pooling"], answer["steps"]
+    )
+
+
+def model_info(answer: Mapping[str, Any]) -> results.ModelInfo:
     """The JSON of a model's status."""
-    return ModelInfo(
+    return results.ModelInfo(
         name=answer["name"],
         versions=[
-            VersionInfo(v["version"], v["state"], v.get("reason"), v.get("load_seconds"))
+            results.VersionInfo(v["version"], v["state"], v.get("reason"), v.get("load_seconds"))
             for v in answer["versions"]
         ],
         architecture=dict(answer.get("architecture") or {}),
     )
+
+
+def answer_of(url: str, status: int, headers: Mapping[str, str], content: bytes) -> Any:
+    """An answer's JSON (None when empty), or the error its status ≥ 400 means."""
+    if status >= 400:
+        raise error_of(url, status, headers, content)
+    return json.loads(content) if content else None
 
 
 # --- errors -------------------------------------------------------------------------------------
@@ -194,6 +220,18 @@ _BY_STATUS: dict[int, type[errors.RnnserveError]] = {
     503: errors.Unavailable,
     504: errors.DeadlineExceeded,
 }
+
+
+@contextlib.contextmanager
+def errors_mapped(url: str) -> Iterator[None]:
+    """httpx's failures inside the block as the client's errors: no answer in time is
+    DeadlineExceeded, no connection (or a broken one) ConnectionFailed."""
+    try:
+        yield
+    except httpx.TimeoutException as exc:
+        raise errors.DeadlineExceeded(f"no answer in time ({exc})", url=url) from None
+    except httpx.TransportError as exc:
+        raise errors.ConnectionFailed(f"{type(exc).__name__}: {exc}", url=url) from None
 
 
 def retry_after(value: str | None) -> float:
@@ -268,3 +306,34 @@ class SseParser:
         elif name == "data":
             self._data.append(value)
         return None
+
+
+class GenerateEvents:
+    """A streamed generate's answer, line by line: `token` events, then the `result` event
+    (read by the request's `read`); an `error` event is raised."""
+
+    def __init__(self, url: str, request: Request[results.GenerateResult]) -> None:
+        self._url = url
+        self._read = request.read
+        self._sse = SseParser()
+        self.finished = False
+
+    def feed(self, line: str) -> results.TokenEvent | results.GenerateResult | None:
+        """One line of the answer; the event it completes, if any."""
+        event = self._sse.feed(line)
+        if event is None:
+            return None
+        name, data = event
+        if name == "token":
+            return results.TokenEvent(data["index"], data["token"], data.get("text"))
+        if name == "result":
+            self.finished = True
+            return self._read(data)
+        if name == "error":
+            raise error_from(self._url, 200, {}, data["error"])
+        return None
+
+    def end(self) -> None:
+        """The answer ended: raise unless its result came."""
+        if not self.finished:
+            raise errors.ConnectionFailed("the event stream ended before its result", url=self._url)

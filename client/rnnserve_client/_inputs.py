@@ -30,6 +30,49 @@ class Chunk:
     value: Any
 
 
+@dataclass(frozen=True)
+class EncodeArgs:
+    """What `encode` asks for."""
+
+    model: str
+    batch: Batch
+    pooling: str | None
+    version: int | None
+
+
+@dataclass(frozen=True)
+class GenerateArgs:
+    """What `generate` (and `generate_stream`) asks for."""
+
+    model: str
+    batch: Batch
+    max_length: int | None
+    beam_size: int | None
+    version: int | None
+
+
+@dataclass(frozen=True)
+class StreamArgs:
+    """What `stream` asks for: one chunk of a stream whose state travels in `state_token`."""
+
+    model: str
+    chunk: Chunk
+    pooling: str | None
+    state_token: str | bytes | None
+    version: int | None
+
+
+@dataclass(frozen=True)
+class SessionArgs:
+    """What `session` asks for: a server-held session (from `state_token`'s state, if given)."""
+
+    model: str
+    pooling: str | None
+    return_state: bool
+    state_token: str | bytes | None
+    version: int | None
+
+
 def batch_of(inputs: Any = None, tokens: Any = None, texts: Any = None) -> Batch:
     """Exactly one of `inputs` (feature sequences), `tokens` (id sequences), `texts`."""
     given = [

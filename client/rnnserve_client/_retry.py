@@ -12,8 +12,10 @@ once.
 
 from __future__ import annotations
 
+import contextlib
 import threading
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Literal
 from urllib.parse import urlsplit
@@ -36,9 +38,14 @@ class Address:
     port: int
 
     @property
-    def url(self) -> str:
+    def netloc(self) -> str:
+        """`host:port` (`[host]:port` for an IPv6 host)."""
         host = f"[{self.host}]" if ":" in self.host else self.host
-        return f"{self.scheme}://{host}:{self.port}"
+        return f"{host}:{self.port}"
+
+    @property
+    def url(self) -> str:
+        return f"{self.scheme}://{self.netloc}"
 
 
 def parse_address(url: str) -> Address:
@@ -117,41 +124,59 @@ class Rotation:
 
 
 class Plan:
-    """The retry plan of one call: its deadline and attempts so far."""
+    """The retry plan of one call: its deadline, the address of its next attempt, and how many
+    attempts it has made. A client drives it so:
+
+        plan = Plan(rotation, timeout_s, max_attempts)
+        while True:
+            with plan.attempt() as remaining:
+                return send(plan.index, remaining)
+            sleep(plan.wait)
+    """
 
     def __init__(self, rotation: Rotation, timeout_s: float | None, max_attempts: int) -> None:
         self.rotation = rotation
         self.deadline = None if timeout_s is None else time.monotonic() + timeout_s
         self.max_attempts = max_attempts
         self.attempts = 0
+        # The address of the next attempt, and how long to wait before making it.
+        self.index = rotation.start()
+        self.wait = 0.0
 
     def remaining(self) -> float | None:
         """Seconds left before the call's deadline (None: no deadline)."""
         return None if self.deadline is None else self.deadline - time.monotonic()
 
-    def first(self) -> int:
-        """The address of the first attempt."""
-        self.attempts = 1
-        return self.rotation.start()
-
-    def next(self, index: int, error: errors.RnnserveError) -> tuple[int, float]:
-        """After `error` at address `index`: (next address, seconds to wait first), or raise
-        `error` when it is not retriable or no attempt fits the budget."""
-        if not isinstance(error, errors.RETRIABLE):
-            raise error
-        self.rotation.rest(index, error)
-        if self.attempts >= self.max_attempts:
-            raise error
-        candidate, wait = self.rotation.after(index)
-        remaining = self.remaining()
-        if remaining is not None and wait >= remaining:
-            # NOTE: the server asked for more time than the call has left: answer now.
-            raise error
-        self.attempts += 1
-        return candidate, wait
-
-    def check_time(self) -> None:
-        """Raise DeadlineExceeded if the deadline has passed (before sending an attempt)."""
+    @contextlib.contextmanager
+    def attempt(self) -> Iterator[float | None]:
+        """One attempt at `index`, given the seconds left (None: no deadline); DeadlineExceeded
+        if none are. An error the block raises is swallowed when another attempt may follow
+        (then `index` and `wait` say where and when); a block that ends resets the backoff of
+        the address that answered."""
         remaining = self.remaining()
         if remaining is not None and remaining <= 0:
             raise errors.DeadlineExceeded("the call's deadline passed before an answer came")
+        self.attempts += 1
+        try:
+            yield remaining
+        except errors.RnnserveError as error:
+            if not self._retries(error):
+                raise
+        else:
+            self.rotation.succeeded(self.index)
+
+    def _retries(self, error: errors.RnnserveError) -> bool:
+        # Whether `error` at `index` is worth another attempt within the budget: then the
+        # next address, and the wait before it, are set.
+        if not isinstance(error, errors.RETRIABLE):
+            return False
+        self.rotation.rest(self.index, error)
+        if self.attempts >= self.max_attempts:
+            return False
+        candidate, wait = self.rotation.after(self.index)
+        remaining = self.remaining()
+        if remaining is not None and wait >= remaining:
+            # NOTE: the server asked for more time than the call has left: answer now.
+            return False
+        self.index, self.wait = candidate, wait
+        return True

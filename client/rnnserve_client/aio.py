@@ -5,35 +5,32 @@ from rnnserve_client import AsyncClient
 async with AsyncClient(["grpc://10.0.0.5:8001", "grpc://10.0.0.6:8001"]) as client:
     async for event in client.generate_stream("dates", texts=["25 December 2021"]):
         ...
+
+This module only does the I/O (httpx.AsyncClient, grpc.aio): what each call sends and how its
+answer reads are `_calls.py`, `_http.py` and `_grpc.py`, shared with `Client`.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable, Mapping, Sequence
+from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable, Coroutine, Mapping
 from types import TracebackType
-from typing import Any, TypeVar
+from typing import Any, Concatenate, ParamSpec
 
 import grpc
 import httpx
 
-from rnnserve_client import _grpc, _http, errors
-from rnnserve_client._inputs import Batch, Chunk, batch_of, chunk_of
-from rnnserve_client._retry import Address, Plan, Rotation, parse_addresses
-from rnnserve_client.client import DEFAULT_MAX_ATTEMPTS, DEFAULT_TIMEOUT_S
+from rnnserve_client import _calls, _grpc, _http
+from rnnserve_client._base import ClientBase, SessionBase, answer_type, method
+from rnnserve_client._calls import Call, Event, T
+from rnnserve_client._inputs import Chunk
+from rnnserve_client._retry import Address
 from rnnserve_client.proto.rnnserve.v1 import rnnserve_pb2 as pb
 from rnnserve_client.proto.rnnserve.v1 import rnnserve_pb2_grpc as pb_grpc
-from rnnserve_client.results import (
-    ChunkResult,
-    EncodeResult,
-    GenerateResult,
-    ModelInfo,
-    TokenEvent,
-)
+from rnnserve_client.results import ChunkResult, GenerateResult, SessionOpened
 
-T = TypeVar("T")
-
+__all__ = ["AsyncClient", "AsyncSession"]
 
 # --- REST ---------------------------------------------------------------------------------------
 
@@ -43,248 +40,111 @@ class AsyncHttpTransport:
 
     def __init__(self, address: Address, headers: Mapping[str, str]) -> None:
         self.url = address.url
-        self.http = httpx.AsyncClient(base_url=self.url, headers=dict(headers), timeout=None)
+        self.http = httpx.AsyncClient(base_url=self.url, headers=headers, timeout=None)
 
-    async def request(
-        self, method: str, path: str, remaining: float | None, body: Any = None
-    ) -> Any:
-        """One request; its JSON answer, or the error the answer (or its absence) means."""
-        try:
-            answer = await self.http.request(method, path, json=body, timeout=remaining)
-        except httpx.TimeoutException as exc:
-            raise errors.DeadlineExceeded(f"no answer in time ({exc})", url=self.url) from None
-        except httpx.TransportError as exc:
-            raise errors.ConnectionFailed(f"{type(exc).__name__}: {exc}", url=self.url) from None
-        if answer.status_code >= 400:
-            raise _http.error_of(self.url, answer.status_code, answer.headers, answer.content)
-        return answer.json() if answer.content else None
+    async def send(self, request: _http.Request[T], remaining: float | None) -> T:
+        """One request; its answer, or the error the answer (or its absence) means."""
+        with _http.errors_mapped(self.url):
+            answer = await self.http.request(
+                request.method, request.path, json=request.json(remaining), timeout=remaining
+            )
+        return request.read(
+            _http.answer_of(self.url, answer.status_code, answer.headers, answer.content)
+        )
 
-    async def encode(
-        self,
-        model: str,
-        batch: Batch,
-        pooling: str | None,
-        version: int | None,
-        remaining: float | None,
-    ) -> EncodeResult:
-        body = _http.encode_body(batch, pooling, remaining)
-        path = _http.model_path(model, version, "encode")
-        return _http.encode_result(await self.request("POST", path, remaining, body), pooling)
+    async def unary(self, call: Call[T], remaining: float | None) -> T:
+        return await self.send(call.http(), remaining)
 
-    async def generate(
-        self,
-        model: str,
-        batch: Batch,
-        options: tuple[int | None, int | None],
-        version: int | None,
-        remaining: float | None,
-    ) -> GenerateResult:
-        body = _http.generate_body(batch, *options, remaining)
-        path = _http.model_path(model, version, "generate")
-        return _http.generate_result(await self.request("POST", path, remaining, body))
-
-    async def generate_stream(
-        self,
-        model: str,
-        batch: Batch,
-        options: tuple[int | None, int | None],
-        version: int | None,
-        remaining: float | None,
-    ) -> AsyncGenerator[TokenEvent | GenerateResult, None]:
-        body = _http.generate_body(batch, *options, remaining, stream=True)
-        path = _http.model_path(model, version, "generate")
-        try:
-            async with self.http.stream("POST", path, json=body, timeout=remaining) as answer:
+    async def events(
+        self, call: Call[GenerateResult], remaining: float | None
+    ) -> AsyncGenerator[Event, None]:
+        request = call.http(stream=True)
+        events = _http.GenerateEvents(self.url, request)
+        stream = self.http.stream(
+            request.method, request.path, json=request.json(remaining), timeout=remaining
+        )
+        with _http.errors_mapped(self.url):
+            async with stream as answer:
                 if answer.status_code >= 400:
                     content = await answer.aread()
                     raise _http.error_of(self.url, answer.status_code, answer.headers, content)
-                parser = _http.SseParser()
                 async for line in answer.aiter_lines():
-                    event = parser.feed(line)
-                    if event is None:
-                        continue
-                    name, data = event
-                    if name == "token":
-                        yield _http.token_event(data)
-                    elif name == "result":
-                        yield _http.generate_result(data)
+                    if (event := events.feed(line)) is not None:
+                        yield event
+                    if events.finished:
                         return
-                    elif name == "error":
-                        raise _http.error_from(self.url, 200, {}, data["error"])
-        except httpx.TimeoutException as exc:
-            raise errors.DeadlineExceeded(f"no answer in time ({exc})", url=self.url) from None
-        except httpx.TransportError as exc:
-            raise errors.ConnectionFailed(f"{type(exc).__name__}: {exc}", url=self.url) from None
-        raise errors.ConnectionFailed("the event stream ended before its result", url=self.url)
-
-    async def stream(
-        self,
-        model: str,
-        chunk: Chunk,
-        options: tuple[str | None, str | bytes | None],
-        version: int | None,
-        remaining: float | None,
-    ) -> ChunkResult:
-        body = _http.stream_body(chunk, *options, remaining)
-        path = _http.model_path(model, version, "stream")
-        return _http.chunk_result(await self.request("POST", path, remaining, body))
-
-    async def models(self, remaining: float | None) -> list[ModelInfo]:
-        answer = await self.request("GET", "/v1/models", remaining)
-        return [_http.model_info(m) for m in answer["models"]]
-
-    async def model(self, name: str, remaining: float | None) -> ModelInfo:
-        return _http.model_info(await self.request("GET", _http.model_path(name), remaining))
+        events.end()
 
     async def open_session(
-        self,
-        model: str,
-        options: tuple[str | None, bool, str | bytes | None],
-        version: int | None,
-        remaining: float | None,
-    ) -> _SessionConnection:
-        body = _http.session_body(*options)
-        path = _http.model_path(model, version, "sessions")
-        return _HttpSession(self, await self.request("POST", path, remaining, body))
+        self, call: Call[SessionOpened], remaining: float | None
+    ) -> AsyncHttpSession:
+        return AsyncHttpSession(self, await self.unary(call, remaining))
 
     async def close(self) -> None:
         await self.http.aclose()
 
 
-class _SessionConnection:
-    """An open session on one server (REST or gRPC)."""
+class AsyncHttpSession:
+    """A session over REST (`/v1/sessions/{id}`)."""
 
-    opened: Mapping[str, Any]
-
-    async def send(self, chunk: Chunk, timeout: float | None) -> ChunkResult:
-        raise NotImplementedError
-
-    async def close(self) -> None:
-        raise NotImplementedError
-
-
-class _HttpSession(_SessionConnection):
-    def __init__(self, transport: AsyncHttpTransport, opened: Mapping[str, Any]) -> None:
+    def __init__(self, transport: AsyncHttpTransport, opened: SessionOpened) -> None:
         self._transport = transport
         self.opened = opened
 
     async def send(self, chunk: Chunk, timeout: float | None) -> ChunkResult:
-        path = f"/v1/sessions/{self.opened['session_id']}/chunks"
-        body = _http.chunk_body(chunk, timeout)
-        return _http.chunk_result(await self._transport.request("POST", path, timeout, body))
+        request = _http.session_chunk(self.opened.session_id, chunk)
+        return await self._transport.send(request, timeout)
 
     async def close(self) -> None:
-        # NOTE: an expired session, or a server that is gone, leaves nothing to close.
-        with contextlib.suppress(errors.NotFound, errors.Unavailable):
-            path = f"/v1/sessions/{self.opened['session_id']}"
-            await self._transport.request("DELETE", path, 10.0)
+        request = _http.close_session(self.opened.session_id)
+        with contextlib.suppress(*_http.SESSION_GONE):
+            await self._transport.send(request, _http.SESSION_CLOSE_TIMEOUT_S)
 
 
 # --- gRPC ---------------------------------------------------------------------------------------
-
-
-async def _rpc(url: str, call: Awaitable[T]) -> T:
-    try:
-        return await call
-    except grpc.RpcError as exc:
-        raise _grpc.error_of(url, exc) from None
 
 
 class AsyncGrpcTransport:
     """rnnserve.v1.RnnServe at one address (one grpc.aio channel, made inside the loop)."""
 
     def __init__(
-        self, address: Address, metadata: Mapping[str, str], load_balancing: str | None
+        self, address: Address, headers: Mapping[str, str], load_balancing: str | None
     ) -> None:
         self.url = address.url
-        self.metadata = tuple((key.lower(), value) for key, value in metadata.items())
-        self.channel = grpc.aio.insecure_channel(
-            _grpc.target(address.host, address.port, load_balancing),
-            options=_grpc.channel_options(load_balancing),
-        )
+        self.metadata = _grpc.metadata(headers)
+        self.channel = grpc.aio.insecure_channel(*_grpc.channel_args(address, load_balancing))
         self.stub = pb_grpc.RnnServeStub(self.channel)
 
-    async def encode(
-        self,
-        model: str,
-        batch: Batch,
-        pooling: str | None,
-        version: int | None,
-        remaining: float | None,
-    ) -> EncodeResult:
-        message = _grpc.encode_request(model, batch, pooling, version)
-        call = self.stub.Encode(message, timeout=remaining, metadata=self.metadata)
-        return _grpc.encode_result(await _rpc(self.url, call), pooling)
+    async def unary(self, call: Call[T], remaining: float | None) -> T:
+        request = call.grpc()
+        rpc = getattr(self.stub, request.rpc)
+        with _grpc.errors_mapped(self.url):
+            answer = await rpc(request.message, timeout=remaining, metadata=self.metadata)
+        return request.read(answer)
 
-    async def generate(
-        self,
-        model: str,
-        batch: Batch,
-        options: tuple[int | None, int | None],
-        version: int | None,
-        remaining: float | None,
-    ) -> GenerateResult:
-        message = _grpc.generate_request(model, batch, *options, version)
-        call = self.stub.Generate(message, timeout=remaining, metadata=self.metadata)
-        return _grpc.generate_result(await _rpc(self.url, call))
-
-    async def generate_stream(
-        self,
-        model: str,
-        batch: Batch,
-        options: tuple[int | None, int | None],
-        version: int | None,
-        remaining: float | None,
-    ) -> AsyncGenerator[TokenEvent | GenerateResult, None]:
-        message = _grpc.generate_request(model, batch, *options, version)
-        call = self.stub.GenerateStream(message, timeout=remaining, metadata=self.metadata)
+    async def events(
+        self, call: Call[GenerateResult], remaining: float | None
+    ) -> AsyncGenerator[Event, None]:
+        request = call.grpc(stream=True)
+        rpc = getattr(self.stub, request.rpc)(
+            request.message, timeout=remaining, metadata=self.metadata
+        )
         try:
-            async for event in call:
-                yield _grpc.stream_event(event)
-        except grpc.RpcError as exc:
-            raise _grpc.error_of(self.url, exc) from None
+            with _grpc.errors_mapped(self.url):
+                async for message in rpc:
+                    yield _grpc.stream_event(message, request)
         finally:
             # NOTE: a caller that stops reading early ends the decoding on the server too.
-            call.cancel()
-
-    async def stream(
-        self,
-        model: str,
-        chunk: Chunk,
-        options: tuple[str | None, str | bytes | None],
-        version: int | None,
-        remaining: float | None,
-    ) -> ChunkResult:
-        message = _grpc.stream_request(model, chunk, *options, version)
-        call = self.stub.StreamChunk(message, timeout=remaining, metadata=self.metadata)
-        return _grpc.chunk_result(await _rpc(self.url, call))
-
-    async def models(self, remaining: float | None) -> list[ModelInfo]:
-        call = self.stub.ListModels(
-            pb.ListModelsRequest(), timeout=remaining, metadata=self.metadata
-        )
-        return [_grpc.model_info(m) for m in (await _rpc(self.url, call)).models]
-
-    async def model(self, name: str, remaining: float | None) -> ModelInfo:
-        call = self.stub.GetModel(
-            pb.GetModelRequest(name=name), timeout=remaining, metadata=self.metadata
-        )
-        return _grpc.model_info(await _rpc(self.url, call))
+            rpc.cancel()
 
     async def open_session(
-        self,
-        model: str,
-        options: tuple[str | None, bool, str | bytes | None],
-        version: int | None,
-        remaining: float | None,
-    ) -> _SessionConnection:
+        self, call: Call[SessionOpened], remaining: float | None
+    ) -> AsyncGrpcSession:
         # NOTE: a session stream has no deadline; an unreachable server fails the open at once.
         del remaining
-        pooling, return_state, token = options
-        opening = _grpc.session_open(model, pooling, return_state, token, version)
-        session = _GrpcSession(self)
+        session = AsyncGrpcSession(self)
         try:
-            await session.open(opening)
+            await session.open(call.grpc())
         except BaseException:
             await session.close()
             raise
@@ -294,47 +154,35 @@ class AsyncGrpcTransport:
         await self.channel.close()
 
 
-class _GrpcSession(_SessionConnection):
+class AsyncGrpcSession:
+    """A session over gRPC: the StreamSession stream is the session."""
+
+    opened: SessionOpened
+
     def __init__(self, transport: AsyncGrpcTransport) -> None:
         self._url = transport.url
         self._call = transport.stub.StreamSession(metadata=transport.metadata)
 
     async def _read(self) -> pb.SessionResponse:
-        try:
+        with _grpc.errors_mapped(self._url):
             reply = await self._call.read()
-        except grpc.RpcError as exc:
-            raise _grpc.error_of(self._url, exc) from None
         if reply is grpc.aio.EOF:
-            raise errors.ConnectionFailed("the session stream ended", url=self._url)
+            raise _grpc.session_ended(self._url)
         assert isinstance(reply, pb.SessionResponse)
         return reply
 
     async def _write(self, message: pb.SessionRequest) -> None:
-        try:
+        # NOTE: InvalidStateError: the stream already ended (with an error the next read reports).
+        with _grpc.errors_mapped(self._url), contextlib.suppress(asyncio.InvalidStateError):
             await self._call.write(message)
-        except grpc.RpcError as exc:
-            raise _grpc.error_of(self._url, exc) from None
-        except asyncio.InvalidStateError:
-            # NOTE: the stream already ended (with an error the next read reports).
-            pass
 
-    async def open(self, opening: pb.SessionRequest) -> None:
-        await self._write(opening)
-        opened = (await self._read()).opened
-        self.opened = {
-            "session_id": opened.session_id,
-            "model": opened.model,
-            "version": opened.version,
-            "pooling": opened.pooling,
-            "steps": opened.steps,
-        }
+    async def open(self, opening: _grpc.Request[SessionOpened]) -> None:
+        await self._write(opening.message)
+        self.opened = opening.read(await self._read())
 
     async def send(self, chunk: Chunk, timeout: float | None) -> ChunkResult:
-        message = _grpc.session_chunk(chunk)
-        if timeout is not None:
-            message.timeout_ms = _http.timeout_ms(timeout) or 0
-        await self._write(pb.SessionRequest(chunk=message))
-        return _grpc.chunk_result((await self._read()).chunk)
+        await self._write(_grpc.session_chunk(chunk, timeout))
+        return _grpc.session_chunk_result(await self._read())
 
     async def close(self) -> None:
         self._call.cancel()
@@ -343,51 +191,37 @@ class _GrpcSession(_SessionConnection):
 # --- the client ---------------------------------------------------------------------------------
 
 AsyncTransport = AsyncHttpTransport | AsyncGrpcTransport
+SessionLink = AsyncHttpSession | AsyncGrpcSession
 
 
-class AsyncSession:
+class AsyncSession(SessionBase):
     """A server-held streaming session (`async with client.session("m") as s:`): `send` chunks
     in order; every chunk goes to the server that opened it and is not retried."""
 
-    def __init__(
-        self, opener: Callable[[], Awaitable[_SessionConnection]], timeout: float | None
-    ) -> None:
+    def __init__(self, opener: Callable[[], Awaitable[SessionLink]], timeout: float | None) -> None:
         self._opener = opener
-        # A chunk's deadline when `send` gives none (the client's default).
         self.timeout = timeout
-        self._connection: _SessionConnection | None = None
-        self.session_id = ""
-        self.model = ""
-        self.version = 0
-        self.pooling = ""
-        self.steps = 0
+        self._link: SessionLink | None = None
 
     async def open(self) -> AsyncSession:
         """Open the session on the server (`async with` does)."""
-        if self._connection is None:
-            self._connection = await self._opener()
-            opened = self._connection.opened
-            self.session_id, self.model = opened["session_id"], opened["model"]
-            self.version, self.pooling = opened["version"], opened["pooling"]
-            self.steps = opened["steps"]
+        if self._link is None:
+            self._link = await self._opener()
+            self._opened(self._link.opened)
         return self
 
     async def send(self, chunk: Any, *, timeout: float | None = None) -> ChunkResult:
         """One chunk (text, [time][features] numbers or [time] token ids); the encoding of
         everything so far (or of this chunk's steps, for pooling "none")."""
-        if self._connection is None:
+        if self._link is None:
             raise RuntimeError("the session is not open (use `async with` or `await open()`)")
-        result = await self._connection.send(
-            chunk_of(chunk), self.timeout if timeout is None else timeout
-        )
-        self.steps = result.steps
-        return result
+        return self._answered(await self._link.send(*self._chunk(chunk, timeout)))
 
     async def close(self) -> None:
         """End the session on the server."""
-        connection, self._connection = self._connection, None
-        if connection is not None:
-            await connection.close()
+        link, self._link = self._link, None
+        if link is not None:
+            await link.close()
 
     async def __aenter__(self) -> AsyncSession:
         return await self.open()
@@ -398,128 +232,32 @@ class AsyncSession:
         await self.close()
 
 
-class AsyncClient:
-    """The asyncio client of one rnnserve server or several (round-robin with fail-over); the
-    arguments and calls of `Client`, awaitable. Connections are made on first use, inside the
-    running loop."""
+P = ParamSpec("P")
 
-    def __init__(
-        self,
-        url: str | Sequence[str],
-        *,
-        timeout: float | None = DEFAULT_TIMEOUT_S,
-        max_attempts: int = DEFAULT_MAX_ATTEMPTS,
-        headers: Mapping[str, str] | None = None,
-        grpc_load_balancing: str | None = None,
-    ) -> None:
-        addresses = parse_addresses(url if isinstance(url, str) else tuple(url))
-        if max_attempts < 1:
-            raise ValueError("max_attempts is at least 1")
-        self.timeout = timeout
-        self.max_attempts = max_attempts
-        self.addresses = addresses
-        self._headers = dict(headers or {})
-        self._load_balancing = grpc_load_balancing
-        self._rotation = Rotation(len(addresses))
-        self._transports: list[AsyncTransport | None] = [None] * len(addresses)
 
-    def _transport(self, index: int) -> AsyncTransport:
-        transport = self._transports[index]
-        if transport is None:
-            address = self.addresses[index]
-            transport = (
-                AsyncHttpTransport(address, self._headers)
-                if address.scheme == "http"
-                else AsyncGrpcTransport(address, self._headers, self._load_balancing)
-            )
-            self._transports[index] = transport
-        return transport
+def _awaiting(
+    build: Callable[P, Call[T]],
+) -> Callable[Concatenate[AsyncClient, P], Coroutine[Any, Any, T]]:
+    """`AsyncClient`'s method for the call `build` describes: sent (retried), its answer read."""
 
-    def _plan(self, timeout: float | None) -> Plan:
-        return Plan(self._rotation, self.timeout if timeout is None else timeout, self.max_attempts)
+    async def call(self: AsyncClient, /, *args: P.args, **kwargs: P.kwargs) -> T:
+        made = build(*args, **kwargs)
+        return await self._retrying(made.timeout, lambda t, left: t.unary(made, left))
 
-    async def _call(
-        self, timeout: float | None, attempt: Callable[[AsyncTransport, float | None], Awaitable[T]]
-    ) -> T:
-        plan = self._plan(timeout)
-        index = plan.first()
-        while True:
-            plan.check_time()
-            try:
-                result = await attempt(self._transport(index), plan.remaining())
-            except errors.RnnserveError as error:
-                index, wait = plan.next(index, error)
-                await asyncio.sleep(wait)
-                continue
-            self._rotation.succeeded(index)
-            return result
+    return method(call, build, "AsyncClient", answer_type(build))
 
-    async def encode(
-        self,
-        model: str,
-        *,
-        inputs: Any = None,
-        tokens: Any = None,
-        texts: Any = None,
-        pooling: str | None = None,
-        version: int | None = None,
-        timeout: float | None = None,
-    ) -> EncodeResult:
-        """Encode sequences (see `Client.encode`)."""
-        batch = batch_of(inputs, tokens, texts)
-        return await self._call(
-            timeout, lambda t, rest: t.encode(model, batch, pooling, version, rest)
+
+def _yielding(
+    build: Callable[P, Call[GenerateResult]],
+) -> Callable[Concatenate[AsyncClient, P], AsyncIterator[Event]]:
+    """`AsyncClient.generate_stream`: the call `build` describes, streamed; retried until its
+    first event."""
+
+    async def call(self: AsyncClient, /, *args: P.args, **kwargs: P.kwargs) -> AsyncIterator[Event]:
+        made = build(*args, **kwargs)
+        first, events = await self._retrying(
+            made.timeout, lambda t, left: _started(t.events(made, left))
         )
-
-    async def generate(
-        self,
-        model: str,
-        *,
-        inputs: Any = None,
-        tokens: Any = None,
-        texts: Any = None,
-        beam_size: int | None = None,
-        max_length: int | None = None,
-        version: int | None = None,
-        timeout: float | None = None,
-    ) -> GenerateResult:
-        """Generate with a seq2seq model (see `Client.generate`)."""
-        batch = batch_of(inputs, tokens, texts)
-        options = (max_length, beam_size)
-        return await self._call(
-            timeout, lambda t, rest: t.generate(model, batch, options, version, rest)
-        )
-
-    async def generate_stream(
-        self,
-        model: str,
-        *,
-        inputs: Any = None,
-        tokens: Any = None,
-        texts: Any = None,
-        beam_size: int | None = None,
-        max_length: int | None = None,
-        version: int | None = None,
-        timeout: float | None = None,
-    ) -> AsyncIterator[TokenEvent | GenerateResult]:
-        """Generate, yielding tokens as decoded, then the result (see `Client.generate_stream`)."""
-        batch = batch_of(inputs, tokens, texts)
-        options = (max_length, beam_size)
-        plan = self._plan(timeout)
-        index = plan.first()
-        while True:
-            plan.check_time()
-            events = self._transport(index).generate_stream(
-                model, batch, options, version, plan.remaining()
-            )
-            try:
-                first = await anext(events)
-            except errors.RnnserveError as error:
-                index, wait = plan.next(index, error)
-                await asyncio.sleep(wait)
-                continue
-            break
-        self._rotation.succeeded(index)
         try:
             yield first
             async for event in events:
@@ -527,58 +265,51 @@ class AsyncClient:
         finally:
             await events.aclose()
 
-    async def stream(
-        self,
-        model: str,
-        chunk: Any,
-        state_token: str | bytes | None = None,
-        *,
-        pooling: str | None = None,
-        version: int | None = None,
-        timeout: float | None = None,
-    ) -> ChunkResult:
-        """One more chunk of a stream whose state travels in `state_token` (see
-        `Client.stream`)."""
-        part = chunk_of(chunk)
-        options = (pooling, state_token)
-        return await self._call(
-            timeout, lambda t, rest: t.stream(model, part, options, version, rest)
-        )
+    doc = _calls.GENERATE_STREAM_DOC
+    return method(call, build, "AsyncClient", AsyncIterator[Event], name="generate_stream", doc=doc)
 
-    def session(
-        self,
-        model: str,
-        *,
-        pooling: str | None = None,
-        version: int | None = None,
-        return_state: bool = False,
-        state_token: str | bytes | None = None,
-        timeout: float | None = None,
-    ) -> AsyncSession:
-        """A server-held session, opened by `async with` (or `await session.open()`)."""
-        options = (pooling, return_state, state_token)
 
-        async def opener() -> _SessionConnection:
-            return await self._call(
-                timeout, lambda t, rest: t.open_session(model, options, version, rest)
-            )
+async def _started(
+    events: AsyncGenerator[Event, None],
+) -> tuple[Event, AsyncGenerator[Event, None]]:
+    # The first event read (the call is retried until then), and the rest.
+    return await anext(events), events
 
-        return AsyncSession(opener, self.timeout if timeout is None else timeout)
 
-    async def models(self, *, timeout: float | None = None) -> list[ModelInfo]:
-        """Every model the server knows, with its versions' states."""
-        return await self._call(timeout, lambda t, rest: t.models(rest))
+def _opening(
+    build: Callable[P, Call[SessionOpened]],
+) -> Callable[Concatenate[AsyncClient, P], AsyncSession]:
+    """`AsyncClient.session`: the session `build` describes, opened (retried) when the session
+    is entered."""
 
-    async def model(self, name: str, *, timeout: float | None = None) -> ModelInfo:
-        """One model: versions, states (with failure reasons), architecture."""
-        return await self._call(timeout, lambda t, rest: t.model(name, rest))
+    def call(self: AsyncClient, /, *args: P.args, **kwargs: P.kwargs) -> AsyncSession:
+        made = build(*args, **kwargs)
+
+        async def opener() -> SessionLink:
+            return await self._retrying(made.timeout, lambda t, left: t.open_session(made, left))
+
+        return AsyncSession(opener, self._deadline(made.timeout))
+
+    return method(call, build, "AsyncClient", AsyncSession)
+
+
+class AsyncClient(ClientBase[AsyncTransport]):
+    """The asyncio client of one rnnserve server or several (round-robin with fail-over); the
+    arguments and calls of `Client`, awaitable. Connections are made on first use, inside the
+    running loop."""
+
+    encode = _awaiting(_calls.encode)
+    generate = _awaiting(_calls.generate)
+    generate_stream = _yielding(_calls.generate)
+    stream = _awaiting(_calls.stream)
+    session = _opening(_calls.session)
+    models = _awaiting(_calls.models)
+    model = _awaiting(_calls.model)
 
     async def close(self) -> None:
         """Close every connection."""
-        transports, self._transports = self._transports, [None] * len(self.addresses)
-        for transport in transports:
-            if transport is not None:
-                await transport.close()
+        for transport in self._disconnect():
+            await transport.close()
 
     async def __aenter__(self) -> AsyncClient:
         return self
@@ -587,3 +318,18 @@ class AsyncClient:
         self, kind: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
     ) -> None:
         await self.close()
+
+    def _connect(self, address: Address) -> AsyncTransport:
+        if address.scheme == "http":
+            return AsyncHttpTransport(address, self._headers)
+        return AsyncGrpcTransport(address, self._headers, self._load_balancing)
+
+    async def _retrying(
+        self, timeout: float | None, attempt: Callable[[AsyncTransport, float | None], Awaitable[T]]
+    ) -> T:
+        """`attempt` at the plan's addresses until it answers, or fails for good."""
+        plan = self._plan(timeout)
+        while True:
+            with plan.attempt() as remaining:
+                return await attempt(self._transport(plan.index), remaining)
+            await asyncio.sleep(plan.wait)

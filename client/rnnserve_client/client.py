@@ -10,6 +10,9 @@ Every call has a deadline (`timeout=`, default the client's). Load refusals (HTT
 Retry-After, gRPC RESOURCE_EXHAUSTED + `retry-after`) are retried after the time the server asks
 for, while the deadline allows; an address that cannot be reached, or is not ready or draining,
 is skipped for the next one of the list (see `_retry.py`). Bad input is never retried.
+
+This module only does the I/O (httpx, grpc): what each call sends and how its answer reads are
+`_calls.py`, `_http.py` and `_grpc.py`, shared with `AsyncClient`.
 """
 
 from __future__ import annotations
@@ -17,30 +20,30 @@ from __future__ import annotations
 import contextlib
 import queue
 import time
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping
 from types import TracebackType
-from typing import Any, TypeVar
+from typing import Any, Concatenate, ParamSpec, Self
 
 import grpc
 import httpx
 
-from rnnserve_client import _grpc, _http, errors
-from rnnserve_client._inputs import Batch, Chunk, batch_of, chunk_of
-from rnnserve_client._retry import Address, Plan, Rotation, parse_addresses
+from rnnserve_client import _calls, _grpc, _http
+from rnnserve_client._base import (
+    DEFAULT_MAX_ATTEMPTS,
+    DEFAULT_TIMEOUT_S,
+    ClientBase,
+    SessionBase,
+    answer_type,
+    method,
+)
+from rnnserve_client._calls import Call, Event, T
+from rnnserve_client._inputs import Chunk
+from rnnserve_client._retry import Address
 from rnnserve_client.proto.rnnserve.v1 import rnnserve_pb2 as pb
 from rnnserve_client.proto.rnnserve.v1 import rnnserve_pb2_grpc as pb_grpc
-from rnnserve_client.results import (
-    ChunkResult,
-    EncodeResult,
-    GenerateResult,
-    ModelInfo,
-    TokenEvent,
-)
+from rnnserve_client.results import ChunkResult, GenerateResult, SessionOpened
 
-T = TypeVar("T")
-DEFAULT_TIMEOUT_S = 60.0
-DEFAULT_MAX_ATTEMPTS = 10
-
+__all__ = ["DEFAULT_MAX_ATTEMPTS", "DEFAULT_TIMEOUT_S", "Client", "Session"]
 
 # --- REST ---------------------------------------------------------------------------------------
 
@@ -50,181 +53,62 @@ class HttpTransport:
 
     def __init__(self, address: Address, headers: Mapping[str, str]) -> None:
         self.url = address.url
-        self.http = httpx.Client(base_url=self.url, headers=dict(headers), timeout=None)
+        self.http = httpx.Client(base_url=self.url, headers=headers, timeout=None)
 
-    def request(self, method: str, path: str, remaining: float | None, body: Any = None) -> Any:
-        """One request; its JSON answer, or the error the answer (or its absence) means."""
-        try:
-            answer = self.http.request(method, path, json=body, timeout=remaining)
-        except httpx.TimeoutException as exc:
-            raise errors.DeadlineExceeded(f"no answer in time ({exc})", url=self.url) from None
-        except httpx.TransportError as exc:
-            raise errors.ConnectionFailed(f"{type(exc).__name__}: {exc}", url=self.url) from None
-        if answer.status_code >= 400:
-            raise _http.error_of(self.url, answer.status_code, answer.headers, answer.content)
-        return answer.json() if answer.content else None
+    def send(self, request: _http.Request[T], remaining: float | None) -> T:
+        """One request; its answer, or the error the answer (or its absence) means."""
+        with _http.errors_mapped(self.url):
+            answer = self.http.request(
+                request.method, request.path, json=request.json(remaining), timeout=remaining
+            )
+        return request.read(
+            _http.answer_of(self.url, answer.status_code, answer.headers, answer.content)
+        )
 
-    def encode(
-        self,
-        model: str,
-        batch: Batch,
-        pooling: str | None,
-        version: int | None,
-        remaining: float | None,
-    ) -> EncodeResult:
-        body = _http.encode_body(batch, pooling, remaining)
-        answer = self.request("POST", _http.model_path(model, version, "encode"), remaining, body)
-        return _http.encode_result(answer, pooling)
+    def unary(self, call: Call[T], remaining: float | None) -> T:
+        return self.send(call.http(), remaining)
 
-    def generate(
-        self,
-        model: str,
-        batch: Batch,
-        options: tuple[int | None, int | None],
-        version: int | None,
-        remaining: float | None,
-    ) -> GenerateResult:
-        body = _http.generate_body(batch, *options, remaining)
-        answer = self.request("POST", _http.model_path(model, version, "generate"), remaining, body)
-        return _http.generate_result(answer)
+    def events(self, call: Call[GenerateResult], remaining: float | None) -> Iterator[Event]:
+        request = call.http(stream=True)
+        events = _http.GenerateEvents(self.url, request)
+        body = request.json(remaining)
+        with (
+            _http.errors_mapped(self.url),
+            self.http.stream(request.method, request.path, json=body, timeout=remaining) as answer,
+        ):
+            if answer.status_code >= 400:
+                raise _http.error_of(self.url, answer.status_code, answer.headers, answer.read())
+            for line in answer.iter_lines():
+                if (event := events.feed(line)) is not None:
+                    yield event
+                if events.finished:
+                    return
+        events.end()
 
-    def generate_stream(
-        self,
-        model: str,
-        batch: Batch,
-        options: tuple[int | None, int | None],
-        version: int | None,
-        remaining: float | None,
-    ) -> Iterator[TokenEvent | GenerateResult]:
-        body = _http.generate_body(batch, *options, remaining, stream=True)
-        path = _http.model_path(model, version, "generate")
-        try:
-            with self.http.stream("POST", path, json=body, timeout=remaining) as answer:
-                if answer.status_code >= 400:
-                    content = answer.read()
-                    raise _http.error_of(self.url, answer.status_code, answer.headers, content)
-                parser = _http.SseParser()
-                for line in answer.iter_lines():
-                    event = parser.feed(line)
-                    if event is None:
-                        continue
-                    name, data = event
-                    if name == "token":
-                        yield _http.token_event(data)
-                    elif name == "result":
-                        yield _http.generate_result(data)
-                        return
-                    elif name == "error":
-                        raise _http.error_from(self.url, 200, {}, data["error"])
-        except httpx.TimeoutException as exc:
-            raise errors.DeadlineExceeded(f"no answer in time ({exc})", url=self.url) from None
-        except httpx.TransportError as exc:
-            raise errors.ConnectionFailed(f"{type(exc).__name__}: {exc}", url=self.url) from None
-        raise errors.ConnectionFailed("the event stream ended before its result", url=self.url)
-
-    def stream(
-        self,
-        model: str,
-        chunk: Chunk,
-        options: tuple[str | None, str | bytes | None],
-        version: int | None,
-        remaining: float | None,
-    ) -> ChunkResult:
-        body = _http.stream_body(chunk, *options, remaining)
-        answer = self.request("POST", _http.model_path(model, version, "stream"), remaining, body)
-        return _http.chunk_result(answer)
-
-    def models(self, remaining: float | None) -> list[ModelInfo]:
-        answer = self.request("GET", "/v1/models", remaining)
-        return [_http.model_info(m) for m in answer["models"]]
-
-    def model(self, name: str, remaining: float | None) -> ModelInfo:
-        answer = self.request("GET", _http.model_path(name), remaining)
-        return _http.model_info(answer)
-
-    def open_session(
-        self,
-        model: str,
-        options: tuple[str | None, bool, str | bytes | None],
-        version: int | None,
-        remaining: float | None,
-    ) -> Session:
-        body = _http.session_body(*options)
-        answer = self.request("POST", _http.model_path(model, version, "sessions"), remaining, body)
-        return HttpSession(self, answer)
+    def open_session(self, call: Call[SessionOpened], remaining: float | None) -> HttpSession:
+        return HttpSession(self, self.unary(call, remaining))
 
     def close(self) -> None:
         self.http.close()
 
 
-class Session:
-    """A server-held streaming session: `send` chunks in order, `close` when done (or use
-    `with`). Every chunk goes to the server that opened the session; a failed chunk is not
-    retried (the server's state may have moved)."""
-
-    session_id: str
-    model: str
-    version: int
-    pooling: str
-    steps: int
-    # A chunk's deadline when `send` gives none (the client's default).
-    timeout: float | None = None
-
-    def send(self, chunk: Any, *, timeout: float | None = None) -> ChunkResult:
-        """One chunk (text, [time][features] numbers or [time] token ids); the encoding of
-        everything so far (or of this chunk's steps, for pooling "none")."""
-        result = self._send(chunk_of(chunk), self.timeout if timeout is None else timeout)
-        self.steps = result.steps
-        return result
-
-    def _send(self, chunk: Chunk, timeout: float | None) -> ChunkResult:
-        raise NotImplementedError
-
-    def close(self) -> None:
-        """End the session on the server."""
-        raise NotImplementedError
-
-    def __enter__(self) -> Session:
-        return self
-
-    def __exit__(
-        self, kind: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
-    ) -> None:
-        self.close()
-
-
-class HttpSession(Session):
+class HttpSession:
     """A session over REST (`/v1/sessions/{id}`)."""
 
-    def __init__(self, transport: HttpTransport, opened: Mapping[str, Any]) -> None:
+    def __init__(self, transport: HttpTransport, opened: SessionOpened) -> None:
         self._transport = transport
-        self._closed = False
-        self.session_id = opened["session_id"]
-        self.model, self.version = opened["model"], opened["version"]
-        self.pooling, self.steps = opened["pooling"], opened["steps"]
+        self.opened = opened
 
-    def _send(self, chunk: Chunk, timeout: float | None) -> ChunkResult:
-        body = _http.chunk_body(chunk, timeout)
-        path = f"/v1/sessions/{self.session_id}/chunks"
-        return _http.chunk_result(self._transport.request("POST", path, timeout, body))
+    def send(self, chunk: Chunk, timeout: float | None) -> ChunkResult:
+        return self._transport.send(_http.session_chunk(self.opened.session_id, chunk), timeout)
 
     def close(self) -> None:
-        if self._closed:
-            return
-        self._closed = True
-        # NOTE: an expired session, or a server that is gone, leaves nothing to close.
-        with contextlib.suppress(errors.NotFound, errors.Unavailable):
-            self._transport.request("DELETE", f"/v1/sessions/{self.session_id}", 10.0)
+        with contextlib.suppress(*_http.SESSION_GONE):
+            request = _http.close_session(self.opened.session_id)
+            self._transport.send(request, _http.SESSION_CLOSE_TIMEOUT_S)
 
 
 # --- gRPC ---------------------------------------------------------------------------------------
-
-
-def _rpc(url: str, call: Callable[[], T]) -> T:
-    try:
-        return call()
-    except grpc.RpcError as exc:
-        raise _grpc.error_of(url, exc) from None
 
 
 class GrpcTransport:
@@ -232,157 +116,73 @@ class GrpcTransport:
     resolved address with round_robin)."""
 
     def __init__(
-        self, address: Address, metadata: Mapping[str, str], load_balancing: str | None
+        self, address: Address, headers: Mapping[str, str], load_balancing: str | None
     ) -> None:
         self.url = address.url
-        self.metadata = tuple((key.lower(), value) for key, value in metadata.items())
-        self.channel = grpc.insecure_channel(
-            _grpc.target(address.host, address.port, load_balancing),
-            options=_grpc.channel_options(load_balancing),
-        )
+        self.metadata = _grpc.metadata(headers)
+        self.channel = grpc.insecure_channel(*_grpc.channel_args(address, load_balancing))
         self.stub = pb_grpc.RnnServeStub(self.channel)
 
-    def encode(
-        self,
-        model: str,
-        batch: Batch,
-        pooling: str | None,
-        version: int | None,
-        remaining: float | None,
-    ) -> EncodeResult:
-        message = _grpc.encode_request(model, batch, pooling, version)
-        answer = _rpc(
-            self.url, lambda: self.stub.Encode(message, timeout=remaining, metadata=self.metadata)
-        )
-        return _grpc.encode_result(answer, pooling)
+    def unary(self, call: Call[T], remaining: float | None) -> T:
+        request = call.grpc()
+        rpc = getattr(self.stub, request.rpc)
+        with _grpc.errors_mapped(self.url):
+            answer = rpc(request.message, timeout=remaining, metadata=self.metadata)
+        return request.read(answer)
 
-    def generate(
-        self,
-        model: str,
-        batch: Batch,
-        options: tuple[int | None, int | None],
-        version: int | None,
-        remaining: float | None,
-    ) -> GenerateResult:
-        message = _grpc.generate_request(model, batch, *options, version)
-        answer = _rpc(
-            self.url,
-            lambda: self.stub.Generate(message, timeout=remaining, metadata=self.metadata),
+    def events(self, call: Call[GenerateResult], remaining: float | None) -> Iterator[Event]:
+        request = call.grpc(stream=True)
+        rpc = getattr(self.stub, request.rpc)(
+            request.message, timeout=remaining, metadata=self.metadata
         )
-        return _grpc.generate_result(answer)
-
-    def generate_stream(
-        self,
-        model: str,
-        batch: Batch,
-        options: tuple[int | None, int | None],
-        version: int | None,
-        remaining: float | None,
-    ) -> Iterator[TokenEvent | GenerateResult]:
-        message = _grpc.generate_request(model, batch, *options, version)
-        call = self.stub.GenerateStream(message, timeout=remaining, metadata=self.metadata)
         try:
-            for event in call:
-                yield _grpc.stream_event(event)
-        except grpc.RpcError as exc:
-            raise _grpc.error_of(self.url, exc) from None
+            with _grpc.errors_mapped(self.url):
+                for message in rpc:
+                    yield _grpc.stream_event(message, request)
         finally:
             # NOTE: a caller that stops reading early ends the decoding on the server too.
-            call.cancel()
+            rpc.cancel()
 
-    def stream(
-        self,
-        model: str,
-        chunk: Chunk,
-        options: tuple[str | None, str | bytes | None],
-        version: int | None,
-        remaining: float | None,
-    ) -> ChunkResult:
-        message = _grpc.stream_request(model, chunk, *options, version)
-        answer = _rpc(
-            self.url,
-            lambda: self.stub.StreamChunk(message, timeout=remaining, metadata=self.metadata),
-        )
-        return _grpc.chunk_result(answer)
-
-    def models(self, remaining: float | None) -> list[ModelInfo]:
-        answer = _rpc(
-            self.url,
-            lambda: self.stub.ListModels(
-                pb.ListModelsRequest(), timeout=remaining, metadata=self.metadata
-            ),
-        )
-        return [_grpc.model_info(m) for m in answer.models]
-
-    def model(self, name: str, remaining: float | None) -> ModelInfo:
-        answer = _rpc(
-            self.url,
-            lambda: self.stub.GetModel(
-                pb.GetModelRequest(name=name), timeout=remaining, metadata=self.metadata
-            ),
-        )
-        return _grpc.model_info(answer)
-
-    def open_session(
-        self,
-        model: str,
-        options: tuple[str | None, bool, str | bytes | None],
-        version: int | None,
-        remaining: float | None,
-    ) -> Session:
+    def open_session(self, call: Call[SessionOpened], remaining: float | None) -> GrpcSession:
         # NOTE: a session stream has no deadline; an unreachable server fails the open at once.
         del remaining
-        pooling, return_state, token = options
-        return GrpcSession(self, _grpc.session_open(model, pooling, return_state, token, version))
+        return GrpcSession(self, call.grpc())
 
     def close(self) -> None:
         self.channel.close()
 
 
-_END = None
-
-
-class GrpcSession(Session):
+class GrpcSession:
     """A session over gRPC: the StreamSession stream is the session."""
 
-    def __init__(self, transport: GrpcTransport, opening: pb.SessionRequest) -> None:
+    def __init__(self, transport: GrpcTransport, opening: _grpc.Request[SessionOpened]) -> None:
         self._url = transport.url
+        # The stream's messages; None ends it.
         self._requests: queue.SimpleQueue[pb.SessionRequest | None] = queue.SimpleQueue()
-        self._requests.put(opening)
-        self._call = transport.stub.StreamSession(
-            iter(self._requests.get, _END), metadata=transport.metadata
-        )
-        self._closed = False
+        self._requests.put(opening.message)
+        rpc = getattr(transport.stub, opening.rpc)
+        self._call = rpc(iter(self._requests.get, None), metadata=transport.metadata)
         try:
-            opened = self._next().opened
+            self.opened = opening.read(self._next())
         except BaseException:
             self.close()
             raise
-        self.session_id = opened.session_id
-        self.model, self.version = opened.model, opened.version
-        self.pooling, self.steps = opened.pooling, opened.steps
 
     def _next(self) -> pb.SessionResponse:
         # NOTE: the stream has no deadline (a session lives as long as it is used); a chunk's
         # own deadline is its timeout_ms on the server.
-        try:
-            return next(self._call)
-        except StopIteration:
-            raise errors.ConnectionFailed("the session stream ended", url=self._url) from None
-        except grpc.RpcError as exc:
-            raise _grpc.error_of(self._url, exc) from None
+        with _grpc.errors_mapped(self._url):
+            reply = next(self._call, None)
+        if reply is None:
+            raise _grpc.session_ended(self._url)
+        return reply
 
-    def _send(self, chunk: Chunk, timeout: float | None) -> ChunkResult:
-        message = _grpc.session_chunk(chunk)
-        message.timeout_ms = _http.timeout_ms(timeout) or 0
-        self._requests.put(pb.SessionRequest(chunk=message))
-        return _grpc.chunk_result(self._next().chunk)
+    def send(self, chunk: Chunk, timeout: float | None) -> ChunkResult:
+        self._requests.put(_grpc.session_chunk(chunk, timeout))
+        return _grpc.session_chunk_result(self._next())
 
     def close(self) -> None:
-        if self._closed:
-            return
-        self._closed = True
-        self._requests.put(_END)
+        self._requests.put(None)
         self._call.cancel()
 
 
@@ -391,7 +191,90 @@ class GrpcSession(Session):
 Transport = HttpTransport | GrpcTransport
 
 
-class Client:
+class _ClosedByWith:
+    """`with` closes it."""
+
+    def close(self) -> None:
+        raise NotImplementedError
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(
+        self, kind: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        self.close()
+
+
+class Session(SessionBase, _ClosedByWith):
+    """A server-held streaming session: `send` chunks in order, `close` when done (or use
+    `with`). Every chunk goes to the server that opened the session; a failed chunk is not
+    retried (the server's state may have moved)."""
+
+    def __init__(self, link: HttpSession | GrpcSession, timeout: float | None) -> None:
+        self._link = link
+        self._closed = False
+        self.timeout = timeout
+        self._opened(link.opened)
+
+    def send(self, chunk: Any, *, timeout: float | None = None) -> ChunkResult:
+        """One chunk (text, [time][features] numbers or [time] token ids); the encoding of
+        everything so far (or of this chunk's steps, for pooling "none")."""
+        return self._answered(self._link.send(*self._chunk(chunk, timeout)))
+
+    def close(self) -> None:
+        """End the session on the server."""
+        if not self._closed:
+            self._closed = True
+            self._link.close()
+
+
+P = ParamSpec("P")
+
+
+def _returning(build: Callable[P, Call[T]]) -> Callable[Concatenate[Client, P], T]:
+    """`Client`'s method for the call `build` describes: sent (retried), its answer read."""
+
+    def call(self: Client, /, *args: P.args, **kwargs: P.kwargs) -> T:
+        made = build(*args, **kwargs)
+        return self._retrying(made.timeout, lambda t, left: t.unary(made, left))
+
+    return method(call, build, "Client", answer_type(build))
+
+
+def _yielding(
+    build: Callable[P, Call[GenerateResult]],
+) -> Callable[Concatenate[Client, P], Iterator[Event]]:
+    """`Client.generate_stream`: the call `build` describes, streamed; retried until its first
+    event."""
+
+    def call(self: Client, /, *args: P.args, **kwargs: P.kwargs) -> Iterator[Event]:
+        made = build(*args, **kwargs)
+        first, events = self._retrying(made.timeout, lambda t, left: _started(t.events(made, left)))
+        yield first
+        yield from events
+
+    doc = _calls.GENERATE_STREAM_DOC
+    return method(call, build, "Client", Iterator[Event], name="generate_stream", doc=doc)
+
+
+def _started(events: Iterator[Event]) -> tuple[Event, Iterator[Event]]:
+    # The first event read (the call is retried until then), and the rest.
+    return next(events), events
+
+
+def _opening(build: Callable[P, Call[SessionOpened]]) -> Callable[Concatenate[Client, P], Session]:
+    """`Client.session`: the session `build` describes, opened (retried) before it returns."""
+
+    def call(self: Client, /, *args: P.args, **kwargs: P.kwargs) -> Session:
+        made = build(*args, **kwargs)
+        link = self._retrying(made.timeout, lambda t, left: t.open_session(made, left))
+        return Session(link, self._deadline(made.timeout))
+
+    return method(call, build, "Client", Session)
+
+
+class Client(ClientBase[Transport], _ClosedByWith):
     """A blocking client of one rnnserve server or several (round-robin with fail-over).
 
     `url`: `http://host:port` (REST) or `grpc://host:port` (gRPC), or a list of addresses.
@@ -401,163 +284,30 @@ class Client:
     address a host name resolves to (a Kubernetes headless Service), re-resolving as they change.
     """
 
-    def __init__(
-        self,
-        url: str | Sequence[str],
-        *,
-        timeout: float | None = DEFAULT_TIMEOUT_S,
-        max_attempts: int = DEFAULT_MAX_ATTEMPTS,
-        headers: Mapping[str, str] | None = None,
-        grpc_load_balancing: str | None = None,
-    ) -> None:
-        addresses = parse_addresses(url if isinstance(url, str) else tuple(url))
-        if max_attempts < 1:
-            raise ValueError("max_attempts is at least 1")
-        self.timeout = timeout
-        self.max_attempts = max_attempts
-        self.addresses = addresses
-        self._rotation = Rotation(len(addresses))
-        self._transports: list[Transport] = [
-            HttpTransport(a, headers or {})
-            if a.scheme == "http"
-            else GrpcTransport(a, headers or {}, grpc_load_balancing)
-            for a in addresses
-        ]
-
-    def _plan(self, timeout: float | None) -> Plan:
-        return Plan(self._rotation, self.timeout if timeout is None else timeout, self.max_attempts)
-
-    def _call(self, timeout: float | None, attempt: Callable[[Transport, float | None], T]) -> T:
-        plan = self._plan(timeout)
-        index = plan.first()
-        while True:
-            plan.check_time()
-            try:
-                result = attempt(self._transports[index], plan.remaining())
-            except errors.RnnserveError as error:
-                index, wait = plan.next(index, error)
-                time.sleep(wait)
-                continue
-            self._rotation.succeeded(index)
-            return result
-
-    def encode(
-        self,
-        model: str,
-        *,
-        inputs: Any = None,
-        tokens: Any = None,
-        texts: Any = None,
-        pooling: str | None = None,
-        version: int | None = None,
-        timeout: float | None = None,
-    ) -> EncodeResult:
-        """Encode sequences: `inputs` ([time][features] numbers each), `tokens` (id lists) or
-        `texts`; `pooling` last|mean|max|none (default: the model's)."""
-        batch = batch_of(inputs, tokens, texts)
-        return self._call(timeout, lambda t, rest: t.encode(model, batch, pooling, version, rest))
-
-    def generate(
-        self,
-        model: str,
-        *,
-        inputs: Any = None,
-        tokens: Any = None,
-        texts: Any = None,
-        beam_size: int | None = None,
-        max_length: int | None = None,
-        version: int | None = None,
-        timeout: float | None = None,
-    ) -> GenerateResult:
-        """Generate one output per input with a seq2seq model (greedy, or beam search with
-        `beam_size` > 1): a sequence of outputs with `.tokens` and `.text`."""
-        batch = batch_of(inputs, tokens, texts)
-        options = (max_length, beam_size)
-        return self._call(timeout, lambda t, rest: t.generate(model, batch, options, version, rest))
-
-    def generate_stream(
-        self,
-        model: str,
-        *,
-        inputs: Any = None,
-        tokens: Any = None,
-        texts: Any = None,
-        beam_size: int | None = None,
-        max_length: int | None = None,
-        version: int | None = None,
-        timeout: float | None = None,
-    ) -> Iterator[TokenEvent | GenerateResult]:
-        """Generate, yielding each `TokenEvent` as it is decoded, then the `GenerateResult`.
-        Retried like `generate` until the first event arrives, never after."""
-        batch = batch_of(inputs, tokens, texts)
-        options = (max_length, beam_size)
-        plan = self._plan(timeout)
-        index = plan.first()
-        while True:
-            plan.check_time()
-            events = self._transports[index].generate_stream(
-                model, batch, options, version, plan.remaining()
-            )
-            try:
-                first = next(events)
-            except errors.RnnserveError as error:
-                index, wait = plan.next(index, error)
-                time.sleep(wait)
-                continue
-            break
-        self._rotation.succeeded(index)
-        yield first
-        yield from events
-
-    def stream(
-        self,
-        model: str,
-        chunk: Any,
-        state_token: str | bytes | None = None,
-        *,
-        pooling: str | None = None,
-        version: int | None = None,
-        timeout: float | None = None,
-    ) -> ChunkResult:
-        """Encode one more chunk of a stream whose state travels in `state_token` (None: a new
-        stream); pass the result's `.state_token` with the next chunk, to any replica."""
-        part = chunk_of(chunk)
-        options = (pooling, state_token)
-        return self._call(timeout, lambda t, rest: t.stream(model, part, options, version, rest))
-
-    def session(
-        self,
-        model: str,
-        *,
-        pooling: str | None = None,
-        version: int | None = None,
-        return_state: bool = False,
-        state_token: str | bytes | None = None,
-        timeout: float | None = None,
-    ) -> Session:
-        """Open a server-held session (`with client.session("m") as s: s.send(chunk)`)."""
-        options = (pooling, return_state, state_token)
-        session = self._call(timeout, lambda t, rest: t.open_session(model, options, version, rest))
-        session.timeout = self.timeout if timeout is None else timeout
-        return session
-
-    def models(self, *, timeout: float | None = None) -> list[ModelInfo]:
-        """Every model the server knows, with its versions' states."""
-        return self._call(timeout, lambda t, rest: t.models(rest))
-
-    def model(self, name: str, *, timeout: float | None = None) -> ModelInfo:
-        """One model: versions, states (with failure reasons), architecture."""
-        return self._call(timeout, lambda t, rest: t.model(name, rest))
+    encode = _returning(_calls.encode)
+    generate = _returning(_calls.generate)
+    generate_stream = _yielding(_calls.generate)
+    stream = _returning(_calls.stream)
+    session = _opening(_calls.session)
+    models = _returning(_calls.models)
+    model = _returning(_calls.model)
 
     def close(self) -> None:
         """Close every connection."""
-        for transport in self._transports:
+        for transport in self._disconnect():
             transport.close()
 
-    def __enter__(self) -> Client:
-        return self
+    def _connect(self, address: Address) -> Transport:
+        if address.scheme == "http":
+            return HttpTransport(address, self._headers)
+        return GrpcTransport(address, self._headers, self._load_balancing)
 
-    def __exit__(
-        self, kind: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
-    ) -> None:
-        self.close()
+    def _retrying(
+        self, timeout: float | None, attempt: Callable[[Transport, float | None], T]
+    ) -> T:
+        """`attempt` at the plan's addresses until it answers, or fails for good."""
+        plan = self._plan(timeout)
+        while True:
+            with plan.attempt() as remaining:
+                return attempt(self._transport(plan.index), remaining)
+            time.sleep(plan.wait)

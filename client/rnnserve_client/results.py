@@ -109,3 +109,14 @@ class ModelInfo:
     def ready(self) -> bool:
         """Whether some version is READY."""
         return any(v.state == "READY" for v in self.versions)
+
+
+@dataclass(frozen=True)
+class SessionOpened:
+    """What the server answers when a session opens (a session's attributes start from it)."""
+
+    session_id: str
+    model: str
+    version: int
+    pooling: str
+    steps: int

@@ -9,12 +9,14 @@ between addresses are checked by what the server counted.
 from __future__ import annotations
 
 import asyncio
+import inspect
 import re
 import socket
 import subprocess
 import sys
 import time
 import tomllib
+import typing
 from collections.abc import Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
@@ -29,6 +31,7 @@ from rnnserve_client import (
     Client,
     ConnectionFailed,
     DeadlineExceeded,
+    EncodeResult,
     GenerateResult,
     InvalidInput,
     NotFound,
@@ -335,3 +338,21 @@ def test_the_client_package_needs_no_torch() -> None:
     project = tomllib.loads((ROOT / "client" / "pyproject.toml").read_text())["project"]
     names = {re.split(r"[<>=!~ ;\[]", dep, maxsplit=1)[0] for dep in project["dependencies"]}
     assert names == {"grpcio", "protobuf", "httpx", "numpy"}
+
+
+def test_both_clients_show_each_call_with_its_own_parameters() -> None:
+    # What help(), editors and type hints show of a call: its parameters and docstring, the
+    # same on both clients; the asyncio ones awaitable (generate_stream: `async for`).
+    calls = ("encode", "generate", "generate_stream", "stream", "session", "models", "model")
+    for name in calls:
+        blocking, awaitable = getattr(Client, name), getattr(AsyncClient, name)
+        assert blocking.__name__ == awaitable.__name__ == name
+        assert blocking.__doc__ and blocking.__doc__ == awaitable.__doc__
+        shown = inspect.signature(blocking).parameters
+        assert next(iter(shown)) == "self" and shown == inspect.signature(awaitable).parameters
+    bound = inspect.signature(Client("http://127.0.0.1:1").encode).parameters
+    assert list(bound) == ["model", "inputs", "tokens", "texts", "pooling", "version", "timeout"]
+    assert typing.get_type_hints(Client.encode)["return"] is EncodeResult
+    assert inspect.isgeneratorfunction(Client.generate_stream)
+    assert inspect.iscoroutinefunction(AsyncClient.encode)
+    assert inspect.isasyncgenfunction(AsyncClient.generate_stream)
