@@ -14,9 +14,7 @@ past MAX_HEAD_BYTES the client gets 431 and the connection closes.
 
 The connection also watches its requests for a client that leaves (`disconnects.Connection`):
 each request's scope carries the connection, and a request task it is asked to watch is
-cancelled when the connection is lost. And an answer leaves in one write: uvicorn writes the
-status line and headers, then the body; here the headers wait for the body's first bytes (or the
-answer's end), so a whole answer costs one system call (`OneWrite`).
+cancelled when the connection is lost.
 """
 
 from __future__ import annotations
@@ -24,7 +22,7 @@ from __future__ import annotations
 import asyncio
 from typing import Any, Literal
 
-from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol, RequestResponseCycle
+from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
 from service.http_api.disconnects import CONNECTION
 
@@ -168,8 +166,6 @@ class DeadlineHttpProtocol(HttpToolsProtocol):
 
     def on_headers_complete(self) -> None:
         super().on_headers_complete()
-        if self.cycle is not None and self.cycle.transport is self.transport:  # a new request
-            self.cycle.transport = OneWrite(self.transport, self.cycle)  # type: ignore[assignment]
         self._phase = "body"
         self._arm(self.body_timeout)
 
@@ -177,53 +173,8 @@ class DeadlineHttpProtocol(HttpToolsProtocol):
         super().on_body(body)
         self._deadline += len(body) / BODY_BYTES_PER_EXTRA_S
 
-    def on_response_complete(self) -> None:
-        # NOTE: an answer without body bytes (HEAD) has its headers still held.
-        if self.cycle is not None and isinstance(self.cycle.transport, OneWrite):
-            self.cycle.transport.flush()
-        super().on_response_complete()
-
     def on_message_complete(self) -> None:
         super().on_message_complete()
         self._phase = "idle"
         self._completed = True
         self._armed = False
-
-
-class OneWrite:
-    """The transport as one request's response cycle sees it: the answer's status line and
-    headers (the first write once the response has started) are held until the next write, the
-    body's, and leave with it in one `writelines`; `flush` or `close` sends what is held."""
-
-    def __init__(self, transport: asyncio.Transport, cycle: RequestResponseCycle) -> None:
-        self._transport = transport
-        self._cycle = cycle
-        self._head: bytes | None = None
-        self._head_seen = False
-
-    def write(self, data: bytes) -> None:
-        """Write `data`; hold it when it is the answer's head."""
-        if self._head is not None:
-            head, self._head = self._head, None
-            self._transport.writelines((head, data))
-        elif not self._head_seen and self._cycle.response_started:
-            # NOTE: what is written before the response starts (100 Continue) goes at once.
-            self._head_seen = True
-            self._head = data
-        else:
-            self._transport.write(data)
-
-    def flush(self) -> None:
-        """Send the held head, if any."""
-        if self._head is not None:
-            head, self._head = self._head, None
-            self._transport.write(head)
-
-    def close(self) -> None:
-        """Send what is held, then close the connection."""
-        self.flush()
-        self._transport.close()
-
-    def is_closing(self) -> bool:
-        """Whether the connection is closing."""
-        return self._transport.is_closing()

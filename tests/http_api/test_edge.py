@@ -205,30 +205,6 @@ def test_a_kept_alive_connections_later_requests_have_their_own_deadlines(
         assert time.monotonic() - start < 4  # its own body deadline, not the keep-alive's 5 s
 
 
-def test_answers_leave_whole_head_answers_and_100_continue_too(repository: Path) -> None:
-    with live_server(repository) as live, _open(live.port) as sock:
-        # One write per answer: the status line, headers and body arrive together.
-        sock.sendall(b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n")
-        whole = sock.recv(65536)
-        assert whole.startswith(b"HTTP/1.1 200 ") and whole.endswith(b'{"status":"ok"}'), whole
-        # An answer to HEAD (no body follows its headers) still sends its headers.
-        sock.sendall(b"HEAD /healthz HTTP/1.1\r\nHost: x\r\n\r\n")
-        head = sock.recv(65536)
-        assert head.startswith(b"HTTP/1.1 ") and head.endswith(b"\r\n\r\n"), head
-        # "100 Continue" goes before the body is sent, not held back with the answer.
-        body = _rows(3)
-        sock.sendall(
-            b"POST /v1/models/enc/encode HTTP/1.1\r\nHost: x\r\nExpect: 100-continue\r\n"
-            b"Content-Length: %d\r\n\r\n" % len(body)
-        )
-        assert sock.recv(65536).startswith(b"HTTP/1.1 100 ")
-        sock.sendall(body)
-        answer = b""
-        while b"encodings" not in answer:
-            answer += sock.recv(65536)
-        assert answer.startswith(b"HTTP/1.1 200 "), answer
-
-
 def test_a_large_body_on_a_slow_link_is_not_cut(repository: Path) -> None:
     # 160 KiB over ~1.6 s against a 0.5 s deadline: each 64 KiB received earns a second more.
     body = _rows(100)
