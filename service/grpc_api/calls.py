@@ -50,6 +50,17 @@ class CallAborted(Exception):
         self.details = details
 
 
+def call_status(context: Context, exc: BaseException) -> CallAborted:
+    """The status that ends a call failed by `exc` (its table entry, or INTERNAL without
+    details); the error's trailing metadata is set on `context`."""
+    if isinstance(exc, errors.ServiceError):
+        code, message = grpc_status(exc)
+        context.set_trailing_metadata(error_metadata(exc))
+        return CallAborted(code, message)
+    log.exception("unexpected error in a gRPC handler", exc_info=exc)
+    return CallAborted(grpc.StatusCode.INTERNAL, "internal error (see the server log)")
+
+
 async def abort_with(context: Context, exc: BaseException) -> NoReturn:
     """End the call with the status of `exc`: its table entry, or INTERNAL without details.
 
@@ -58,12 +69,7 @@ async def abort_with(context: Context, exc: BaseException) -> NoReturn:
     was decoded from it) in a reference cycle that only a full collection frees, many calls
     later (`python -m bench.edge`).
     """
-    if isinstance(exc, errors.ServiceError):
-        code, message = grpc_status(exc)
-        context.set_trailing_metadata(error_metadata(exc))
-        raise CallAborted(code, message)
-    log.exception("unexpected error in a gRPC handler", exc_info=exc)
-    raise CallAborted(grpc.StatusCode.INTERNAL, "internal error (see the server log)")
+    raise call_status(context, exc)
 
 
 def _end_call(context: Context, aborted: CallAborted) -> None:
@@ -71,6 +77,12 @@ def _end_call(context: Context, aborted: CallAborted) -> None:
     # returned with it (None here) is discarded by grpc.
     context.set_code(aborted.code)
     context.set_details(aborted.details)
+
+
+def end_call(context: Context, exc: BaseException) -> None:
+    """End the call with the status of `exc` once the handler returns (a raw method's errors,
+    `add_service`): as `abort_with`, without raising."""
+    _end_call(context, call_status(context, exc))
 
 
 # --- requests grpc cannot parse -----------------------------------------------------------------
@@ -172,7 +184,9 @@ def add_service(
     them), each parsing its own requests so that a bad message is INVALID_ARGUMENT, and one
     over `limits` is refused before parsing. A request refused before it parsed is counted
     under its RPC's entry in `servicer.ENDPOINTS` (RPC name → endpoint label; RPCs without one
-    are not counted, as when they succeed)."""
+    are not counted, as when they succeed). The unary RPCs of `servicer.RAW_METHODS` take the
+    request's bytes and return the answer's bytes: they parse, count and end their calls
+    themselves (`end_call`)."""
 
     def recorder(rpc: str) -> Callable[[errors.InvalidInput, float], None]:
         endpoint = servicer.ENDPOINTS.get(rpc)
@@ -183,10 +197,14 @@ def add_service(
 
         return record
 
-    handlers = {
-        m.name: _parsing_handler(m, getattr(servicer, m.name), recorder(m.name), limits)
-        for m in service.methods
-    }
+    def handler(method: MethodDescriptor) -> grpc.RpcMethodHandler:
+        behaviour = getattr(servicer, method.name)
+        if method.name in servicer.RAW_METHODS:
+            assert not method.client_streaming and not method.server_streaming, method.full_name
+            return grpc.unary_unary_rpc_method_handler(behaviour)
+        return _parsing_handler(method, behaviour, recorder(method.name), limits)
+
+    handlers = {m.name: handler(m) for m in service.methods}
     server.add_generic_rpc_handlers(
         (grpc.method_handlers_generic_handler(service.full_name, handlers),)
     )
@@ -251,9 +269,14 @@ class CallRecorder:
         would fail it (RESOURCE_EXHAUSTED) only after the handler returned, counted as a
         success. Encode answers are refused before compute (`limits.check_answer_size`); this
         catches the rest."""
-        if self.max_answer_bytes is None or not isinstance(answer, Message):
+        if self.max_answer_bytes is None:
             return
-        size = answer.ByteSize()
+        if isinstance(answer, bytes):
+            size = len(answer)
+        elif isinstance(answer, Message):
+            size = answer.ByteSize()
+        else:
+            return
         if size > self.max_answer_bytes:
             raise errors.InvalidInput(
                 "answer",
@@ -312,6 +335,8 @@ class EngineServicer:
     padded_answers: ClassVar[bool]
     # The endpoint label of each RPC whose calls are counted (`add_service`).
     ENDPOINTS: ClassVar[dict[str, str]]
+    # Unary RPCs on raw bytes, both ways (`add_service`).
+    RAW_METHODS: ClassVar[frozenset[str]] = frozenset()
 
     def __init_subclass__(cls, *, wire: Wire, padded: bool, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)
@@ -324,6 +349,7 @@ class EngineServicer:
         requests = RequestMetrics(metrics, self.wire, engine.knows)
         self.calls = CallRecorder(requests, settings.grpc_max_message_bytes)
         self.answers = answer_limit(settings, self.padded_answers)
+        self.limits = MessageLimits.from_settings(settings)
 
 
 def answer_limit(settings: Settings, padded: bool) -> AnswerLimit:

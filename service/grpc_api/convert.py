@@ -9,7 +9,7 @@ here (shapes, counts, datatypes); what V2 tensors mean is service/inference_prot
 from __future__ import annotations
 
 import functools
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import numpy as np
@@ -25,6 +25,7 @@ from service.grpc_api.protobuf_wire import (
     tag,
     write_varint,
 )
+from service.grpc_api.raw_messages import RawEncodeRequest, float32_values
 from service.inference_protocol.requests import requested_outputs
 from service.inference_protocol.tensors import (
     V2_DTYPES,
@@ -75,18 +76,20 @@ def float_array(array: np.ndarray) -> pb.FloatArray:
     return pb.FloatArray.FromString(data)
 
 
-def feature_sequence(array: pb.FloatArray, field: str) -> np.ndarray:
-    """One feature sequence, float32 [time, features], of a FloatArray (`field` names it)."""
-    if len(array.shape) != 2:
-        raise errors.InvalidInput(
-            f"{field}.shape", f"must be [time, features], got {list(array.shape)}"
-        )
-    if array.shape[0] * array.shape[1] != len(array.values):
+def _check_feature_shape(shape: Sequence[int], count: int, field: str) -> None:
+    """InvalidInput unless `shape` is [time, features] and holds `count` numbers."""
+    if len(shape) != 2:
+        raise errors.InvalidInput(f"{field}.shape", f"must be [time, features], got {list(shape)}")
+    if shape[0] * shape[1] != count:
         raise errors.InvalidInput(
             f"{field}.values",
-            f"has {len(array.values)} numbers but shape {list(array.shape)} needs "
-            f"{array.shape[0] * array.shape[1]}",
+            f"has {count} numbers but shape {list(shape)} needs {shape[0] * shape[1]}",
         )
+
+
+def feature_sequence(array: pb.FloatArray, field: str) -> np.ndarray:
+    """One feature sequence, float32 [time, features], of a FloatArray (`field` names it)."""
+    _check_feature_shape(array.shape, len(array.values), field)
     return float_values(array).reshape(array.shape[0], array.shape[1])
 
 
@@ -110,11 +113,13 @@ def _sequences(
 def optional_version(message: Any, field: str = "version") -> int | None:
     """A v1 message's `optional uint32 version`: None when unset (the newest READY version);
     an explicit 0 is refused, as REST refuses the path version 0."""
-    if not message.HasField("version"):
-        return None
-    if message.version < 1:
+    return _positive_version(int(message.version) if message.HasField("version") else None, field)
+
+
+def _positive_version(version: int | None, field: str) -> int | None:
+    if version is not None and version < 1:
         raise errors.InvalidInput(field, "must be a positive integer, got 0")
-    return int(message.version)
+    return version
 
 
 def request_timeout(timeout_ms: int, deadline_s: float | None) -> float | None:
@@ -153,6 +158,30 @@ def encode_request_from_proto(
     pooling = pooling_from_proto(message.pooling)
     return types.EncodeRequest(
         *_request_of(message, deadline_s), pooling=pooling, answer_limit=answer_limit
+    )
+
+
+def encode_request_from_raw(
+    raw: RawEncodeRequest,
+    deadline_s: float | None = None,
+    answer_limit: types.AnswerLimit | None = None,
+) -> types.EncodeRequest:
+    """`encode_request_from_proto` of a request read from its wire bytes (raw_messages.py):
+    the same request, or the same error."""
+    pooling = pooling_from_proto(raw.pooling)
+    sequences: list[types.SequenceData] = []
+    for i, (shape, offset, count) in enumerate(raw.sequences):
+        if len(shape) != 2 or shape[0] * shape[1] != count:
+            _check_feature_shape(shape, count, f"inputs[{i}]")
+        sequences.append(float32_values(raw.data, offset, count).reshape(shape[0], shape[1]))
+    return types.EncodeRequest(
+        raw.model,
+        sequences,
+        "features",
+        _positive_version(raw.version, "version"),
+        request_timeout(raw.timeout_ms, deadline_s),
+        pooling=pooling,
+        answer_limit=answer_limit,
     )
 
 

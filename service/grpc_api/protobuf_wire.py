@@ -21,6 +21,8 @@ def tag(field_number: int, wire_type: int) -> int:
 
 def read_varint(data: bytes | memoryview, pos: int, end: int) -> tuple[int, int]:
     """The varint at `pos` and the position after it; `Malformed` past `end` or 64 bits."""
+    if pos < end and data[pos] < 0x80:
+        return data[pos], pos + 1
     value = shift = 0
     while True:
         if pos >= end or shift > 63:
@@ -35,9 +37,14 @@ def read_varint(data: bytes | memoryview, pos: int, end: int) -> tuple[int, int]
 
 def write_varint(value: int) -> bytes:
     """`value` (≥ 0) as a varint."""
+    if value < 0x80:
+        return _ONE_BYTE[value]
     out = bytearray()
     while value >= 0x80:
         out.append(value & 0x7F | 0x80)
         value >>= 7
     out.append(value)
     return bytes(out)
+
+
+_ONE_BYTE = [bytes((b,)) for b in range(0x80)]

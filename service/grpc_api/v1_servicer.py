@@ -14,13 +14,16 @@ from typing import ClassVar, TypeVar
 from rnnserve_client.proto.rnnserve.v1 import rnnserve_pb2 as pb
 from rnnserve_client.proto.rnnserve.v1 import rnnserve_pb2_grpc
 from service.core import validation
-from service.grpc_api import convert, session_servicer
+from service.core.types import EncodeRequest
+from service.grpc_api import convert, raw_messages, session_servicer
 from service.grpc_api.calls import (
     Context,
     EngineServicer,
     abort_with,
     check_management,
     deadline_of,
+    end_call,
+    parse_request,
 )
 
 # The endpoint label of each unary or server-streaming RPC's calls (StreamSession's
@@ -46,15 +49,35 @@ class RnnServeServicer(
     """rnnserve.v1.RnnServe on the engine."""
 
     ENDPOINTS: ClassVar[dict[str, str]] = RPC_ENDPOINTS
+    RAW_METHODS: ClassVar[frozenset[str]] = frozenset({"Encode"})
 
-    async def Encode(  # noqa: N802 (gRPC method names)
-        self, request: pb.EncodeRequest, context: Context
-    ) -> pb.EncodeResponse:
-        async def call() -> pb.EncodeResponse:
-            core = convert.encode_request_from_proto(request, deadline_of(context), self.answers)
-            return convert.encode_result_to_proto(await self.engine.encode(core))
+    async def Encode(self, data: bytes, context: Context) -> bytes | None:  # noqa: N802 (gRPC method names)
+        """An EncodeRequest's bytes in, the EncodeResponse's bytes out (raw_messages.py); None
+        once the call ends with an error status."""
+        try:
+            with self.calls.observe("", None, "encode") as observed:
+                request = self._encode_request(data, deadline_of(context))
+                observed.model = request.model
+                result = await self.engine.encode(request)
+                observed.version = result.version
+                answer = raw_messages.encode_response(result)
+                self.calls.check_answer(answer)
+                return answer
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:
+            end_call(context, exc)
+            return None
 
-        return await self.calls.run(context, request.model, "encode", call, lambda r: r.version)
+    def _encode_request(self, data: bytes, deadline_s: float | None) -> EncodeRequest:
+        """The core's request of an EncodeRequest's bytes: read as they are when they hold
+        feature sequences, else parsed by protobuf (InvalidInput when they do not parse)."""
+        self.limits.check(data, pb.EncodeRequest.DESCRIPTOR)
+        raw = raw_messages.read_encode_request(data)
+        if raw is not None:
+            return convert.encode_request_from_raw(raw, deadline_s, self.answers)
+        message = parse_request(pb.EncodeRequest, data)
+        return convert.encode_request_from_proto(message, deadline_s, self.answers)
 
     async def Generate(  # noqa: N802
         self, request: pb.GenerateRequest, context: Context

@@ -18,7 +18,7 @@ from rnnserve_client.proto.inference import grpc_service_pb2_grpc
 from service.core import errors, management, validation
 from service.core.release import SERVER_NAME, server_version
 from service.core.request_metrics import Observed
-from service.grpc_api import convert
+from service.grpc_api import convert, raw_messages
 from service.grpc_api.calls import (
     Context,
     DrainWatch,
@@ -26,8 +26,11 @@ from service.grpc_api.calls import (
     abort_with,
     check_management,
     deadline_of,
+    end_call,
+    parse_request,
 )
 from service.inference_protocol import metadata, requests
+from service.inference_protocol.tensors import V2Output
 
 # The endpoint label of each unary RPC's calls (server liveness, readiness and metadata
 # are not counted; ModelStreamInfer counts its messages itself).
@@ -64,6 +67,7 @@ class InferenceServicer(
     inference (one call, or a stream of them) and the model repository extension."""
 
     ENDPOINTS: ClassVar[dict[str, str]] = RPC_ENDPOINTS
+    RAW_METHODS: ClassVar[frozenset[str]] = frozenset({"ModelInfer"})
 
     async def ServerLive(  # noqa: N802 (gRPC method names)
         self, request: v2.ServerLiveRequest, context: Context
@@ -120,11 +124,12 @@ class InferenceServicer(
 
         return await self.calls.run_observed(context, request.name, "model_metadata", call)
 
-    async def infer(
+    async def infer_outputs(
         self, request: v2.ModelInferRequest, deadline_s: float | None
-    ) -> v2.ModelInferResponse:
+    ) -> tuple[int, list[V2Output]]:
         """One infer request: the model first (an unknown model's tensors are never decoded),
-        then the protocol's request, the engine, and the requested outputs as raw contents."""
+        then the protocol's request and the engine; the version that answered and the requested
+        outputs."""
         version, config = self.engine.infer_config(
             request.model_name, _version(request.model_version)
         )
@@ -139,17 +144,34 @@ class InferenceServicer(
             answer_limit=self.answers,
         )
         answered, outputs = await requests.infer(self.engine, core, config)
+        return answered, requests.requested_outputs(outputs, [o.name for o in request.outputs])
+
+    async def infer(
+        self, request: v2.ModelInferRequest, deadline_s: float | None
+    ) -> v2.ModelInferResponse:
+        """`infer_outputs` as a response message (outputs as raw contents)."""
+        answered, outputs = await self.infer_outputs(request, deadline_s)
         return convert.v2_infer_response(request, answered, outputs)
 
-    async def ModelInfer(  # noqa: N802
-        self, request: v2.ModelInferRequest, context: Context
-    ) -> v2.ModelInferResponse:
-        async def call() -> v2.ModelInferResponse:
-            return await self.infer(request, deadline_of(context))
-
-        return await self.calls.run(
-            context, request.model_name, "infer", call, lambda r: int(r.model_version)
-        )
+    async def ModelInfer(self, data: bytes, context: Context) -> bytes | None:  # noqa: N802
+        """A ModelInferRequest's bytes in, the ModelInferResponse's bytes out (raw_messages.py);
+        None once the call ends with an error status."""
+        try:
+            with self.calls.observe("", None, "infer") as observed:
+                request = parse_request(v2.ModelInferRequest, data, self.limits)
+                observed.model = request.model_name
+                answered, outputs = await self.infer_outputs(request, deadline_of(context))
+                observed.version = answered
+                answer = raw_messages.infer_response(
+                    request.model_name, answered, request.id, outputs
+                )
+                self.calls.check_answer(answer)
+                return answer
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:
+            end_call(context, exc)
+            return None
 
     async def ModelStreamInfer(  # noqa: N802
         self, request_iterator: AsyncIterable[v2.ModelInferRequest], context: Context

@@ -879,3 +879,97 @@ async def test_independent_triton_client(served: Served) -> None:
     np.testing.assert_allclose(np.array(answer["streamed"]), expected, rtol=1e-4, atol=1e-5)
     assert scores is not None
     assert answer["labels"] == [LABELS[i] for i in scores.argmax(axis=1)]
+
+
+# --- the hot RPCs on raw bytes (service/grpc_api/raw_messages.py) ----------------------------
+
+
+def _v2_infer_message(model: str, sequence: np.ndarray) -> v2.ModelInferRequest:
+    request = v2.ModelInferRequest(model_name=model, id="call-1")
+    request.inputs.add(name="INPUT", datatype="FP32", shape=[1, *sequence.shape])
+    request.raw_input_contents.append(sequence.astype("<f4").tobytes())
+    return request
+
+
+async def test_hot_answers_are_the_bytes_protobuf_writes(served: Served) -> None:
+    # A client without deserialisers gets the answer's bytes: protobuf writes the same bytes
+    # for the message they parse to.
+    sequences = _features(3, seed=4)
+    encode = served.channel.unary_unary("/rnnserve.v1.RnnServe/Encode")
+    answer = await encode(_encode_message("enc", sequences).SerializeToString())
+    parsed = pb.EncodeResponse.FromString(answer)
+    assert parsed.SerializeToString() == answer
+    assert (parsed.model, parsed.version, len(parsed.encodings)) == ("enc", 1, 3)
+    assert list(parsed.labels) and len(parsed.scores) == 3
+    infer = served.channel.unary_unary("/inference.GRPCInferenceService/ModelInfer")
+    answer = await infer(_v2_infer_message("enc", sequences[0]).SerializeToString())
+    reply = v2.ModelInferResponse.FromString(answer)
+    assert reply.SerializeToString() == answer
+    assert (reply.model_name, reply.model_version, reply.id) == ("enc", "1", "call-1")
+
+
+async def test_an_encode_request_in_any_layout_gets_the_same_answer(served: Served) -> None:
+    # The same sequence as packed floats (read from the bytes) and unpacked (protobuf's path).
+    sequence = _features(1, seed=5)[0]
+    packed = _encode_message("enc", [sequence]).SerializeToString()
+    shape = bytes([0x0A, 2, sequence.shape[0], sequence.shape[1]])
+    values = b"".join(b"\x15" + v.tobytes() for v in sequence.astype("<f4").ravel())
+    array = shape + values
+    inputs = b"\x0a" + _varint(len(array)) + array
+    unpacked = b"\x0a\x03enc\x1a" + _varint(len(inputs)) + inputs
+    assert pb.EncodeRequest.FromString(unpacked) == pb.EncodeRequest.FromString(packed)
+    encode = served.channel.unary_unary("/rnnserve.v1.RnnServe/Encode")
+    assert await encode(unpacked) == await encode(packed)
+
+
+def _varint(value: int) -> bytes:
+    out = bytearray()
+    while value >= 0x80:
+        out.append(value & 0x7F | 0x80)
+        value >>= 7
+    out.append(value)
+    return bytes(out)
+
+
+@pytest.mark.parametrize("rpc", ["Encode", "ModelInfer"])
+async def test_a_cancelled_hot_call_is_counted_once_and_never_computed(
+    served: Served, rpc: str
+) -> None:
+    # "slow" closes a batch only after 3 s while the device is busy: the call waits queued.
+    sequence = _features(1, seed=6)[0]
+    labels = {"model": "slow", "version": "1", "kind": "encode"}
+    batches = _sample(served, "rnnserve_batch_size_count", **labels)
+    async with device_held(served.engine):
+        if rpc == "Encode":
+            call: Any = served.api.Encode(_encode_message("slow", [sequence]))
+        else:
+            call = served.v2.ModelInfer(_v2_infer_message("slow", sequence))
+        await eventually(lambda: _sample(served, "rnnserve_queue_depth", **labels) == 1)
+        call.cancel()
+        endpoint = "encode" if rpc == "Encode" else "infer"
+        protocol = "grpc" if rpc == "Encode" else "v2-grpc"
+        counted = {"model": "slow", "version": "", "protocol": protocol, "endpoint": endpoint}
+        await eventually(
+            lambda: _sample(served, "rnnserve_requests_total", **counted, outcome="cancelled") == 1
+        )
+    dropped = {"model": "slow", "version": "1", "reason": "cancelled"}
+    await eventually(lambda: _sample(served, "rnnserve_dropped_sequences_total", **dropped) == 1)
+    assert _sample(served, "rnnserve_batch_size_count", **labels) == batches, "computed"
+
+
+@pytest.mark.parametrize("rpc", ["Encode", "ModelInfer"])
+async def test_a_hot_calls_grpc_deadline_ends_it_before_compute(served: Served, rpc: str) -> None:
+    # "slow" closes a batch only after 3 s while the device is busy: the call's own gRPC
+    # deadline (no timeout_ms) ends it in the queue, and its sequence is never computed.
+    sequence = _features(1, seed=7)[0]
+    labels = {"model": "slow", "version": "1", "kind": "encode"}
+    batches = _sample(served, "rnnserve_batch_size_count", **labels)
+    async with device_held(served.engine):
+        if rpc == "Encode":
+            call: Any = served.api.Encode(_encode_message("slow", [sequence]), timeout=0.3)
+        else:
+            call = served.v2.ModelInfer(_v2_infer_message("slow", sequence), timeout=0.3)
+        code, _ = await _code(call)
+    assert code == grpc.StatusCode.DEADLINE_EXCEEDED
+    await eventually(lambda: _sample(served, "rnnserve_queue_depth", **labels) == 0)
+    assert _sample(served, "rnnserve_batch_size_count", **labels) == batches, "computed"
