@@ -3,9 +3,9 @@ management and offline docs, on one FastAPI app.
 
 `create_app` puts the route tables (service/http_api/v1_routes.py, v2_routes.py,
 session_routes.py) together: as FastAPI routes, and the inference routes also in the direct
-dispatcher (service/http_api/direct_dispatch.py); errors leave through one table
-(service/http_api/errors.py). No lifespan: the caller starts the engine (as
-service/process/serve.py does).
+dispatcher (service/http_api/direct_dispatch.py), which sees every request before FastAPI does;
+errors leave through one table (service/http_api/errors.py). No lifespan: the caller starts the
+engine (as service/process/serve.py does).
 """
 
 from __future__ import annotations
@@ -19,6 +19,7 @@ from fastapi.openapi.docs import get_redoc_html, get_swagger_ui_html
 from fastapi.responses import HTMLResponse, Response
 from fastapi.staticfiles import StaticFiles
 from prometheus_client import CONTENT_TYPE_LATEST
+from starlette.types import ASGIApp, Receive, Scope, Send
 
 from service.core.engine import Engine
 from service.core.metrics import Metrics
@@ -47,7 +48,10 @@ def create_app(
     """The HTTP application over `engine`. The streaming-session routes serve `sessions`, by
     default the engine's own `engine.sessions`. `direct_dispatch` serves the inference routes
     past FastAPI's routing (same handlers; off only to compare the two in tests)."""
-    app = FastAPI(
+    app = App(
+        # NOTE: no OpenTelemetry from FastAPI: rnnserve's observability is its Prometheus
+        # metrics and logs, and the check alone costs every request.
+        telemetry={"tracing": False, "metrics": False, "logs": False},
         title="rnnserve",
         version=server_version(),
         description="Serving recurrent neural networks (Elman, LSTM, GRU, deep, bidirectional, "
@@ -64,10 +68,14 @@ def create_app(
             sessions or engine.sessions, session_requests, settings.request_values_limit
         ).routes(),
     ]
-    # NOTE: the last added runs first: BodySizeLimit, then DirectDispatch, then FastAPI's stack.
-    if direct_dispatch:
-        app.add_middleware(DirectDispatch, routes=[r for r in routes if r.direct])
     app.add_middleware(BodySizeLimit, max_bytes=settings.max_body_bytes)
+    if direct_dispatch:
+        app.entry = DirectDispatch(
+            app.stack,
+            [r for r in routes if r.direct],
+            max_body_bytes=settings.max_body_bytes,
+            unexpected=errors.handle_unexpected,
+        )
     for handled in errors.HANDLED:
         app.add_exception_handler(handled, errors.handle_error)
     app.add_exception_handler(Exception, errors.handle_unexpected)
@@ -75,6 +83,23 @@ def create_app(
     add_offline_docs(app)
     install_openapi(app)
     return app
+
+
+class App(FastAPI):
+    """FastAPI with an entry ahead of its stack: `entry` (the direct dispatcher, when set) sees
+    every request first and passes what it does not serve to `stack`."""
+
+    entry: ASGIApp | None = None
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if self.entry is None:
+            await super().__call__(scope, receive, send)
+        else:
+            await self.entry(scope, receive, send)
+
+    async def stack(self, scope: Scope, receive: Receive, send: Send) -> None:
+        """FastAPI's own way through its middlewares and routes."""
+        await super().__call__(scope, receive, send)
 
 
 def operations(engine: Engine, metrics: Metrics) -> list[Route]:

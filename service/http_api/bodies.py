@@ -5,6 +5,7 @@ rule applied to the request's headers."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any, TypeVar
 
 from fastapi import Request
@@ -45,6 +46,42 @@ def parse_body(model: type[_B], body: bytes, max_values: int | None = None) -> _
         return model.model_validate(value)
     except ValidationError as exc:
         raise validation_error(exc) from None
+
+
+def read_body(
+    model: type[BaseModel],
+    body: bytes,
+    max_values: int | None,
+    plain: Callable[[dict[str, Any]], bool],
+) -> dict[str, Any]:
+    """A JSON body of `model` as its fields (each field present, absent ones at their defaults).
+
+    A body that `plain` finds valid as it stands skips pydantic; any other is checked by `model`,
+    so problems are named exactly as `parse_body` names them.
+    """
+    value = json_codecs.loads(body, max_values=max_values) if body else {}
+    if not isinstance(value, dict):
+        raise InvalidInput("body", "expected a JSON object")
+    if plain(value):
+        return {**_defaults(model), **value}
+    try:
+        checked = model.model_validate(value)
+    except ValidationError as exc:
+        raise validation_error(exc) from None
+    return {name: getattr(checked, name) for name in type(checked).model_fields}
+
+
+_DEFAULTS: dict[type[BaseModel], dict[str, Any]] = {}
+
+
+def _defaults(model: type[BaseModel]) -> dict[str, Any]:
+    defaults = _DEFAULTS.get(model)
+    if defaults is None:
+        defaults = _DEFAULTS[model] = {
+            name: field.get_default(call_default_factory=True)
+            for name, field in model.model_fields.items()
+        }
+    return defaults
 
 
 def management_guard(settings: Settings, request: Request) -> None:

@@ -1,8 +1,10 @@
-"""ASGI middleware: the request body size limit (413), for declared and chunked bodies alike.
+"""The request body size limit (413), for declared and chunked bodies alike.
 
 A declared `Content-Length` over the limit is refused before the body is read. A chunked body is
-counted as it arrives; the read that crosses the limit raises `BodyTooLargeError`, which this
-middleware turns into the 413 answer (when the handler has not started answering yet).
+counted as it arrives; the read that crosses the limit raises `BodyTooLargeError`, which becomes
+the 413 answer (when the handler has not started answering yet). `BodySizeLimit` applies it as
+ASGI middleware; the direct dispatcher (service/http_api/direct_dispatch.py) applies the same
+helpers itself.
 """
 
 from __future__ import annotations
@@ -28,21 +30,14 @@ class BodySizeLimit:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
-        declared = _content_length(scope)
+        declared, counted = body_framing(scope)
         if declared is not None and declared > self.max_bytes:
-            await self._refuse(scope, send)
+            await refuse(scope, send, self.max_bytes)
             return
-        received = 0
+        if not counted:
+            await self.app(scope, receive, send)
+            return
         started = False
-
-        async def counting_receive() -> Message:
-            nonlocal received
-            message = await receive()
-            if message["type"] == "http.request":
-                received += len(message.get("body", b""))
-                if received > self.max_bytes:
-                    raise BodyTooLargeError
-            return message
 
         async def tracking_send(message: Message) -> None:
             nonlocal started
@@ -51,40 +46,65 @@ class BodySizeLimit:
             await send(message)
 
         try:
-            await self.app(scope, counting_receive, tracking_send)
+            await self.app(scope, counting(receive, self.max_bytes), tracking_send)
         except BodyTooLargeError:
             if started:
                 raise
-            await self._refuse(scope, send)
-
-    async def _refuse(self, scope: Scope, send: Send) -> None:
-        message = f"request body exceeds the limit of {self.max_bytes} bytes"
-        body: dict[str, Any]
-        if str(scope.get("path", "")).startswith("/v2"):
-            body = {"error": f"body: {message}"}
-        else:
-            body = {"error": {"type": "PayloadTooLarge", "message": message, "field": "body"}}
-        payload = orjson.dumps(body)
-        await send(
-            {
-                "type": "http.response.start",
-                "status": 413,
-                "headers": [
-                    (b"content-type", b"application/json"),
-                    (b"content-length", str(len(payload)).encode()),
-                    # NOTE: the unread rest of the body makes the connection unusable.
-                    (b"connection", b"close"),
-                ],
-            }
-        )
-        await send({"type": "http.response.body", "body": payload})
+            await refuse(scope, send, self.max_bytes)
 
 
-def _content_length(scope: Scope) -> int | None:
+def body_framing(scope: Scope) -> tuple[int | None, bool]:
+    """The request's declared Content-Length (None: none or unreadable), and whether its body
+    must be counted as it arrives: a body without a declared length, or one that is chunked
+    (the server delivers at most the declared length of any other body)."""
+    declared: int | None = None
+    chunked = False
     for name, value in scope.get("headers", ()):
         if name == b"content-length":
             try:
-                return int(value)
+                declared = int(value)
             except ValueError:
-                return None
-    return None
+                declared = None
+        elif name == b"transfer-encoding":
+            chunked = True
+    return declared, declared is None or chunked
+
+
+def counting(receive: Receive, max_bytes: int) -> Receive:
+    """`receive` that raises BodyTooLargeError on the read that takes the body past `max_bytes`."""
+    received = 0
+
+    async def counting_receive() -> Message:
+        nonlocal received
+        message = await receive()
+        if message["type"] == "http.request":
+            received += len(message.get("body", b""))
+            if received > max_bytes:
+                raise BodyTooLargeError
+        return message
+
+    return counting_receive
+
+
+async def refuse(scope: Scope, send: Send, max_bytes: int) -> None:
+    """Answer 413 naming the limit, in the error shape of the API the path belongs to."""
+    message = f"request body exceeds the limit of {max_bytes} bytes"
+    body: dict[str, Any]
+    if str(scope.get("path", "")).startswith("/v2"):
+        body = {"error": f"body: {message}"}
+    else:
+        body = {"error": {"type": "PayloadTooLarge", "message": message, "field": "body"}}
+    payload = orjson.dumps(body)
+    await send(
+        {
+            "type": "http.response.start",
+            "status": 413,
+            "headers": [
+                (b"content-type", b"application/json"),
+                (b"content-length", str(len(payload)).encode()),
+                # NOTE: the unread rest of the body makes the connection unusable.
+                (b"connection", b"close"),
+            ],
+        }
+    )
+    await send({"type": "http.response.body", "body": payload})

@@ -11,6 +11,10 @@ has started a request and nothing was answered yet, and the connection closes.
 
 httptools sets no bound on a request's line and headers either (uvicorn's h11 protocol does):
 past MAX_HEAD_BYTES the client gets 431 and the connection closes.
+
+The connection also watches its requests for a client that leaves (`disconnects.Connection`):
+each request's scope carries the connection, and a request task it is asked to watch is
+cancelled when the connection is lost.
 """
 
 from __future__ import annotations
@@ -19,6 +23,8 @@ import asyncio
 from typing import Any, Literal
 
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
+
+from service.http_api.disconnects import CONNECTION
 
 # A body earns one second more per this many bytes received (a floor of 64 KiB/s, once the
 # first body_timeout_s are spent).
@@ -61,17 +67,45 @@ class DeadlineHttpProtocol(HttpToolsProtocol):
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self._timer: asyncio.TimerHandle | None = None
+        self._timer_at = 0.0  # when the timer fires
+        self._armed = False  # a deadline is in force (a request, or the first, is awaited)
         self._deadline = 0.0
         # Where the request being received is: none yet, in its line and headers, in its body.
         self._phase: Literal["idle", "headers", "body"] = "idle"
         self._head_bytes = 0
         self._completed = False  # a request ended within the bytes being parsed
         self._refused = False  # answered 431: whatever else arrives is dropped
+        # Request tasks to cancel if the connection is lost → whether its loss cancelled them.
+        self._watched: dict[asyncio.Task[object], bool] = {}
+        self._lost = False
+
+    # -- requests whose client may leave (disconnects.Connection) ------------------------------
+
+    def watch(self, task: asyncio.Task[object]) -> None:
+        """Cancel `task` when the connection is lost (soon, if it is already)."""
+        self._watched[task] = False
+        if self._lost:
+            self.loop.call_soon(self._cancel, task)
+
+    def unwatch(self, task: asyncio.Task[object]) -> bool:
+        """Stop watching `task`; whether the connection's loss cancelled it."""
+        return self._watched.pop(task, False)
+
+    def _cancel(self, task: asyncio.Task[object]) -> None:
+        if task in self._watched and not self._watched[task]:
+            self._watched[task] = True
+            task.cancel()
+
+    # NOTE: one timer serves many requests: it is moved only when a deadline comes earlier than
+    # it fires; when it fires early it sleeps again until the deadline in force (if any).
 
     def _arm(self, seconds: float) -> None:
-        self._disarm()
-        self._deadline = self.loop.time() + seconds
-        self._timer = self.loop.call_at(self._deadline, self._check)
+        self._armed = True
+        self._deadline = deadline = self.loop.time() + seconds
+        if self._timer is None or self._timer_at > deadline:
+            self._disarm()
+            self._timer = self.loop.call_at(deadline, self._check)
+            self._timer_at = deadline
 
     def _disarm(self) -> None:
         if self._timer is not None:
@@ -80,9 +114,12 @@ class DeadlineHttpProtocol(HttpToolsProtocol):
 
     def _check(self) -> None:
         self._timer = None
+        if not self._armed:
+            return
         if self.loop.time() < self._deadline:
-            # NOTE: the body deadline moved on while the timer waited (see on_body).
+            # NOTE: a later deadline is in force (the body's, or one moved on by on_body).
             self._timer = self.loop.call_at(self._deadline, self._check)
+            self._timer_at = self._deadline
             return
         if self.transport.is_closing():
             return
@@ -98,6 +135,9 @@ class DeadlineHttpProtocol(HttpToolsProtocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._disarm()
+        self._lost = True
+        for task in list(self._watched):
+            self._cancel(task)
         super().connection_lost(exc)
 
     def data_received(self, data: bytes) -> None:
@@ -118,9 +158,10 @@ class DeadlineHttpProtocol(HttpToolsProtocol):
 
     def on_message_begin(self) -> None:
         super().on_message_begin()
+        self.scope[CONNECTION] = self  # type: ignore[literal-required]
         self._phase = "headers"
         self._head_bytes = 0
-        if self._timer is None:
+        if not self._armed:
             self._arm(self.header_timeout)
 
     def on_headers_complete(self) -> None:
@@ -136,4 +177,4 @@ class DeadlineHttpProtocol(HttpToolsProtocol):
         super().on_message_complete()
         self._phase = "idle"
         self._completed = True
-        self._disarm()
+        self._armed = False

@@ -21,6 +21,9 @@ TimeoutMs = Annotated[
     float | None, Field(gt=0, le=MAX_TIMEOUT_MS, description="Deadline; past it the answer is 504.")
 ]
 
+# The most tokens a generate body may ask for.
+MAX_LENGTH = 100_000
+
 # Examples name the bundled demo models (demo-repository/), so that "Try it out" on /docs works
 # against `make serve`.
 _FEATURES_EXAMPLE: list[Any] = [[[22.7], [24.4], [25.5], [25.5], [25.8], [24.9]]]
@@ -138,7 +141,7 @@ class GenerateBody(_Inputs):
         {"texts": ["Montag, 2. Oktober 2023"], "max_length": 12, "beam_size": 4},
         {"texts": ["25 December 2021"], "stream": True},
     )
-    max_length: int | None = Field(default=None, ge=1, le=100_000, description="Token limit.")
+    max_length: int | None = Field(default=None, ge=1, le=MAX_LENGTH, description="Token limit.")
     # NOTE: no bounds here: the engine checks beam_size against the server's configured limit
     # (max_beam_size, default 16), so that every wire refuses the same values with one message.
     beam_size: int = Field(

@@ -6,20 +6,23 @@ work is the engine's, core errors are answered by service/http_api/errors.py.
 from __future__ import annotations
 
 import time
-from collections.abc import AsyncGenerator, AsyncIterator
+from collections.abc import AsyncGenerator, AsyncIterator, Mapping
 from dataclasses import asdict
-from typing import Any, TypeVar
+from typing import Any
 
 from fastapi import Request
 from fastapi.responses import Response, StreamingResponse
 
+from models.config import ModelConfig
 from service.core import limits, validation
 from service.core.engine import Engine
 from service.core.errors import InvalidInput, ServiceError
+from service.core.limits import MAX_TIMEOUT_MS
 from service.core.metrics import Metrics
 from service.core.request_metrics import RequestMetrics
 from service.core.settings import Settings
 from service.core.types import (
+    POOLINGS,
     EncodeRequest,
     EncodeResult,
     GenerateRequest,
@@ -34,16 +37,15 @@ from service.http_api.bodies import (
     fields_of,
     json_response,
     management_guard,
-    parse_body,
     present,
+    read_body,
     sse,
 )
 from service.http_api.disconnects import unless_disconnected
 from service.http_api.errors import as_core_error
 from service.http_api.openapi import documented_body, errors_doc
 from service.http_api.routing import Route, path_version
-
-Body = TypeVar("Body", schemas.EncodeBody, schemas.GenerateBody)
+from service.http_api.schemas import MAX_LENGTH
 
 _BAD = errors_doc(False, 400, 404, 413, 503, 504)
 _ENCODE: dict[str, Any] = {
@@ -134,16 +136,9 @@ class V1Routes:
         """Encode the body's sequences."""
         with self.requests.observe(name, None, "encode") as observed:
             number = observed.version = path_version(version)
-            body, kind, sequences = await self._sequences(name, number, request, schemas.EncodeBody)
-            typed = EncodeRequest(
-                model=name,
-                sequences=sequences,
-                kind=kind,
-                version=number,
-                pooling=body.pooling,
-                timeout_s=limits.timeout_seconds(body.timeout_ms),
-                answer_limit=self.answers,
-            )
+            # NOTE: the model first: an unknown model's body is never read.
+            _, config = self.engine.infer_config(name, number)
+            typed = self._encode_request(name, number, config, await request.body())
             result = await unless_disconnected(request, self.engine.encode(typed))
             observed.version = result.version
             return json_response(encode_answer(result))
@@ -152,36 +147,56 @@ class V1Routes:
         """Generate an output per sequence of the body: JSON, or events with `stream`."""
         with self.requests.observe(name, None, "generate") as observed:
             number = observed.version = path_version(version)
-            body, kind, sequences = await self._sequences(
-                name, number, request, schemas.GenerateBody
-            )
-            typed = GenerateRequest(
-                model=name,
-                sequences=sequences,
-                kind=kind,
-                version=number,
-                max_length=body.max_length,
-                beam_size=body.beam_size,
-                timeout_s=limits.timeout_seconds(body.timeout_ms),
-            )
-            if body.stream:
+            _, config = self.engine.infer_config(name, number)
+            typed, stream = self._generate_request(name, number, config, await request.body())
+            if stream:
                 observed.forget()
                 return await self._stream(typed)
             result = await unless_disconnected(request, self.engine.generate(typed))
             observed.version = result.version
             return json_response(generate_answer(result))
 
-    async def _sequences(
-        self, name: str, version: int | None, request: Request, schema: type[Body]
-    ) -> tuple[Body, InputKind, list[SequenceData]]:
-        # NOTE: the model first: an unknown model's body is never read, and sequences longer
-        # than the model takes are refused before numpy converts them.
-        _, config = self.engine.infer_config(name, version)
-        body = parse_body(schema, await request.body(), self.settings.request_values_limit)
-        kind, sequences = request_sequences(
-            body, self.settings.max_sequences_per_request, config.serving.max_sequence_length
+    # NOTE: the parsed body lives only in these two: what is awaited holds numpy arrays and
+    # scalars, no JSON lists (thousands per request) for the garbage collector to walk.
+
+    def _encode_request(
+        self, name: str, version: int | None, config: ModelConfig, body: bytes
+    ) -> EncodeRequest:
+        fields = read_body(
+            schemas.EncodeBody, body, self.settings.request_values_limit, plain_encode
         )
-        return body, kind, sequences
+        kind, sequences = request_sequences(
+            fields, self.settings.max_sequences_per_request, config.serving.max_sequence_length
+        )
+        return EncodeRequest(
+            model=name,
+            sequences=sequences,
+            kind=kind,
+            version=version,
+            pooling=fields["pooling"],
+            timeout_s=limits.timeout_seconds(fields["timeout_ms"]),
+            answer_limit=self.answers,
+        )
+
+    def _generate_request(
+        self, name: str, version: int | None, config: ModelConfig, body: bytes
+    ) -> tuple[GenerateRequest, bool]:
+        fields = read_body(
+            schemas.GenerateBody, body, self.settings.request_values_limit, plain_generate
+        )
+        kind, sequences = request_sequences(
+            fields, self.settings.max_sequences_per_request, config.serving.max_sequence_length
+        )
+        typed = GenerateRequest(
+            model=name,
+            sequences=sequences,
+            kind=kind,
+            version=version,
+            max_length=fields["max_length"],
+            beam_size=fields["beam_size"],
+            timeout_s=limits.timeout_seconds(fields["timeout_ms"]),
+        )
+        return typed, fields["stream"] is True
 
     async def _stream(self, typed: GenerateRequest) -> Response:
         # NOTE: the first item is awaited here so that errors before any token (unknown model,
@@ -279,14 +294,14 @@ class V1Routes:
 
 
 def request_sequences(
-    body: schemas.EncodeBody | schemas.GenerateBody,
+    body: Mapping[str, Any],
     limit: int,
     max_steps: int | None = None,
 ) -> tuple[InputKind, list[SequenceData]]:
-    """The sequences of an encode/generate body as numpy arrays or strings, count (and, with
-    `max_steps`, length) checked before conversion."""
-    for name in ("inputs", "tokens", "texts"):
-        value = getattr(body, name)
+    """The sequences of an encode/generate body's fields (`read_body`) as numpy arrays or
+    strings, count (and, with `max_steps`, length) checked before conversion."""
+    for name in INPUT_FIELDS:
+        value = body.get(name)
         if value is None:
             continue
         if isinstance(value, list) and len(value) > limit:
@@ -297,6 +312,48 @@ def request_sequences(
             return "tokens", list(json_codecs.tokens_from_json(value, name, max_steps))
         return "text", list(json_codecs.texts_from_json(value, name))
     raise InvalidInput("body", "exactly one of 'inputs', 'tokens', 'texts' is required")
+
+
+# -- bodies pydantic need not see: what `plain_encode` / `plain_generate` pass, the schema would
+# accept unchanged (every other body goes to the schema, which names its problem) --
+
+INPUT_FIELDS = ("inputs", "tokens", "texts")
+_ENCODE_FIELDS = frozenset(schemas.EncodeBody.model_fields)
+_GENERATE_FIELDS = frozenset(schemas.GenerateBody.model_fields)
+_POOLINGS: tuple[str | None, ...] = (None, *POOLINGS)
+
+
+def _one_input(value: dict[str, Any]) -> bool:
+    return sum(value.get(name) is not None for name in INPUT_FIELDS) == 1
+
+
+def _plain_timeout(value: Any) -> bool:
+    return value is None or (type(value) in (int, float) and 0 < value <= MAX_TIMEOUT_MS)
+
+
+def plain_encode(value: dict[str, Any]) -> bool:
+    """Whether an encode body is valid as it stands: known fields, one input, a timeout in
+    range, a pooling by name."""
+    return (
+        value.keys() <= _ENCODE_FIELDS
+        and _one_input(value)
+        and _plain_timeout(value.get("timeout_ms"))
+        and value.get("pooling") in _POOLINGS
+    )
+
+
+def plain_generate(value: dict[str, Any]) -> bool:
+    """Whether a generate body is valid as it stands: known fields, one input, a timeout and a
+    max_length in range, an integer beam_size, a boolean stream."""
+    max_length = value.get("max_length")
+    return (
+        value.keys() <= _GENERATE_FIELDS
+        and _one_input(value)
+        and _plain_timeout(value.get("timeout_ms"))
+        and (max_length is None or (type(max_length) is int and 1 <= max_length <= MAX_LENGTH))
+        and type(value.get("beam_size", 1)) is int
+        and type(value.get("stream", False)) is bool
+    )
 
 
 def model_status(info: ModelInfo) -> dict[str, Any]:

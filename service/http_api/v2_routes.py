@@ -13,6 +13,7 @@ from typing import Any
 from fastapi import Request
 from fastapi.responses import Response
 
+from models.config import ModelConfig
 from service.core import limits, management, validation
 from service.core.engine import Engine
 from service.core.errors import InvalidInput
@@ -20,6 +21,7 @@ from service.core.metrics import Metrics
 from service.core.release import SERVER_NAME, server_version
 from service.core.request_metrics import RequestMetrics
 from service.core.settings import Settings
+from service.core.types import EncodeRequest, GenerateRequest
 from service.http_api import json_codecs, schemas
 from service.http_api.bodies import json_response, management_guard, parse_body
 from service.http_api.disconnects import unless_disconnected
@@ -33,6 +35,8 @@ from service.inference_protocol.tensors import V2Output
 TAG = "open inference protocol (v2)"
 REPOSITORY_TAG = "open inference protocol (v2): model repository"
 EXTENSIONS = ["binary_tensor_data", "model_repository"]
+# What the answer reads of a request's header (`infer_answer`).
+ANSWER_FIELDS = ("id", "outputs", "parameters")
 
 _META: dict[str, Any] = {
     "response_model": schemas.V2ModelMetadata,
@@ -165,30 +169,50 @@ class V2Routes:
             # than the model takes are refused before their data is decoded.
             resolved, config = self.engine.infer_config(name, number)
             observed.version = resolved
-            header, tail = json_codecs.split_v2_body(
-                await request.body(),
-                request.headers.get(json_codecs.HEADER_LENGTH),
-                self.settings.request_values_limit,
-            )
-            tensors = json_codecs.decode_v2_inputs(header, tail)
-            bytes_per_number = (
-                limits.BINARY_BYTES_PER_NUMBER
-                if binary_encoding(header)
-                else limits.JSON_BYTES_PER_NUMBER
-            )
-            core = requests.infer_request(
+            core, answer = self._infer_request(
                 name,
                 resolved,
                 config,
-                tensors,
-                json_codecs.parameters_of(header),
-                limit=self.settings.max_sequences_per_request,
-                answer_limit=limits.answer_limit(self.settings, bytes_per_number, padded=True),
+                await request.body(),
+                request.headers.get(json_codecs.HEADER_LENGTH),
             )
             _, outputs = await unless_disconnected(
                 request, requests.infer(self.engine, core, config)
             )
-            return infer_answer(header, name, resolved, outputs)
+            return infer_answer(answer, name, resolved, outputs)
+
+    def _infer_request(
+        self,
+        name: str,
+        version: int,
+        config: ModelConfig,
+        body: bytes,
+        header_length: str | None,
+    ) -> tuple[EncodeRequest | GenerateRequest, dict[str, Any]]:
+        """The engine's request of an infer body, and what its answer needs of the header.
+
+        The parsed header lives only here: what is awaited holds numpy arrays and scalars, no
+        JSON lists (thousands per request) for the garbage collector to walk.
+        """
+        header, tail = json_codecs.split_v2_body(
+            body, header_length, self.settings.request_values_limit
+        )
+        tensors = json_codecs.decode_v2_inputs(header, tail)
+        bytes_per_number = (
+            limits.BINARY_BYTES_PER_NUMBER
+            if binary_encoding(header)
+            else limits.JSON_BYTES_PER_NUMBER
+        )
+        core = requests.infer_request(
+            name,
+            version,
+            config,
+            tensors,
+            json_codecs.parameters_of(header),
+            limit=self.settings.max_sequences_per_request,
+            answer_limit=limits.answer_limit(self.settings, bytes_per_number, padded=True),
+        )
+        return core, {key: header[key] for key in ANSWER_FIELDS if key in header}
 
     # -- the model repository ------------------------------------------------------------------
 

@@ -185,6 +185,26 @@ def test_requests_that_never_finish_are_cut_off(repository: Path) -> None:
         assert httpx.get(f"{live.url}/healthz", timeout=10).status_code == 200
 
 
+def test_a_kept_alive_connections_later_requests_have_their_own_deadlines(
+    repository: Path,
+) -> None:
+    with (
+        live_server(repository, http_header_timeout_s=0.5, http_body_timeout_s=0.5) as live,
+        _open(live.port) as sock,
+    ):
+        for _ in range(3):  # answered within their deadlines, one after the other
+            sock.sendall(b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n")
+            answer = b""
+            while not answer.endswith(b'{"status":"ok"}'):
+                answer += sock.recv(4096)
+            assert answer.startswith(b"HTTP/1.1 200 ")
+            time.sleep(0.3)
+        start = time.monotonic()
+        sock.sendall(b"POST /v1/models/enc/encode HTTP/1.1\r\nHost: x\r\ncontent-length: 9\r\n\r\n")
+        assert _answer(sock).startswith(b"HTTP/1.1 408 ")
+        assert time.monotonic() - start < 4  # its own body deadline, not the keep-alive's 5 s
+
+
 def test_a_large_body_on_a_slow_link_is_not_cut(repository: Path) -> None:
     # 160 KiB over ~1.6 s against a 0.5 s deadline: each 64 KiB received earns a second more.
     body = _rows(100)

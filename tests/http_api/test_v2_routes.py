@@ -30,7 +30,14 @@ from service.grpc_api.server import create_grpc_server
 from service.http_api import json_codecs as codecs
 from service.inference_protocol import tensors as v2_tensors
 from tests.factories import write_model
-from tests.support import TOKEN, LiveServer, decode_v2_outputs, live_server, write_test_repository
+from tests.support import (
+    TOKEN,
+    LiveServer,
+    decode_v2_outputs,
+    live_server,
+    metric_value,
+    write_test_repository,
+)
 
 AUTH = {"Authorization": f"Bearer {TOKEN}"}
 
@@ -267,6 +274,48 @@ def test_deadline_is_504(http: httpx.Client) -> None:
     r = http.post("/v2/models/feat/infer", content=orjson.dumps(body))
     assert r.status_code == 504
     assert isinstance(r.json()["error"], str)
+
+
+@pytest.mark.parametrize("binary", [False, True], ids=["json", "binary"])
+async def test_client_gone_is_never_computed(server: LiveServer, binary: bool) -> None:
+    data = np.full((1, 1, 4), 0.5, dtype=np.float32)
+    spec: dict[str, object] = {"name": "INPUT", "datatype": "FP32", "shape": [1, 1, 4]}
+    if binary:
+        head = orjson.dumps({"inputs": [{**spec, "parameters": {"binary_data_size": 16}}]})
+        body, extra = (
+            head + data.tobytes(),
+            b"%s: %d\r\n" % (codecs.HEADER_LENGTH.encode(), len(head)),
+        )
+    else:
+        body, extra = orjson.dumps({"inputs": [{**spec, "data": data.ravel().tolist()}]}), b""
+    async with httpx.AsyncClient(base_url=server.url, timeout=60) as c:
+        before = (await c.get("/metrics")).text
+        # Keep the device busy with long sequences (a batch each: a batch's step budget is
+        # max_batch_size × 128), so that the next request waits in its queue.
+        busy = asyncio.create_task(
+            c.post("/v1/models/heavy/encode", json={"tokens": [[1, 2, 3, 4] * 2000] * 3})
+        )
+        await asyncio.sleep(0.05)
+        _reader, writer = await asyncio.open_connection("127.0.0.1", server.port)
+        writer.write(
+            b"POST /v2/models/slow/infer HTTP/1.1\r\nHost: test\r\n%s"
+            b"Content-Length: %d\r\n\r\n%s" % (extra, len(body), body)
+        )
+        await writer.drain()
+        # NOTE: the heavy call takes ~300 ms here: leave well before it ends.
+        await asyncio.sleep(0.02)
+        writer.close()
+        assert (await busy).status_code == 200
+        await asyncio.sleep(0.1)
+        after = (await c.get("/metrics")).text
+    cancelled = {"model": "slow", "protocol": "v2-rest", "outcome": "cancelled"}
+    assert metric_value(after, "rnnserve_requests_total", **cancelled) == 1 + metric_value(
+        before, "rnnserve_requests_total", **cancelled
+    )
+    computed = {"model": "slow"}
+    assert metric_value(after, "rnnserve_batch_size_sum", **computed) == metric_value(
+        before, "rnnserve_batch_size_sum", **computed
+    )
 
 
 def test_nan_in_binary_features_is_rejected(http: httpx.Client) -> None:
