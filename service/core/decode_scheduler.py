@@ -7,6 +7,8 @@ requests, source lengths, greedy rows and beams):
   ones, or the oldest has waited `max_wait_steps` steps (encoding one costs about as much as
   encoding many; the device thread wakes the loop at that step, mid-burst). The encode runs
   on the `prefill` executor (a second worker thread) while the running batch keeps stepping;
+  when nothing of the version runs and the device is free, the device thread encodes the group
+  itself as the burst that decodes it begins (two thread hand-offs fewer before the first step);
 - a row leaves at once when its request is done (<eos>, max_length), cancelled (client gone) or
   past its deadline, so a long output never holds short ones hostage;
 - greedy decoding streams each token as it is chosen (`Job.on_token`); beam search reorders its
@@ -14,10 +16,10 @@ requests, source lengths, greedy rows and beams):
 Slots: a greedy request uses one row, a beam request reserves `beam_size` rows from the moment
 its encode starts; at most `max_slots` rows run together (`rnnserve_decode_slots_in_use`). The
 computation is the same as `Seq2SeqModel.generate` (same `encode`, `step`, `BeamSearch`), so
-outputs equal offline decoding. Steps run in bursts on the device thread (one executor call per
-burst, not per step); encoded newcomers join inside a burst. Each step's results go back to the
-loop at once. Per step the device thread copies only the chosen token ids to the host (and the
-log-probs of beam rows); the next step's input stays on the device.
+outputs equal offline decoding. Steps run in bursts on the device thread (one executor call for
+as long as rows run, not one per step); encoded newcomers join inside a burst. Each step's
+results go back to the loop at once. Per step the device thread copies only the chosen token ids
+to the host (and the log-probs of beam rows); the next step's input stays on the device.
 
 Sharing. One request may hold at most `max_request_slots` rows and `max_request_work` rows ×
 source steps of the running batch at once (its first sequence always runs); its other sequences
@@ -32,7 +34,9 @@ Threads, and what each owns (NOTE: the invariants; a change must keep them):
   gone (`_admitted`), slot and per-request reservations (`_reserved`, `Share`), the tasks,
   events and metrics. The device thread reports each job that leaves with one
   `call_soon_threadsafe` per step (`_deliver`), and only then does the loop release its slots.
-- the prefill thread runs `_encode`, a function of its arguments only.
+- the prefill thread runs `_encode`, a function of its arguments only (so does the device
+  thread for a group queued unencoded, `(jobs, None, None)` in `_ready`; a failure there goes
+  back with one `call_soon_threadsafe`, `_encode_failed`).
 - the device thread owns the running batch (`_running`, `_state`, `_feed`, `_beams`) and the
   step count (`_steps`) while a burst runs. The loop touches the running batch only while no
   burst is in flight (`_bursting`, which the loop sets when it submits a burst and clears when
@@ -149,8 +153,10 @@ class DecodeLimits:
 
 
 # An encoded group waiting to join the running batch: its jobs, their decoder state, their first
-# input (<bos>).
-Group = tuple[list[Job], DecoderState, Tensor]
+# input (<bos>); (jobs, None, None) for a group the device thread encodes as it joins.
+Group = tuple[list[Job], DecoderState | None, Tensor | None]
+# (rows, seconds) of model calls made in a burst, for the metrics.
+Calls = list[tuple[int, float]]
 
 
 @dataclass(eq=False, slots=True)
@@ -163,6 +169,10 @@ class _StepOutcome:
     expired: list[Job] = field(default_factory=list)  # past their deadline
     cancelled: int = 0  # jobs whose client left
     left: list[Job] = field(default_factory=list)  # every job that left the batch
+    # (rows, seconds) of the burst's steps and encodes not yet handed over, this one's included:
+    # recorded before the results they made are
+    steps: list[tuple[int, float]] = field(default_factory=list)
+    encodes: list[tuple[int, float]] = field(default_factory=list)
 
     def finish(self, job: Job, tokens: list[int]) -> None:
         self.finished.append((job, tokens))
@@ -468,6 +478,16 @@ class DecodeScheduler(Scheduler):
         if not jobs:
             self._check_emptied()
             return
+        if not self._admitted and self._executor.idle:
+            # NOTE: nothing of ours runs and the device is free: the device thread encodes the
+            # group as the burst that decodes it begins (the prefill thread and a loop turn in
+            # between would cost two thread wake-ups before the first step).
+            for job in jobs:
+                self._admitted[job] = None
+            with self._lock:
+                self._ready.append((jobs, None, None))
+            self._wakeup.set()
+            return
         self._encoding = jobs
         try:
             (state, bos), seconds = await self._prefill.run(
@@ -499,17 +519,36 @@ class DecodeScheduler(Scheduler):
                 await self._wakeup.wait()
                 continue
             try:
-                steps = await self._submit_burst(loop)
+                steps, encodes = await self._submit_burst(loop)
             except Exception as exc:
                 self._burst_failed(exc)
                 continue
-            for rows, seconds in steps:
-                self._step_seconds = 0.8 * self._step_seconds + 0.2 * seconds
-                self._m_steps.observe(seconds, rows)
+            self._record(steps, encodes)
             self._gauges()
             self._prefill_wakeup.set()
             # NOTE: a loop turn lets finished callers submit again before the next burst.
             await asyncio.sleep(0)
+
+    def _stepped(self, steps: Calls, encodes: Calls) -> None:
+        """On the loop, for each `max_burst` steps of a burst: record the steps and the encodes
+        made on the device thread, refresh the gauges and let admission look at the waiting
+        queue."""
+        if not self._record(steps, encodes):
+            return
+        self._gauges()
+        assert self._prefill_wakeup is not None
+        self._prefill_wakeup.set()
+
+    def _record(self, steps: Calls, encodes: Calls) -> bool:
+        """Record steps and encodes made on the device thread; False when there were none."""
+        if encodes:
+            self._m_encodes.observe_many(encodes)
+        if not steps:
+            return bool(encodes)
+        for _, seconds in steps:
+            self._step_seconds = 0.8 * self._step_seconds + 0.2 * seconds
+        self._m_steps.observe_many(steps)
+        return True
 
     def _burst_failed(self, exc: Exception) -> None:
         """A burst raised: fail the jobs it was running and free their slots."""
@@ -524,14 +563,14 @@ class DecodeScheduler(Scheduler):
         assert self._prefill_wakeup is not None
         self._prefill_wakeup.set()  # their slots are free for the waiting ones
 
-    async def _submit_burst(self, loop: asyncio.AbstractEventLoop) -> list[tuple[int, float]]:
+    async def _submit_burst(self, loop: asyncio.AbstractEventLoop) -> tuple[Calls, Calls]:
         """Run one burst on the device thread; `_bursting` is on until the thread returns from
         it, even when this task is cancelled meanwhile."""
-        future: asyncio.Future[tuple[list[tuple[int, float]], float]] = loop.create_future()
+        future: asyncio.Future[tuple[tuple[Calls, Calls], float]] = loop.create_future()
         hand_over = settle(future)
 
         def done(
-            result: tuple[list[tuple[int, float]], float] | None, exc: BaseException | None
+            result: tuple[tuple[Calls, Calls], float] | None, exc: BaseException | None
         ) -> None:
             self._bursting = False
             hand_over(result, exc)
@@ -542,8 +581,8 @@ class DecodeScheduler(Scheduler):
         except BaseException:
             self._bursting = False
             raise
-        steps, _ = await future
-        return steps
+        calls, _ = await future
+        return calls
 
     # -- on the worker threads ---------------------------------------------------------------
 
@@ -557,17 +596,22 @@ class DecodeScheduler(Scheduler):
         bos = torch.full((len(sources),), self._spec.bos_id, dtype=torch.int64, device=self._device)
         return state, bos
 
-    def _burst(self, loop: asyncio.AbstractEventLoop) -> list[tuple[int, float]]:
-        """Join waiting groups and run decode steps until nothing runs, max_burst steps, or the
-        device is wanted by other work; returns (rows, seconds) per step. On the device thread.
+    def _burst(self, loop: asyncio.AbstractEventLoop) -> tuple[Calls, Calls]:
+        """Join waiting groups and run decode steps until nothing runs or the device is wanted
+        by other work; returns (rows, seconds) of the steps and of the encodes not yet handed
+        over. On the device thread.
 
-        NOTE: results, tokens and departures go back with `loop.call_soon_threadsafe`.
+        NOTE: results, tokens and departures go back with `loop.call_soon_threadsafe`, and so do
+        the steps' figures every `max_burst` steps (`_stepped`) while the burst goes on: ending
+        the burst instead and waiting for the loop to start the next one would cost the device
+        two thread wake-ups, on a loaded host each one a wait for a core.
         """
         network = self._network
-        steps: list[tuple[int, float]] = []
+        steps: Calls = []
+        encodes: Calls = []
         started = time.perf_counter()
-        while len(steps) < self.max_burst and not self._stopping:
-            self._join()
+        while not self._stopping:
+            self._join(loop, encodes)
             if not self._running:
                 break
             start = time.perf_counter()
@@ -578,7 +622,9 @@ class DecodeScheduler(Scheduler):
             best = log_probs.argmax(dim=-1)
             host = log_probs.float().cpu() if self._beams else None
             rows = log_probs.shape[0]
-            keep, beam_feed = self._advance(loop, best.tolist(), host)
+            tokens = best.tolist()
+            steps.append((rows, time.perf_counter() - start))
+            keep, beam_feed = self._advance(loop, tokens, host, steps, encodes)
             if not self._running:
                 self._state = None
                 self._feed = None
@@ -594,7 +640,9 @@ class DecodeScheduler(Scheduler):
                 self._feed = best
             self._steps += 1
             now = time.perf_counter()
-            steps.append((rows, now - start))
+            if len(steps) >= self.max_burst:
+                loop.call_soon_threadsafe(self._stepped, steps, encodes)
+                steps, encodes = [], []
             due = self._wait_until_step
             if due is not None and self._steps >= due and due != self._woken_at_step:
                 self._woken_at_step = due
@@ -603,17 +651,31 @@ class DecodeScheduler(Scheduler):
             # NOTE: `pending` counts this burst too; more means other work waits for the device.
             if self._executor.pending > 1 and now - started >= self.turn_s:
                 break
-        return steps
+        return steps, encodes
 
-    def _join(self) -> None:
-        """Add every encoded group waiting in `_ready` to the running batch (one copy)."""
+    def _join(self, loop: asyncio.AbstractEventLoop, encodes: Calls) -> None:
+        """Add every group waiting in `_ready` to the running batch (one copy), encoding those
+        not encoded yet (their encodes go to `encodes`; a failed one fails only its own jobs)."""
         with self._lock:
             groups, self._ready = self._ready, []
         if not groups:
             return
-        jobs = [job for group, _, _ in groups for job in group]
-        states = [state for _, state, _ in groups]
-        feeds = [bos for _, _, bos in groups]
+        joined: list[tuple[list[Job], DecoderState, Tensor]] = []
+        for group, state, bos in groups:
+            if state is None or bos is None:
+                start = time.perf_counter()
+                try:
+                    state, bos = self._encode([job.source for job in group])
+                except Exception as exc:
+                    loop.call_soon_threadsafe(self._encode_failed, group, exc)
+                    continue
+                encodes.append((len(group), time.perf_counter() - start))
+            joined.append((group, state, bos))
+        if not joined:
+            return
+        jobs = [job for group, _, _ in joined for job in group]
+        states = [state for _, state, _ in joined]
+        feeds = [bos for _, _, bos in joined]
         if self._state is not None and self._feed is not None:
             states.insert(0, self._state)
             feeds.insert(0, self._feed)
@@ -623,10 +685,18 @@ class DecodeScheduler(Scheduler):
         self._feed = feeds[0] if len(feeds) == 1 else torch.cat(feeds)
 
     def _advance(
-        self, loop: asyncio.AbstractEventLoop, best: list[int], log_probs: Tensor | None
+        self,
+        loop: asyncio.AbstractEventLoop,
+        best: list[int],
+        log_probs: Tensor | None,
+        steps: Calls,
+        encodes: Calls,
     ) -> tuple[list[int], list[int] | None]:
         """Apply one step to each running job; return the rows to keep and, when beams run,
-        the token each kept row reads next (else it is its arg-max)."""
+        the token each kept row reads next (else it is its arg-max). A hand-over to the loop
+        takes `steps` and `encodes` along (and empties them)."""
+        if log_probs is None:
+            return self._advance_greedy(loop, best, steps, encodes), None
         now = time.monotonic()
         keep: list[int] = []
         feed: list[int] | None = None if log_probs is None else []
@@ -663,18 +733,65 @@ class DecodeScheduler(Scheduler):
                     feed.append(token)
                 survivors.append(job)
         if step.emitted or left:
-            # NOTE: one hand-over per step; tokens first, so a stream sees its last token
-            # before its result.
-            loop.call_soon_threadsafe(self._deliver, step)
+            self._hand_over(loop, step, steps, encodes)
         self._beams -= sum(job.search is not None for job in left)
         self._running = survivors
         return keep, feed
+
+    def _hand_over(
+        self, loop: asyncio.AbstractEventLoop, step: _StepOutcome, steps: Calls, encodes: Calls
+    ) -> None:
+        # NOTE: one hand-over per step; tokens first, so a stream sees its last token before
+        # its result, and the steps' figures before both (read after an answer, they count
+        # every step that made it).
+        step.steps.extend(steps)
+        step.encodes.extend(encodes)
+        steps.clear()
+        encodes.clear()
+        loop.call_soon_threadsafe(self._deliver, step)
+
+    def _advance_greedy(
+        self, loop: asyncio.AbstractEventLoop, best: list[int], steps: Calls, encodes: Calls
+    ) -> list[int]:
+        """`_advance` when no beam runs: one row per job, in order (the device thread's
+        per-row Python is most of its own time per step: `python -m bench.overhead`)."""
+        now = time.monotonic()
+        keep: list[int] = []
+        survivors: list[Job] = []
+        step = _StepOutcome(now)
+        left = step.left
+        eos = self._spec.eos_id
+        for row, (job, token) in enumerate(zip(self._running, best, strict=True)):
+            deadline = job.deadline
+            if job.future.done():  # NOTE: a flag the loop may set; at worst one step late
+                step.cancelled += 1
+                left.append(job)
+            elif deadline is not None and deadline <= now:
+                step.expired.append(job)
+                left.append(job)
+            elif token == eos:
+                step.finish(job, job.tokens)
+            else:
+                tokens = job.tokens
+                tokens.append(token)
+                if job.on_token is not None:
+                    step.emitted.append((job, token))
+                if len(tokens) >= job.max_length:
+                    step.finish(job, tokens)
+                else:
+                    keep.append(row)
+                    survivors.append(job)
+        if step.emitted or left:
+            self._hand_over(loop, step, steps, encodes)
+        self._running = survivors
+        return keep
 
     # -- back on the loop --------------------------------------------------------------------
 
     def _deliver(self, step: _StepOutcome) -> None:
         """On the loop: stream tokens, set results, expire deadlines, count drops, and free the
         slots of the jobs that left."""
+        self._record(step.steps, step.encodes)
         for job, token in step.emitted:
             if job.on_token is not None and not job.future.done():
                 job.on_token(token)
@@ -695,6 +812,19 @@ class DecodeScheduler(Scheduler):
             self._check_emptied()
             if self._waiting and self._prefill_wakeup is not None:
                 self._prefill_wakeup.set()  # rows left: slots may be free
+
+    def _encode_failed(self, jobs: list[Job], exc: Exception) -> None:
+        """On the loop: a group the device thread failed to encode leaves; its slots free up."""
+        failed = [job for job in jobs if job in self._admitted]
+        for job in failed:
+            del self._admitted[job]
+            self._release(job)
+        if failed:
+            self._fail(failed, exc)
+        self._gauges()
+        self._check_emptied()
+        assert self._prefill_wakeup is not None
+        self._prefill_wakeup.set()
 
     def _clear_running(self) -> None:
         # NOTE: only when no burst is in flight (the device thread owns the running batch).

@@ -332,8 +332,7 @@ class Batcher(Scheduler):
         try:
             self._population = max(self._rows_in_system(), 0.9 * self._population)
             now = time.monotonic()
-            for item in batch:
-                self._m_queue.waited.observe(now - item.enqueued)
+            self._m_queue.waited.observe_many([now - item.enqueued for item in batch])
             loop = asyncio.get_running_loop()
             wakeup = self._wakeup
             assert wakeup is not None

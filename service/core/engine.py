@@ -24,7 +24,7 @@ import logging
 import os
 import time
 from collections.abc import AsyncGenerator, Callable
-from typing import TypeVar
+from typing import Any, TypeVar
 
 import numpy as np
 import torch
@@ -80,6 +80,7 @@ class Engine:
         self._started = False
         self._draining = False
         self._inflight = 0
+        self._inflight_gauges: dict[str, Any] = {}  # model → its in-flight gauge child
         self._idle: asyncio.Event | None = None
         self._drain_started: asyncio.Event | None = None
         # Streaming sessions (service/core/sessions.py); the engine is their StreamBackend.
@@ -313,7 +314,7 @@ class Engine:
         entry, jobs, timeout = self._generate_jobs(request, events)
         for job in jobs:
             job.future.add_done_callback(lambda _: events.put_nowait(None))
-        self._enter(request.model)
+        gauge = self._enter(request.model)
         try:
             remaining = len(jobs)
             deadline = None if timeout is None else time.monotonic() + timeout
@@ -332,7 +333,7 @@ class Engine:
                     # NOTE: once one job's error is raised, the others' are read here, or asyncio
                     # logs each as "exception was never retrieved".
                     job.future.exception()
-            self._leave(request.model)
+            self._leave(gauge)
         yield self._generate_result(request, entry, tokens)
 
     def _generate_jobs(
@@ -398,13 +399,17 @@ class Engine:
             max_text_length=self.settings.max_text_length,
         )
 
-    def _enter(self, model: str) -> None:
+    def _enter(self, model: str) -> Any:
         self._inflight += 1
-        self.metrics.child(self.metrics.inflight_requests, model).inc()
+        gauge = self._inflight_gauges.get(model)
+        if gauge is None:
+            gauge = self._inflight_gauges[model] = self.metrics.inflight_requests.labels(model)
+        gauge.inc()
+        return gauge
 
-    def _leave(self, model: str) -> None:
+    def _leave(self, gauge: Any) -> None:
         self._inflight -= 1
-        self.metrics.child(self.metrics.inflight_requests, model).dec()
+        gauge.dec()
         if self._inflight == 0 and self._idle is not None:
             self._idle.set()
 
@@ -417,7 +422,7 @@ class Engine:
     ) -> list[T]:
         """Results of `futures` in order; on error, timeout or cancellation the rest are
         cancelled (a cancelled item is never computed)."""
-        self._enter(model)
+        gauge = self._enter(model)
         try:
             if timeout_s is None:
                 return [await future for future in futures]
@@ -439,7 +444,7 @@ class Engine:
                     future.exception()
             if abandoned and on_abandon is not None:
                 on_abandon()
-            self._leave(model)
+            self._leave(gauge)
 
 
 def stop_reserve_s(grace_s: float) -> float:

@@ -12,13 +12,22 @@ Request outcomes (`rnnserve_requests_total{outcome}`): "success", and one per er
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Iterator
+import threading
+from bisect import bisect_left
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
+from itertools import accumulate
 from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
-from prometheus_client.metrics_core import Metric
+from prometheus_client.metrics_core import (
+    CounterMetricFamily,
+    GaugeMetricFamily,
+    HistogramMetricFamily,
+    Metric,
+)
 from prometheus_client.registry import Collector
+from prometheus_client.utils import floatToGoString
 
 from service.core import errors
 
@@ -94,6 +103,180 @@ class _WithoutCreated(Collector):
             yield kept
 
 
+# -- cheap metrics for the per-request and per-batch paths --------------------------------------
+#
+# NOTE: prometheus-client's `inc`/`observe` cost 0.5–1.5 µs each (a check, a lock per value, a
+# Python loop over the buckets, exemplars) and the request path records several per request.
+# These keep plain numbers under one lock per metric and build the same families (names, labels,
+# buckets, values) only when collected (`python -m bench.overhead`, "metrics" in its profile).
+
+
+class _Family(Collector):
+    """A labelled metric whose children are plain numbers, exposed like prometheus-client's own."""
+
+    kind = ""
+
+    def __init__(
+        self, name: str, documentation: str, labels: tuple[str, ...], registry: CollectorRegistry
+    ) -> None:
+        self.name = name
+        self.documentation = documentation
+        self.labelnames = labels
+        # NOTE: the attributes prometheus-client's own metrics carry (tests/system/test_deploy.py
+        # reads every metric's names and labels through them).
+        self._name = name
+        self._labelnames = labels
+        self._lock = threading.Lock()
+        self._children: dict[tuple[str, ...], Any] = {}
+        registry.register(self)
+
+    def labels(self, *values: str) -> Any:
+        """The child of one label set (created at zero on first use, kept for good)."""
+        key = tuple(str(v) for v in values)
+        if len(key) != len(self.labelnames):
+            raise ValueError(f"{self.name}: expected labels {self.labelnames}, got {key}")
+        found = self._children.get(key)
+        if found is None:
+            with self._lock:
+                found = self._children.setdefault(key, self._child())
+        return found
+
+    def _child(self) -> Any:
+        raise NotImplementedError
+
+    def describe(self) -> Iterator[Metric]:
+        yield Metric(self.name, self.documentation, self.kind)
+
+    def _items(self) -> list[tuple[tuple[str, ...], Any]]:
+        with self._lock:
+            return list(self._children.items())
+
+
+class _CounterChild:
+    __slots__ = ("_lock", "value")
+
+    def __init__(self, lock: threading.Lock) -> None:
+        self._lock = lock
+        self.value = 0.0
+
+    def inc(self, amount: float = 1.0) -> None:
+        """Add `amount` (≥ 0)."""
+        if amount < 0:
+            raise ValueError("counters only go up")
+        with self._lock:
+            self.value += amount
+
+
+class LoopCounter(_Family):
+    """A counter (`labels(...).inc(n)`), exposed as prometheus-client's Counter is."""
+
+    kind = "counter"
+
+    def _child(self) -> _CounterChild:
+        return _CounterChild(self._lock)
+
+    def collect(self) -> Iterator[Metric]:
+        family = CounterMetricFamily(self.name, self.documentation, labels=self.labelnames)
+        for key, child in self._items():
+            family.add_metric(key, child.value)
+        yield family
+
+
+class _GaugeChild:
+    __slots__ = ("_lock", "value")
+
+    def __init__(self, lock: threading.Lock) -> None:
+        self._lock = lock
+        self.value = 0.0
+
+    def set(self, value: float) -> None:
+        """Set the value."""
+        self.value = float(value)
+
+    def inc(self, amount: float = 1.0) -> None:
+        """Add `amount`."""
+        with self._lock:
+            self.value += amount
+
+    def dec(self, amount: float = 1.0) -> None:
+        """Subtract `amount`."""
+        with self._lock:
+            self.value -= amount
+
+
+class LoopGauge(_Family):
+    """A gauge (`labels(...).set/inc/dec`), exposed as prometheus-client's Gauge is."""
+
+    kind = "gauge"
+
+    def _child(self) -> _GaugeChild:
+        return _GaugeChild(self._lock)
+
+    def collect(self) -> Iterator[Metric]:
+        family = GaugeMetricFamily(self.name, self.documentation, labels=self.labelnames)
+        for key, child in self._items():
+            family.add_metric(key, child.value)
+        yield family
+
+
+class _HistogramChild:
+    __slots__ = ("_bounds", "_lock", "counts", "sum")
+
+    def __init__(self, lock: threading.Lock, bounds: tuple[float, ...]) -> None:
+        self._lock = lock
+        self._bounds = bounds
+        self.counts = [0] * (len(bounds) + 1)  # per bucket, not cumulative; the last is +Inf
+        self.sum = 0.0
+
+    def observe(self, value: float) -> None:
+        """Record one value."""
+        index = bisect_left(self._bounds, value)
+        with self._lock:
+            self.counts[index] += 1
+            self.sum += value
+
+    def observe_many(self, values: Iterable[float]) -> None:
+        """Record several values at once (one lock for all of them)."""
+        bounds, counts = self._bounds, self.counts
+        with self._lock:
+            for value in values:
+                counts[bisect_left(bounds, value)] += 1
+                self.sum += value
+
+
+class LoopHistogram(_Family):
+    """A histogram (`labels(...).observe(v)`, `observe_many`), exposed as prometheus-client's
+    Histogram is (cumulative `le` buckets, `_count`, `_sum`)."""
+
+    kind = "histogram"
+
+    def __init__(
+        self,
+        name: str,
+        documentation: str,
+        labels: tuple[str, ...],
+        registry: CollectorRegistry,
+        buckets: tuple[float, ...],
+    ) -> None:
+        self._bounds = tuple(float(b) for b in buckets)
+        self._les = [floatToGoString(b) for b in self._bounds] + ["+Inf"]
+        super().__init__(name, documentation, labels, registry)
+
+    def _child(self) -> _HistogramChild:
+        return _HistogramChild(self._lock, self._bounds)
+
+    def collect(self) -> Iterator[Metric]:
+        family = HistogramMetricFamily(self.name, self.documentation, labels=self.labelnames)
+        for key, child in self._items():
+            with self._lock:
+                counts, total = list(child.counts), child.sum
+            cumulative = [
+                (le, float(c)) for le, c in zip(self._les, accumulate(counts), strict=True)
+            ]
+            family.add_metric(key, cumulative, total)
+        yield family
+
+
 @dataclass(frozen=True, slots=True)
 class QueueMetrics:
     """The children one scheduler's queue records with, looked up once: `labels()` costs
@@ -119,6 +302,12 @@ class CallMetrics:
         self.rows.observe(rows)
         self.count.inc()
 
+    def observe_many(self, calls: list[tuple[int, float]]) -> None:
+        """Record several model calls at once: (rows, seconds) each."""
+        self.seconds.observe_many([seconds for _, seconds in calls])
+        self.rows.observe_many([rows for rows, _ in calls])
+        self.count.inc(len(calls))
+
 
 class Metrics:
     """All rnnserve metrics, registered on `registry` (never the global default)."""
@@ -126,6 +315,8 @@ class Metrics:
     def __init__(self, registry: CollectorRegistry) -> None:
         self.registry = registry
         self._children: dict[tuple[object, ...], Any] = {}
+        # (model, version, protocol, endpoint, outcome) → the two children a request records in
+        self._request_children: dict[tuple[object, ...], tuple[Any, Any]] = {}
         self._request_metrics()
         self._scheduler_metrics()
         self._version_metrics()
@@ -133,18 +324,18 @@ class Metrics:
 
     def _request_metrics(self) -> None:
         """Recorded by the front-ends (through service/core/request_metrics.py) and the engine."""
-        self.requests_total = self._counter(
+        self.requests_total = self._loop_counter(
             "rnnserve_requests",
             "Requests answered, by model, version, protocol, endpoint and outcome.",
             (*REQUEST, "outcome"),
         )
-        self.request_duration = self._histogram(
+        self.request_duration = self._loop_histogram(
             "rnnserve_request_duration_seconds",
             "Time from request received to response ready.",
             REQUEST,
             LATENCY_BUCKETS,
         )
-        self.inflight_requests = self._gauge(
+        self.inflight_requests = self._loop_gauge(
             "rnnserve_inflight_requests",
             "Requests admitted by the engine and not yet answered.",
             ("model",),
@@ -152,52 +343,52 @@ class Metrics:
 
     def _scheduler_metrics(self) -> None:
         """Recorded by the encode batchers and decode schedulers."""
-        self.queue_duration = self._histogram(
+        self.queue_duration = self._loop_histogram(
             "rnnserve_queue_duration_seconds",
             "Time a sequence waited in the batcher queue before its batch started.",
             MODEL,
             LATENCY_BUCKETS,
         )
-        self.queue_depth = self._gauge(
+        self.queue_depth = self._loop_gauge(
             "rnnserve_queue_depth",
             "Sequences waiting in a model version's queue (encode batcher and decode admission).",
             (*MODEL, "kind"),
         )
-        self.dropped_total = self._counter(
+        self.dropped_total = self._loop_counter(
             "rnnserve_dropped_sequences",
             "Queued sequences dropped before compute, by reason (deadline, cancelled, draining).",
             (*MODEL, "reason"),
         )
-        self.compute_duration = self._histogram(
+        self.compute_duration = self._loop_histogram(
             "rnnserve_compute_duration_seconds",
             "Time of one model call on the device (an encode batch, or one decode step).",
             (*MODEL, "kind"),
             LATENCY_BUCKETS,
         )
-        self.batch_size = self._histogram(
+        self.batch_size = self._loop_histogram(
             "rnnserve_batch_size",
             "Sequences (rows) per model call.",
             (*MODEL, "kind"),
             BATCH_SIZE_BUCKETS,
         )
-        self.model_calls_total = self._counter(
+        self.model_calls_total = self._loop_counter(
             "rnnserve_model_calls",
             "Model calls run by the executor (encode batches, decode encodes, decode steps).",
             (*MODEL, "kind"),
         )
-        self.batch_timesteps = self._histogram(
+        self.batch_timesteps = self._loop_histogram(
             "rnnserve_batch_timesteps",
             "Real (unpadded) time steps per encode model call.",
             MODEL,
             TIMESTEP_BUCKETS,
         )
-        self.padding_efficiency = self._histogram(
+        self.padding_efficiency = self._loop_histogram(
             "rnnserve_padding_efficiency",
             "Real time steps divided by computed (padded) time steps, per encode model call.",
             MODEL,
             EFFICIENCY_BUCKETS,
         )
-        self.decode_slots_in_use = self._gauge(
+        self.decode_slots_in_use = self._loop_gauge(
             "rnnserve_decode_slots_in_use",
             "Rows (greedy requests and beams) in a model version's running decode batch.",
             MODEL,
@@ -243,6 +434,17 @@ class Metrics:
             ("model", "mode"),
         )
 
+    def _loop_counter(self, name: str, documentation: str, labels: tuple[str, ...]) -> LoopCounter:
+        return LoopCounter(name, documentation, labels, self.registry)
+
+    def _loop_gauge(self, name: str, documentation: str, labels: tuple[str, ...]) -> LoopGauge:
+        return LoopGauge(name, documentation, labels, self.registry)
+
+    def _loop_histogram(
+        self, name: str, documentation: str, labels: tuple[str, ...], buckets: tuple[float, ...]
+    ) -> LoopHistogram:
+        return LoopHistogram(name, documentation, labels, self.registry, buckets)
+
     def _counter(self, name: str, documentation: str, labels: tuple[str, ...]) -> Counter:
         return Counter(name, documentation, labels, registry=self.registry)
 
@@ -269,9 +471,17 @@ class Metrics:
     ) -> None:
         """Count one answered request and its latency (service/core/request_metrics.py calls
         this once per request)."""
-        v = "" if version is None else str(version)
-        self.child(self.requests_total, model, v, protocol, endpoint, outcome).inc()
-        self.child(self.request_duration, model, v, protocol, endpoint).observe(seconds)
+        key = (model, version, protocol, endpoint, outcome)
+        found = self._request_children.get(key)
+        if found is None:
+            v = "" if version is None else str(version)
+            found = self._request_children[key] = (
+                self.requests_total.labels(model, v, protocol, endpoint, outcome),
+                self.request_duration.labels(model, v, protocol, endpoint),
+            )
+        count, duration = found
+        count.inc()
+        duration.observe(seconds)
 
     def child(self, metric: Any, *labels: str) -> Any:
         """`metric.labels(*labels)`, looked up once per label set: `labels()` costs microseconds

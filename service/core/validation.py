@@ -157,9 +157,11 @@ def _tokens(name: str, item: SequenceData, vocab_size: int) -> np.ndarray:
     if array.shape[0] and array.dtype.kind not in "iu":  # signed or unsigned integer
         raise InvalidInput(name, f"token ids must be integers, got {array.dtype}")
     array = np.ascontiguousarray(array, dtype=np.int64)
-    bad = np.flatnonzero((array < 0) | (array >= vocab_size))
-    if bad.size:
-        step = int(bad[0])
+    outside = (array < 0) | (array >= vocab_size)
+    # NOTE: `any` first: `flatnonzero` gives up the GIL, and getting it back from a busy device
+    # thread costs the loop far more than the check.
+    if outside.any():
+        step = int(np.flatnonzero(outside)[0])
         raise InvalidInput(
             f"{name}[{step}]",
             f"token id {int(array[step])} is outside [0, {vocab_size}) (the vocabulary size)",

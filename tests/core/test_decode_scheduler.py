@@ -537,3 +537,62 @@ async def test_a_long_decode_gives_the_device_to_another_models_batch(
     await engine.encode(EncodeRequest("enc", [np.zeros((3, 4), np.float32)], "features"))
     assert not decoding.done()
     await decoding
+
+
+async def test_a_decode_is_one_device_call_and_every_step_is_still_recorded(
+    repository: Path, start_engine: StartEngine
+) -> None:
+    path = write_model(repository, "s2s", task="seq2seq", input_type="text", max_length=25)
+    loaded = checkpoint.load(path)
+    assert loaded.config.decoder is not None
+    with torch.no_grad():
+        # NOTE: <eos> never wins: every row decodes max_length steps.
+        loaded.model.decoder.output.bias[loaded.config.decoder.eos_id] = -1e4  # type: ignore[union-attr]
+    save(loaded.model, path, vocab=CHAR_VOCAB, target_vocab=TARGET_VOCAB)
+    engine = await start_engine()
+    scheduler = engine.registry.resolve("s2s").decoder
+    assert scheduler is not None
+    scheduler.max_burst = 4
+    labels = {"model": "s2s", "version": "1", "kind": "decode"}
+    recorded = sample(engine.metrics, "rnnserve_model_calls_total", **labels)
+    calls = engine.executor.calls
+    result = await engine.generate(GenerateRequest("s2s", SOURCES, "text", max_length=25))
+    assert [len(o.tokens) for o in result.outputs] == [25] * len(SOURCES)
+    # The figures of the last steps go with the results; the burst itself ends just after.
+    assert sample(engine.metrics, "rnnserve_model_calls_total", **labels) - recorded == 25
+    for _ in range(500):
+        if not scheduler._bursting:
+            break
+        await asyncio.sleep(0.01)
+    # The device thread encoded the group and ran every step without handing the batch back to
+    # the loop in between (each hand-back is two thread wake-ups); the loop still counted each
+    # step and the encode.
+    assert sample(engine.metrics, "rnnserve_model_calls_total", **labels) - recorded == 25
+    assert engine.executor.calls - calls == 1
+    encodes = sample(engine.metrics, "rnnserve_model_calls_total", **{**labels, "kind": "encode"})
+    assert encodes == 1
+
+
+async def test_a_failed_encode_with_nothing_running_fails_its_request_and_frees_its_slots(
+    repository: Path, start_engine: StartEngine, metrics: Metrics
+) -> None:
+    path = write_model(repository, "s2s", task="seq2seq", input_type="text", max_length=12)
+    engine = await start_engine()
+    poison = "zzzzzzz"
+
+    def wrap(encode: Callable[..., Any]) -> Callable[..., Any]:
+        def failing(inputs: torch.Tensor, lengths: torch.Tensor) -> Any:
+            if int(lengths.max()) == len(poison):
+                raise RuntimeError("encoder failure")
+            return encode(inputs, lengths)
+
+        return failing
+
+    _patch_encode(engine, "s2s", wrap)
+    for _ in range(3):
+        with pytest.raises(ComputeError):
+            await engine.generate(GenerateRequest("s2s", [poison, "ab"], "text"))
+        await asyncio.sleep(0.01)
+        assert sample(metrics, "rnnserve_decode_slots_in_use", model="s2s", version="1") == 0
+        result = await engine.generate(GenerateRequest("s2s", SOURCES, "text", max_length=12))
+        assert [o.tokens for o in result.outputs] == offline(path, SOURCES, 1, 12)
