@@ -426,9 +426,10 @@ async def test_a_waiting_request_is_encoded_once_it_waited_max_wait_steps_mid_bu
     newcomer = await engine.generate(GenerateRequest("s2s", ["late"], "text", max_length=3))
     assert newcomer.outputs[0].tokens == offline(path, ["late"], 1, 3)[0]
     # Encoded a few steps after max_wait_steps (a loop turn and a thread hand-off late; ~6 on
-    # a quiet machine, the slack is for a loaded one), while the long requests were still
-    # decoding, not once their burst ended (~1000 steps).
-    assert waited and waited[0] - enqueued <= 4 + 200, (enqueued, waited)
+    # a quiet machine; the device thread keeps stepping while a loaded host delays the loop,
+    # hence the slack), while the long requests were still decoding, not once their burst
+    # ended (~1000 steps).
+    assert waited and waited[0] - enqueued <= 4 + 500, (enqueued, waited)
     assert not all(f.done() for f in long)
     await asyncio.gather(*long)
 
