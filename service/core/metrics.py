@@ -167,27 +167,8 @@ class _CounterChild:
             self.value += amount
 
 
-class LoopCounter(_Family):
-    """A counter (`labels(...).inc(n)`), exposed as prometheus-client's Counter is."""
-
-    kind = "counter"
-
-    def _child(self) -> _CounterChild:
-        return _CounterChild(self._lock)
-
-    def collect(self) -> Iterator[Metric]:
-        family = CounterMetricFamily(self.name, self.documentation, labels=self.labelnames)
-        for key, child in self._items():
-            family.add_metric(key, child.value)
-        yield family
-
-
-class _GaugeChild:
-    __slots__ = ("_lock", "value")
-
-    def __init__(self, lock: threading.Lock) -> None:
-        self._lock = lock
-        self.value = 0.0
+class _GaugeChild(_CounterChild):
+    __slots__ = ()
 
     def set(self, value: float) -> None:
         """Set the value."""
@@ -200,23 +181,33 @@ class _GaugeChild:
 
     def dec(self, amount: float = 1.0) -> None:
         """Subtract `amount`."""
-        with self._lock:
-            self.value -= amount
+        self.inc(-amount)
 
 
-class LoopGauge(_Family):
-    """A gauge (`labels(...).set/inc/dec`), exposed as prometheus-client's Gauge is."""
+class LoopCounter(_Family):
+    """A counter (`labels(...).inc(n)`), exposed as prometheus-client's Counter is."""
 
-    kind = "gauge"
+    kind = "counter"
+    exposed: type[CounterMetricFamily | GaugeMetricFamily] = CounterMetricFamily
 
-    def _child(self) -> _GaugeChild:
-        return _GaugeChild(self._lock)
+    def _child(self) -> _CounterChild:
+        return _CounterChild(self._lock)
 
     def collect(self) -> Iterator[Metric]:
-        family = GaugeMetricFamily(self.name, self.documentation, labels=self.labelnames)
+        family = self.exposed(self.name, self.documentation, labels=self.labelnames)
         for key, child in self._items():
             family.add_metric(key, child.value)
         yield family
+
+
+class LoopGauge(LoopCounter):
+    """A gauge (`labels(...).set/inc/dec`), exposed as prometheus-client's Gauge is."""
+
+    kind = "gauge"
+    exposed = GaugeMetricFamily
+
+    def _child(self) -> _GaugeChild:
+        return _GaugeChild(self._lock)
 
 
 class _HistogramChild:
