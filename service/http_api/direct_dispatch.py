@@ -107,6 +107,8 @@ class _DirectRequest(Request):
     an async generator); the same bytes, the same ClientDisconnect when the client leaves."""
 
     async def body(self) -> bytes:
+        if hasattr(self, "_body"):
+            return self._body
         chunks: list[bytes] = []
         receive = self.receive
         while True:
@@ -114,6 +116,8 @@ class _DirectRequest(Request):
             if message["type"] == "http.request":
                 chunks.append(message.get("body", b""))
                 if not message.get("more_body", False):
-                    return b"".join(chunks)
+                    # NOTE: kept, as Starlette keeps it: a second read returns the same bytes.
+                    self._body = b"".join(chunks)
+                    return self._body
             elif message["type"] == "http.disconnect":
                 raise ClientDisconnect

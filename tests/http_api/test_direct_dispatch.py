@@ -16,7 +16,7 @@ import orjson
 
 from service.core.settings import Settings
 from service.http_api.app import create_app
-from service.http_api.direct_dispatch import DirectDispatch
+from service.http_api.direct_dispatch import DirectDispatch, _DirectRequest
 from service.http_api.v1_routes import V1Routes
 from service.http_api.v2_routes import V2Routes
 from tests.support import StartEngine, write_test_repository
@@ -164,3 +164,21 @@ async def test_hot_routes_take_exactly_the_inference_paths(
         for path in passed:
             assert (await client.post(path, content=body)).status_code == 299, path
         assert (await client.get("/v1/models/feat/encode")).status_code == 299
+
+
+async def test_a_direct_requests_body_read_twice_is_the_same_bytes() -> None:
+    # A handler or error path that reads the body again must not wait on a spent `receive`.
+    messages = [
+        {"type": "http.request", "body": b'{"inputs": ', "more_body": True},
+        {"type": "http.request", "body": b"[[[1.0]]]}", "more_body": False},
+    ]
+
+    async def receive() -> dict[str, Any]:
+        return messages.pop(0)
+
+    request = _DirectRequest(
+        {"type": "http", "method": "POST", "path": "/", "headers": []}, receive
+    )
+    assert await request.body() == b'{"inputs": [[[1.0]]]}'
+    assert await request.body() == b'{"inputs": [[[1.0]]]}'
+    assert not messages
