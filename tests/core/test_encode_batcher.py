@@ -501,7 +501,8 @@ async def test_waiting_for_returning_callers_never_exceeds_its_bound(
     queued, waited = since(histogram(metrics, "rnnserve_queue_duration_seconds", "m"), queue_before)
     assert queued == 1
     # It waited for the three others (about the bound), then ran alone.
-    assert 0.5 * bound <= waited <= bound + 0.03, (waited, bound)
+    # (the slack above it: a loaded host wakes the batching task late)
+    assert 0.5 * bound <= waited <= bound + 0.1, (waited, bound)
     assert elapsed >= waited
     # And the next batch of one expects only its own caller back: no wait.
     queue_before = histogram(metrics, "rnnserve_queue_duration_seconds", "m")
