@@ -265,6 +265,20 @@ def _patch_encode(
     network.encode = wrap(network.encode)  # type: ignore[method-assign]
 
 
+def _fail_encodes_of_length(engine: Engine, model: str, length: int) -> None:
+    """Make the model's encoder raise for any group whose longest source has `length` steps."""
+
+    def wrap(encode: Callable[..., Any]) -> Callable[..., Any]:
+        def failing(inputs: torch.Tensor, lengths: torch.Tensor) -> Any:
+            if int(lengths.max()) == length:
+                raise RuntimeError("encoder failure")
+            return encode(inputs, lengths)
+
+        return failing
+
+    _patch_encode(engine, model, wrap)
+
+
 async def test_newcomers_are_encoded_off_the_device_thread_while_the_batch_decodes(
     repository: Path, start_engine: StartEngine, metrics: Metrics
 ) -> None:
@@ -305,16 +319,7 @@ async def test_a_failed_encode_fails_only_its_own_requests(
     path = write_model(repository, "s2s", task="seq2seq", input_type="text", max_length=300)
     engine = await start_engine()
     poison = "zzzzzzz"
-
-    def wrap(encode: Callable[..., Any]) -> Callable[..., Any]:
-        def failing(inputs: torch.Tensor, lengths: torch.Tensor) -> Any:
-            if int(lengths.max()) == len(poison):
-                raise RuntimeError("encoder failure")
-            return encode(inputs, lengths)
-
-        return failing
-
-    _patch_encode(engine, "s2s", wrap)
+    _fail_encodes_of_length(engine, "s2s", len(poison))
     started = asyncio.Event()
 
     async def long() -> list[int]:
@@ -580,16 +585,7 @@ async def test_a_failed_encode_with_nothing_running_fails_its_request_and_frees_
     path = write_model(repository, "s2s", task="seq2seq", input_type="text", max_length=12)
     engine = await start_engine()
     poison = "zzzzzzz"
-
-    def wrap(encode: Callable[..., Any]) -> Callable[..., Any]:
-        def failing(inputs: torch.Tensor, lengths: torch.Tensor) -> Any:
-            if int(lengths.max()) == len(poison):
-                raise RuntimeError("encoder failure")
-            return encode(inputs, lengths)
-
-        return failing
-
-    _patch_encode(engine, "s2s", wrap)
+    _fail_encodes_of_length(engine, "s2s", len(poison))
     for _ in range(3):
         with pytest.raises(ComputeError):
             await engine.generate(GenerateRequest("s2s", [poison, "ab"], "text"))
